@@ -1,0 +1,376 @@
+"""Encoder-decoder Transformer that reads the digit string in an image.
+
+image (B, 1, H, W)
+  -> patches -> linear projection + fixed 2D sin-cos position   (B, N, D)
+  -> encoder: pre-norm blocks of self-attention + feed-forward  (B, N, D) "memory"
+  -> decoder: pre-norm blocks of causal self-attention over the tokens read so far,
+     cross-attention to the memory, feed-forward                (B, T, D)
+  -> linear head over the vocabulary                            (B, T, VOCAB_SIZE)
+
+The decoder is trained with teacher forcing (it sees the true previous tokens) and run
+autoregressively at inference (greedy or beam search). This file imports nothing from the
+rest of the repository.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Vocabulary: digits are their own token ids 0-9, then three special tokens.
+# Canvases are mostly black; standardising pixels with these statistics of the composites
+# makes the patch content as loud as the position code from the first step.
+PIXEL_MEAN, PIXEL_STD = 0.03, 0.14
+
+SOS = 10  # start of sequence: the first decoder input
+EOS = 11  # end of sequence: the model emits it after the last digit (or at once for a blank image)
+PAD = 12  # fills sequences up to a fixed length; ignored by the loss
+VOCAB_SIZE = 13
+
+
+def encode_labels(labels: list[str], max_digits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Digit strings -> (decoder inputs, targets), both (B, max_digits + 1) long tensors.
+
+    "42" with max_digits=4 becomes
+        inputs  [SOS, 4, 2, PAD, PAD]
+        targets [4, 2, EOS, PAD, PAD]
+    so position t of the output is trained to predict targets[t] having seen inputs[: t + 1].
+    """
+    length = max_digits + 1
+    inputs = torch.full((len(labels), length), PAD, dtype=torch.long)
+    targets = torch.full((len(labels), length), PAD, dtype=torch.long)
+    for row, label in enumerate(labels):
+        if len(label) > max_digits or any(ch not in "0123456789" for ch in label):
+            raise ValueError(f"label {label!r} is not a string of at most {max_digits} digits")
+        digits = [int(c) for c in label]
+        inputs[row, : len(digits) + 1] = torch.tensor([SOS, *digits])
+        targets[row, : len(digits) + 1] = torch.tensor([*digits, EOS])
+    return inputs, targets
+
+
+def tokens_to_string(tokens: list[int] | torch.Tensor) -> str:
+    """Digits up to the first EOS (or PAD); a leading SOS is skipped."""
+    out = []
+    for token in (tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens):
+        if token in (EOS, PAD):
+            break
+        if token != SOS:
+            out.append(str(token))
+    return "".join(out)
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 96
+    patch_size: int = 8
+    d_model: int = 128
+    n_heads: int = 4
+    encoder_layers: int = 4
+    decoder_layers: int = 2
+    ff_mult: int = 4  # feed-forward hidden width = ff_mult * d_model
+    dropout: float = 0.1
+    max_digits: int = 4
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.d_model % 4:
+            raise ValueError(f"d_model {self.d_model} must be a multiple of 4 for the 2D sin-cos encoding")
+        if min(self.encoder_layers, self.decoder_layers, self.max_digits, self.ff_mult) < 1:
+            raise ValueError("encoder_layers, decoder_layers, max_digits and ff_mult must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout} is not in [0, 1)")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_digits + 1  # SOS + digits as input, digits + EOS as output
+
+
+def sincos_position_2d(grid_size: int, dim: int) -> torch.Tensor:
+    """Fixed (grid_size**2, dim) encoding: half the channels encode the row, half the column.
+
+    Parameter-free, so a patch's position means the same thing wherever the digits fall."""
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    coords = torch.arange(grid_size, dtype=torch.float32)
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    y_angles = ys.flatten()[:, None] * freqs[None, :]
+    x_angles = xs.flatten()[:, None] * freqs[None, :]
+    return torch.cat([y_angles.sin(), y_angles.cos(), x_angles.sin(), x_angles.cos()], dim=1)
+
+
+class PatchEmbedding(nn.Module):
+    """Cut the image into non-overlapping patch_size**2 squares and project each to d_model."""
+
+    def __init__(self, *, image_size: int, patch_size: int, d_model: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(patch_size * patch_size, d_model)
+        self.register_buffer("position", sincos_position_2d(image_size // patch_size, d_model), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = images.shape
+        p = self.patch_size
+        assert c == 1 and h % p == 0 and w % p == 0, f"expected (B, 1, H, W) with H, W multiples of {p}, got {tuple(images.shape)}"
+        patches = images.reshape(b, h // p, p, w // p, p).permute(0, 1, 3, 2, 4).reshape(b, -1, p * p)
+        return self.proj(patches) + self.position
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention when context is None, cross-attention to `context` otherwise."""
+
+    def __init__(self, *, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.query = nn.Linear(d_model, d_model)
+        self.key_value = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        context = x if context is None else context
+        b, t, d = x.shape
+        heads = lambda z: z.view(b, z.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)  # noqa: E731
+        q = heads(self.query(x))
+        k, v = (heads(z) for z in self.key_value(context).chunk(2, dim=-1))
+        if return_attention:
+            # Same maths as the fused kernel, written out so the weights can be returned.
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if causal:
+                future = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).triu(1)
+                scores = scores.masked_fill(future, float("-inf"))
+            attention = scores.softmax(dim=-1)
+            y = attention @ v
+        else:
+            attention = None
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out(y.transpose(1, 2).reshape(b, t, d)), attention
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, *, d_model: int, ff_mult: int, dropout: float):
+        super().__init__(
+            nn.Linear(d_model, ff_mult * d_model),
+            nn.GELU(),
+            nn.Linear(ff_mult * d_model, d_model),
+            nn.Dropout(dropout),
+        )
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, *, d_model: int, n_heads: int, ff_mult: int, dropout: float):
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(d_model)
+        self.attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads)
+        self.norm_ff = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model=d_model, ff_mult=ff_mult, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, *, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, attention = self.attn(self.norm_attn(x), return_attention=return_attention)
+        x = x + self.drop(y)
+        return x + self.ff(self.norm_ff(x)), attention
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, *, d_model: int, n_heads: int, ff_mult: int, dropout: float):
+        super().__init__()
+        self.norm_self = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads)
+        self.norm_cross = nn.LayerNorm(d_model)
+        self.cross_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads)
+        self.norm_ff = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model=d_model, ff_mult=ff_mult, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, *, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        # Causal: token t attends to tokens <= t only, so training on a whole sequence at
+        # once matches decoding one token at a time. PAD tokens come after EOS, so no real
+        # token ever attends to one and no padding mask is needed.
+        y, self_attention = self.self_attn(self.norm_self(x), causal=True, return_attention=return_attention)
+        x = x + self.drop(y)
+        y, cross_attention = self.cross_attn(self.norm_cross(x), memory, return_attention=return_attention)
+        x = x + self.drop(y)
+        return x + self.ff(self.norm_ff(x)), self_attention, cross_attention
+
+
+@dataclass
+class Decoded:
+    """Result of greedy or beam decoding for a batch.
+
+    tokens: (B, L) the emitted tokens after SOS (digits, then EOS, then PAD).
+    token_probs: (B, L) the model's probability for each emitted token (1.0 on PAD).
+    """
+
+    tokens: torch.Tensor
+    token_probs: torch.Tensor
+
+    def strings(self) -> list[str]:
+        return [tokens_to_string(row) for row in self.tokens]
+
+    def digit_probs(self) -> list[list[float]]:
+        return [probs[: len(s)].tolist() for s, probs in zip(self.strings(), self.token_probs)]
+
+    def confidence(self) -> torch.Tensor:
+        """Probability of the whole sequence, EOS included: (B,)."""
+        return self.token_probs.prod(dim=1)
+
+
+class DigitSequenceTransformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        block = dict(d_model=c.d_model, n_heads=c.n_heads, ff_mult=c.ff_mult, dropout=c.dropout)
+        self.patch_embed = PatchEmbedding(image_size=c.image_size, patch_size=c.patch_size, d_model=c.d_model)
+        self.encoder = nn.ModuleList(EncoderBlock(**block) for _ in range(c.encoder_layers))
+        self.encoder_norm = nn.LayerNorm(c.d_model)
+        self.token_embed = nn.Embedding(VOCAB_SIZE, c.d_model)
+        self.token_position = nn.Embedding(c.max_tokens, c.d_model)
+        self.decoder = nn.ModuleList(DecoderBlock(**block) for _ in range(c.decoder_layers))
+        self.decoder_norm = nn.LayerNorm(c.d_model)
+        self.head = nn.Linear(c.d_model, VOCAB_SIZE)
+        self.drop = nn.Dropout(c.dropout)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # Xavier keeps query-key products away from zero at this small width; with the tiny
+        # N(0, 0.02) init of wide language models every attention map starts uniform and the
+        # decoder sat for hundreds of steps predicting only how many digits there are.
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def encode(self, images: torch.Tensor, *, attention: dict | None = None) -> torch.Tensor:
+        """(B, 1, H, W) images in [0, 1], white ink on black -> (B, N, D) memory."""
+        c = self.config
+        assert images.shape[-2:] == (c.image_size, c.image_size), f"expected {c.image_size}x{c.image_size} images, got {tuple(images.shape)}"
+        x = self.drop(self.patch_embed((images - PIXEL_MEAN) / PIXEL_STD))
+        for i, block in enumerate(self.encoder):
+            x, weights = block(x, return_attention=attention is not None)
+            if attention is not None:
+                attention[f"encoder.{i}.self"] = weights
+        return self.encoder_norm(x)
+
+    def decode(self, memory: torch.Tensor, tokens: torch.Tensor, *, attention: dict | None = None) -> torch.Tensor:
+        """(B, N, D) memory and (B, T) input tokens -> (B, T, VOCAB_SIZE) next-token logits."""
+        t = tokens.shape[1]
+        assert t <= self.config.max_tokens, f"{t} tokens exceed max_tokens {self.config.max_tokens}"
+        positions = torch.arange(t, device=tokens.device)
+        x = self.drop(self.token_embed(tokens) + self.token_position(positions))
+        for i, block in enumerate(self.decoder):
+            x, self_weights, cross_weights = block(x, memory, return_attention=attention is not None)
+            if attention is not None:
+                attention[f"decoder.{i}.self"] = self_weights
+                attention[f"decoder.{i}.cross"] = cross_weights
+        return self.head(self.decoder_norm(x))
+
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, *, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Teacher-forced logits (B, T, VOCAB_SIZE). With return_attention, also a dict of
+        attention weights (B, heads, T_query, T_key) keyed like "encoder.0.self",
+        "decoder.1.cross" (cross-attention keys are the image patches, row-major)."""
+        attention: dict[str, torch.Tensor] | None = {} if return_attention else None
+        logits = self.decode(self.encode(images, attention=attention), tokens, attention=attention)
+        return (logits, attention) if return_attention else logits
+
+    @staticmethod
+    def _next_token_log_probs(logits: torch.Tensor, step: int, max_digits: int) -> torch.Tensor:
+        # SOS and PAD are never predictions; after max_digits digits only EOS is allowed.
+        logits = logits.float().clone()
+        logits[:, [SOS, PAD]] = float("-inf")
+        if step == max_digits:
+            logits[:, :EOS] = float("-inf")
+        return logits.log_softmax(dim=-1)
+
+    @torch.no_grad()
+    def greedy_decode(self, images: torch.Tensor) -> Decoded:
+        """Read each image by taking the most probable token at every step; the batch stops
+        early once every sequence has emitted EOS."""
+        max_digits = self.config.max_digits
+        memory = self.encode(images)
+        b = images.shape[0]
+        tokens = torch.full((b, 1), SOS, dtype=torch.long, device=images.device)
+        probs = torch.ones(b, 0, device=images.device)
+        finished = torch.zeros(b, dtype=torch.bool, device=images.device)
+        for step in range(max_digits + 1):
+            log_probs = self._next_token_log_probs(self.decode(memory, tokens)[:, -1], step, max_digits)
+            best_log_prob, next_token = log_probs.max(dim=-1)
+            next_token = next_token.masked_fill(finished, PAD)
+            best_prob = best_log_prob.exp().masked_fill(finished, 1.0)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            probs = torch.cat([probs, best_prob[:, None]], dim=1)
+            finished |= next_token == EOS
+            if finished.all():
+                break
+        return Decoded(tokens=tokens[:, 1:], token_probs=probs)
+
+    @torch.no_grad()
+    def beam_search(self, images: torch.Tensor, beam_size: int = 4) -> Decoded:
+        """Keep the beam_size most probable partial sequences per image; return the most
+        probable complete one. Sequences are compared by total log-probability."""
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+        max_digits = self.config.max_digits
+        b, k = images.shape[0], beam_size
+        memory = self.encode(images).repeat_interleave(k, dim=0)
+        device = images.device
+        tokens = torch.full((b * k, 1), SOS, dtype=torch.long, device=device)
+        token_log_probs = torch.zeros(b * k, 0, device=device)
+        scores = torch.full((b, k), float("-inf"), device=device)
+        scores[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick duplicates
+        finished = torch.zeros(b * k, dtype=torch.bool, device=device)
+        for step in range(max_digits + 1):
+            log_probs = self._next_token_log_probs(self.decode(memory, tokens)[:, -1], step, max_digits)
+            # A finished beam can only be extended by PAD, at no cost, so it keeps its score.
+            log_probs[finished] = float("-inf")
+            log_probs[finished, PAD] = 0.0
+            candidates = (scores.view(b * k, 1) + log_probs).view(b, k * VOCAB_SIZE)
+            scores, index = candidates.topk(k, dim=1)
+            parent = (index // VOCAB_SIZE + torch.arange(b, device=device)[:, None] * k).flatten()
+            next_token = (index % VOCAB_SIZE).flatten()
+            tokens = torch.cat([tokens[parent], next_token[:, None]], dim=1)
+            step_log_prob = log_probs[parent, next_token]
+            token_log_probs = torch.cat([token_log_probs[parent], step_log_prob[:, None]], dim=1)
+            finished = finished[parent] | (next_token == EOS)
+            if finished.all():
+                break
+        best = scores.argmax(dim=1) + torch.arange(b, device=device) * k
+        return Decoded(tokens=tokens[best, 1:], token_probs=token_log_probs[best].exp())
+
+
+def configure_optimizer(
+    model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98)
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only; biases and LayerNorm gains
+    are left undecayed (decaying them only pulls them towards zero for no benefit)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)

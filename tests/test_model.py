@@ -1,0 +1,115 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import EOS, PAD, SOS, VOCAB_SIZE, DigitSequenceTransformer, ModelConfig, configure_optimizer, encode_labels, tokens_to_string
+
+CONFIG = ModelConfig(image_size=48, patch_size=8, d_model=32, n_heads=4, encoder_layers=2, decoder_layers=2, ff_mult=2, max_digits=4)
+
+
+@pytest.fixture
+def model() -> DigitSequenceTransformer:
+    torch.manual_seed(0)
+    return DigitSequenceTransformer(CONFIG).eval()
+
+
+def test_encode_labels_and_decode_round_trip():
+    labels = ["", "7", "42", "0000", "9051"]
+    inputs, targets = encode_labels(labels, max_digits=4)
+    assert inputs.shape == targets.shape == (5, 5)
+    assert inputs[2].tolist() == [SOS, 4, 2, PAD, PAD]
+    assert targets[2].tolist() == [4, 2, EOS, PAD, PAD]
+    assert targets[0].tolist() == [EOS, PAD, PAD, PAD, PAD]
+    assert [tokens_to_string(t) for t in targets] == labels
+    assert [tokens_to_string(t) for t in inputs] == [label for label in labels]  # SOS is skipped, PAD ends
+
+
+@pytest.mark.parametrize("bad", ["12345", "4a", "-1", "٣"])
+def test_encode_labels_rejects_bad_labels(bad):
+    with pytest.raises(ValueError, match="digits"):
+        encode_labels([bad], max_digits=4)
+
+
+def test_forward_shapes_and_attention_maps(model):
+    images = torch.rand(3, 1, 48, 48)
+    inputs, _ = encode_labels(["1", "23", ""], max_digits=4)
+    logits, attention = model(images, inputs, return_attention=True)
+    assert logits.shape == (3, 5, VOCAB_SIZE)
+    patches = (48 // 8) ** 2
+    assert attention["encoder.0.self"].shape == (3, 4, patches, patches)
+    assert attention["decoder.1.self"].shape == (3, 4, 5, 5)
+    assert attention["decoder.1.cross"].shape == (3, 4, 5, patches)
+    # Attention rows are distributions over the keys.
+    torch.testing.assert_close(attention["decoder.0.cross"].sum(-1), torch.ones(3, 4, 5))
+    # The written-out attention (used to return weights) computes the same as the fused kernel.
+    torch.testing.assert_close(model(images, inputs), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_wrong_image_size_is_refused(model):
+    with pytest.raises(AssertionError, match="48x48"):
+        model(torch.rand(1, 1, 64, 64), torch.tensor([[SOS]]))
+
+
+@pytest.mark.parametrize("return_attention", [False, True])
+def test_causal_mask_hides_future_tokens(model, return_attention):
+    images = torch.rand(2, 1, 48, 48)
+    a, _ = encode_labels(["1234", "5"], max_digits=4)
+    b = a.clone()
+    b[:, 3:] = torch.tensor([7, 8])  # change only the tokens from position 3 on
+    out_a = model(images, a, return_attention=return_attention)
+    out_b = model(images, b, return_attention=return_attention)
+    logits_a = out_a[0] if return_attention else out_a
+    logits_b = out_b[0] if return_attention else out_b
+    torch.testing.assert_close(logits_a[:, :3], logits_b[:, :3])  # earlier positions unchanged
+    assert not torch.allclose(logits_a[:, 3:], logits_b[:, 3:])  # and the change does reach later ones
+
+
+def test_greedy_decode_matches_teacher_forcing_on_its_own_output(model):
+    torch.manual_seed(1)
+    images = torch.rand(6, 1, 48, 48)
+    decoded = model.greedy_decode(images)
+    assert decoded.tokens.shape == decoded.token_probs.shape
+    assert decoded.tokens.shape[1] <= CONFIG.max_digits + 1
+    for row, text in zip(decoded.tokens, decoded.strings()):
+        assert len(text) <= CONFIG.max_digits
+        assert EOS in row.tolist()  # every sequence ends
+    # Feeding the decoded digits back with teacher forcing gives the same choice at each step
+    # (among the tokens decoding may choose) and the same probabilities.
+    inputs, _ = encode_labels(decoded.strings(), CONFIG.max_digits)
+    log_probs = model(images, inputs).log_softmax(-1)
+    for i, text in enumerate(decoded.strings()):
+        for t, token in enumerate([*map(int, text), EOS]):
+            allowed = log_probs[i, t].clone()
+            allowed[[SOS, PAD]] = float("-inf")
+            if t == CONFIG.max_digits:
+                allowed[:EOS] = float("-inf")
+            assert allowed.argmax().item() == token
+            assert abs(F.softmax(allowed, -1)[token].item() - decoded.token_probs[i, t].item()) < 1e-4
+
+
+def test_beam_search_width_one_is_greedy_and_wider_beams_score_at_least_as_well(model):
+    torch.manual_seed(2)
+    images = torch.rand(8, 1, 48, 48)
+    greedy = model.greedy_decode(images)
+    assert model.beam_search(images, beam_size=1).strings() == greedy.strings()
+    beam = model.beam_search(images, beam_size=5)
+    # Beam search keeps greedy's path unless 5 better ones crowd it out, so its answer is at
+    # least as probable as greedy's.
+    assert (beam.token_probs.log().sum(1) >= greedy.token_probs.log().sum(1) - 1e-5).all()
+    with pytest.raises(ValueError):
+        model.beam_search(images, beam_size=0)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        ModelConfig(image_size=96, patch_size=7)
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        ModelConfig(d_model=30, n_heads=4)
+
+
+def test_optimizer_decays_matrices_only(model):
+    optimizer = configure_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
