@@ -1,0 +1,70 @@
+"""Shared fixtures: MNIST (from $MNIST_ROOT, ../shared/mnist or data/), a tiny data folder
+and a tiny trained checkpoint, each made once per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+from multidigit_generator import MNIST_FILES, load_mnist
+from split_multidigit_dataset import prepare_splits
+
+TINY_MODEL = ["--patch-size", "12", "--d-model", "32", "--n-heads", "2", "--encoder-layers", "1",
+              "--decoder-layers", "1", "--ff-mult", "2"]
+
+
+def run_script(script: str, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts as a user would, from the repository root."""
+    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "WANDB_SILENT": "true", **(env or {})}, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    candidates = [os.environ.get("MNIST_ROOT"), REPO.parent / "shared" / "mnist", REPO / "data"]
+    for root in filter(None, candidates):
+        if all((Path(root) / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES):
+            return Path(root).resolve()
+    message = "MNIST raw files not found: set MNIST_ROOT to a folder holding MNIST/raw/"
+    if os.environ.get("CI"):
+        pytest.fail(message + " (CI must provide MNIST)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def mnist_test(mnist_root) -> tuple[np.ndarray, np.ndarray]:
+    return load_mnist(mnist_root, train=False)
+
+
+@pytest.fixture(scope="session")
+def mnist_train(mnist_root) -> tuple[np.ndarray, np.ndarray]:
+    return load_mnist(mnist_root, train=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory, mnist_root) -> Path:
+    data_dir = tmp_path_factory.mktemp("data")
+    prepare_splits(data_dir, mnist_root=mnist_root, val_images=48, test_images=48, seed=0)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data_dir, mnist_root) -> Path:
+    """A tiny model trained for 2 epochs of 4 steps, with wandb logging offline."""
+    out_dir = tmp_path_factory.mktemp("run")
+    run_script("train_encoder_decoder.py", "--data-dir", str(tiny_data_dir), "--mnist-root", str(mnist_root),
+               "--out-dir", str(out_dir), "--epochs", "2", "--train-images", "128", "--batch-size", "32",
+               "--num-workers", "0", "--wandb", "offline", *TINY_MODEL, env={"WANDB_DIR": str(out_dir)})
+    assert json.loads((out_dir / "test_metrics.json").read_text())["test"]
+    return out_dir
