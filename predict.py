@@ -1,0 +1,179 @@
+"""Read the digits in image files with a trained checkpoint.
+
+    uv run python predict.py photo.png scans/            # path<TAB>digits per image
+    uv run python predict.py --jsonl --beam-size 4 a.png  # {"path", "digits", "confidence", ...} per line
+
+Any PNG/JPEG/... of any size and mode works: it is turned into white digits on black (dark
+ink on light paper is inverted, transparent backgrounds handled), then scaled to fit the
+model's canvas keeping its aspect ratio. A file that cannot be read gets an error line, the
+others are still read, and the exit code is 1. A blank image reads as "".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from model import DigitSequenceTransformer, ModelConfig
+
+DEFAULT_CHECKPOINT = Path("checkpoints/best.pt")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
+BLANK_INK_LEVEL = 48  # a canvas whose brightest pixel is dimmer than this has no ink
+MIN_CONTRAST = 32  # ink must stand this far above the background to count as ink
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint is missing or is not one of ours."""
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> DigitSequenceTransformer:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: train one with `uv run python train_encoder_decoder.py` "
+                              "(it writes checkpoints/best.pt) or pass --checkpoint PATH")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        model = DigitSequenceTransformer(ModelConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except Exception as error:  # unpickling, missing keys, shape mismatches: all mean "not ours"
+        raise CheckpointError(f"{path} is not a usable digit-sequence checkpoint ({type(error).__name__}: {error})") from error
+    return model.to(device).eval()
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image, refusing oversized ones; raises ValueError with the reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit")
+                image.load()
+                return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f"cannot read image ({type(error).__name__}: {error})") from error
+
+
+def ink_image(image: Image.Image) -> np.ndarray:
+    """Any image -> float32 (H, W) ink map, 0 for background up to 255 for full ink."""
+    gray = np.asarray(image.convert("L"), dtype=np.float32)
+    alpha = np.asarray(image.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
+    if alpha.min() < 0.99:
+        # Transparent background (a drawing pad): ink is wherever it is opaque. Strokes may be
+        # dark or light; which one decides whether their grey level or its inverse is the ink.
+        dark_strokes = (gray * alpha).sum() / max(alpha.sum(), 1e-6) < 128
+        return alpha * ((255.0 - gray) if dark_strokes else gray)
+    # Opaque: the border is mostly background, so its median tells paper from ink.
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if np.median(border) > 127:  # dark ink on light paper
+        gray, border = 255.0 - gray, 255.0 - border
+    return gray - np.median(border)
+
+
+def to_canvas(image: Image.Image, canvas_size: int) -> np.ndarray:
+    """The model's view of an image: (canvas_size, canvas_size) uint8, white ink on black,
+    the whole image scaled to fit and centred."""
+    ink = ink_image(image).clip(0, None)
+    top = float(ink.max())
+    if top < MIN_CONTRAST:
+        return np.zeros((canvas_size, canvas_size), dtype=np.uint8)
+    ink = Image.fromarray(np.round(ink * (255.0 / top)).astype(np.uint8))  # stretch faint ink to full range
+    scale = canvas_size / max(ink.width, ink.height)
+    size = (max(1, round(ink.width * scale)), max(1, round(ink.height * scale)))
+    ink = ink.resize(size, Image.LANCZOS if scale < 1 else Image.BILINEAR)
+    canvas = Image.new("L", (canvas_size, canvas_size))
+    canvas.paste(ink, ((canvas_size - size[0]) // 2, (canvas_size - size[1]) // 2))
+    return np.asarray(canvas)
+
+
+@dataclass
+class Reading:
+    digits: str
+    digit_probs: list[float]
+    confidence: float  # probability of the whole sequence, end included
+
+
+@torch.no_grad()
+def read_canvases(model: DigitSequenceTransformer, canvases: list[np.ndarray], *, beam_size: int = 1) -> list[Reading]:
+    """Batch of model-canvas images -> readings. A canvas with no ink is read as "" without
+    asking the model: there is nothing to read, and a guess would only be a confident error."""
+    readings: list[Reading | None] = [Reading("", [], 1.0) if c.max() < BLANK_INK_LEVEL else None for c in canvases]
+    todo = [i for i, r in enumerate(readings) if r is None]
+    if todo:
+        device = next(model.parameters()).device
+        x = torch.from_numpy(np.stack([canvases[i] for i in todo])).to(device).unsqueeze(1).float().div_(255)
+        decoded = model.greedy_decode(x) if beam_size == 1 else model.beam_search(x, beam_size)
+        for i, digits, probs, conf in zip(todo, decoded.strings(), decoded.digit_probs(), decoded.confidence().tolist()):
+            readings[i] = Reading(digits, probs, conf)
+    return readings  # type: ignore[return-value]
+
+
+def expand_paths(paths: list[str]) -> list[Path]:
+    """Files as given; folders replaced by the image files directly inside them, sorted."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--jsonl", action="store_true", help="one JSON object per line")
+    parser.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.beam_size < 1 or args.batch_size < 1:
+        parser.error("--beam-size and --batch-size must be at least 1")
+    try:
+        model = load_model(args.checkpoint, args.device)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    def report_error(path: Path, message: str) -> None:
+        if args.jsonl:
+            print(json.dumps({"path": str(path), "error": message}), flush=True)
+        print(f"{path}: error: {message}", file=sys.stderr)
+
+    paths = expand_paths(args.images)
+    if not paths:
+        print("error: no image files found in " + ", ".join(args.images), file=sys.stderr)
+        return 1
+    failed = False
+    for start in range(0, len(paths), args.batch_size):
+        batch, canvases = [], []
+        for path in paths[start : start + args.batch_size]:
+            try:
+                if not path.exists():
+                    raise ValueError("no such file")
+                canvases.append(to_canvas(open_image(path), model.config.image_size))
+                batch.append(path)
+            except ValueError as error:
+                report_error(path, str(error))
+                failed = True
+        for path, reading in zip(batch, read_canvases(model, canvases, beam_size=args.beam_size)):
+            if args.jsonl:
+                print(json.dumps({"path": str(path), "digits": reading.digits, "confidence": round(reading.confidence, 6),
+                                  "digit_probs": [round(p, 6) for p in reading.digit_probs]}))
+            else:
+                print(f"{path}\t{reading.digits}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+import predict
+from multidigit_generator import MultiDigitComposer
+from predict import main, open_image, to_canvas
+
+
+@pytest.fixture(scope="module")
+def composite(mnist_test):
+    images, labels = mnist_test
+    composer = MultiDigitComposer(images, labels, min_digits=3, max_digits=3, layout="row")
+    return composer.compose(np.random.default_rng(0))
+
+
+def test_a_dataset_image_reaches_the_model_unchanged(composite):
+    assert composite.image.max() == 255
+    assert np.array_equal(to_canvas(Image.fromarray(composite.image), 96), composite.image)
+
+
+def test_dark_ink_on_light_paper_is_inverted_and_fitted_keeping_aspect_ratio(composite):
+    paper = Image.fromarray(255 - composite.image).resize((400, 400)).convert("RGB")
+    wide = Image.new("RGB", (800, 400), "white")
+    wide.paste(paper, (200, 0))
+    canvas = to_canvas(wide, 96)
+    # 800x400 becomes 96x48, centred: rows 0-23 and 72-95 are black, the ink is in the band.
+    assert canvas[:24].max() == 0 and canvas[72:].max() == 0
+    band = np.asarray(Image.fromarray(composite.image).resize((48, 48)), dtype=float)
+    assert np.corrcoef(canvas[24:72, 24:72].ravel(), band.ravel())[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("stroke", ["black", "white", "blue"])
+def test_strokes_on_a_transparent_pad_become_white_ink(stroke):
+    pad = Image.new("RGBA", (300, 300), (0, 0, 0, 0))
+    ImageDraw.Draw(pad).line([(150, 60), (150, 240)], fill=stroke, width=20)
+    canvas = to_canvas(pad, 96)
+    assert canvas[48, 48] > 200 and canvas[48, 10] == 0 and canvas[5, 48] == 0
+
+
+def test_unreadable_and_oversized_files_raise_clear_errors(tmp_path, monkeypatch):
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ValueError, match="cannot read image"):
+        open_image(tmp_path / "junk.png")
+    Image.new("L", (300, 300)).save(tmp_path / "big.png")
+    monkeypatch.setattr(predict, "MAX_IMAGE_PIXELS", 10_000)
+    with pytest.raises(ValueError, match="pixel limit"):
+        open_image(tmp_path / "big.png")
+
+
+def test_predict_cli_reads_good_files_and_reports_bad_ones(tmp_path, tiny_run, composite, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(composite.image).save(folder / "a_gray.png")
+    Image.fromarray(255 - composite.image).convert("RGB").resize((150, 120)).save(folder / "b_paper.jpg")
+    rgba = Image.new("RGBA", (96, 96), (0, 0, 0, 0))
+    rgba.putalpha(Image.fromarray(composite.image))
+    rgba.save(folder / "c_alpha.png")
+    Image.new("RGB", (64, 64), "white").save(folder / "d_blank.png")
+    (folder / "e_corrupt.png").write_bytes(b"garbage")
+    (folder / "notes.txt").write_text("not an image, and not a picture suffix: skipped")
+    code = main(["--checkpoint", str(tiny_run / "best.pt"), str(folder), str(tmp_path / "missing.png")])
+    out, err = capsys.readouterr()
+    assert code == 1
+    lines = dict(line.split("\t") for line in out.splitlines())
+    assert set(lines) == {str(folder / n) for n in ("a_gray.png", "b_paper.jpg", "c_alpha.png", "d_blank.png")}
+    assert all(v.isdigit() and len(v) <= 4 for k, v in lines.items() if "blank" not in k)
+    assert lines[str(folder / "d_blank.png")] == ""
+    assert "e_corrupt.png: error: cannot read image" in err and "missing.png: error: no such file" in err
+
+
+def test_predict_cli_jsonl(tmp_path, tiny_run, composite, capsys):
+    Image.fromarray(composite.image).save(tmp_path / "x.png")
+    Image.new("L", (96, 96)).save(tmp_path / "blank.png")
+    assert main(["--checkpoint", str(tiny_run / "best.pt"), "--jsonl", "--beam-size", "3",
+                 str(tmp_path / "x.png"), str(tmp_path / "blank.png")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in rows] == [str(tmp_path / "x.png"), str(tmp_path / "blank.png")]
+    assert 0 < rows[0]["confidence"] <= 1 and len(rows[0]["digit_probs"]) == len(rows[0]["digits"])
+    assert rows[1] == {"path": str(tmp_path / "blank.png"), "digits": "", "confidence": 1.0, "digit_probs": []}
+
+
+def test_missing_or_foreign_checkpoint_is_reported(tmp_path, capsys):
+    Image.new("L", (96, 96)).save(tmp_path / "x.png")
+    assert main(["--checkpoint", str(tmp_path / "nope.pt"), str(tmp_path / "x.png")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
+    assert main(["--checkpoint", str(tmp_path / "foreign.pt"), str(tmp_path / "x.png")]) == 2
+    assert "not a usable digit-sequence checkpoint" in capsys.readouterr().err

@@ -1,0 +1,336 @@
+"""Train the digit-sequence Transformer on fresh MNIST composites.
+
+    uv run python train_encoder_decoder.py                         # the default run
+    uv run python train_encoder_decoder.py --resume checkpoints/last.pt
+
+Reads top to bottom: arguments, data (the digit pools and the val/test sets are made on the
+first run), model and optimiser, wandb, the training loop (fresh composites every epoch,
+warm-up + cosine learning rate, validation with greedy decoding after each epoch, `last.pt`
+and `best.pt` checkpoints), then a final test-set evaluation written to test_metrics.json.
+Ctrl-C stops after the current step and saves last.pt; --resume continues exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import netrc
+import os
+import signal
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from model import PAD, DigitSequenceTransformer, ModelConfig, configure_optimizer, encode_labels
+from multidigit_generator import (
+    FreshComposites,
+    MnistUnavailableError,
+    MultiDigitComposer,
+    MultiDigitFolder,
+    default_mnist_root,
+    load_mnist,
+)
+from split_multidigit_dataset import SPLITS_FILE, load_splits, prepare_splits
+
+# Flags that may differ when resuming; every other setting comes from the checkpoint.
+RESUME_OVERRIDES = ("resume", "max_steps", "wandb", "num_workers", "device", "out_dir")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-type", choices=("train", "sweep"), default="train")
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", default="data", help="holds splits.json, val/ and test/; made on first use")
+    data.add_argument("--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)")
+    data.add_argument("--train-images", type=int, default=20000, help="fresh composites per epoch")
+    data.add_argument("--max-digits", type=int, default=4)
+    data.add_argument("--augment-strength", type=float, default=1.0)
+    data.add_argument("--num-workers", type=int, default=1, help="processes composing training images")
+    model = p.add_argument_group("model")
+    model.add_argument("--patch-size", type=int, default=12)
+    model.add_argument("--d-model", type=int, default=128)
+    model.add_argument("--n-heads", type=int, default=4)
+    model.add_argument("--encoder-layers", type=int, default=4)
+    model.add_argument("--decoder-layers", type=int, default=2)
+    model.add_argument("--ff-mult", type=int, default=4)
+    model.add_argument("--dropout", type=float, default=0.0, help="fresh data every epoch already prevents memorising")
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=15)
+    optim.add_argument("--batch-size", type=int, default=128)
+    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    optim.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decays to lr * this")
+    optim.add_argument("--warmup-steps", type=int, default=300)
+    optim.add_argument("--weight-decay", type=float, default=0.05)
+    optim.add_argument("--label-smoothing", type=float, default=0.0)
+    optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    optim.add_argument("--max-steps", type=int, default=0, help="stop (and save last.pt) after this many steps; 0: run all epochs")
+    run = p.add_argument_group("run")
+    run.add_argument("--out-dir", default="checkpoints", help="last.pt, best.pt and test_metrics.json go here")
+    run.add_argument("--resume", help="continue from this checkpoint (normally OUT_DIR/last.pt)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
+    run.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
+                     help="auto: online when logged in to W&B, offline otherwise")
+    run.add_argument("--wandb-project", default="digit-sequence-transformer")
+    run.add_argument("--log-every", type=int, default=25, help="steps between training-loss logs")
+    args = p.parse_args(argv)
+    positive = ("train_images", "max_digits", "epochs", "batch_size", "patch_size", "d_model", "n_heads",
+                "encoder_layers", "decoder_layers", "ff_mult", "log_every")
+    for name in positive:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.lr > 0 or not 0 <= args.min_lr_ratio <= 1 or args.warmup_steps < 0 or args.weight_decay < 0:
+        p.error("need --lr > 0, 0 <= --min-lr-ratio <= 1, --warmup-steps >= 0 and --weight-decay >= 0")
+    if not 0 <= args.label_smoothing < 1 or args.max_steps < 0 or args.num_workers < 0 or args.augment_strength < 0:
+        p.error("need 0 <= --label-smoothing < 1 and non-negative --max-steps, --num-workers, --augment-strength")
+    return args
+
+
+def wandb_mode(requested: str) -> str:
+    """'auto' means online when W&B credentials exist (WANDB_API_KEY or ~/.netrc), else offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return "online" if netrc.netrc().authenticators(host) else "offline"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return "offline"
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def learning_rate(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr_ratio: float) -> float:
+    """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at total_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, H, W) uint8 -> (B, 1, H, W) float in [0, 1]."""
+    return images.to(device, non_blocking=True).unsqueeze(1).float().div_(255)
+
+
+class SequenceAccuracy:
+    """Whole-sequence exact match of decoded strings, overall, per layout and per length."""
+
+    def __init__(self) -> None:
+        self.correct: dict[str, int] = defaultdict(int)
+        self.total: dict[str, int] = defaultdict(int)
+
+    def update(self, predictions: list[str], labels: list[str], layouts: list[str]) -> None:
+        for prediction, label, layout in zip(predictions, labels, layouts):
+            for key in ("all", layout, f"len{len(label)}"):
+                self.correct[key] += prediction == label
+                self.total[key] += 1
+
+    def compute(self) -> dict[str, float]:
+        return {key: self.correct[key] / self.total[key] for key in sorted(self.total)}
+
+
+@torch.no_grad()
+def evaluate(model: DigitSequenceTransformer, loader: DataLoader, device: torch.device, desc: str) -> tuple[dict, list]:
+    """Teacher-forced loss and token accuracy, and greedy-decoded sequence accuracy."""
+    model.eval()
+    loss_sum, token_correct, token_total = 0.0, 0, 0
+    accuracy = SequenceAccuracy()
+    samples = []
+    for images, labels, layouts in tqdm(loader, desc=desc, unit="batch", leave=False):
+        x = to_model_input(images, device)
+        inputs, targets = (t.to(device) for t in encode_labels(list(labels), model.config.max_digits))
+        logits = model(x, inputs)
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD, reduction="sum").item()
+        real = targets != PAD
+        token_correct += ((logits.argmax(-1) == targets) & real).sum().item()
+        token_total += real.sum().item()
+        predictions = model.greedy_decode(x).strings()
+        accuracy.update(predictions, list(labels), list(layouts))
+        if len(samples) < 24:
+            samples += list(zip(images[: 24 - len(samples)], labels, predictions))
+    sequence = accuracy.compute()
+    metrics = {"loss": loss_sum / token_total, "token_accuracy": token_correct / token_total,
+               "sequence_accuracy": sequence.pop("all"), **{f"sequence_accuracy_{k}": v for k, v in sequence.items()}}
+    return metrics, samples
+
+
+def format_metrics(name: str, metrics: dict) -> str:
+    parts = [f"{name}: sequence accuracy {metrics['sequence_accuracy']:.2%} (token {metrics['token_accuracy']:.2%})"]
+    parts += [f"{k.removeprefix('sequence_accuracy_')} {v:.2%}" for k, v in metrics.items() if k.startswith("sequence_accuracy_")]
+    return " | ".join(parts)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file and rename, so an interruption never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(args: argparse.Namespace) -> dict:
+    # ---- resume: every setting comes from the checkpoint, except RESUME_OVERRIDES
+    checkpoint = None
+    if args.resume:
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
+        args = argparse.Namespace(**{**checkpoint["args"], **{k: getattr(args, k) for k in RESUME_OVERRIDES}})
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+
+    # ---- data: disjoint digit pools; val/test are fixed folders, train is composed fresh each epoch
+    if not (Path(args.data_dir) / SPLITS_FILE).is_file():
+        print(f"{args.data_dir}/{SPLITS_FILE} not found: splitting MNIST and composing val/test sets")
+        prepare_splits(args.data_dir, mnist_root=args.mnist_root, composer=dict(max_digits=args.max_digits))
+    splits = load_splits(args.data_dir)
+    canvas_size = splits["composer"]["canvas_size"]
+    mnist_images, mnist_labels = load_mnist(args.mnist_root, train=True)
+    pool = np.asarray(splits["pools"]["train"])
+    composer = MultiDigitComposer(mnist_images[pool], mnist_labels[pool], canvas_size=canvas_size,
+                                  max_digits=args.max_digits, augment_strength=args.augment_strength)
+    train_set = FreshComposites(composer, args.train_images, seed=args.seed)
+    val_set, test_set = MultiDigitFolder(Path(args.data_dir) / "val"), MultiDigitFolder(Path(args.data_dir) / "test")
+    eval_loader = lambda dataset: DataLoader(dataset, batch_size=256)  # noqa: E731
+    steps_per_epoch = math.ceil(args.train_images / args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+
+    # ---- model and optimiser
+    config = ModelConfig(image_size=canvas_size, patch_size=args.patch_size, d_model=args.d_model, n_heads=args.n_heads,
+                         encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers, ff_mult=args.ff_mult,
+                         dropout=args.dropout, max_digits=args.max_digits)
+    model = DigitSequenceTransformer(config).to(device)
+    optimizer = configure_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+    step, best_accuracy, wandb_id = 0, -1.0, None
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, best_accuracy, wandb_id = checkpoint["step"], checkpoint["best_accuracy"], checkpoint.get("wandb_id")
+        torch.set_rng_state(checkpoint["rng_state"])
+        print(f"resumed from {args.resume} at step {step} (epoch {step // steps_per_epoch})")
+    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config.grid_size}x{config.grid_size} patches; "
+          f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size} on {device}")
+
+    # ---- wandb
+    import wandb  # imported here: slow to import, and not needed for --help
+
+    run = wandb.init(project=args.wandb_project, mode=wandb_mode(args.wandb), id=wandb_id, resume="allow",
+                     config={**vars(args), "parameters": model.num_parameters()})
+
+    def state(epoch_done: bool) -> dict:
+        return {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "args": vars(args), "step": step, "epoch": step // steps_per_epoch, "best_accuracy": best_accuracy,
+                "rng_state": torch.get_rng_state(), "wandb_id": run.id if run else None, "epoch_done": epoch_done}
+
+    # Ctrl-C asks the loop to stop after the current step; a second Ctrl-C stops at once.
+    stop_requested = False
+
+    def request_stop(signum, frame):
+        nonlocal stop_requested
+        stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, request_stop)
+
+    # ---- training loop
+    started = time.time()
+    while step < total_steps:
+        epoch, first_batch = divmod(step, steps_per_epoch)
+        train_set.set_epoch(epoch)
+        remaining = Subset(train_set, range(first_batch * args.batch_size, args.train_images))
+        loader = DataLoader(remaining, batch_size=args.batch_size, num_workers=args.num_workers,
+                            generator=torch.Generator().manual_seed(epoch))  # leaves the global RNG alone
+        model.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", initial=first_batch, total=steps_per_epoch)
+        for images, labels, _ in bar:
+            lr = learning_rate(step, total_steps=total_steps, warmup_steps=args.warmup_steps, lr=args.lr,
+                               min_lr_ratio=args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs, targets = (t.to(device) for t in encode_labels(list(labels), args.max_digits))
+            logits = model(to_model_input(images, device), inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD,
+                                   label_smoothing=args.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            step += 1
+            if step % args.log_every == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+                run.log({"train/loss": loss.item(), "train/lr": lr, "epoch": step / steps_per_epoch}, step=step)
+            if stop_requested or step == args.max_steps:
+                save_checkpoint(out_dir / "last.pt", state(epoch_done=False))
+                print(f"stopped at step {step}; saved {out_dir / 'last.pt'} (continue with --resume)")
+                run.finish()
+                return {"step": step}
+        bar.close()
+
+        metrics, samples = evaluate(model, eval_loader(val_set), device, desc="validating")
+        images_per_second = step * args.batch_size / (time.time() - started)
+        print(f"epoch {epoch + 1}: " + format_metrics("val", metrics) + f" | {images_per_second:.0f} img/s so far")
+        table = wandb.Table(columns=["image", "truth", "prediction", "correct"])
+        for image, label, prediction in samples:
+            table.add_data(wandb.Image(image.numpy()), label, prediction, label == prediction)
+        run.log({**{f"val/{k}": v for k, v in metrics.items()}, "val/samples": table, "epoch": epoch + 1}, step=step)
+        if metrics["sequence_accuracy"] > best_accuracy:
+            best_accuracy = metrics["sequence_accuracy"]
+            save_checkpoint(out_dir / "best.pt", state(epoch_done=True))
+        save_checkpoint(out_dir / "last.pt", state(epoch_done=True))
+        if stop_requested:
+            print(f"stopped after epoch {epoch + 1}; continue with --resume {out_dir / 'last.pt'}")
+            run.finish()
+            return {"step": step}
+
+    # ---- final evaluation of the best checkpoint on the test set (MNIST test digits only)
+    wall = time.time() - started
+    best = torch.load(out_dir / "best.pt", map_location=device, weights_only=True)
+    model.load_state_dict(best["model"])
+    test_metrics, _ = evaluate(model, eval_loader(test_set), device, desc="testing")
+    result = {"test": test_metrics, "val_best_sequence_accuracy": best_accuracy, "best_epoch": best["epoch"],
+              "train_wall_seconds": wall, "train_images_per_second": total_steps * args.batch_size / wall,
+              "parameters": model.num_parameters(), "device": str(device), "args": vars(args)}
+    (out_dir / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(format_metrics("test", test_metrics))
+    print(f"wrote {out_dir / 'best.pt'}, {out_dir / 'last.pt'} and {out_dir / 'test_metrics.json'}")
+    run.summary.update({f"test/{k}": v for k, v in test_metrics.items()})
+    run.finish()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.run_type == "sweep":
+        print("--run-type sweep is not available yet (it is planned: wandb sweeps online and offline). "
+              "Use --run-type train.", file=sys.stderr)
+        return 2
+    try:
+        train(args)
+    except (MnistUnavailableError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
