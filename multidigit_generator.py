@@ -304,11 +304,24 @@ class MultiDigitFolder(Dataset):
         return torch.from_numpy(np.array(self.images[index])), record["label"], record["layout"]
 
 
-def generate(composer: MultiDigitComposer, num_images: int, seed: int, *, progress: bool = True) -> list[Composite]:
-    return [
+def generate(
+    composer: MultiDigitComposer, num_images: int, seed: int, *, pool_indices: np.ndarray | None = None, progress: bool = True
+) -> list[Composite]:
+    """Image i is composed with default_rng([seed, i]). When the composer's digits are a subset
+    of an MNIST split, pool_indices maps each pool position back to its MNIST index."""
+    composites = [
         composer.compose(np.random.default_rng([seed, i]))
         for i in tqdm(range(num_images), desc="composing", unit="img", disable=not progress)
     ]
+    if pool_indices is not None:
+        for c in composites:
+            c.sources = [int(pool_indices[i]) for i in c.sources]
+    return composites
+
+
+def check_composer_settings(**settings) -> None:
+    """Raise ValueError for impossible composition settings, before any MNIST is loaded."""
+    MultiDigitComposer(np.zeros((1, DIGIT_SIZE, DIGIT_SIZE), np.uint8), np.zeros(1), **settings)
 
 
 def write_dataset(folder: str | Path, composites: list[Composite], metadata: dict) -> Path:
@@ -390,8 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_images < 0:
         parser.error(f"--num-images must be >= 0, got {args.num_images}")
     try:
-        # Build the composer on a dummy pool first so bad arguments fail before MNIST is loaded.
-        MultiDigitComposer(np.zeros((1, DIGIT_SIZE, DIGIT_SIZE), np.uint8), np.zeros(1), **composer_settings(args))
+        check_composer_settings(**composer_settings(args))
         images, labels = load_mnist(args.mnist_root, train=args.split == "train")
         indices = np.arange(len(images))
         if args.digit_indices:
@@ -402,9 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, MnistUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    composites = generate(composer, args.num_images, args.seed)
-    for c in composites:  # record MNIST indices, not positions in the pool
-        c.sources = [int(indices[i]) for i in c.sources]
+    composites = generate(composer, args.num_images, args.seed, pool_indices=indices)
     meta = dict(composer.settings(), seed=args.seed, mnist_split=args.split, digit_indices=args.digit_indices)
     folder = write_dataset(args.out, composites, meta)
     print(f"wrote {len(composites)} images to {folder} (preview: {folder / 'preview.png'})")

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from multidigit_generator import (
-    DIGIT_SIZE,
     MnistUnavailableError,
     MultiDigitComposer,
     add_composer_arguments,
+    check_composer_settings,
     composer_settings,
     generate,
     load_mnist,
@@ -61,8 +61,7 @@ def prepare_splits(
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     composer = composer or {}
-    # Check the composition settings on a dummy pool before loading or writing anything.
-    MultiDigitComposer(np.zeros((1, DIGIT_SIZE, DIGIT_SIZE), np.uint8), np.zeros(1), **composer)
+    check_composer_settings(**composer)
     data_dir = Path(data_dir)
     train_images, train_labels = load_mnist(mnist_root, train=True)
     test_digits, test_labels = load_mnist(mnist_root, train=False)
@@ -75,9 +74,7 @@ def prepare_splits(
         pool = np.asarray(pools[split])
         split_composer = MultiDigitComposer(images[pool], labels[pool], **composer)
         # Different seeds per split, so val and test are not the same draws from different digits.
-        composites = generate(split_composer, counts[split], seed + offset)
-        for c in composites:  # record MNIST indices, not positions in the pool
-            c.sources = [int(pool[i]) for i in c.sources]
+        composites = generate(split_composer, counts[split], seed + offset, pool_indices=pool)
         write_dataset(data_dir / split, composites, dict(split_composer.settings(), seed=seed + offset, mnist_split=mnist_split))
     record = dict(seed=seed, val_fraction=val_fraction, val_images=val_images, test_images=test_images,
                   composer=split_composer.settings(), pools=pools)

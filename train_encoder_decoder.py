@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--batch-size", type=int, default=128)
     optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     optim.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decays to lr * this")
-    optim.add_argument("--warmup-steps", type=int, default=300)
+    optim.add_argument("--warmup-steps", type=int, default=100)
     optim.add_argument("--weight-decay", type=float, default=0.05)
     optim.add_argument("--label-smoothing", type=float, default=0.0)
     optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
@@ -181,6 +181,7 @@ def format_metrics(name: str, metrics: dict) -> str:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temporary file and rename, so an interruption never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -235,10 +236,10 @@ def train(args: argparse.Namespace) -> dict:
     run = wandb.init(project=args.wandb_project, mode=wandb_mode(args.wandb), id=wandb_id, resume="allow",
                      config={**vars(args), "parameters": model.num_parameters()})
 
-    def state(epoch_done: bool) -> dict:
+    def state() -> dict:
         return {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "args": vars(args), "step": step, "epoch": step // steps_per_epoch, "best_accuracy": best_accuracy,
-                "rng_state": torch.get_rng_state(), "wandb_id": run.id if run else None, "epoch_done": epoch_done}
+                "rng_state": torch.get_rng_state(), "wandb_id": run.id}
 
     # Ctrl-C asks the loop to stop after the current step; a second Ctrl-C stops at once.
     stop_requested = False
@@ -280,7 +281,7 @@ def train(args: argparse.Namespace) -> dict:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
                 run.log({"train/loss": loss.item(), "train/lr": lr, "epoch": step / steps_per_epoch}, step=step)
             if stop_requested or step == args.max_steps:
-                save_checkpoint(out_dir / "last.pt", state(epoch_done=False))
+                save_checkpoint(out_dir / "last.pt", state())
                 print(f"stopped at step {step}; saved {out_dir / 'last.pt'} (continue with --resume)")
                 run.finish()
                 return {"step": step}
@@ -295,8 +296,8 @@ def train(args: argparse.Namespace) -> dict:
         run.log({**{f"val/{k}": v for k, v in metrics.items()}, "val/samples": table, "epoch": epoch + 1}, step=step)
         if metrics["sequence_accuracy"] > best_accuracy:
             best_accuracy = metrics["sequence_accuracy"]
-            save_checkpoint(out_dir / "best.pt", state(epoch_done=True))
-        save_checkpoint(out_dir / "last.pt", state(epoch_done=True))
+            save_checkpoint(out_dir / "best.pt", state())
+        save_checkpoint(out_dir / "last.pt", state())
         if stop_requested:
             print(f"stopped after epoch {epoch + 1}; continue with --resume {out_dir / 'last.pt'}")
             run.finish()
