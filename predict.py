@@ -156,22 +156,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     failed = False
     for start in range(0, len(paths), args.batch_size):
-        batch, canvases = [], []
-        for path in paths[start : start + args.batch_size]:
+        batch = paths[start : start + args.batch_size]
+        canvases: dict[int, np.ndarray] = {}
+        errors: dict[int, str] = {}
+        for i, path in enumerate(batch):
             try:
                 if not path.exists():
                     raise ValueError("no such file")
-                canvases.append(to_canvas(open_image(path), model.config.image_size))
-                batch.append(path)
+                canvases[i] = to_canvas(open_image(path), model.config.image_size)
             except ValueError as error:
-                report_error(path, str(error))
+                errors[i] = str(error)
+        readings = dict(zip(canvases, read_canvases(model, list(canvases.values()), beam_size=args.beam_size)))
+        for i, path in enumerate(batch):  # in the order given, errors included
+            if i in errors:
+                report_error(path, errors[i])
                 failed = True
-        for path, reading in zip(batch, read_canvases(model, canvases, beam_size=args.beam_size)):
-            if args.jsonl:
-                print(json.dumps({"path": str(path), "digits": reading.digits, "confidence": round(reading.confidence, 6),
-                                  "digit_probs": [round(p, 6) for p in reading.digit_probs]}))
+            elif args.jsonl:
+                r = readings[i]
+                print(json.dumps({"path": str(path), "digits": r.digits, "confidence": round(r.confidence, 6),
+                                  "digit_probs": [round(p, 6) for p in r.digit_probs]}))
             else:
-                print(f"{path}\t{reading.digits}")
+                print(f"{path}\t{readings[i].digits}")
     return 1 if failed else 0
 
 

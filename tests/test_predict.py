@@ -75,9 +75,10 @@ def test_predict_cli_jsonl(tmp_path, tiny_run, composite, capsys):
     Image.fromarray(composite.image).save(tmp_path / "x.png")
     Image.new("L", (96, 96)).save(tmp_path / "blank.png")
     assert main(["--checkpoint", str(tiny_run / "best.pt"), "--jsonl", "--beam-size", "3",
-                 str(tmp_path / "x.png"), str(tmp_path / "blank.png")]) == 0
+                 str(tmp_path / "x.png"), str(tmp_path / "gone.png"), str(tmp_path / "blank.png")]) == 1
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["path"] for r in rows] == [str(tmp_path / "x.png"), str(tmp_path / "blank.png")]
+    assert [r["path"] for r in rows] == [str(tmp_path / n) for n in ("x.png", "gone.png", "blank.png")]  # input order
+    assert rows.pop(1) == {"path": str(tmp_path / "gone.png"), "error": "no such file"}
     assert 0 < rows[0]["confidence"] <= 1 and len(rows[0]["digit_probs"]) == len(rows[0]["digits"])
     assert rows[1] == {"path": str(tmp_path / "blank.png"), "digits": "", "confidence": 1.0, "digit_probs": []}
 
