@@ -42,7 +42,7 @@ from multidigit_generator import (
 from split_multidigit_dataset import SPLITS_FILE, load_splits, prepare_splits
 
 # Flags that may differ when resuming; every other setting comes from the checkpoint.
-RESUME_OVERRIDES = ("resume", "max_steps", "wandb", "num_workers", "device", "out_dir")
+RESUME_OVERRIDES = ("resume", "max_steps", "wandb", "num_workers", "device")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     optim.add_argument("--max-steps", type=int, default=0, help="stop (and save last.pt) after this many steps; 0: run all epochs")
     run = p.add_argument_group("run")
-    run.add_argument("--out-dir", default="checkpoints", help="last.pt, best.pt and test_metrics.json go here")
+    run.add_argument("--out-dir", help="last.pt, best.pt and test_metrics.json go here "
+                     "(default: checkpoints, or the resumed run's folder)")
     run.add_argument("--resume", help="continue from this checkpoint (normally OUT_DIR/last.pt)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
@@ -179,6 +180,10 @@ def format_metrics(name: str, metrics: dict) -> str:
     return " | ".join(parts)
 
 
+def ignore_interrupts(worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temporary file and rename, so an interruption never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +197,9 @@ def train(args: argparse.Namespace) -> dict:
     checkpoint = None
     if args.resume:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
-        args = argparse.Namespace(**{**checkpoint["args"], **{k: getattr(args, k) for k in RESUME_OVERRIDES}})
+        overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES}
+        args = argparse.Namespace(**{**checkpoint["args"], **overrides, "out_dir": args.out_dir or checkpoint["args"]["out_dir"]})
+    args.out_dir = args.out_dir or "checkpoints"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
@@ -227,8 +234,23 @@ def train(args: argparse.Namespace) -> dict:
         step, best_accuracy, wandb_id = checkpoint["step"], checkpoint["best_accuracy"], checkpoint.get("wandb_id")
         torch.set_rng_state(checkpoint["rng_state"])
         print(f"resumed from {args.resume} at step {step} (epoch {step // steps_per_epoch})")
+    # Ctrl-C asks the loop to stop after the current step and save. The terminal (and `uv run`,
+    # which forwards it) may deliver one press more than once, so only a press more than two
+    # seconds after the first aborts at once, without saving.
+    stop_requested_at: float | None = None
+
+    def request_stop(signum, frame):
+        nonlocal stop_requested_at
+        if stop_requested_at is None:
+            stop_requested_at = time.monotonic()
+            print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+        elif time.monotonic() - stop_requested_at > 2:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, request_stop)
+
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config.grid_size}x{config.grid_size} patches; "
-          f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size} on {device}")
+          f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size} on {device}", flush=True)
 
     # ---- wandb
     import wandb  # imported here: slow to import, and not needed for --help
@@ -241,17 +263,6 @@ def train(args: argparse.Namespace) -> dict:
                 "args": vars(args), "step": step, "epoch": step // steps_per_epoch, "best_accuracy": best_accuracy,
                 "rng_state": torch.get_rng_state(), "wandb_id": run.id}
 
-    # Ctrl-C asks the loop to stop after the current step; a second Ctrl-C stops at once.
-    stop_requested = False
-
-    def request_stop(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, request_stop)
-
     # ---- training loop
     started = time.time()
     while step < total_steps:
@@ -259,6 +270,7 @@ def train(args: argparse.Namespace) -> dict:
         train_set.set_epoch(epoch)
         remaining = Subset(train_set, range(first_batch * args.batch_size, args.train_images))
         loader = DataLoader(remaining, batch_size=args.batch_size, num_workers=args.num_workers,
+                            worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle
                             generator=torch.Generator().manual_seed(epoch))  # leaves the global RNG alone
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", initial=first_batch, total=steps_per_epoch)
@@ -280,7 +292,7 @@ def train(args: argparse.Namespace) -> dict:
             if step % args.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
                 run.log({"train/loss": loss.item(), "train/lr": lr, "epoch": step / steps_per_epoch}, step=step)
-            if stop_requested or step == args.max_steps:
+            if stop_requested_at is not None or step == args.max_steps:
                 save_checkpoint(out_dir / "last.pt", state())
                 print(f"stopped at step {step}; saved {out_dir / 'last.pt'} (continue with --resume)")
                 run.finish()
@@ -298,7 +310,7 @@ def train(args: argparse.Namespace) -> dict:
             best_accuracy = metrics["sequence_accuracy"]
             save_checkpoint(out_dir / "best.pt", state())
         save_checkpoint(out_dir / "last.pt", state())
-        if stop_requested:
+        if stop_requested_at is not None:
             print(f"stopped after epoch {epoch + 1}; continue with --resume {out_dir / 'last.pt'}")
             run.finish()
             return {"step": step}

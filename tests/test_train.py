@@ -1,9 +1,13 @@
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import TINY_MODEL, run_script
+from conftest import REPO, TINY_MODEL, run_script
 from model import ModelConfig
 from predict import load_model
 
@@ -36,7 +40,7 @@ def test_interrupted_training_resumes_exactly(tmp_path, tiny_data_dir, mnist_roo
     run_script("train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path / "straight", "--max-steps", "5"))
     run_script("train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path / "resumed", "--max-steps", "2"))
     result = run_script("train_encoder_decoder.py", "--resume", str(tmp_path / "resumed" / "last.pt"),
-                        "--max-steps", "5", "--out-dir", str(tmp_path / "resumed"), "--wandb", "disabled")
+                        "--max-steps", "5", "--wandb", "disabled")  # writes to the resumed run's folder
     assert "resumed from" in result.stdout and "at step 2" in result.stdout
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
@@ -44,6 +48,23 @@ def test_interrupted_training_resumes_exactly(tmp_path, tiny_data_dir, mnist_roo
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     assert (tmp_path / "resumed" / "best.pt").is_file()  # the epoch that ended after resuming was validated
+
+
+def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_dir, mnist_root):
+    process = subprocess.Popen([sys.executable, "train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "WANDB_SILENT": "true"})
+    for line in process.stdout:
+        if line.startswith("model:"):  # printed once Ctrl-C is handled, before the first step
+            process.send_signal(signal.SIGINT)
+            break
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert "stopped at step 1" in out and "continue with --resume" in out
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 1
+    result = run_script("train_encoder_decoder.py", "--resume", str(tmp_path / "last.pt"), "--max-steps", "2")
+    assert "at step 1" in result.stdout
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_sweep_run_type_explains_itself():
