@@ -210,6 +210,9 @@ def train(args: argparse.Namespace) -> dict:
         print(f"{args.data_dir}/{SPLITS_FILE} not found: splitting MNIST and composing val/test sets")
         prepare_splits(args.data_dir, mnist_root=args.mnist_root, composer=dict(max_digits=args.max_digits))
     splits = load_splits(args.data_dir)
+    if splits["composer"]["max_digits"] > args.max_digits:
+        raise ValueError(f"{args.data_dir} holds images of up to {splits['composer']['max_digits']} digits, more than "
+                         f"--max-digits {args.max_digits}: pass a new --data-dir to compose matching val/test sets")
     canvas_size = splits["composer"]["canvas_size"]
     mnist_images, mnist_labels = load_mnist(args.mnist_root, train=True)
     pool = np.asarray(splits["pools"]["train"])
