@@ -32,6 +32,11 @@ PAD = 12  # fills sequences up to a fixed length; ignored by the loss
 VOCAB_SIZE = 13
 
 
+def uint8_to_input(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) uint8 canvases, white ink on black -> (B, 1, H, W) float model input in [0, 1]."""
+    return images.unsqueeze(1).float().div_(255)
+
+
 def encode_labels(labels: list[str], max_digits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Digit strings -> (decoder inputs, targets), both (B, max_digits + 1) long tensors.
 
@@ -313,12 +318,16 @@ class DigitSequenceTransformer(nn.Module):
     def greedy_decode(self, images: torch.Tensor) -> Decoded:
         """Read each image by taking the most probable token at every step; the batch stops
         early once every sequence has emitted EOS."""
+        return self.greedy_decode_memory(self.encode(images))
+
+    @torch.no_grad()
+    def greedy_decode_memory(self, memory: torch.Tensor) -> Decoded:
+        """greedy_decode for images already encoded to (B, N, D) memory."""
         max_digits = self.config.max_digits
-        memory = self.encode(images)
-        b = images.shape[0]
-        tokens = torch.full((b, 1), SOS, dtype=torch.long, device=images.device)
-        probs = torch.ones(b, 0, device=images.device)
-        finished = torch.zeros(b, dtype=torch.bool, device=images.device)
+        b, device = memory.shape[0], memory.device
+        tokens = torch.full((b, 1), SOS, dtype=torch.long, device=device)
+        probs = torch.ones(b, 0, device=device)
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
         for step in range(max_digits + 1):
             log_probs = self._next_token_log_probs(self.decode(memory, tokens)[:, -1], step, max_digits)
             best_log_prob, next_token = log_probs.max(dim=-1)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from model import DigitSequenceTransformer, ModelConfig
+from model import DigitSequenceTransformer, ModelConfig, uint8_to_input
 
 DEFAULT_CHECKPOINT = Path("checkpoints/best.pt")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -110,7 +110,7 @@ def read_canvases(model: DigitSequenceTransformer, canvases: list[np.ndarray], *
     todo = [i for i, r in enumerate(readings) if r is None]
     if todo:
         device = next(model.parameters()).device
-        x = torch.from_numpy(np.stack([canvases[i] for i in todo])).to(device).unsqueeze(1).float().div_(255)
+        x = uint8_to_input(torch.from_numpy(np.stack([canvases[i] for i in todo])).to(device))
         decoded = model.greedy_decode(x) if beam_size == 1 else model.beam_search(x, beam_size)
         for i, digits, probs, conf in zip(todo, decoded.strings(), decoded.digit_probs(), decoded.confidence().tolist()):
             readings[i] = Reading(digits, probs, conf)

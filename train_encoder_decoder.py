@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from model import PAD, DigitSequenceTransformer, ModelConfig, configure_optimizer, encode_labels
+from model import PAD, DigitSequenceTransformer, ModelConfig, configure_optimizer, encode_labels, uint8_to_input
 from multidigit_generator import (
     FreshComposites,
     MnistUnavailableError,
@@ -127,11 +127,6 @@ def learning_rate(step: int, *, total_steps: int, warmup_steps: int, lr: float, 
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(B, H, W) uint8 -> (B, 1, H, W) float in [0, 1]."""
-    return images.to(device, non_blocking=True).unsqueeze(1).float().div_(255)
-
-
 class SequenceAccuracy:
     """Whole-sequence exact match of decoded strings, overall, per layout and per length."""
 
@@ -157,14 +152,14 @@ def evaluate(model: DigitSequenceTransformer, loader: DataLoader, device: torch.
     accuracy = SequenceAccuracy()
     samples = []
     for images, labels, layouts in tqdm(loader, desc=desc, unit="batch", leave=False):
-        x = to_model_input(images, device)
+        memory = model.encode(uint8_to_input(images.to(device)))  # once, for both teacher forcing and decoding
         inputs, targets = (t.to(device) for t in encode_labels(list(labels), model.config.max_digits))
-        logits = model(x, inputs)
+        logits = model.decode(memory, inputs)
         loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD, reduction="sum").item()
         real = targets != PAD
         token_correct += ((logits.argmax(-1) == targets) & real).sum().item()
         token_total += real.sum().item()
-        predictions = model.greedy_decode(x).strings()
+        predictions = model.greedy_decode_memory(memory).strings()
         accuracy.update(predictions, list(labels), list(layouts))
         if len(samples) < 24:
             samples += list(zip(images[: 24 - len(samples)], labels, predictions))
@@ -283,7 +278,7 @@ def train(args: argparse.Namespace) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             inputs, targets = (t.to(device) for t in encode_labels(list(labels), args.max_digits))
-            logits = model(to_model_input(images, device), inputs)
+            logits = model(uint8_to_input(images.to(device)), inputs)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD,
                                    label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
