@@ -1,12 +1,18 @@
 """Compose MNIST digits into multi-digit images, as a library and as a command.
 
 Two layouts, both white digits on a black canvas (96x96 by default), 0-4 digits each:
-  scatter  28x28 digits dropped at random, non-overlapping; the label reads them left to
-           right by centre, and placements whose centres are horizontally closer than
-           --min-center-gap are redrawn so that order is never ambiguous.
-  row      a number written left to right: each digit cropped to its ink, scaled to a
-           height of about 18-28 px, with random gaps and a little vertical jitter.
-Every digit is augmented first (small rotation, shear, scale; thinner or thicker strokes).
+  scatter  digits dropped at random, their ink boxes never overlapping or touching; the label
+           reads them left to right by centre, and placements whose centres are horizontally
+           closer than --min-center-gap are redrawn so that order is never ambiguous.
+  row      a number written left to right, all digits about one height, with random gaps
+           and a little vertical jitter.
+Every digit is augmented first (small rotation, shear, scale; thinner or thicker strokes),
+then cropped to its ink and scaled to an ink height within --digit-height (18-28 px by
+default) in both layouts, so that nothing the model sees keeps MNIST's own normalisation
+(every digit in a 20x20 box, centred by mass).
+
+Stress options (used by split_multidigit_dataset.py --stress, off by default) change the
+strokes, the digit proportions or the placement, or degrade the image like a scan.
 
 All randomness comes from one seed: image i of a dataset is drawn with
 numpy.random.default_rng([seed, i]), so the same seed gives the same bytes whatever the
@@ -19,6 +25,7 @@ composites every epoch (FreshComposites), so it never sees the same composite tw
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -38,8 +45,10 @@ from tqdm import tqdm
 DIGIT_SIZE = 28  # MNIST digits are 28x28
 LAYOUTS = ("scatter", "row", "mixed")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-ROW_HEIGHT_RANGE = (18, 28)  # ink height of a digit written in a row, in pixels
-ROW_MIN_DIGIT_WIDTH = 6  # narrowest ink a row digit is squeezed to (a thin "1")
+DIGIT_HEIGHT_RANGE = (18, 28)  # default ink height of a composed digit, in pixels
+MIN_DIGIT_WIDTH = 6  # narrowest ink a digit is squeezed to (a thin "1")
+DIGIT_SPACING = 1  # least empty pixels between two digits' ink boxes, so that digits never touch
+ROW_JITTER = 3  # most pixels a row digit moves up or down from the row's centre line
 
 
 class MnistUnavailableError(RuntimeError):
@@ -70,26 +79,46 @@ def load_mnist(root: str | Path, *, train: bool) -> tuple[np.ndarray, np.ndarray
     return mnist.data.numpy(), mnist.targets.numpy().astype(np.int64)
 
 
-def augment_digit(digit: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+def augment_digit(digit: np.ndarray, rng: np.random.Generator, strength: float = 1.0, stroke: int | None = None) -> np.ndarray:
     """Small random rotation, shear and scale, then thinner or thicker strokes.
 
     strength scales every range (0 turns augmentation off); 1.0 gives rotations up to
     12 degrees, shears up to 10 degrees, scales 0.9-1.1 and a one-pixel stroke change on
-    40 % of digits."""
-    if strength <= 0:
+    40 % of digits, where thinner strokes are blended with the original so that they fade
+    instead of vanishing. stroke, when given, replaces that random change: every stroke
+    grows (> 0) or shrinks (< 0) by exactly that many pixels (the stress sets), thinner
+    strokes brightened back to the digit's brightest ink, as a thinner pen would draw them."""
+    if strength <= 0 and not stroke:
         return digit
-    angle, shear = rng.uniform(-12, 12) * strength, rng.uniform(-10, 10) * strength
-    scale = math.exp(rng.uniform(-0.1, 0.1) * strength)
-    stroke = rng.choice([-1, 0, 1], p=[0.2 * min(strength, 2.5), 1 - 0.4 * min(strength, 2.5), 0.2 * min(strength, 2.5)])
     image = torch.from_numpy(digit)[None].float()
-    image = TF.affine(image, angle=angle, translate=[0, 0], scale=scale, shear=[shear, 0.0],
-                      interpolation=TF.InterpolationMode.BILINEAR)
-    if stroke == 1:  # dilate: a 2x2 max grows strokes by a pixel
-        image = F.max_pool2d(F.pad(image[None], (0, 1, 0, 1)), 2, stride=1)[0]
-    elif stroke == -1:  # erode, blended with the original so thin strokes fade instead of vanishing
-        eroded = -F.max_pool2d(F.pad(-image[None], (0, 1, 0, 1), value=-255.0), 2, stride=1)[0]
-        image = 0.5 * (image + eroded)
+    fade = stroke is None
+    if strength > 0:
+        angle, shear = rng.uniform(-12, 12) * strength, rng.uniform(-10, 10) * strength
+        scale = math.exp(rng.uniform(-0.1, 0.1) * strength)
+        if stroke is None:
+            p_change = 0.2 * min(strength, 2.5)
+            stroke = int(rng.choice([-1, 0, 1], p=[p_change, 1 - 2 * p_change, p_change]))
+        image = TF.affine(image, angle=angle, translate=[0, 0], scale=scale, shear=[shear, 0.0],
+                          interpolation=TF.InterpolationMode.BILINEAR)
+    if stroke:
+        changed = change_stroke_width(image, stroke)
+        if stroke < 0 and fade:
+            image = 0.5 * (image + changed)
+        elif stroke < 0:
+            image = changed * (image.max() / changed.max().clamp(min=1))
+        else:
+            image = changed
     return image[0].round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def change_stroke_width(image: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Grey-level dilation (pixels > 0) or erosion (pixels < 0) of a (1, H, W) float image with a
+    (|pixels| + 1)-square window: strokes grow or shrink by |pixels| pixels across."""
+    k = abs(pixels)
+    pad = (k // 2, k - k // 2, k // 2, k - k // 2)  # an even window cannot be centred: odd changes grow right and down
+    if pixels > 0:
+        return F.max_pool2d(F.pad(image[None], pad), k + 1, stride=1)[0]
+    return -F.max_pool2d(F.pad(-image[None], pad, value=-255.0), k + 1, stride=1)[0]
 
 
 def ink_box(image: np.ndarray, threshold: int = 32) -> tuple[int, int, int, int] | None:
@@ -100,9 +129,29 @@ def ink_box(image: np.ndarray, threshold: int = 32) -> tuple[int, int, int, int]
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+def crop_to_ink(digit: np.ndarray) -> np.ndarray:
+    """The digit cut to its ink box (all of it if it has no ink)."""
+    box = ink_box(digit)
+    return digit if box is None else digit[box[1] : box[3], box[0] : box[2]]
+
+
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     out = TF.resize(torch.from_numpy(image)[None], [height, width], antialias=True)
     return out[0].numpy()
+
+
+def degrade_like_a_scan(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A composite as a poor scan would give it: Gaussian blur (sigma 0.5-1.2), lower contrast
+    (ink 120-255 on a background of 0-60, at least 100 apart), additive Gaussian noise (sigma
+    2-8) and JPEG compression at quality 30-70. Still light digits on a dark background, uint8."""
+    sigma = rng.uniform(0.5, 1.2)
+    blurred = TF.gaussian_blur(torch.from_numpy(image)[None].float(), kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
+    background = rng.uniform(0, 60)
+    ink = rng.uniform(max(120, background + 100), 255)  # less contrast than 100 levels makes blurred thin digits unreadable
+    scanned = background + blurred[0].numpy() * ((ink - background) / 255) + rng.normal(0, rng.uniform(2, 8), image.shape)
+    jpeg = io.BytesIO()
+    Image.fromarray(np.clip(scanned.round(), 0, 255).astype(np.uint8)).save(jpeg, format="JPEG", quality=int(rng.integers(30, 71)))
+    return np.array(Image.open(jpeg))
 
 
 @dataclass
@@ -110,40 +159,80 @@ class Composite:
     image: np.ndarray  # (canvas, canvas) uint8, white on black
     label: str  # the digits in reading order, "" for a blank canvas
     layout: str  # "scatter" or "row"
-    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # (x0, y0, x1, y1) per digit, label order
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # (x0, y0, x1, y1) ink box per digit, label order
     sources: list[int] = field(default_factory=list)  # index of each digit in the MNIST split, label order
 
 
-def scatter_capacity(canvas_size: int, min_center_gap: int) -> int:
-    """How many 28x28 digits the scatter layout can always place: one row with centres a
-    digit apart, or two rows staggered with centres max(gap, 14) apart."""
-    if canvas_size < DIGIT_SIZE:
+def scatter_capacity(canvas_size: int, min_center_gap: int, digit_size: int) -> int:
+    """How many digits of up to digit_size x digit_size the scatter layout can always place (its
+    fallback, when random placement fails): each digit centred in a cell of that size, in one row
+    or in two staggered rows, cells at least DIGIT_SPACING apart and their centres at least
+    min_center_gap + 1 apart (centring a digit in its cell rounds by up to half a pixel)."""
+    if canvas_size < digit_size:
         return 0
-    free = canvas_size - DIGIT_SIZE
-    one_row = free // max(min_center_gap, DIGIT_SIZE) + 1
-    two_rows = free // max(min_center_gap, math.ceil(DIGIT_SIZE / 2)) + 1 if canvas_size >= 2 * DIGIT_SIZE else 0
+    free, cell = canvas_size - digit_size, digit_size + DIGIT_SPACING
+    one_row = free // max(min_center_gap + 1, cell) + 1
+    two_rows = free // max(min_center_gap + 1, math.ceil(cell / 2)) + 1 if canvas_size >= 2 * digit_size + DIGIT_SPACING else 0
     return max(one_row, two_rows)
 
 
-def row_capacity(canvas_size: int) -> int:
-    return max(0, (canvas_size - 2) // (ROW_MIN_DIGIT_WIDTH + 1))
+def row_width_budget(canvas_size: int, row_height: int, tilted: bool) -> int:
+    """The widest row (digits and gaps) that stays a pixel clear of every edge; row_height
+    includes the vertical jitter. A tilted row is budgeted by its diagonal, which bounds both its
+    width and its height at any angle."""
+    if not tilted:
+        return canvas_size - 2
+    room = canvas_size - 6  # two more pixels each side for the rounding of rotated digits
+    return int(math.sqrt(max(0, room**2 - row_height**2)))
+
+
+def row_capacity(canvas_size: int, digit_size: int, tilted: bool = False) -> int:
+    """How many digits a row fits at the narrowest, each MIN_DIGIT_WIDTH wide with 1 px gaps."""
+    budget = row_width_budget(canvas_size, digit_size + 2 * ROW_JITTER + 1, tilted)
+    return max(0, (budget + 1) // (MIN_DIGIT_WIDTH + 1))
+
+
+def random_offset(rng: np.random.Generator, span: int, margin: int, hug_borders: bool) -> int:
+    """A position in [margin, span - margin]; with hug_borders, two times in three 0 or span,
+    so that whatever is placed touches an edge of the canvas."""
+    if hug_borders and rng.random() < 2 / 3:
+        return span * int(rng.integers(0, 2))
+    return int(rng.integers(margin, span - margin + 1))
 
 
 def compose_scatter(
-    digits: list[np.ndarray], rng: np.random.Generator, canvas_size: int, min_center_gap: int, max_tries: int = 200
+    crops: list[np.ndarray],
+    rng: np.random.Generator,
+    canvas_size: int,
+    min_center_gap: int,
+    digit_height: tuple[int, int],
+    *,
+    hug_borders: bool = False,
+    max_tries: int = 200,
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int]], list[int]]:
-    """Place 28x28 digits at random without overlap; returns the canvas, the boxes in
-    reading order and, for each box, which input digit it holds."""
-    n, span = len(digits), canvas_size - DIGIT_SIZE
+    """Scale each ink crop to a random height within digit_height and place it at random: ink
+    boxes neither overlap nor touch, and centres are at least min_center_gap apart horizontally.
+    Returns the canvas, the ink boxes in reading order and, for each box, which crop it holds.
+    hug_borders pushes digits against the edges and into the corners (the anywhere stress set)."""
+    low, high = digit_height
+    sizes = []  # (height, width) per crop
+    for crop in crops:
+        h = int(rng.integers(low, high + 1))
+        w = crop.shape[1] * h / crop.shape[0]
+        if w > high:  # a wide digit is written smaller, to fit the square that scatter_capacity counts on
+            h, w = max(low, round(h * high / w)), high
+        sizes.append((h, min(high, max(MIN_DIGIT_WIDTH, round(w)))))
+    n, space = len(crops), DIGIT_SPACING
     corners: list[tuple[int, int]] = []
     for _ in range(max_tries):
         corners = []
-        for _ in range(n):
+        for h, w in sizes:
             for _ in range(max_tries):
-                x, y = (int(v) for v in rng.integers(0, span + 1, size=2))
+                x, y = random_offset(rng, canvas_size - w, 0, hug_borders), random_offset(rng, canvas_size - h, 0, hug_borders)
                 clear = all(
-                    abs(x - px) >= min_center_gap and (abs(x - px) >= DIGIT_SIZE or abs(y - py) >= DIGIT_SIZE)
-                    for px, py in corners
+                    abs(2 * x + w - 2 * px - pw) >= 2 * min_center_gap
+                    and (x + w + space <= px or px + pw + space <= x or y + h + space <= py or py + ph + space <= y)
+                    for (px, py), (ph, pw) in zip(corners, sizes)
                 )
                 if clear:
                     corners.append((x, y))
@@ -153,66 +242,113 @@ def compose_scatter(
         if len(corners) == n:
             break
     else:
-        # Crowded canvases can defeat rejection sampling: fall back to one row, or to two
-        # staggered rows where same-row neighbours are 2 * step >= 28 px apart (always
-        # feasible within scatter_capacity), at a random offset.
-        step = max(min_center_gap, math.ceil(DIGIT_SIZE / 2))
-        if (n - 1) * max(step, DIGIT_SIZE) <= span:
-            step, top = max(step, DIGIT_SIZE), int(rng.integers(0, span + 1))
+        # Crowded canvases can defeat rejection sampling: fall back to cells of the largest digit
+        # size in one row, or in two staggered rows where same-row neighbours are two pitches
+        # apart (always feasible within scatter_capacity), at a random offset. Each digit is
+        # centred across its cell, so centres keep the pitch, less half a pixel of rounding.
+        free, cell = canvas_size - high, high + space
+        pitch = max(min_center_gap + 1, cell)
+        if (n - 1) * pitch <= free:
+            top = int(rng.integers(0, free + 1))
             rows = [top, top]
         else:
-            top = int(rng.integers(0, span - DIGIT_SIZE + 1))
-            rows = [top, top + DIGIT_SIZE]
-        x0 = int(rng.integers(0, span - (n - 1) * step + 1))
-        corners = [(x0 + i * step, rows[i % 2]) for i in range(n)]
+            pitch = max(min_center_gap + 1, math.ceil(cell / 2))
+            top = int(rng.integers(0, free - cell + 1))
+            rows = [top, top + cell]
+        x0 = int(rng.integers(0, free - (n - 1) * pitch + 1))
+        corners = [(x0 + i * pitch + (high - w) // 2, rows[i % 2] + int(rng.integers(0, high - h + 1)))
+                   for i, (h, w) in enumerate(sizes)]
     canvas = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
-    for digit, (x, y) in zip(digits, corners):
-        np.maximum(canvas[y : y + DIGIT_SIZE, x : x + DIGIT_SIZE], digit, out=canvas[y : y + DIGIT_SIZE, x : x + DIGIT_SIZE])
-    order = sorted(range(n), key=lambda i: corners[i][0])  # box centres are corner + 14
-    boxes = [(corners[i][0], corners[i][1], corners[i][0] + DIGIT_SIZE, corners[i][1] + DIGIT_SIZE) for i in order]
+    for crop, (h, w), (x, y) in zip(crops, sizes, corners):
+        np.maximum(canvas[y : y + h, x : x + w], resize(crop, h, w), out=canvas[y : y + h, x : x + w])
+    order = sorted(range(n), key=lambda i: 2 * corners[i][0] + sizes[i][1])  # by centre
+    boxes = [(corners[i][0], corners[i][1], corners[i][0] + sizes[i][1], corners[i][1] + sizes[i][0]) for i in order]
     return canvas, boxes, order
 
 
+def tilt_row(
+    patches: list[np.ndarray], corners: list[tuple[int, int]], angle: float
+) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """Rotate a row of digit patches (top-left corners given) by angle degrees, counter-clockwise,
+    about the row's centre: each patch turns about its own centre, which moves on a circle about
+    the row's. Returns the turned patches cut to their nonzero pixels, and their new corners."""
+    cx = (min(x for x, _ in corners) + max(x + p.shape[1] for p, (x, _) in zip(patches, corners))) / 2
+    cy = (min(y for _, y in corners) + max(y + p.shape[0] for p, (_, y) in zip(patches, corners))) / 2
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    turned_patches, turned_corners = [], []
+    for patch, (x, y) in zip(patches, corners):
+        dx, dy = x + patch.shape[1] / 2 - cx, y + patch.shape[0] / 2 - cy
+        turned = TF.rotate(torch.from_numpy(patch)[None], angle, interpolation=TF.InterpolationMode.BILINEAR, expand=True)[0].numpy()
+        x0, y0, x1, y1 = ink_box(turned, threshold=0)
+        # Counter-clockwise on screen, where y points down.
+        new_x, new_y = cx + dx * cos + dy * sin - turned.shape[1] / 2, cy - dx * sin + dy * cos - turned.shape[0] / 2
+        turned_patches.append(turned[y0:y1, x0:x1])
+        turned_corners.append((round(new_x) + x0, round(new_y) + y0))
+    return turned_patches, turned_corners
+
+
 def compose_row(
-    digits: list[np.ndarray], rng: np.random.Generator, canvas_size: int
+    crops: list[np.ndarray],
+    rng: np.random.Generator,
+    canvas_size: int,
+    digit_height: tuple[int, int],
+    *,
+    tilt: float = 0.0,
+    hug_borders: bool = False,
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
-    """Write the digits left to right like a handwritten number; returns the canvas and the
-    ink box of each digit."""
+    """Write the ink crops left to right like a handwritten number, all about one height within
+    digit_height; returns the canvas and the ink box of each digit. The number stays a pixel clear
+    of every edge, unless hug_borders lets it touch them; tilt rotates it by up to that many
+    degrees (both for the anywhere stress set)."""
     canvas = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
-    if not digits:
+    if not crops:
         return canvas, []
-    crops = []
-    for digit in digits:
-        box = ink_box(digit)
-        crops.append(digit if box is None else digit[box[1] : box[3], box[0] : box[2]])
-    height = rng.uniform(*ROW_HEIGHT_RANGE)
-    sizes = []
-    for crop in crops:
-        h = height * rng.uniform(0.9, 1.1)
-        sizes.append((h, max(ROW_MIN_DIGIT_WIDTH, crop.shape[1] * h / crop.shape[0])))
-    gaps = rng.uniform(1, 6, size=len(digits) - 1)
-    # Shrink the whole number if it would not fit (only with many digits or a small canvas).
-    width = sum(w for _, w in sizes) + gaps.sum()
-    shrink = min(1.0, (canvas_size - 2) / width, (canvas_size - 8) / max(h for h, _ in sizes))
-    sizes = [(max(4, round(h * shrink)), max(ROW_MIN_DIGIT_WIDTH, round(w * shrink))) for h, w in sizes]
-    gaps = np.maximum(1, np.round(gaps * shrink)).astype(int)
-    width = sum(w for _, w in sizes) + int(gaps.sum())
-    tallest = max(h for h, _ in sizes)
-    x = int(rng.integers(1, max(1, canvas_size - width - 1) + 1))
-    centre_y = rng.uniform(tallest / 2 + 4, canvas_size - tallest / 2 - 4)
+    low, high = digit_height
+    height = rng.uniform(low, high)
+    heights = [round(min(high, max(low, height * rng.uniform(0.9, 1.1)))) for _ in crops]
+    widths = [max(MIN_DIGIT_WIDTH, crop.shape[1] * h / crop.shape[0]) for crop, h in zip(crops, heights)]
+    gaps = rng.uniform(1, 6, size=len(crops) - 1)
+    angle = rng.uniform(-tilt, tilt) if tilt else 0.0
+    # A number too wide for the canvas (only with many or tall digits) is written narrower, keeping
+    # its height. Rounding and the minimum widths can overshoot by a pixel or two, which the widest
+    # digits (or gaps, once every digit is at its narrowest) give back.
+    budget = row_width_budget(canvas_size, max(heights) + 2 * ROW_JITTER + 1, tilted=bool(tilt))
+    squeeze = min(1.0, budget / (sum(widths) + gaps.sum()))
+    widths = [max(MIN_DIGIT_WIDTH, round(w * squeeze)) for w in widths]
+    spaces = [max(1, round(g * squeeze)) for g in gaps]
+    while sum(widths) + sum(spaces) > budget:
+        shrinking = widths if max(widths) > MIN_DIGIT_WIDTH else spaces
+        shrinking[int(np.argmax(shrinking))] -= 1
+    patches, corners, x = [], [], 0
+    for crop, h, w, space in zip(crops, heights, widths, spaces + [0]):
+        patches.append(resize(crop, h, w))
+        corners.append((x, round(-h / 2 + rng.uniform(-ROW_JITTER, ROW_JITTER))))  # about a centre line at y = 0
+        x += w + space
+    if angle:
+        patches, corners = tilt_row(patches, corners, angle)
+    # Place the number's bounding box on the canvas.
+    x0, y0 = min(x for x, _ in corners), min(y for _, y in corners)
+    x1 = max(x + p.shape[1] for p, (x, _) in zip(patches, corners))
+    y1 = max(y + p.shape[0] for p, (_, y) in zip(patches, corners))
+    margin = 0 if hug_borders else 1
+    left = random_offset(rng, canvas_size - (x1 - x0), margin, hug_borders) - x0
+    top = random_offset(rng, canvas_size - (y1 - y0), margin, hug_borders) - y0
     boxes = []
-    for i, (crop, (h, w)) in enumerate(zip(crops, sizes)):
-        y = int(np.clip(round(centre_y - h / 2 + rng.uniform(-3, 3)), 0, canvas_size - h))
-        x = min(x, canvas_size - w)
-        patch = resize(crop, h, w)
+    for patch, (x, y) in zip(patches, corners):
+        (h, w), x, y = patch.shape, x + left, y + top
         np.maximum(canvas[y : y + h, x : x + w], patch, out=canvas[y : y + h, x : x + w])
         boxes.append((x, y, x + w, y + h))
-        x += w + (int(gaps[i]) if i < len(gaps) else 0)
     return canvas, boxes
 
 
 class MultiDigitComposer:
-    """Draws composites from a pool of MNIST digits. Arguments are checked here, before any work."""
+    """Draws composites from a pool of MNIST digits. Arguments are checked here, before any work.
+
+    digit_height is the range of ink heights in both layouts. The rest are stress options, off by
+    default: stroke_width_change replaces the random stroke augmentation by exactly that many
+    pixels; aspect_stretch multiplies each digit's width by a random factor in that range;
+    hug_borders pushes digits against the canvas edges; row_tilt rotates rows by up to that many
+    degrees; scan_degradation passes every composite through degrade_like_a_scan."""
 
     def __init__(
         self,
@@ -225,6 +361,12 @@ class MultiDigitComposer:
         layout: str = "mixed",
         augment_strength: float = 1.0,
         min_center_gap: int = 12,
+        digit_height: tuple[int, int] | list[int] = DIGIT_HEIGHT_RANGE,
+        stroke_width_change: int | None = None,
+        aspect_stretch: tuple[float, float] | list[float] = (1.0, 1.0),
+        hug_borders: bool = False,
+        row_tilt: float = 0.0,
+        scan_degradation: bool = False,
     ):
         if images.ndim != 3 or images.shape[1:] != (DIGIT_SIZE, DIGIT_SIZE) or images.dtype != np.uint8:
             raise ValueError(f"expected MNIST digits as (N, 28, 28) uint8, got {images.shape} {images.dtype}")
@@ -240,34 +382,63 @@ class MultiDigitComposer:
             raise ValueError(f"min_center_gap must be at least 1 pixel, got {min_center_gap}")
         if augment_strength < 0:
             raise ValueError(f"augment_strength must be >= 0, got {augment_strength}")
-        fits = {"scatter": scatter_capacity(canvas_size, min_center_gap), "row": row_capacity(canvas_size)}
+        tallest = canvas_size - 2 * ROW_JITTER - 3  # a row needs room for its jitter and a pixel margin
+        if len(digit_height) != 2 or not MIN_DIGIT_WIDTH <= digit_height[0] <= digit_height[1] <= tallest:
+            raise ValueError(f"digit_height must be (min, max) pixels with {MIN_DIGIT_WIDTH} <= min <= max <= {tallest} "
+                             f"on a {canvas_size}x{canvas_size} canvas, got {tuple(digit_height)}")
+        if stroke_width_change is not None and not -3 <= stroke_width_change <= 3:
+            raise ValueError(f"stroke_width_change must be None (random) or -3 to 3 pixels, got {stroke_width_change}")
+        if len(aspect_stretch) != 2 or not 0 < aspect_stretch[0] <= aspect_stretch[1]:
+            raise ValueError(f"aspect_stretch must be (min, max) factors with 0 < min <= max, got {tuple(aspect_stretch)}")
+        if not 0 <= row_tilt <= 20:  # steeper rows could swap the reading order of narrow digits
+            raise ValueError(f"row_tilt must be 0 to 20 degrees, got {row_tilt}")
+        fits = {"scatter": scatter_capacity(canvas_size, min_center_gap, digit_height[1]),
+                "row": row_capacity(canvas_size, digit_height[1], tilted=row_tilt > 0)}
         for name in ("scatter", "row") if layout == "mixed" else (layout,):
             if max_digits > fits[name]:
                 raise ValueError(
                     f"{max_digits} digits do not fit on a {canvas_size}x{canvas_size} canvas in the {name} layout "
-                    f"(at most {fits[name]}" + (f" with a minimum centre gap of {min_center_gap} px" if name == "scatter" else "")
-                    + "): lower --max-digits or raise --canvas-size"
+                    f"(at most {fits[name]} with digits up to {digit_height[1]} px high"
+                    + (f" and a minimum centre gap of {min_center_gap} px" if name == "scatter" else "")
+                    + "): lower --max-digits or --digit-height, or raise --canvas-size"
                 )
         self.images, self.labels = images, labels
         self.canvas_size, self.min_digits, self.max_digits = canvas_size, min_digits, max_digits
         self.layout, self.augment_strength, self.min_center_gap = layout, augment_strength, min_center_gap
+        self.digit_height = (int(digit_height[0]), int(digit_height[1]))
+        self.stroke_width_change, self.aspect_stretch = stroke_width_change, (float(aspect_stretch[0]), float(aspect_stretch[1]))
+        self.hug_borders, self.row_tilt, self.scan_degradation = hug_borders, row_tilt, scan_degradation
+
+    def prepare_digit(self, digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The digit augmented, cut to its ink and, with aspect_stretch, stretched sideways."""
+        crop = crop_to_ink(augment_digit(digit, rng, self.augment_strength, stroke=self.stroke_width_change))
+        if self.aspect_stretch != (1.0, 1.0):
+            crop = resize(crop, crop.shape[0], max(1, round(crop.shape[1] * rng.uniform(*self.aspect_stretch))))
+        return crop
 
     def compose(self, rng: np.random.Generator) -> Composite:
         n = int(rng.integers(self.min_digits, self.max_digits + 1))
         layout = str(rng.choice(["scatter", "row"])) if self.layout == "mixed" else self.layout
         picks = [int(i) for i in rng.integers(0, len(self.images), size=n)]
-        digits = [augment_digit(self.images[i], rng, self.augment_strength) for i in picks]
+        crops = [self.prepare_digit(self.images[i], rng) for i in picks]
         if layout == "scatter":
-            canvas, boxes, order = compose_scatter(digits, rng, self.canvas_size, self.min_center_gap)
+            canvas, boxes, order = compose_scatter(crops, rng, self.canvas_size, self.min_center_gap, self.digit_height,
+                                                   hug_borders=self.hug_borders)
             picks = [picks[i] for i in order]
         else:
-            canvas, boxes = compose_row(digits, rng, self.canvas_size)
+            canvas, boxes = compose_row(crops, rng, self.canvas_size, self.digit_height, tilt=self.row_tilt, hug_borders=self.hug_borders)
+        if self.scan_degradation:
+            canvas = degrade_like_a_scan(canvas, rng)
         label = "".join(str(int(self.labels[i])) for i in picks)
         return Composite(image=canvas, label=label, layout=layout, boxes=boxes, sources=picks)
 
     def settings(self) -> dict:
+        """Everything that shapes the composites, JSON-ready: MultiDigitComposer(images, labels, **settings) rebuilds it."""
         return dict(canvas_size=self.canvas_size, min_digits=self.min_digits, max_digits=self.max_digits,
-                    layout=self.layout, augment_strength=self.augment_strength, min_center_gap=self.min_center_gap)
+                    layout=self.layout, augment_strength=self.augment_strength, min_center_gap=self.min_center_gap,
+                    digit_height=list(self.digit_height), stroke_width_change=self.stroke_width_change,
+                    aspect_stretch=list(self.aspect_stretch), hug_borders=self.hug_borders, row_tilt=self.row_tilt,
+                    scan_degradation=self.scan_degradation)
 
 
 class FreshComposites(Dataset):
@@ -384,11 +555,13 @@ def add_composer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=LAYOUTS, default="mixed")
     parser.add_argument("--augment-strength", type=float, default=1.0, help="0 turns per-digit augmentation off")
     parser.add_argument("--min-center-gap", type=int, default=12, help="scatter: least horizontal distance between digit centres")
+    parser.add_argument("--digit-height", type=int, nargs=2, metavar=("MIN", "MAX"), default=list(DIGIT_HEIGHT_RANGE),
+                        help="range of digit ink heights in pixels, both layouts (default: %(default)s)")
 
 
 def composer_settings(args: argparse.Namespace) -> dict:
     return dict(canvas_size=args.canvas_size, min_digits=args.min_digits, max_digits=args.max_digits, layout=args.layout,
-                augment_strength=args.augment_strength, min_center_gap=args.min_center_gap)
+                augment_strength=args.augment_strength, min_center_gap=args.min_center_gap, digit_height=args.digit_height)
 
 
 def main(argv: list[str] | None = None) -> int:

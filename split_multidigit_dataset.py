@@ -10,7 +10,13 @@ Writes data_dir/splits.json (the digit pools and every setting) and data_dir/val
 data_dir/test/ dataset folders (see multidigit_generator.write_dataset). Splitting comes
 before generating because composites cannot be split afterwards without sharing digits.
 
+With --stress it writes instead the stress sets, data_dir/stress/<name>/: held-out composites
+unlike the training ones (thinner or thicker strokes, digits outside the trained height range,
+digits against the edges, stretched digits, scanner artefacts; see STRESS_SETS). They use
+MNIST test digits only, so they need no splits.json.
+
     uv run python split_multidigit_dataset.py --data-dir data
+    uv run python split_multidigit_dataset.py --data-dir data --stress
 """
 
 from __future__ import annotations
@@ -34,6 +40,23 @@ from multidigit_generator import (
 )
 
 SPLITS_FILE = "splits.json"
+STRESS_DIR = "stress"
+STRESS_SEED_OFFSET = 3  # val is composed with seed + 1 and test with seed + 2
+# name: (composer settings over the base ones, what the stress is). Training composes digits 18-28 px
+# high, changes strokes by at most a pixel (thinner ones faded) and keeps rows level, a pixel
+# clear of the edges.
+STRESS_SETS: dict[str, tuple[dict, str]] = {
+    "thin": (dict(stroke_width_change=-1),
+             "every stroke 1 px thinner, as bright as the digit's ink (a 2 px erosion wipes out most MNIST strokes)"),
+    "thick": (dict(stroke_width_change=2), "every stroke 2 px thicker"),
+    **{f"height_{h}": (dict(digit_height=(h, h)), f"every digit {h} px high") for h in (14, 18, 28, 32)},
+    "anywhere": (dict(hug_borders=True, row_tilt=10.0),
+                 "digits against the canvas edges and in its corners; rows at any height, touching any edge, "
+                 "tilted by up to 10 degrees"),
+    "stretched": (dict(aspect_stretch=(0.75, 1.3)), "every digit's width times 0.75-1.3, other proportions than MNIST's writers"),
+    "scanner": (dict(scan_degradation=True),
+                "Gaussian blur, ink 120-255 on a background of 0-60 (at least 100 apart), noise, JPEG at quality 30-70"),
+}
 
 
 def split_digit_pools(num_train_digits: int, val_fraction: float, seed: int) -> dict[str, list[int]]:
@@ -82,6 +105,38 @@ def prepare_splits(
     return record
 
 
+def prepare_stress_sets(
+    data_dir: str | Path,
+    *,
+    mnist_root: str | Path,
+    images_per_set: int = 2000,
+    seed: int = 0,
+    composer: dict | None = None,
+) -> dict[str, Path]:
+    """Write data_dir/stress/<name>/ for every entry of STRESS_SETS and return the folders.
+
+    Only MNIST test digits are used. Every set is composed with seed + STRESS_SEED_OFFSET, unlike
+    val's and test's draws; so image i holds the same digits in the same layout in every set, and
+    the sets differ only by their stress. composer holds the base settings the stresses change."""
+    if images_per_set < 1:
+        raise ValueError(f"need at least one image per stress set, got {images_per_set}")
+    settings = {name: {**(composer or {}), **stress} for name, (stress, _) in STRESS_SETS.items()}
+    for name, stressed in settings.items():
+        try:
+            check_composer_settings(**stressed)
+        except ValueError as error:
+            raise ValueError(f"stress set {name}: {error}") from error
+    images, labels = load_mnist(mnist_root, train=False)
+    folders = {}
+    for name, (_, description) in STRESS_SETS.items():
+        stressed = MultiDigitComposer(images, labels, **settings[name])
+        composites = generate(stressed, images_per_set, seed + STRESS_SEED_OFFSET)
+        metadata = dict(stressed.settings(), seed=seed + STRESS_SEED_OFFSET, mnist_split="test", stress=name,
+                        stress_description=description)
+        folders[name] = write_dataset(Path(data_dir) / STRESS_DIR / name, composites, metadata)
+    return folders
+
+
 def load_splits(data_dir: str | Path) -> dict:
     path = Path(data_dir) / SPLITS_FILE
     if not path.is_file():
@@ -96,8 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of MNIST training digits kept for validation")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stress", action="store_true",
+                        help=f"write only the stress sets, to DATA_DIR/{STRESS_DIR}/<name>/ (MNIST test digits; no splitting)")
+    parser.add_argument("--stress-images", type=int, default=2000, help="images per stress set")
     add_composer_arguments(parser)
     args = parser.parse_args(argv)
+    if args.stress:
+        try:
+            folders = prepare_stress_sets(args.data_dir, mnist_root=args.mnist_root, images_per_set=args.stress_images,
+                                          seed=args.seed, composer=composer_settings(args))
+        except (ValueError, OSError, MnistUnavailableError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        for name, folder in folders.items():
+            print(f"wrote {folder} ({args.stress_images} images): {STRESS_SETS[name][1]}")
+        return 0
     try:
         record = prepare_splits(args.data_dir, mnist_root=args.mnist_root, val_images=args.val_images,
                                 test_images=args.test_images, val_fraction=args.val_fraction, seed=args.seed,

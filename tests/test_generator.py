@@ -1,3 +1,4 @@
+import json
 from collections import Counter
 
 import numpy as np
@@ -6,13 +7,20 @@ from PIL import Image
 
 from conftest import run_script
 from multidigit_generator import (
-    DIGIT_SIZE,
+    DIGIT_SPACING,
+    MIN_DIGIT_WIDTH,
     MNIST_FILES,
     MnistUnavailableError,
     MultiDigitComposer,
+    augment_digit,
+    compose_row,
+    compose_scatter,
+    degrade_like_a_scan,
     generate,
     load_mnist,
     read_dataset,
+    row_capacity,
+    scatter_capacity,
 )
 
 
@@ -26,34 +34,59 @@ def centre_x(box):
     return (box[0] + box[2]) / 2
 
 
-def test_labels_are_the_mnist_labels_of_the_digits_drawn_in_reading_order(composites, mnist_test):
+def height(box):
+    return box[3] - box[1]
+
+
+def apart(a, b, space=DIGIT_SPACING):
+    """Boxes a and b neither overlap nor come closer than space pixels."""
+    return a[2] + space <= b[0] or b[2] + space <= a[0] or a[3] + space <= b[1] or b[3] + space <= a[1]
+
+
+def check_labels_and_boxes(c, labels, *, scanned=False):
+    """What every composite promises: the label is its digits' labels in reading order, one box per
+    digit, listed left to right, each holding ink, all ink inside them (unless scanned, which
+    greys the background), scatter boxes apart."""
+    assert c.label == "".join(str(labels[i]) for i in c.sources)
+    assert len(c.boxes) == len(c.label)
+    xs = [centre_x(b) for b in c.boxes]
+    assert xs == sorted(xs), "boxes must be listed left to right"
+    outside = np.ones_like(c.image, dtype=bool)
+    for x0, y0, x1, y1 in c.boxes:
+        assert 0 <= x0 < x1 <= c.image.shape[1] and 0 <= y0 < y1 <= c.image.shape[0]
+        ink = np.median(c.image) + 40 if scanned else 100
+        assert c.image[y0:y1, x0:x1].max() > ink, f"empty box in {c.layout} image {c.label}"
+        outside[y0:y1, x0:x1] = False
+    if not scanned:
+        assert c.image[outside].max(initial=0) == 0
+    if c.layout == "scatter":
+        for i, a in enumerate(c.boxes):
+            for b in c.boxes[i + 1 :]:
+                assert apart(a, b), f"boxes {a} and {b} overlap or touch"
+                assert centre_x(b) - centre_x(a) >= 12
+
+
+def test_labels_boxes_and_ink_agree_in_reading_order(composites, mnist_test):
     _, labels = mnist_test
     for c in composites:
-        assert c.label == "".join(str(labels[i]) for i in c.sources)
-        assert len(c.boxes) == len(c.label)
-        xs = [centre_x(b) for b in c.boxes]
-        assert xs == sorted(xs), "boxes must be listed left to right"
+        check_labels_and_boxes(c, labels)
 
 
-def test_ink_lies_only_inside_the_digit_boxes_and_every_box_has_ink(composites):
-    for c in composites:
-        outside = np.ones_like(c.image, dtype=bool)
-        for x0, y0, x1, y1 in c.boxes:
-            assert 0 <= x0 < x1 <= c.image.shape[1] and 0 <= y0 < y1 <= c.image.shape[0]
-            assert c.image[y0:y1, x0:x1].max() > 100, f"empty box in {c.layout} image {c.label}"
-            outside[y0:y1, x0:x1] = False
-        assert c.image[outside].max(initial=0) == 0
-
-
-def test_scatter_digits_never_overlap_and_centres_keep_their_gap(composites):
+def test_scatter_digits_span_the_height_range_and_keep_their_gaps(composites):
     scatter = [c for c in composites if c.layout == "scatter"]
     assert len(scatter) > 200
-    for c in scatter:
-        for i, a in enumerate(c.boxes):
-            assert a[2] - a[0] == a[3] - a[1] == DIGIT_SIZE
-            for b in c.boxes[i + 1 :]:
-                assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], "boxes overlap"
-                assert centre_x(b) - centre_x(a) >= 12
+    boxes = [b for c in scatter for b in c.boxes]
+    heights = Counter(height(b) for b in boxes)
+    assert set(heights) == set(range(18, 29)), "every ink height from 18 to 28 px, none outside"
+    assert min(heights.values()) > len(boxes) / 11 / 3, f"heights are drawn uniformly: {sorted(heights.items())}"
+    assert all(MIN_DIGIT_WIDTH <= x1 - x0 <= 28 for x0, _, x1, _ in boxes)
+
+
+def test_scatter_places_digits_anywhere_on_the_canvas(composites):
+    """Not a 28x28 grid of MNIST boxes: ink boxes reach the edges and start at every offset."""
+    boxes = [b for c in composites if c.layout == "scatter" for b in c.boxes]
+    assert {b[0] for b in boxes} >= set(range(0, 60)) and {b[1] for b in boxes} >= set(range(0, 60))
+    assert any(b[0] == 0 for b in boxes) and any(b[2] == 96 for b in boxes) and any(b[3] == 96 for b in boxes)
 
 
 def test_row_digits_are_handwriting_sized_and_left_to_right(composites):
@@ -62,7 +95,8 @@ def test_row_digits_are_handwriting_sized_and_left_to_right(composites):
     for c in rows:
         for a, b in zip(c.boxes, c.boxes[1:]):
             assert a[2] < b[0], "row digits are separated by a gap"
-        assert all(15 <= y1 - y0 <= 31 for _, y0, _, y1 in c.boxes)
+        assert all(18 <= height(b) <= 28 for b in c.boxes)
+        assert min(b[1] for b in c.boxes) >= 1 and max(b[3] for b in c.boxes) <= 95, "rows keep a pixel clear of the edges"
 
 
 def test_lengths_follow_the_requested_range_uniformly(composites, mnist_test):
@@ -83,18 +117,62 @@ def test_same_seed_same_bytes(mnist_test):
     assert any(a.image.tobytes() != b.image.tobytes() for a, b in zip(first, other))
 
 
-def test_crowded_scatter_still_places_every_digit(mnist_test):
+@pytest.mark.parametrize("settings", [dict(min_digits=5, max_digits=5), dict(min_digits=4, max_digits=4, digit_height=(32, 32))])
+def test_crowded_scatter_still_places_every_digit(mnist_test, settings):
     images, labels = mnist_test
-    five = generate(MultiDigitComposer(images, labels, min_digits=5, max_digits=5, layout="scatter"), 30, seed=0, progress=False)
-    assert all(len(c.label) == len(c.boxes) == 5 for c in five)
+    crowded = generate(MultiDigitComposer(images, labels, layout="scatter", **settings), 30, seed=0, progress=False)
+    assert all(len(c.label) == len(c.boxes) == settings["max_digits"] for c in crowded)
+    for c in crowded:
+        check_labels_and_boxes(c, labels)
+
+
+@pytest.mark.parametrize("canvas_size", [48, 64, 96, 128])
+@pytest.mark.parametrize("min_center_gap", [1, 12, 20, 33])
+@pytest.mark.parametrize("digit_height", [(6, 10), (14, 20), (18, 28), (32, 32), (30, 40)])
+def test_scatter_capacity_is_honest(canvas_size, min_center_gap, digit_height):
+    """The fallback (forced by max_tries=0) places as many digits as scatter_capacity promises,
+    whatever their proportions, apart and with their centres min_center_gap apart."""
+    n = scatter_capacity(canvas_size, min_center_gap, digit_height[1])
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        crops = [np.full((int(rng.integers(5, 40)), int(rng.integers(1, 60))), 255, np.uint8) for _ in range(n)]
+        canvas, boxes, order = compose_scatter(crops, rng, canvas_size, min_center_gap, digit_height, max_tries=0)
+        assert len(boxes) == n and sorted(order) == list(range(n))
+        for i, a in enumerate(boxes):
+            assert 0 <= a[0] < a[2] <= canvas_size and 0 <= a[1] < a[3] <= canvas_size
+            assert digit_height[0] <= height(a) <= digit_height[1]
+            for b in boxes[i + 1 :]:
+                assert apart(a, b) and centre_x(b) - centre_x(a) >= min_center_gap
+
+
+@pytest.mark.parametrize("canvas_size", [48, 96])
+@pytest.mark.parametrize("digit_height", [(18, 28), (32, 32)])
+@pytest.mark.parametrize("tilt", [0.0, 20.0])
+def test_row_capacity_is_honest(canvas_size, digit_height, tilt):
+    """row_capacity wide digits fit in a row, tilted or not, however the heights and tilt fall."""
+    n = row_capacity(canvas_size, digit_height[1], tilted=tilt > 0)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        canvas, boxes = compose_row([np.full((20, 30), 255, np.uint8)] * n, rng, canvas_size, digit_height, tilt=tilt)
+        assert len(boxes) == n
+        assert all(0 <= x0 < x1 <= canvas_size and 0 <= y0 < y1 <= canvas_size for x0, y0, x1, y1 in boxes)
+        assert [centre_x(b) for b in boxes] == sorted(centre_x(b) for b in boxes)
 
 
 @pytest.mark.parametrize("settings, message", [
     (dict(max_digits=9, layout="scatter"), "do not fit"),
     (dict(max_digits=20), "do not fit"),
+    (dict(max_digits=5, digit_height=(32, 32)), "do not fit"),
     (dict(min_digits=3, max_digits=2), "min_digits"),
     (dict(layout="spiral"), "layout"),
     (dict(canvas_size=20), "canvas_size"),
+    (dict(digit_height=(28, 18)), "digit_height"),
+    (dict(digit_height=(4, 18)), "digit_height"),
+    (dict(digit_height=(18, 90)), "digit_height"),
+    (dict(digit_height=(18,)), "digit_height"),
+    (dict(stroke_width_change=5), "stroke_width_change"),
+    (dict(aspect_stretch=(1.3, 0.75)), "aspect_stretch"),
+    (dict(row_tilt=30), "row_tilt"),
 ])
 def test_invalid_settings_fail_with_a_clear_message(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -109,13 +187,28 @@ def test_cli_rejects_impossible_arguments_before_loading_mnist(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "no-mnist-here").exists()
 
 
+def test_settings_rebuild_the_composer_from_json(mnist_test):
+    images, labels = mnist_test
+    composer = MultiDigitComposer(images, labels, digit_height=(20, 24), stroke_width_change=2, aspect_stretch=(0.8, 1.2),
+                                  hug_borders=True, row_tilt=5.0, scan_degradation=True)
+    settings = json.loads(json.dumps(composer.settings()))
+    assert settings == composer.settings() and settings["digit_height"] == [20, 24]
+    rebuilt = MultiDigitComposer(images, labels, **settings)
+    assert rebuilt.settings() == settings
+    rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
+    assert composer.compose(rng_a).image.tobytes() == rebuilt.compose(rng_b).image.tobytes()
+
+
 def test_cli_writes_a_dataset_folder(tmp_path, mnist_root):
     out = tmp_path / "set"
     run_script("multidigit_generator.py", "--out", str(out), "--split", "test", "--num-images", "40",
-               "--seed", "3", "--mnist-root", str(mnist_root))
+               "--seed", "3", "--digit-height", "20", "24", "--mnist-root", str(mnist_root))
     images, records, metadata = read_dataset(out)
     assert images.shape == (40, 96, 96) and images.dtype == np.uint8
     assert metadata["num_images"] == 40 and metadata["seed"] == 3 and metadata["mnist_split"] == "test"
+    assert metadata["digit_height"] == [20, 24] and metadata["stroke_width_change"] is None
+    heights = {height(b) for r in records for b in r["boxes"]}
+    assert heights <= set(range(20, 25)) and len(heights) > 2
     assert sum(metadata["per_length"].values()) == 40
     assert metadata["per_length"] == {str(k): v for k, v in sorted(Counter(len(r["label"]) for r in records).items())}
     with Image.open(out / "preview.png") as preview:
@@ -140,3 +233,103 @@ def test_mnist_loads_offline_from_raw_files(mnist_root):
     images, labels = load_mnist(mnist_root, train=False)
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert sorted(set(labels.tolist())) == list(range(10))
+
+
+# ---- stress options: each changes what it says, and labels and boxes stay right
+
+STRESS_OPTIONS = {
+    "thin": dict(stroke_width_change=-1),
+    "thick": dict(stroke_width_change=2),
+    "height_14": dict(digit_height=(14, 14)),
+    "height_32": dict(digit_height=(32, 32)),
+    "anywhere": dict(hug_borders=True, row_tilt=10.0),
+    "stretched": dict(aspect_stretch=(0.75, 1.3)),
+    "scanner": dict(scan_degradation=True),
+}
+
+
+def stressed(mnist_test, count=150, seed=0, **settings):
+    images, labels = mnist_test
+    return generate(MultiDigitComposer(images, labels, min_digits=1, **settings), count, seed=seed, progress=False)
+
+
+@pytest.mark.parametrize("name", STRESS_OPTIONS)
+def test_stressed_composites_keep_labels_and_boxes_right(mnist_test, name):
+    _, labels = mnist_test
+    composites = stressed(mnist_test, **STRESS_OPTIONS[name])
+    assert {c.layout for c in composites} == {"scatter", "row"}
+    for c in composites:
+        assert c.image.dtype == np.uint8 and c.image.shape == (96, 96)
+        check_labels_and_boxes(c, labels, scanned=name == "scanner")
+
+
+def ink_share(composites):
+    """Share of the digit boxes' pixels that are ink, over all digits."""
+    ink = sum((c.image[y0:y1, x0:x1] > 128).sum() for c in composites for x0, y0, x1, y1 in c.boxes)
+    return ink / sum((x1 - x0) * (y1 - y0) for c in composites for x0, y0, x1, y1 in c.boxes)
+
+
+def test_stroke_width_change_thins_and_thickens_every_digit(mnist_test):
+    images, _ = mnist_test
+    for digit in images[:50]:
+        plain, thin, thick = (augment_digit(digit, np.random.default_rng(0), stroke=k) for k in (0, -1, 2))
+        assert (thin > 128).sum() < (plain > 128).sum() < (thick > 128).sum()
+        assert thin.max() == plain.max() and (thin > 128).sum() > 0.1 * (plain > 128).sum(), "thin strokes must not fade"
+    shares = {k: ink_share(stressed(mnist_test, stroke_width_change=k)) for k in (-1, 0, 2)}
+    assert shares[-1] < 0.8 * shares[0] and shares[2] > 1.3 * shares[0], shares
+
+
+@pytest.mark.parametrize("h", [14, 32])
+def test_fixed_digit_height_makes_every_box_that_high(mnist_test, h):
+    composites = stressed(mnist_test, digit_height=(h, h))
+    assert {height(b) for c in composites for b in c.boxes} == {h}
+
+
+def test_anywhere_puts_digits_against_the_edges_and_tilts_rows(mnist_test):
+    anywhere, plain = (stressed(mnist_test, count=300, **settings) for settings in (STRESS_OPTIONS["anywhere"], {}))
+
+    def touching(c):
+        return sum(b[0] == 0 or b[1] == 0 or b[2] == 96 or b[3] == 96 for b in c.boxes)
+
+    scatter = [c for c in anywhere if c.layout == "scatter"]
+    assert sum(touching(c) for c in scatter) > 0.5 * sum(len(c.boxes) for c in scatter)
+    assert any(c.image[:4, :4].max() > 0 for c in scatter) and any(c.image[-4:, -4:].max() > 0 for c in scatter), "corners"
+    rows = [c for c in anywhere if c.layout == "row"]
+    assert any(min(b[1] for b in c.boxes) == 0 for c in rows) and any(max(b[3] for b in c.boxes) == 96 for c in rows)
+    assert sum(touching(c) > 0 for c in rows) > 0.5 * len(rows)
+
+    def slope(c):  # of the line through the row's digit centres
+        xs, ys = [centre_x(b) for b in c.boxes], [(b[1] + b[3]) / 2 for b in c.boxes]
+        return abs(np.polyfit(xs, ys, 1)[0])
+
+    tilted, level = ([slope(c) for c in cs if c.layout == "row" and len(c.boxes) >= 3] for cs in (anywhere, plain))
+    assert np.mean(tilted) > 2 * np.mean(level) and max(tilted) > 0.12, (np.mean(tilted), np.mean(level))
+
+
+def test_aspect_stretch_widens_and_narrows_digits(mnist_test):
+    def median_aspect(factor):
+        composites = stressed(mnist_test, aspect_stretch=(factor, factor))
+        return np.median([(b[2] - b[0]) / height(b) for c in composites for b in c.boxes])
+
+    assert 1.4 < median_aspect(1.3) / median_aspect(0.75) < 1.9
+
+
+def test_scan_degradation_blurs_dims_and_greys_the_background(mnist_test):
+    scanned, plain = (stressed(mnist_test, count=60, seed=4, **settings) for settings in (STRESS_OPTIONS["scanner"], {}))
+    for s, p in zip(scanned, plain):
+        assert s.label == p.label and s.boxes == p.boxes  # the same digits in the same places: degrading comes last
+        background = np.ones_like(s.image, dtype=bool)
+        for x0, y0, x1, y1 in s.boxes:
+            background[max(0, y0 - 4) : y1 + 4, max(0, x0 - 4) : x1 + 4] = False
+        ink = np.percentile(np.concatenate([s.image[y0:y1, x0:x1].ravel() for x0, y0, x1, y1 in s.boxes]), 99)
+        assert np.median(s.image[background]) <= 70 and ink >= np.median(s.image[background]) + 60
+        assert ink <= 255 and np.mean(s.image[background] > 0) > 0.5, "a noisy, not black, background"
+
+
+def test_scan_degradation_blurs_edges():
+    square = np.zeros((96, 96), np.uint8)
+    square[28:68, 28:68] = 255
+    for seed in range(10):
+        scan = degrade_like_a_scan(square, np.random.default_rng(seed)).astype(float)
+        background, inside, just_outside = scan[:, :16].mean(), scan[36:60, 36:60].mean(), scan[36:60, 27].mean()
+        assert just_outside - background > 0.05 * (inside - background), "ink bleeds past the edge"

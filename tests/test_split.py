@@ -4,7 +4,7 @@ import pytest
 
 from conftest import run_script
 from multidigit_generator import read_dataset
-from split_multidigit_dataset import load_splits, split_digit_pools
+from split_multidigit_dataset import STRESS_SETS, load_splits, main, prepare_stress_sets, split_digit_pools
 
 
 def test_digit_pools_are_disjoint_cover_everything_and_follow_the_seed():
@@ -47,3 +47,50 @@ def test_split_cli_refuses_bad_arguments(tmp_path):
                         "--mnist-root", str(tmp_path), check=False)
     assert result.returncode == 2 and "val_fraction" in result.stderr
     assert not (tmp_path / "d").exists()
+
+
+@pytest.fixture(scope="module")
+def stress_dir(tmp_path_factory, mnist_root):
+    data_dir = tmp_path_factory.mktemp("stress")
+    prepare_stress_sets(data_dir, mnist_root=mnist_root, images_per_set=12, seed=5)
+    return data_dir
+
+
+def test_stress_sets_are_written_from_mnist_test_digits_only(stress_dir, mnist_test):
+    _, test_labels = mnist_test
+    assert sorted(p.name for p in (stress_dir / "stress").iterdir()) == sorted(STRESS_SETS)
+    assert not (stress_dir / "splits.json").exists(), "stress sets need no splits"
+    digits_per_image = None
+    for name, (stress, description) in STRESS_SETS.items():
+        images, records, metadata = read_dataset(stress_dir / "stress" / name)
+        assert images.shape == (12, 96, 96) and metadata["num_images"] == 12
+        assert metadata["stress"] == name and metadata["stress_description"] == description
+        assert metadata["mnist_split"] == "test" and metadata["seed"] == 5 + 3, "a seed unlike val's (+1) and test's (+2)"
+        assert all(metadata[key] == (list(value) if isinstance(value, tuple) else value) for key, value in stress.items())
+        assert (stress_dir / "stress" / name / "preview.png").is_file()
+        for r in records:
+            assert all(0 <= i < len(test_labels) for i in r["sources"])
+            assert r["label"] == "".join(str(test_labels[i]) for i in r["sources"])
+            if "digit_height" in stress:
+                assert all(y1 - y0 == stress["digit_height"][0] for _, y0, _, y1 in r["boxes"])
+        # Image i holds the same digits in every set, so sets differ only by their stress.
+        digits = [sorted(r["sources"]) for r in records]
+        assert digits_per_image in (None, digits)
+        digits_per_image = digits
+    assert {len(d) for d in digits_per_image} - {0}, "some images hold digits"
+
+
+def test_stress_cli_writes_only_the_stress_sets(tmp_path, mnist_root, capsys):
+    assert main(["--data-dir", str(tmp_path), "--mnist-root", str(mnist_root), "--stress", "--stress-images", "3"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"stress/{name} (3 images)" in out for name in STRESS_SETS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stress"]
+    images, _, metadata = read_dataset(tmp_path / "stress" / "height_14")
+    assert images.shape == (3, 96, 96) and metadata["digit_height"] == [14, 14] and metadata["seed"] == 3
+
+
+def test_stress_cli_refuses_bad_arguments_before_work(tmp_path, capsys):
+    for args, message in ((["--stress-images", "0"], "at least one image"), (["--max-digits", "5"], "stress set height_32")):
+        assert main(["--data-dir", str(tmp_path / "d"), "--stress", *args, "--mnist-root", str(tmp_path / "no-mnist-here")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "no-mnist-here").exists()
