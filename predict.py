@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from model import DigitSequenceTransformer, ModelConfig, uint8_to_input
 
-DEFAULT_CHECKPOINT = Path("checkpoints/best.pt")
+DEFAULT_CHECKPOINT = Path("checkpoints/digit_transformer.pt")  # the shipped model (see the README's model card)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 BLANK_INK_LEVEL = 48  # a canvas whose brightest pixel is dimmer than this has no ink
@@ -39,7 +39,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> DigitSeq
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: train one with `uv run python train_encoder_decoder.py` "
-                              "(it writes checkpoints/best.pt) or pass --checkpoint PATH")
+                              "(it writes runs/default/model.pt) or pass --checkpoint PATH")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
         model = DigitSequenceTransformer(ModelConfig(**checkpoint["config"]))

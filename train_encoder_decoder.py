@@ -1,12 +1,14 @@
 """Train the digit-sequence Transformer on fresh MNIST composites.
 
     uv run python train_encoder_decoder.py                         # the default run
-    uv run python train_encoder_decoder.py --resume checkpoints/last.pt
+    uv run python train_encoder_decoder.py --resume runs/default/last.pt
 
 Reads top to bottom: arguments, data (the digit pools and the val/test sets are made on the
 first run), model and optimiser, wandb, the training loop (fresh composites every epoch,
 warm-up + cosine learning rate, validation with greedy decoding after each epoch, `last.pt`
-and `best.pt` checkpoints), then a final test-set evaluation written to test_metrics.json.
+and `best.pt` checkpoints), then a final test-set evaluation written to test_metrics.json and
+`model.pt`: the best weights with their config and test metrics, without optimiser state,
+ready to ship as checkpoints/digit_transformer.pt.
 Ctrl-C stops after the current step and saves last.pt; --resume continues exactly.
 """
 
@@ -20,7 +22,6 @@ import os
 import signal
 import sys
 import time
-from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,7 +31,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from model import PAD, DigitSequenceTransformer, ModelConfig, configure_optimizer, encode_labels, uint8_to_input
+from evaluate import SequenceAccuracy
+from model import (
+    PAD,
+    STEMS,
+    DigitSequenceTransformer,
+    ModelConfig,
+    configure_optimizer,
+    encode_labels,
+    order_free_loss,
+    uint8_to_input,
+)
 from multidigit_generator import (
     FreshComposites,
     MnistUnavailableError,
@@ -57,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--num-workers", type=int, default=1, help="processes composing training images")
     model = p.add_argument_group("model")
     model.add_argument("--patch-size", type=int, default=12)
+    model.add_argument("--stem", choices=STEMS, default="conv", help="how patches become vectors: a small CNN or a linear projection")
     model.add_argument("--d-model", type=int, default=128)
     model.add_argument("--n-heads", type=int, default=4)
     model.add_argument("--encoder-layers", type=int, default=4)
@@ -64,18 +76,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--ff-mult", type=int, default=4)
     model.add_argument("--dropout", type=float, default=0.0, help="fresh data every epoch already prevents memorising")
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=15)
+    optim.add_argument("--epochs", type=int, default=20)
     optim.add_argument("--batch-size", type=int, default=128)
     optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     optim.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decays to lr * this")
     optim.add_argument("--warmup-steps", type=int, default=100)
     optim.add_argument("--weight-decay", type=float, default=0.05)
     optim.add_argument("--label-smoothing", type=float, default=0.0)
+    optim.add_argument("--order-free", action="store_true",
+                       help="score each image against its best ordering of the digits (loss minimised over the "
+                            "permutations of the label); the best checkpoint is then picked by order-free accuracy")
     optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     optim.add_argument("--max-steps", type=int, default=0, help="stop (and save last.pt) after this many steps; 0: run all epochs")
     run = p.add_argument_group("run")
-    run.add_argument("--out-dir", help="last.pt, best.pt and test_metrics.json go here "
-                     "(default: checkpoints, or the resumed run's folder)")
+    run.add_argument("--out-dir", help="last.pt, best.pt, test_metrics.json and model.pt go here "
+                     "(default: runs/default, or the resumed run's folder)")
     run.add_argument("--resume", help="continue from this checkpoint (normally OUT_DIR/last.pt)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
@@ -127,23 +142,6 @@ def learning_rate(step: int, *, total_steps: int, warmup_steps: int, lr: float, 
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class SequenceAccuracy:
-    """Whole-sequence exact match of decoded strings, overall, per layout and per length."""
-
-    def __init__(self) -> None:
-        self.correct: dict[str, int] = defaultdict(int)
-        self.total: dict[str, int] = defaultdict(int)
-
-    def update(self, predictions: list[str], labels: list[str], layouts: list[str]) -> None:
-        for prediction, label, layout in zip(predictions, labels, layouts):
-            for key in ("all", layout, f"len{len(label)}"):
-                self.correct[key] += prediction == label
-                self.total[key] += 1
-
-    def compute(self) -> dict[str, float]:
-        return {key: self.correct[key] / self.total[key] for key in sorted(self.total)}
-
-
 @torch.no_grad()
 def evaluate(model: DigitSequenceTransformer, loader: DataLoader, device: torch.device, desc: str) -> tuple[dict, list]:
     """Teacher-forced loss and token accuracy, and greedy-decoded sequence accuracy."""
@@ -163,14 +161,16 @@ def evaluate(model: DigitSequenceTransformer, loader: DataLoader, device: torch.
         accuracy.update(predictions, list(labels), list(layouts))
         if len(samples) < 24:
             samples += list(zip(images[: 24 - len(samples)], labels, predictions))
-    sequence = accuracy.compute()
+    sequence, order_free = accuracy.compute(), accuracy.compute(order_free=True)
     metrics = {"loss": loss_sum / token_total, "token_accuracy": token_correct / token_total,
-               "sequence_accuracy": sequence.pop("all"), **{f"sequence_accuracy_{k}": v for k, v in sequence.items()}}
+               "sequence_accuracy": sequence.pop("all"), **{f"sequence_accuracy_{k}": v for k, v in sequence.items()},
+               "order_free_accuracy": order_free.pop("all"), **{f"order_free_accuracy_{k}": v for k, v in order_free.items()}}
     return metrics, samples
 
 
 def format_metrics(name: str, metrics: dict) -> str:
-    parts = [f"{name}: sequence accuracy {metrics['sequence_accuracy']:.2%} (token {metrics['token_accuracy']:.2%})"]
+    parts = [f"{name}: sequence accuracy {metrics['sequence_accuracy']:.2%} "
+             f"(order-free {metrics['order_free_accuracy']:.2%}, token {metrics['token_accuracy']:.2%})"]
     parts += [f"{k.removeprefix('sequence_accuracy_')} {v:.2%}" for k, v in metrics.items() if k.startswith("sequence_accuracy_")]
     return " | ".join(parts)
 
@@ -194,7 +194,7 @@ def train(args: argparse.Namespace) -> dict:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
         overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES}
         args = argparse.Namespace(**{**checkpoint["args"], **overrides, "out_dir": args.out_dir or checkpoint["args"]["out_dir"]})
-    args.out_dir = args.out_dir or "checkpoints"
+    args.out_dir = args.out_dir or "runs/default"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
@@ -220,7 +220,7 @@ def train(args: argparse.Namespace) -> dict:
     total_steps = args.epochs * steps_per_epoch
 
     # ---- model and optimiser
-    config = ModelConfig(image_size=canvas_size, patch_size=args.patch_size, d_model=args.d_model, n_heads=args.n_heads,
+    config = ModelConfig(image_size=canvas_size, patch_size=args.patch_size, stem=args.stem, d_model=args.d_model, n_heads=args.n_heads,
                          encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers, ff_mult=args.ff_mult,
                          dropout=args.dropout, max_digits=args.max_digits)
     model = DigitSequenceTransformer(config).to(device)
@@ -262,6 +262,8 @@ def train(args: argparse.Namespace) -> dict:
                 "rng_state": torch.get_rng_state(), "wandb_id": run.id}
 
     # ---- training loop
+    # An order-free model may read the digits in any order, so exact match would misjudge it.
+    selection_metric = "order_free_accuracy" if args.order_free else "sequence_accuracy"
     started = time.time()
     while step < total_steps:
         epoch, first_batch = divmod(step, steps_per_epoch)
@@ -277,10 +279,14 @@ def train(args: argparse.Namespace) -> dict:
                                min_lr_ratio=args.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            inputs, targets = (t.to(device) for t in encode_labels(list(labels), args.max_digits))
-            logits = model(uint8_to_input(images.to(device)), inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD,
-                                   label_smoothing=args.label_smoothing)
+            if args.order_free:
+                memory = model.encode(uint8_to_input(images.to(device)))
+                loss = order_free_loss(model, memory, list(labels), label_smoothing=args.label_smoothing)
+            else:
+                inputs, targets = (t.to(device) for t in encode_labels(list(labels), args.max_digits))
+                logits = model(uint8_to_input(images.to(device)), inputs)
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD,
+                                       label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:
@@ -304,8 +310,8 @@ def train(args: argparse.Namespace) -> dict:
         for image, label, prediction in samples:
             table.add_data(wandb.Image(image.numpy()), label, prediction, label == prediction)
         run.log({**{f"val/{k}": v for k, v in metrics.items()}, "val/samples": table, "epoch": epoch + 1}, step=step)
-        if metrics["sequence_accuracy"] > best_accuracy:
-            best_accuracy = metrics["sequence_accuracy"]
+        if metrics[selection_metric] > best_accuracy:
+            best_accuracy = metrics[selection_metric]
             save_checkpoint(out_dir / "best.pt", state())
         save_checkpoint(out_dir / "last.pt", state())
         if stop_requested_at is not None:
@@ -318,12 +324,15 @@ def train(args: argparse.Namespace) -> dict:
     best = torch.load(out_dir / "best.pt", map_location=device, weights_only=True)
     model.load_state_dict(best["model"])
     test_metrics, _ = evaluate(model, eval_loader(test_set), device, desc="testing")
-    result = {"test": test_metrics, "val_best_sequence_accuracy": best_accuracy, "best_epoch": best["epoch"],
+    result = {"test": test_metrics, f"val_best_{selection_metric}": best_accuracy, "best_epoch": best["epoch"],
               "train_wall_seconds": wall, "train_images_per_second": total_steps * args.batch_size / wall,
               "parameters": model.num_parameters(), "device": str(device), "args": vars(args)}
     (out_dir / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_checkpoint(out_dir / "model.pt", {key: best[key] for key in ("config", "model", "args", "step", "epoch")}
+                    | {"test_metrics": test_metrics})
     print(format_metrics("test", test_metrics))
-    print(f"wrote {out_dir / 'best.pt'}, {out_dir / 'last.pt'} and {out_dir / 'test_metrics.json'}")
+    print(f"wrote {out_dir / 'best.pt'}, {out_dir / 'last.pt'}, {out_dir / 'test_metrics.json'} and {out_dir / 'model.pt'} "
+          "(weights and config only: predict.py --checkpoint, or copy it to checkpoints/digit_transformer.pt to ship it)")
     run.summary.update({f"test/{k}": v for k, v in test_metrics.items()})
     run.finish()
     return result

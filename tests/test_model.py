@@ -113,3 +113,38 @@ def test_optimizer_decays_matrices_only(model):
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("stem, patch_size", [("conv", 8), ("conv", 12), ("conv", 16), ("linear", 12)])
+def test_both_stems_make_one_vector_per_patch(stem, patch_size):
+    config = ModelConfig(image_size=96, patch_size=patch_size, stem=stem, d_model=32, n_heads=2, encoder_layers=1,
+                         decoder_layers=1, ff_mult=2)
+    memory = DigitSequenceTransformer(config).eval().encode(torch.rand(2, 1, 96, 96))
+    assert memory.shape == (2, (96 // patch_size) ** 2, 32)
+
+
+@pytest.mark.parametrize("settings, message", [(dict(stem="resnet"), "stem"), (dict(stem="conv", patch_size=6, image_size=48), "multiple of 4")])
+def test_config_rejects_impossible_stems(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**settings)
+
+
+def test_order_free_loss_takes_the_cheapest_ordering_of_each_label(model):
+    from model import order_free_loss, sequence_losses
+
+    images = torch.rand(3, 1, 48, 48)  # the model is in eval mode: no dropout, so every decode is comparable
+    labels = ["12", "7", "335"]
+    memory = model.encode(images)
+    loss = order_free_loss(model, memory, labels)
+
+    def fixed_order(orders: list[str]) -> torch.Tensor:
+        inputs, targets = encode_labels(orders, max_digits=4)
+        return sequence_losses(model.decode(memory, inputs), targets)
+
+    # By hand: every ordering of every label, the minimum per image, averaged over the 2+1+3+3 tokens.
+    candidates = [fixed_order([a, "7", b]) for a in ("12", "21") for b in ("335", "353", "533")]
+    expected = torch.stack(candidates).min(dim=0).values.sum() / 9
+    assert torch.allclose(loss, expected)
+    assert loss <= fixed_order(labels).sum() / 9 + 1e-6  # never dearer than the given order
+    loss.backward()  # the minimum passes gradients to the chosen ordering's tokens and to the encoder
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0

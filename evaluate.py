@@ -1,0 +1,358 @@
+"""Score a checkpoint on dataset folders and write a report for each.
+
+    uv run python evaluate.py data/test                                  # reports/test/
+    uv run python evaluate.py data/val data/test --beam-size 4 --checkpoint runs/default/model.pt
+
+For each dataset folder (written by multidigit_generator.py or split_multidigit_dataset.py),
+OUT/<folder name>/ gets
+  report.json           exact and order-free accuracy overall, per layout and per length,
+                        digit-level error counts, the confusion matrix, images/s
+  report.md             the same as tables
+  confusion_matrix.png  true digit against read digit, from an edit-distance alignment
+  failures.png          the misread images, most confident first
+and a summary table is printed. The model itself is scored, as training does: unlike
+predict.py, a blank canvas is read by the model too rather than answered "" without it.
+A folder that is not a dataset is reported and skipped (exit code 1); a missing or unusable
+checkpoint stops everything (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from model import DigitSequenceTransformer, uint8_to_input
+from multidigit_generator import LAYOUTS, preview_sheet, read_dataset
+from predict import DEFAULT_CHECKPOINT, CheckpointError, load_model
+
+NONE = 10  # index of the "none" row (extra digits) and column (missed digits) of the confusion matrix
+MATRIX_LABELS = [str(d) for d in range(10)] + ["none"]
+# PIL's built-in font has no arrow glyph, so pictures say "->" where text says "→".
+IMAGE_ARROW = "->"
+
+
+class SequenceAccuracy:
+    """Share of decoded strings that are right, overall, per layout and per length (keys
+    "all", "row", "scatter", "len0", ...), counted two ways: exact match (every digit in its
+    place) and order-free (the same digits in any order: sorted(prediction) == sorted(label)),
+    which is all that a model trained to read the digits in any order promises."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, int] = defaultdict(int)
+        self.order_free: dict[str, int] = defaultdict(int)
+        self.total: dict[str, int] = defaultdict(int)
+
+    def update(self, predictions: list[str], labels: list[str], layouts: list[str]) -> None:
+        for prediction, label, layout in zip(predictions, labels, layouts, strict=True):
+            for key in ("all", layout, f"len{len(label)}"):
+                self.exact[key] += prediction == label
+                self.order_free[key] += sorted(prediction) == sorted(label)
+                self.total[key] += 1
+
+    def compute(self, *, order_free: bool = False) -> dict[str, float]:
+        """Exact-match accuracy per key, or order-free accuracy with order_free=True."""
+        correct = self.order_free if order_free else self.exact
+        return {key: correct[key] / self.total[key] for key in sorted(self.total)}
+
+
+def report_keys(keys: list[str] | set[str]) -> list[str]:
+    """The keys of a SequenceAccuracy in reading order: all, then layouts, then lengths."""
+    layouts = sorted((k for k in keys if k != "all" and not k.startswith("len")),
+                     key=lambda k: (LAYOUTS.index(k) if k in LAYOUTS else len(LAYOUTS), k))
+    lengths = sorted((k for k in keys if k.startswith("len")), key=lambda k: int(k[3:]))
+    return ["all"] * ("all" in keys) + layouts + lengths
+
+
+def align_digits(prediction: str, truth: str) -> list[tuple[str | None, str | None]]:
+    """Pair the digits of a reading with those of the truth by minimum edit distance
+    (Levenshtein, every edit costing 1), in reading order: (true, read) for a match or a
+    substitution, (true, None) for a missed digit, (None, read) for an extra one. Where two
+    alignments cost the same, substitutions win: "12" read as "21" is 1->2 and 2->1."""
+    n, m = len(truth), len(prediction)
+    cost = np.zeros((n + 1, m + 1), dtype=np.int64)
+    cost[:, 0], cost[0, :] = np.arange(n + 1), np.arange(m + 1)
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            cost[i, j] = min(cost[i - 1, j - 1] + (truth[i - 1] != prediction[j - 1]), cost[i - 1, j] + 1, cost[i, j - 1] + 1)
+    pairs: list[tuple[str | None, str | None]] = []
+    i, j = n, m
+    while i or j:
+        if i and j and cost[i, j] == cost[i - 1, j - 1] + (truth[i - 1] != prediction[j - 1]):
+            pairs.append((truth[i - 1], prediction[j - 1]))
+            i, j = i - 1, j - 1
+        elif i and cost[i, j] == cost[i - 1, j] + 1:
+            pairs.append((truth[i - 1], None))
+            i -= 1
+        else:
+            pairs.append((None, prediction[j - 1]))
+            j -= 1
+    return pairs[::-1]
+
+
+def confusion_matrix(predictions: list[str], labels: list[str]) -> np.ndarray:
+    """(11, 11) counts: row = true digit, column = read digit, both 0-9 then "none" (index
+    NONE). A missed digit counts in the "none" column, an extra digit in the "none" row."""
+    matrix = np.zeros((NONE + 1, NONE + 1), dtype=np.int64)
+    for prediction, label in zip(predictions, labels, strict=True):
+        for true, read in align_digits(prediction, label):
+            matrix[NONE if true is None else int(true), NONE if read is None else int(read)] += 1
+    return matrix
+
+
+def digit_counts(matrix: np.ndarray) -> dict[str, int]:
+    """Digit-level totals of a confusion matrix."""
+    digits = matrix[:NONE, :NONE]
+    return {"true_digits": int(matrix[:NONE].sum()), "correct": int(np.trace(digits)),
+            "substitutions": int(digits.sum() - np.trace(digits)), "missed": int(matrix[:NONE, NONE].sum()),
+            "extra": int(matrix[NONE, :NONE].sum())}
+
+
+def most_confused(matrix: np.ndarray) -> tuple[str, str, int] | None:
+    """(true digit, read digit, count) of the commonest substitution, or None when no digit was
+    read as another; missed and extra digits are counted apart (digit_counts)."""
+    errors = matrix[:NONE, :NONE].copy()
+    np.fill_diagonal(errors, 0)
+    true, read = np.unravel_index(errors.argmax(), errors.shape)
+    return (str(true), str(read), int(errors[true, read])) if errors[true, read] else None
+
+
+def _mix(colour: tuple[int, int, int], share: float) -> tuple[int, ...]:
+    """White blended towards colour by share in [0, 1]."""
+    return tuple(round(255 + (c - 255) * share) for c in colour)
+
+
+def confusion_matrix_image(matrix: np.ndarray, title: str, cell: int = 44) -> Image.Image:
+    """The matrix as a heat map with every non-zero count written in its cell. Correct digits
+    (the diagonal) are shaded blue on their own scale and errors red on theirs, so that a few
+    hundred correct readings per digit do not bleach out the errors that matter; square roots
+    keep single errors visible next to the largest."""
+    font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    size = len(MATRIX_LABELS)
+    left, top, bottom = 56, 64, 44
+    image = Image.new("RGB", (left + size * cell + 8, top + size * cell + bottom), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((image.width // 2, 14), title, fill="black", font=font, anchor="mm")
+    draw.text((left + size * cell // 2, 34), "read", fill="black", font=small, anchor="mm")
+    draw.text((left // 2, top - 12), "true", fill="black", font=small, anchor="mm")
+    diagonal = np.eye(size, dtype=bool)
+    scale = {True: max(1, int(matrix[diagonal].max())), False: max(1, int(matrix[~diagonal].max()))}
+    for k, name in enumerate(MATRIX_LABELS):
+        draw.text((left + k * cell + cell // 2, top - 12), name, fill="black", font=small, anchor="mm")
+        draw.text((left - 8, top + k * cell + cell // 2), name, fill="black", font=small, anchor="rm")
+    for (row, col), count in np.ndenumerate(matrix):
+        share = (count / scale[row == col]) ** 0.5
+        colour = _mix((40, 90, 200) if row == col else (210, 30, 30), share)
+        x, y = left + col * cell, top + row * cell
+        draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=colour, outline=(225, 225, 225))
+        if count:
+            draw.text((x + cell // 2, y + cell // 2), str(count), fill="white" if share > 0.6 else "black", font=small, anchor="mm")
+    edge = top + NONE * cell  # set the "none" row and column apart from the digits
+    draw.line((left, edge, left + size * cell, edge), fill="black")
+    draw.line((left + NONE * cell, top, left + NONE * cell, top + size * cell), fill="black")
+    legend = "blue: correct digits, red: errors (each on its own scale)\nnone column: a missed digit, none row: an extra digit"
+    draw.multiline_text((left, top + size * cell + 8), legend, fill=(90, 90, 90), font=small, spacing=4)
+    return image
+
+
+def worst_failures(predictions: list[str], labels: list[str], confidences: list[float], limit: int) -> list[int]:
+    """Indices of the misread images (not an exact match), most confident first, at most limit."""
+    wrong = [i for i, (p, t) in enumerate(zip(predictions, labels, strict=True)) if p != t]
+    return sorted(wrong, key=lambda i: -confidences[i])[:limit]
+
+
+def _with_title(image: Image.Image, title: str) -> Image.Image:
+    font = ImageFont.load_default(size=16)
+    width = max(image.width, round(font.getlength(title)) + 20)
+    out = Image.new("RGB", (width, image.height + 32), "white")
+    out.paste(image, (0, 32))
+    ImageDraw.Draw(out).text((10, 16), title, fill="black", font=font, anchor="lm")
+    return out
+
+
+def failure_gallery(
+    images: np.ndarray, predictions: list[str], labels: list[str], confidences: list[float], *, limit: int, title: str
+) -> Image.Image:
+    """A preview sheet of the misread images, most confident first, each captioned
+    "truth -> reading confidence"; with no misreadings, a picture that says so."""
+    wrong = sum(p != t for p, t in zip(predictions, labels))
+    if not wrong:
+        return _with_title(Image.new("RGB", (400, 1), "white"), f"{title}: no failures, all {len(labels)} images read exactly")
+    worst = worst_failures(predictions, labels, confidences, limit)
+    captions = [f"{labels[i] or '-'} {IMAGE_ARROW} {predictions[i] or '-'}  {confidences[i]:.0%}" for i in worst]
+    sheet = preview_sheet([np.asarray(images[i]) for i in worst], captions)
+    shown = f"the {len(worst)} most confident" if len(worst) < wrong else "all"
+    return _with_title(sheet, f"{title}: {wrong} of {len(labels)} images misread; {shown} shown, "
+                              f"truth {IMAGE_ARROW} reading, confidence")
+
+
+@torch.no_grad()
+def read_images(
+    model: DigitSequenceTransformer, images: np.ndarray, *, beam_size: int = 1, batch_size: int = 256, desc: str = "reading"
+) -> tuple[list[str], list[float], float]:
+    """Decode (N, H, W) uint8 canvases in batches -> (readings, sequence confidences, seconds spent)."""
+    device = next(model.parameters()).device
+    predictions: list[str] = []
+    confidences: list[float] = []
+    started = time.perf_counter()
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+        x = uint8_to_input(torch.from_numpy(np.array(images[start : start + batch_size])).to(device))
+        if beam_size == 1:
+            decoded = model.greedy_decode_memory(model.encode(x))
+        else:
+            decoded = model.beam_search(x, beam_size)
+        predictions += decoded.strings()
+        confidences += decoded.confidence().tolist()
+    return predictions, confidences, time.perf_counter() - started
+
+
+def evaluate_folder(
+    model: DigitSequenceTransformer,
+    folder: str | Path,
+    out_dir: str | Path,
+    *,
+    checkpoint: str | Path = "",
+    beam_size: int = 1,
+    batch_size: int = 256,
+    gallery_size: int = 48,
+) -> dict:
+    """Read every image of a dataset folder, write report.json, report.md,
+    confusion_matrix.png and failures.png into out_dir, and return the report.
+
+    Raises FileNotFoundError or ValueError (naming the folder) for a folder that is not a
+    dataset or that does not fit the model."""
+    folder, out_dir = Path(folder), Path(out_dir)
+    images, records, metadata = read_dataset(folder)
+    size, max_digits = model.config.image_size, model.config.max_digits
+    if images.shape[1:] != (size, size):
+        raise ValueError(f"{folder} holds {images.shape[1]}x{images.shape[2]} images, the model reads {size}x{size}")
+    if not records:
+        raise ValueError(f"{folder} holds no images")
+    longest = max(len(r["label"]) for r in records)
+    if longest > max_digits:
+        raise ValueError(f"{folder} has labels of up to {longest} digits, more than the model's max_digits {max_digits}")
+    labels, layouts = [r["label"] for r in records], [r["layout"] for r in records]
+    predictions, confidences, seconds = read_images(model, images, beam_size=beam_size, batch_size=batch_size, desc=folder.name)
+
+    accuracy = SequenceAccuracy()
+    accuracy.update(predictions, labels, layouts)
+    matrix = confusion_matrix(predictions, labels)
+    confused = most_confused(matrix)
+    keys = report_keys(accuracy.total)
+    exact, order_free = accuracy.compute(), accuracy.compute(order_free=True)
+    report = {
+        "checkpoint": str(checkpoint),
+        "dataset": str(folder),
+        "metadata": metadata,
+        "num_images": len(records),
+        "decoding": "greedy" if beam_size == 1 else f"beam {beam_size}",
+        "device": str(next(model.parameters()).device),
+        "images_per_second": len(records) / seconds,
+        "count": {key: accuracy.total[key] for key in keys},
+        "exact_accuracy": {key: exact[key] for key in keys},
+        "order_free_accuracy": {key: order_free[key] for key in keys},
+        "digits": digit_counts(matrix),
+        "most_confused": dict(zip(("true", "read", "count"), confused)) if confused else None,
+        "confusion_matrix": {"labels": MATRIX_LABELS, "rows_true_columns_read": matrix.tolist()},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "report.md").write_text(report_markdown(report))
+    confused_text = f"most confused: {confused[0]}{IMAGE_ARROW}{confused[1]} ({confused[2]})" if confused else "no digit read as another"
+    confusion_matrix_image(matrix, f"{folder.name}: {confused_text}").save(out_dir / "confusion_matrix.png")
+    failure_gallery(images, predictions, labels, confidences, limit=gallery_size, title=folder.name).save(out_dir / "failures.png")
+    return report
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def accuracy_table(report: dict) -> str:
+    """Markdown table: one row per subset (all, layouts, lengths), columns n, exact %, order-free %."""
+    lines = ["| subset | n | exact % | order-free % |", "|---|---:|---:|---:|"]
+    for key, n in report["count"].items():
+        lines.append(f"| {key} | {n} | {percent(report['exact_accuracy'][key])} | {percent(report['order_free_accuracy'][key])} |")
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict) -> str:
+    d, confused = report["digits"], report["most_confused"]
+    lines = [
+        f"# {Path(report['dataset']).name}",
+        "",
+        f"Checkpoint `{report['checkpoint']}`, dataset `{report['dataset']}` ({report['num_images']} images), "
+        f"{report['decoding']} decoding on {report['device']}, {report['images_per_second']:.0f} images/s.",
+        "",
+        accuracy_table(report),
+        "",
+        f"Digits: {d['true_digits']} in the labels, {d['correct']} read correctly, {d['substitutions']} substituted, "
+        f"{d['missed']} missed, {d['extra']} extra (aligned by edit distance)."
+        + (f" Most confused: {confused['true']} → {confused['read']} ({confused['count']})." if confused else ""),
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "![misread images, most confident first](failures.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def summary_table(reports: dict[str, dict]) -> str:
+    """Markdown table across datasets: dataset, n, exact %, order-free %, scatter %, row % (exact)."""
+    lines = ["| dataset | n | exact % | order-free % | scatter % | row % |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in reports.items():
+        exact = r["exact_accuracy"]
+        lines.append(f"| {name} | {r['num_images']} | {percent(exact['all'])} | {percent(r['order_free_accuracy']['all'])} "
+                     f"| {percent(exact.get('scatter'))} | {percent(exact.get('row'))} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("datasets", nargs="+", metavar="DATASET_DIR")
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--out", default="reports", help="each dataset's report goes to OUT/<dataset folder name>/")
+    parser.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--gallery-size", type=int, default=48, help="most misread images shown in failures.png")
+    args = parser.parse_args(argv)
+    if args.beam_size < 1 or args.batch_size < 1 or args.gallery_size < 0:
+        parser.error("--beam-size and --batch-size must be at least 1, --gallery-size at least 0")
+    names = [Path(folder).resolve().name for folder in args.datasets]
+    if len(set(names)) < len(names):
+        parser.error(f"dataset folders must have different names, their reports go to {args.out}/<name>: got {', '.join(args.datasets)}")
+    try:
+        model = load_model(args.checkpoint, args.device)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    reports: dict[str, dict] = {}
+    for folder, name in zip(args.datasets, names):
+        out_dir = Path(args.out) / name
+        try:
+            report = evaluate_folder(model, folder, out_dir, checkpoint=args.checkpoint, beam_size=args.beam_size,
+                                     batch_size=args.batch_size, gallery_size=args.gallery_size)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            continue
+        reports[name] = report
+        print(f"\n{name}: {report['num_images']} images, {report['decoding']} decoding, "
+              f"{report['images_per_second']:.0f} images/s; report in {out_dir}/\n\n{accuracy_table(report)}")
+    if len(reports) > 1:
+        print(f"\n{summary_table(reports)}")
+    return 0 if len(reports) == len(args.datasets) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
