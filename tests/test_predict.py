@@ -5,8 +5,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 import predict
-from multidigit_generator import MultiDigitComposer
+from multidigit_generator import MultiDigitComposer, generate
 from predict import main, open_image, to_canvas
+
+# The model card reports the shipped model's test accuracy; this is a floor well inside it,
+# so that 500 images' sampling noise never trips it but a broken or swapped model does.
+SHIPPED_MIN_ACCURACY = 0.90  # measured: 94.9 % on 10,000 test composites
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +94,14 @@ def test_missing_or_foreign_checkpoint_is_reported(tmp_path, capsys):
     (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
     assert main(["--checkpoint", str(tmp_path / "foreign.pt"), str(tmp_path / "x.png")]) == 2
     assert "not a usable digit-sequence checkpoint" in capsys.readouterr().err
+
+
+def test_shipped_model_reads_fresh_test_composites(mnist_test):
+    # The committed checkpoint, on composites it has never seen (MNIST test digits, a seed used
+    # nowhere else), through the same path as `predict.py` minus the file reading.
+    model = predict.load_model(predict.DEFAULT_CHECKPOINT)
+    images, labels = mnist_test
+    composites = generate(MultiDigitComposer(images, labels), 500, seed=31337, progress=False)
+    readings = predict.read_canvases(model, [c.image for c in composites])
+    correct = sum(r.digits == c.label for r, c in zip(readings, composites))
+    assert correct / len(composites) >= SHIPPED_MIN_ACCURACY, f"{correct} of {len(composites)} read exactly"
