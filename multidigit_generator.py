@@ -90,7 +90,6 @@ def augment_digit(digit: np.ndarray, rng: np.random.Generator, strength: float =
     strokes brightened back to the digit's brightest ink, as a thinner pen would draw them."""
     if strength <= 0 and not stroke:
         return digit
-    image = torch.from_numpy(digit)[None].float()
     fade = stroke is None
     if strength > 0:
         angle, shear = rng.uniform(-12, 12) * strength, rng.uniform(-10, 10) * strength
@@ -98,8 +97,10 @@ def augment_digit(digit: np.ndarray, rng: np.random.Generator, strength: float =
         if stroke is None:
             p_change = 0.2 * min(strength, 2.5)
             stroke = int(rng.choice([-1, 0, 1], p=[p_change, 1 - 2 * p_change, p_change]))
-        image = TF.affine(image, angle=angle, translate=[0, 0], scale=scale, shear=[shear, 0.0],
-                          interpolation=TF.InterpolationMode.BILINEAR)
+        # On a PIL image: three times faster than on a tensor, and training composes every digit afresh.
+        digit = np.asarray(TF.affine(Image.fromarray(digit), angle=angle, translate=[0, 0], scale=scale,
+                                     shear=[shear, 0.0], interpolation=TF.InterpolationMode.BILINEAR))
+    image = torch.from_numpy(digit.astype(np.float32))[None]
     if stroke:
         changed = change_stroke_width(image, stroke)
         if stroke < 0 and fade:

@@ -6,6 +6,11 @@ No MNIST digit image appears in two splits:
   val    composites drawn only from the remaining MNIST training digits
   test   composites drawn only from the MNIST test digits
 
+Evaluation composites hold MNIST digits as they were written: each is cut to its ink, scaled to a
+height within the digit-height range and placed, but not rotated, sheared or given other strokes
+(EVAL_COMPOSER); that per-digit augmentation is for training, and the `augmented` stress set
+measures it on its own.
+
 Writes data_dir/splits.json (the digit pools and every setting) and data_dir/val/ and
 data_dir/test/ dataset folders (see multidigit_generator.write_dataset). Splitting comes
 before generating because composites cannot be split afterwards without sharing digits.
@@ -42,10 +47,15 @@ from multidigit_generator import (
 SPLITS_FILE = "splits.json"
 STRESS_DIR = "stress"
 STRESS_SEED_OFFSET = 3  # val is composed with seed + 1 and test with seed + 2
+# Base settings of every evaluation set (val, test, stress): the digits as written, no augmentation.
+EVAL_COMPOSER = dict(augment_strength=0.0)
 # name: (composer settings over the base ones, what the stress is). Training composes digits 18-28 px
 # high, changes strokes by at most a pixel (thinner ones faded) and keeps rows level, a pixel
 # clear of the edges.
 STRESS_SETS: dict[str, tuple[dict, str]] = {
+    "augmented": (dict(augment_strength=1.0),
+                  "training's per-digit augmentation: rotation up to 12 degrees, shear up to 10, scale 0.9-1.1, "
+                  "one pixel thinner or thicker strokes on 40 % of digits"),
     "thin": (dict(stroke_width_change=-1),
              "every stroke 1 px thinner, as bright as the digit's ink (a 2 px erosion wipes out most MNIST strokes)"),
     "thick": (dict(stroke_width_change=2), "every stroke 2 px thicker"),
@@ -83,7 +93,7 @@ def prepare_splits(
         raise ValueError(f"need at least one validation and one test image, got {val_images} and {test_images}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    composer = composer or {}
+    composer = {**EVAL_COMPOSER, **(composer or {})}
     check_composer_settings(**composer)
     data_dir = Path(data_dir)
     train_images, train_labels = load_mnist(mnist_root, train=True)
@@ -120,7 +130,7 @@ def prepare_stress_sets(
     the sets differ only by their stress. composer holds the base settings the stresses change."""
     if images_per_set < 1:
         raise ValueError(f"need at least one image per stress set, got {images_per_set}")
-    settings = {name: {**(composer or {}), **stress} for name, (stress, _) in STRESS_SETS.items()}
+    settings = {name: {**EVAL_COMPOSER, **(composer or {}), **stress} for name, (stress, _) in STRESS_SETS.items()}
     for name, stressed in settings.items():
         try:
             check_composer_settings(**stressed)
@@ -155,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"write only the stress sets, to DATA_DIR/{STRESS_DIR}/<name>/ (MNIST test digits; no splitting)")
     parser.add_argument("--stress-images", type=int, default=2000, help="images per stress set")
     add_composer_arguments(parser)
+    parser.set_defaults(**EVAL_COMPOSER)  # evaluation sets show the digits as written (see the module docstring)
     args = parser.parse_args(argv)
     if args.stress:
         try:

@@ -15,6 +15,7 @@ Ctrl-C stops after the current step and saves last.pt; --resume continues exactl
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import netrc
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--num-workers", type=int, default=1, help="processes composing training images")
     model = p.add_argument_group("model")
     model.add_argument("--patch-size", type=int, default=12)
+    model.add_argument("--stem-depth", type=int, default=1,
+                       help="conv stem: extra stride-1 3x3 convolutions at 1/4 resolution and on the patch grid")
     model.add_argument("--stem", choices=STEMS, default="conv", help="how patches become vectors: a small CNN or a linear projection")
     model.add_argument("--d-model", type=int, default=128)
     model.add_argument("--n-heads", type=int, default=4)
@@ -76,8 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--ff-mult", type=int, default=4)
     model.add_argument("--dropout", type=float, default=0.0, help="fresh data every epoch already prevents memorising")
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=20)
-    optim.add_argument("--batch-size", type=int, default=128)
+    optim.add_argument("--epochs", type=int, default=15)
+    optim.add_argument("--batch-size", type=int, default=64)
     optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     optim.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decays to lr * this")
     optim.add_argument("--warmup-steps", type=int, default=100)
@@ -86,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--order-free", action="store_true",
                        help="score each image against its best ordering of the digits (loss minimised over the "
                             "permutations of the label); the best checkpoint is then picked by order-free accuracy")
+    optim.add_argument("--ema-decay", type=float, default=0.999,
+                       help="validate, test and ship an exponential moving average of the weights with this decay "
+                            "(0: the raw weights)")
     optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     optim.add_argument("--max-steps", type=int, default=0, help="stop (and save last.pt) after this many steps; 0: run all epochs")
     run = p.add_argument_group("run")
@@ -106,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0 or not 0 <= args.min_lr_ratio <= 1 or args.warmup_steps < 0 or args.weight_decay < 0:
         p.error("need --lr > 0, 0 <= --min-lr-ratio <= 1, --warmup-steps >= 0 and --weight-decay >= 0")
+    if not 0 <= args.ema_decay < 1:
+        p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if not 0 <= args.label_smoothing < 1 or args.max_steps < 0 or args.num_workers < 0 or args.augment_strength < 0:
         p.error("need 0 <= --label-smoothing < 1 and non-negative --max-steps, --num-workers, --augment-strength")
     return args
@@ -168,6 +176,18 @@ def evaluate(model: DigitSequenceTransformer, loader: DataLoader, device: torch.
     return metrics, samples
 
 
+@torch.no_grad()
+def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, *, step: int, decay: float) -> None:
+    """ema = d * ema + (1 - d) * weights, BatchNorm statistics included. d ramps up from 0.1 to
+    decay over the first steps, so early validations are not dragged back to the initial weights."""
+    d = min(decay, (1 + step) / (10 + step))
+    for averaged, current in zip(ema_model.state_dict().values(), model.state_dict().values()):
+        if averaged.dtype.is_floating_point:
+            averaged.lerp_(current, 1 - d)
+        else:
+            averaged.copy_(current)  # BatchNorm's batch counter
+
+
 def format_metrics(name: str, metrics: dict) -> str:
     parts = [f"{name}: sequence accuracy {metrics['sequence_accuracy']:.2%} "
              f"(order-free {metrics['order_free_accuracy']:.2%}, token {metrics['token_accuracy']:.2%})"]
@@ -220,14 +240,20 @@ def train(args: argparse.Namespace) -> dict:
     total_steps = args.epochs * steps_per_epoch
 
     # ---- model and optimiser
-    config = ModelConfig(image_size=canvas_size, patch_size=args.patch_size, stem=args.stem, d_model=args.d_model, n_heads=args.n_heads,
+    config = ModelConfig(image_size=canvas_size, patch_size=args.patch_size, stem=args.stem, stem_depth=args.stem_depth,
+                         d_model=args.d_model, n_heads=args.n_heads,
                          encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers, ff_mult=args.ff_mult,
                          dropout=args.dropout, max_digits=args.max_digits)
     model = DigitSequenceTransformer(config).to(device)
     optimizer = configure_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+    # The averaged weights are what validation, the test set and model.pt see; the raw ones keep training.
+    ema_model = copy.deepcopy(model).requires_grad_(False) if args.ema_decay > 0 else None
+    evaluated = ema_model if ema_model is not None else model
     step, best_accuracy, wandb_id = 0, -1.0, None
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
+        if ema_model is not None:
+            ema_model.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, best_accuracy, wandb_id = checkpoint["step"], checkpoint["best_accuracy"], checkpoint.get("wandb_id")
         torch.set_rng_state(checkpoint["rng_state"])
@@ -258,6 +284,7 @@ def train(args: argparse.Namespace) -> dict:
 
     def state() -> dict:
         return {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                **({"ema": ema_model.state_dict()} if ema_model is not None else {}),
                 "args": vars(args), "step": step, "epoch": step // steps_per_epoch, "best_accuracy": best_accuracy,
                 "rng_state": torch.get_rng_state(), "wandb_id": run.id}
 
@@ -292,6 +319,8 @@ def train(args: argparse.Namespace) -> dict:
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
+            if ema_model is not None:
+                update_ema(ema_model, model, step=step, decay=args.ema_decay)
             step += 1
             if step % args.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
@@ -303,7 +332,7 @@ def train(args: argparse.Namespace) -> dict:
                 return {"step": step}
         bar.close()
 
-        metrics, samples = evaluate(model, eval_loader(val_set), device, desc="validating")
+        metrics, samples = evaluate(evaluated, eval_loader(val_set), device, desc="validating")
         images_per_second = step * args.batch_size / (time.time() - started)
         print(f"epoch {epoch + 1}: " + format_metrics("val", metrics) + f" | {images_per_second:.0f} img/s so far")
         table = wandb.Table(columns=["image", "truth", "prediction", "correct"])
@@ -322,6 +351,7 @@ def train(args: argparse.Namespace) -> dict:
     # ---- final evaluation of the best checkpoint on the test set (MNIST test digits only)
     wall = time.time() - started
     best = torch.load(out_dir / "best.pt", map_location=device, weights_only=True)
+    best["model"] = best.get("ema", best["model"])  # the weights that were validated
     model.load_state_dict(best["model"])
     test_metrics, _ = evaluate(model, eval_loader(test_set), device, desc="testing")
     result = {"test": test_metrics, f"val_best_{selection_metric}": best_accuracy, "best_epoch": best["epoch"],

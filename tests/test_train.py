@@ -49,8 +49,9 @@ def test_interrupted_training_resumes_exactly(tmp_path, tiny_data_dir, mnist_roo
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     assert straight["step"] == resumed["step"] == 5
-    for name, tensor in straight["model"].items():
-        assert torch.equal(tensor, resumed["model"][name]), name
+    for weights in ("model", "ema"):  # the raw weights and their moving average
+        for name, tensor in straight[weights].items():
+            assert torch.equal(tensor, resumed[weights][name]), (weights, name)
     assert (tmp_path / "resumed" / "best.pt").is_file()  # the epoch that ended after resuming was validated
 
 
