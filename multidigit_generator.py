@@ -37,11 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+# TORCHVISION_NOTE: torchvision is imported inside the functions that use it. Importing it takes
+# ~10 s on a 2-core machine (it pulls in torch._dynamo), which every --help, every refused
+# argument and every script that only reads dataset folders would otherwise pay. Python caches
+# the module after the first import, so composing pays it once per process.
 DIGIT_SIZE = 28  # MNIST digits are 28x28
 LAYOUTS = ("scatter", "row", "mixed")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -90,6 +93,8 @@ def augment_digit(digit: np.ndarray, rng: np.random.Generator, strength: float =
     strokes brightened back to the digit's brightest ink, as a thinner pen would draw them."""
     if strength <= 0 and not stroke:
         return digit
+    import torchvision.transforms.v2.functional as TF  # see TORCHVISION_NOTE
+
     fade = stroke is None
     if strength > 0:
         angle, shear = rng.uniform(-12, 12) * strength, rng.uniform(-10, 10) * strength
@@ -137,6 +142,8 @@ def crop_to_ink(digit: np.ndarray) -> np.ndarray:
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    import torchvision.transforms.v2.functional as TF  # see TORCHVISION_NOTE
+
     out = TF.resize(torch.from_numpy(image)[None], [height, width], antialias=True)
     return out[0].numpy()
 
@@ -145,6 +152,8 @@ def degrade_like_a_scan(image: np.ndarray, rng: np.random.Generator) -> np.ndarr
     """A composite as a poor scan would give it: Gaussian blur (sigma 0.5-1.2), lower contrast
     (ink 120-255 on a background of 0-60, at least 100 apart), additive Gaussian noise (sigma
     2-8) and JPEG compression at quality 30-70. Still light digits on a dark background, uint8."""
+    import torchvision.transforms.v2.functional as TF  # see TORCHVISION_NOTE
+
     sigma = rng.uniform(0.5, 1.2)
     blurred = TF.gaussian_blur(torch.from_numpy(image)[None].float(), kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
     background = rng.uniform(0, 60)
@@ -273,6 +282,8 @@ def tilt_row(
     """Rotate a row of digit patches (top-left corners given) by angle degrees, counter-clockwise,
     about the row's centre: each patch turns about its own centre, which moves on a circle about
     the row's. Returns the turned patches cut to their nonzero pixels, and their new corners."""
+    import torchvision.transforms.v2.functional as TF  # see TORCHVISION_NOTE
+
     cx = (min(x for x, _ in corners) + max(x + p.shape[1] for p, (x, _) in zip(patches, corners))) / 2
     cy = (min(y for _, y in corners) + max(y + p.shape[0] for p, (_, y) in zip(patches, corners))) / 2
     cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
