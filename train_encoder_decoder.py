@@ -114,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need --lr > 0, 0 <= --min-lr-ratio <= 1, --warmup-steps >= 0 and --weight-decay >= 0")
     if not 0 <= args.ema_decay < 1:
         p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.stem_depth < 0:
+        p.error(f"--stem-depth must be >= 0, got {args.stem_depth}")
     if not 0 <= args.label_smoothing < 1 or args.max_steps < 0 or args.num_workers < 0 or args.augment_strength < 0:
         p.error("need 0 <= --label-smoothing < 1 and non-negative --max-steps, --num-workers, --augment-strength")
     return args

@@ -77,7 +77,8 @@ def test_sweep_run_type_explains_itself():
     assert result.returncode == 2 and "not available yet" in result.stderr
 
 
-@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--lr", "-1"), ("--label-smoothing", "1.5")])
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--lr", "-1"), ("--label-smoothing", "1.5"),
+                                         ("--ema-decay", "1"), ("--stem-depth", "-1")])
 def test_absurd_arguments_are_refused(flag, value):
     result = run_script("train_encoder_decoder.py", flag, value, check=False)
     assert result.returncode == 2 and flag.lstrip("-").split("-")[0] in result.stderr
