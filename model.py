@@ -7,6 +7,10 @@ image (B, 1, H, W)
      cross-attention to the memory, feed-forward                (B, T, D)
   -> linear head over the vocabulary                            (B, T, VOCAB_SIZE)
 
+With patch_head, a linear classifier also reads every memory vector: which digit (or none)
+covers that patch. It only serves an auxiliary training loss (see patch_targets), which gives
+the encoder a dense recognition signal; decoding never uses it.
+
 The decoder is trained with teacher forcing (it sees the true previous tokens) and run
 autoregressively at inference (greedy or beam search). This file imports nothing from the
 rest of the repository.
@@ -31,6 +35,11 @@ SOS = 10  # start of sequence: the first decoder input
 EOS = 11  # end of sequence: the model emits it after the last digit (or at once for a blank image)
 PAD = 12  # fills sequences up to a fixed length; ignored by the loss
 VOCAB_SIZE = 13
+
+# Classes of the optional per-patch head: the digit written over a patch, or none.
+NO_DIGIT = 10
+PATCH_CLASSES = 11
+IGNORE = -100  # patch targets the loss skips (F.cross_entropy's default ignore_index)
 
 STEMS = ("conv", "linear")
 
@@ -71,6 +80,34 @@ def tokens_to_string(tokens: list[int] | torch.Tensor) -> str:
     return "".join(out)
 
 
+def patch_targets(boxes: torch.Tensor, labels: list[str], *, image_size: int, patch_size: int) -> torch.Tensor:
+    """Targets for the per-patch head: (B, K, 4) ink boxes (x0, y0, x1, y1 in label order, rows
+    of -1 after the last digit) -> (B, N) patch classes, row-major like the encoder's patches.
+
+    A patch is labelled with a digit when its centre lies in that digit's box (the patch holding
+    the box centre always counts, so a thin "1" gets one too), NO_DIGIT when it touches no box,
+    and IGNORE when it only grazes a box or its centre lies in two: half a digit is not a
+    wrong answer, so it is not taught as one."""
+    b, k, _ = boxes.shape
+    grid = image_size // patch_size
+    edges = torch.arange(grid, device=boxes.device) * patch_size
+    py0, px0 = (z.flatten() for z in torch.meshgrid(edges, edges, indexing="ij"))  # (N,) top-left corners
+    cy, cx = py0 + patch_size // 2, px0 + patch_size // 2
+    x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))  # (B, K, 1) each
+    real = x1 > 0
+    overlaps = real & (px0 < x1) & (px0 + patch_size > x0) & (py0 < y1) & (py0 + patch_size > y0)  # (B, K, N)
+    centre = ((y0 + y1) // 2).clamp(0, image_size - 1) // patch_size * grid + ((x0 + x1) // 2).clamp(0, image_size - 1) // patch_size
+    holds = real & (((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)) | (torch.arange(grid * grid, device=boxes.device) == centre))
+    digits = torch.full((b, k), IGNORE, dtype=torch.long, device=boxes.device)
+    for row, label in enumerate(labels):
+        digits[row, : len(label)] = torch.tensor([int(ch) for ch in label], dtype=torch.long)
+    assert bool((digits[real[..., 0]] != IGNORE).all()), "every real box needs a digit in its label"
+    targets = torch.where(overlaps.any(dim=1), IGNORE, NO_DIGIT)
+    single = holds.sum(dim=1) == 1
+    owner = (holds.long() * digits[..., None].clamp(min=0)).sum(dim=1)  # the digit of the one box that holds it
+    return torch.where(single, owner, targets)
+
+
 @dataclass
 class ModelConfig:
     image_size: int = 96
@@ -84,6 +121,7 @@ class ModelConfig:
     ff_mult: int = 4  # feed-forward hidden width = ff_mult * d_model
     dropout: float = 0.1
     max_digits: int = 4
+    patch_head: bool = False  # a linear classifier on the encoder output: which digit covers each patch (auxiliary loss)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -309,6 +347,7 @@ class DigitSequenceTransformer(nn.Module):
         self.decoder = nn.ModuleList(DecoderBlock(**block) for _ in range(c.decoder_layers))
         self.decoder_norm = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, VOCAB_SIZE)
+        self.patch_head = nn.Linear(c.d_model, PATCH_CLASSES) if c.patch_head else None
         self.drop = nn.Dropout(c.dropout)
         self.apply(self._init_weights)
 

@@ -467,9 +467,14 @@ class FreshComposites(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, torch.Tensor]:
+        """(canvas, label, layout, ink boxes): the boxes are (max_digits, 4) x0, y0, x1, y1 in label
+        order, padded with -1 rows so that batches stack."""
         c = self.composer.compose(np.random.default_rng([self.seed, self.epoch, index]))
-        return torch.from_numpy(c.image), c.label, c.layout
+        boxes = torch.full((self.composer.max_digits, 4), -1, dtype=torch.long)
+        if c.boxes:
+            boxes[: len(c.boxes)] = torch.tensor(c.boxes)
+        return torch.from_numpy(c.image), c.label, c.layout, boxes
 
 
 class MultiDigitFolder(Dataset):

@@ -41,6 +41,7 @@ from model import (
     configure_optimizer,
     encode_labels,
     order_free_loss,
+    patch_targets,
     uint8_to_input,
 )
 from multidigit_generator import (
@@ -89,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--order-free", action="store_true",
                        help="score each image against its best ordering of the digits (loss minimised over the "
                             "permutations of the label); the best checkpoint is then picked by order-free accuracy")
+    optim.add_argument("--patch-loss-weight", type=float, default=10.0,
+                       help="weight of an auxiliary loss that classifies every encoder patch vector as the digit "
+                            "it lies on, or none (0: off, and the model has no patch head)")
     optim.add_argument("--ema-decay", type=float, default=0.999,
                        help="validate, test and ship an exponential moving average of the weights with this decay "
                             "(0: the raw weights)")
@@ -116,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.stem_depth < 0:
         p.error(f"--stem-depth must be >= 0, got {args.stem_depth}")
+    if args.patch_loss_weight < 0:
+        p.error(f"--patch-loss-weight must be >= 0, got {args.patch_loss_weight}")
     if not 0 <= args.label_smoothing < 1 or args.max_steps < 0 or args.num_workers < 0 or args.augment_strength < 0:
         p.error("need 0 <= --label-smoothing < 1 and non-negative --max-steps, --num-workers, --augment-strength")
     return args
@@ -215,6 +221,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.resume:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
         overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES}
+        checkpoint["args"].setdefault("patch_loss_weight", 0.0)  # runs saved before the patch head existed had none
         args = argparse.Namespace(**{**checkpoint["args"], **overrides, "out_dir": args.out_dir or checkpoint["args"]["out_dir"]})
     args.out_dir = args.out_dir or "runs/default"
     out_dir = Path(args.out_dir)
@@ -245,7 +252,7 @@ def train(args: argparse.Namespace) -> dict:
     config = ModelConfig(image_size=canvas_size, patch_size=args.patch_size, stem=args.stem, stem_depth=args.stem_depth,
                          d_model=args.d_model, n_heads=args.n_heads,
                          encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers, ff_mult=args.ff_mult,
-                         dropout=args.dropout, max_digits=args.max_digits)
+                         dropout=args.dropout, max_digits=args.max_digits, patch_head=args.patch_loss_weight > 0)
     model = DigitSequenceTransformer(config).to(device)
     optimizer = configure_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     # The averaged weights are what validation, the test set and model.pt see; the raw ones keep training.
@@ -303,19 +310,23 @@ def train(args: argparse.Namespace) -> dict:
                             generator=torch.Generator().manual_seed(epoch))  # leaves the global RNG alone
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", initial=first_batch, total=steps_per_epoch)
-        for images, labels, _ in bar:
+        for images, labels, _, boxes in bar:
             lr = learning_rate(step, total_steps=total_steps, warmup_steps=args.warmup_steps, lr=args.lr,
                                min_lr_ratio=args.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            memory = model.encode(uint8_to_input(images.to(device)))
             if args.order_free:
-                memory = model.encode(uint8_to_input(images.to(device)))
                 loss = order_free_loss(model, memory, list(labels), label_smoothing=args.label_smoothing)
             else:
                 inputs, targets = (t.to(device) for t in encode_labels(list(labels), args.max_digits))
-                logits = model(uint8_to_input(images.to(device)), inputs)
-                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD,
+                loss = F.cross_entropy(model.decode(memory, inputs).flatten(0, 1), targets.flatten(), ignore_index=PAD,
                                        label_smoothing=args.label_smoothing)
+            if args.patch_loss_weight > 0:
+                # Every patch vector is told which digit it lies on: a dense recognition signal
+                # beside the decoder's three or so tokens per image.
+                patch_classes = patch_targets(boxes.to(device), list(labels), image_size=canvas_size, patch_size=args.patch_size)
+                loss = loss + args.patch_loss_weight * F.cross_entropy(model.patch_head(memory).flatten(0, 1), patch_classes.flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:

@@ -148,3 +148,29 @@ def test_order_free_loss_takes_the_cheapest_ordering_of_each_label(model):
     assert loss <= fixed_order(labels).sum() / 9 + 1e-6  # never dearer than the given order
     loss.backward()  # the minimum passes gradients to the chosen ordering's tokens and to the encoder
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_patch_targets_mark_the_digit_under_each_patch():
+    from model import IGNORE, NO_DIGIT, patch_targets
+
+    # 48x48 image, 8x8 patches (6x6 grid). A "7" fills patches (1, 1)-(2, 2) exactly; a thin "1"
+    # is 3 px wide inside patch (4, 4), where no patch centre falls; the second image is blank.
+    boxes = torch.tensor([[[8, 8, 24, 24], [34, 33, 37, 40], [-1, -1, -1, -1]],
+                          [[-1, -1, -1, -1]] * 3])
+    targets = patch_targets(boxes, ["71", ""], image_size=48, patch_size=8).view(2, 6, 6)
+    expected = torch.full((6, 6), NO_DIGIT)
+    expected[1:3, 1:3] = 7
+    expected[4, 4] = 1  # holds the box centre
+    assert torch.equal(targets[0], expected)
+    assert (targets[1] == NO_DIGIT).all()
+    # A patch the box only grazes is not taught as either answer.
+    grazed = patch_targets(torch.tensor([[[8, 8, 20, 20]]]), ["3"], image_size=48, patch_size=8).view(6, 6)
+    assert grazed[1, 1] == 3 and grazed[2, 2] == IGNORE and grazed[1, 2] == IGNORE and grazed[3, 3] == NO_DIGIT
+
+
+def test_patch_head_classifies_every_patch():
+    config = ModelConfig(**{**CONFIG.__dict__, "patch_head": True})
+    model = DigitSequenceTransformer(config)
+    assert DigitSequenceTransformer(CONFIG).patch_head is None  # off unless asked for: shipped checkpoints load as before
+    memory = model.encode(torch.rand(2, 1, 48, 48))
+    assert model.patch_head(memory).shape == (2, 36, 11)
