@@ -72,13 +72,28 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_d
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
 
 
+def test_a_run_saved_before_the_patch_head_resumes(tmp_path, tiny_data_dir, mnist_root):
+    # Checkpoints written before --patch-loss-weight existed have no such setting; resuming
+    # one must go on without the head rather than fail or grow one.
+    run_script("train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path, "--patch-loss-weight", "0",
+                                                       "--max-steps", "1"))
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    del checkpoint["args"]["patch_loss_weight"], checkpoint["config"]["patch_head"]
+    torch.save(checkpoint, tmp_path / "last.pt")
+    result = run_script("train_encoder_decoder.py", "--resume", str(tmp_path / "last.pt"), "--max-steps", "2")
+    assert "at step 1" in result.stdout
+    resumed = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert resumed["step"] == 2 and not resumed["config"]["patch_head"]
+
+
 def test_sweep_run_type_explains_itself():
     result = run_script("train_encoder_decoder.py", "--run-type", "sweep", check=False)
     assert result.returncode == 2 and "not available yet" in result.stderr
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--lr", "-1"), ("--label-smoothing", "1.5"),
-                                         ("--ema-decay", "1"), ("--stem-depth", "-1")])
+                                         ("--ema-decay", "1"), ("--stem-depth", "-1"),
+                                         ("--patch-loss-weight", "-1")])
 def test_absurd_arguments_are_refused(flag, value):
     result = run_script("train_encoder_decoder.py", flag, value, check=False)
     assert result.returncode == 2 and flag.lstrip("-").split("-")[0] in result.stderr
