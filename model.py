@@ -98,13 +98,13 @@ def patch_targets(boxes: torch.Tensor, labels: list[str], *, image_size: int, pa
     overlaps = real & (px0 < x1) & (px0 + patch_size > x0) & (py0 < y1) & (py0 + patch_size > y0)  # (B, K, N)
     centre = ((y0 + y1) // 2).clamp(0, image_size - 1) // patch_size * grid + ((x0 + x1) // 2).clamp(0, image_size - 1) // patch_size
     holds = real & (((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)) | (torch.arange(grid * grid, device=boxes.device) == centre))
-    digits = torch.full((b, k), IGNORE, dtype=torch.long, device=boxes.device)
+    digits = torch.zeros((b, k), dtype=torch.long, device=boxes.device)
     for row, label in enumerate(labels):
+        assert len(label) == int(real[row].sum()), f"label {label!r} has {len(label)} digits but {int(real[row].sum())} boxes"
         digits[row, : len(label)] = torch.tensor([int(ch) for ch in label], dtype=torch.long)
-    assert bool((digits[real[..., 0]] != IGNORE).all()), "every real box needs a digit in its label"
     targets = torch.where(overlaps.any(dim=1), IGNORE, NO_DIGIT)
     single = holds.sum(dim=1) == 1
-    owner = (holds.long() * digits[..., None].clamp(min=0)).sum(dim=1)  # the digit of the one box that holds it
+    owner = (holds.long() * digits[..., None]).sum(dim=1)  # the digit of the one box that holds it
     return torch.where(single, owner, targets)
 
 
