@@ -56,6 +56,9 @@ from split_multidigit_dataset import SPLITS_FILE, load_splits, prepare_splits
 
 # Flags that may differ when resuming; every other setting comes from the checkpoint.
 RESUME_OVERRIDES = ("resume", "max_steps", "wandb", "num_workers", "device")
+# Flags added after runs had been saved, with the value that reproduces those runs (not the
+# current default), so an older last.pt resumes as the run it was.
+FLAGS_OLDER_RUNS_LACK = {"stem_depth": 0, "ema_decay": 0.0, "patch_loss_weight": 0.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -221,8 +224,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.resume:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
         overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES}
-        checkpoint["args"].setdefault("patch_loss_weight", 0.0)  # runs saved before the patch head existed had none
-        args = argparse.Namespace(**{**checkpoint["args"], **overrides, "out_dir": args.out_dir or checkpoint["args"]["out_dir"]})
+        args = argparse.Namespace(**{**FLAGS_OLDER_RUNS_LACK, **checkpoint["args"], **overrides, "out_dir": args.out_dir or checkpoint["args"]["out_dir"]})
     args.out_dir = args.out_dir or "runs/default"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

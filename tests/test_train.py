@@ -72,18 +72,22 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_d
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
 
 
-def test_a_run_saved_before_the_patch_head_resumes(tmp_path, tiny_data_dir, mnist_root):
-    # Checkpoints written before --patch-loss-weight existed have no such setting; resuming
-    # one must go on without the head rather than fail or grow one.
-    run_script("train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path, "--patch-loss-weight", "0",
-                                                       "--max-steps", "1"))
+def test_a_run_saved_before_newer_flags_resumes(tmp_path, tiny_data_dir, mnist_root):
+    # Checkpoints written before --stem-depth, --ema-decay and --patch-loss-weight existed
+    # have none of them; resuming one must go on as the run it was (no extra convolutions, no
+    # averaged weights, no patch head) rather than fail or grow new parts.
+    run_script("train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path, "--stem-depth", "0",
+                                                       "--ema-decay", "0", "--patch-loss-weight", "0", "--max-steps", "1"))
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
-    del checkpoint["args"]["patch_loss_weight"], checkpoint["config"]["patch_head"]
+    for flag in ("stem_depth", "ema_decay", "patch_loss_weight"):
+        del checkpoint["args"][flag]
+    del checkpoint["config"]["stem_depth"], checkpoint["config"]["patch_head"]
     torch.save(checkpoint, tmp_path / "last.pt")
     result = run_script("train_encoder_decoder.py", "--resume", str(tmp_path / "last.pt"), "--max-steps", "2")
     assert "at step 1" in result.stdout
     resumed = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert resumed["step"] == 2 and not resumed["config"]["patch_head"]
+    assert resumed["step"] == 2 and "ema" not in resumed
+    assert resumed["config"]["stem_depth"] == 0 and not resumed["config"]["patch_head"]
 
 
 def test_sweep_run_type_explains_itself():
