@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 from multidigit_generator import MNIST_FILES, load_mnist
 from split_multidigit_dataset import prepare_splits
 
-TINY_MODEL = ["--patch-size", "12", "--d-model", "32", "--n-heads", "2", "--encoder-layers", "1",
+TINY_MODEL = ["--patch-size", "12", "--stem-width", "16", "--d-model", "32", "--n-heads", "2", "--encoder-layers", "1",
               "--decoder-layers", "1", "--ff-mult", "2"]
 
 

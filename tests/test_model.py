@@ -123,7 +123,8 @@ def test_both_stems_make_one_vector_per_patch(stem, patch_size):
     assert memory.shape == (2, (96 // patch_size) ** 2, 32)
 
 
-@pytest.mark.parametrize("settings, message", [(dict(stem="resnet"), "stem"), (dict(stem="conv", patch_size=6, image_size=48), "multiple of 4")])
+@pytest.mark.parametrize("settings, message", [(dict(stem="resnet"), "stem"), (dict(stem="conv", patch_size=6, image_size=48), "multiple of 4"),
+                                                (dict(stem_width=3), "stem_width")])
 def test_config_rejects_impossible_stems(settings, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**settings)

@@ -73,21 +73,21 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_d
 
 
 def test_a_run_saved_before_newer_flags_resumes(tmp_path, tiny_data_dir, mnist_root):
-    # Checkpoints written before --stem-depth, --ema-decay and --patch-loss-weight existed
-    # have none of them; resuming one must go on as the run it was (no extra convolutions, no
+    # Checkpoints written before --stem-depth, --stem-width, --ema-decay and --patch-loss-weight
+    # existed have none of them; resuming one must go on as the run it was (no extra convolutions, no
     # averaged weights, no patch head) rather than fail or grow new parts.
-    run_script("train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path, "--stem-depth", "0",
+    run_script("train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path, "--stem-depth", "0", "--stem-width", "32",
                                                        "--ema-decay", "0", "--patch-loss-weight", "0", "--max-steps", "1"))
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
-    for flag in ("stem_depth", "ema_decay", "patch_loss_weight"):
+    for flag in ("stem_depth", "stem_width", "ema_decay", "patch_loss_weight"):
         del checkpoint["args"][flag]
-    del checkpoint["config"]["stem_depth"], checkpoint["config"]["patch_head"]
+    del checkpoint["config"]["stem_depth"], checkpoint["config"]["stem_width"], checkpoint["config"]["patch_head"]
     torch.save(checkpoint, tmp_path / "last.pt")
     result = run_script("train_encoder_decoder.py", "--resume", str(tmp_path / "last.pt"), "--max-steps", "2")
     assert "at step 1" in result.stdout
     resumed = torch.load(tmp_path / "last.pt", weights_only=True)
     assert resumed["step"] == 2 and "ema" not in resumed
-    assert resumed["config"]["stem_depth"] == 0 and not resumed["config"]["patch_head"]
+    assert resumed["config"]["stem_depth"] == 0 and resumed["config"]["stem_width"] == 32 and not resumed["config"]["patch_head"]
 
 
 def test_sweep_run_type_explains_itself():
@@ -96,7 +96,7 @@ def test_sweep_run_type_explains_itself():
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--lr", "-1"), ("--label-smoothing", "1.5"),
-                                         ("--ema-decay", "1"), ("--stem-depth", "-1"),
+                                         ("--ema-decay", "1"), ("--stem-depth", "-1"), ("--stem-width", "3"),
                                          ("--patch-loss-weight", "-1")])
 def test_absurd_arguments_are_refused(flag, value):
     result = run_script("train_encoder_decoder.py", flag, value, check=False)
