@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--ff-mult", type=int, default=4)
     model.add_argument("--dropout", type=float, default=0.0, help="fresh data every epoch already prevents memorising")
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=13)
+    optim.add_argument("--epochs", type=int, default=12)
     optim.add_argument("--batch-size", type=int, default=64)
     optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     optim.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decays to lr * this")
