@@ -215,7 +215,7 @@ class ConvPatchEmbedding(nn.Module):
         self.proj = nn.Conv2d(2 * width, d_model, 1)
         self.register_buffer("position", sincos_position_2d(image_size // patch_size, d_model), persistent=False)
         # Channels-last (NHWC) is the layout oneDNN's CPU convolutions run natively: measured
-        # 13 % more training images per second at stem width 64. It also makes the (B, D, h, w)
+        # 125-128 against 103-109 training img/s at stem width 64. It also makes the (B, D, h, w)
         # output already laid out as the (B, h * w, D) sequence the encoder wants.
         self.to(memory_format=torch.channels_last)
 
