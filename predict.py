@@ -74,13 +74,14 @@ def ink_image(image: Image.Image) -> np.ndarray:
         return alpha * ((255.0 - gray) if dark_strokes else gray)
     # Opaque: the border is mostly background, so its median tells paper from ink.
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if np.median(border) > 127:  # dark ink on light paper
-        gray, border = 255.0 - gray, 255.0 - border
+    paper = np.median(border)
+    if paper > 127:  # dark ink on light paper
+        gray, border, paper = 255.0 - gray, 255.0 - border, 255.0 - paper
     # Paper grain, sensor noise and JPEG ringing sit a few levels around the background; three
     # robust standard deviations of the border take them out. The model only ever saw exact
     # black around its strokes, and read leftover speckles as strings of digits.
-    noise = 1.4826 * np.median(np.abs(border - np.median(border)))
-    return gray - np.median(border) - 3 * noise
+    noise = 1.4826 * np.median(np.abs(border - paper))
+    return gray - paper - 3 * noise
 
 
 def to_canvas(image: Image.Image, canvas_size: int) -> np.ndarray:
