@@ -356,8 +356,9 @@ def compose_row(
 class MultiDigitComposer:
     """Draws composites from a pool of MNIST digits. Arguments are checked here, before any work.
 
-    digit_height is the range of ink heights in both layouts. The rest are stress options, off by
-    default: stroke_width_change replaces the random stroke augmentation by exactly that many
+    length_weights are the relative frequencies of 0, 1, ..., max_digits digits (None: every count
+    from min_digits to max_digits equally often). digit_height is the range of ink heights in both
+    layouts. The rest are stress options, off by default: stroke_width_change replaces the random stroke augmentation by exactly that many
     pixels; aspect_stretch multiplies each digit's width by a random factor in that range;
     hug_borders pushes digits against the canvas edges; row_tilt rotates rows by up to that many
     degrees; scan_degradation passes every composite through degrade_like_a_scan."""
@@ -370,6 +371,7 @@ class MultiDigitComposer:
         canvas_size: int = 96,
         min_digits: int = 0,
         max_digits: int = 4,
+        length_weights: tuple[float, ...] | list[float] | None = None,
         layout: str = "mixed",
         augment_strength: float = 1.0,
         min_center_gap: int = 12,
@@ -390,6 +392,12 @@ class MultiDigitComposer:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if not 0 <= min_digits <= max_digits:
             raise ValueError(f"need 0 <= min_digits <= max_digits, got {min_digits} and {max_digits}")
+        if length_weights is not None:
+            if len(length_weights) != max_digits + 1 or min(length_weights) < 0 or sum(length_weights) <= 0:
+                raise ValueError(f"length_weights must be {max_digits + 1} non-negative numbers (for 0 to {max_digits} digits) "
+                                 f"with a positive sum, got {list(length_weights)}")
+            if any(length_weights[:min_digits]):
+                raise ValueError(f"length_weights {list(length_weights)} give weight to fewer than min_digits {min_digits} digits")
         if min_center_gap < 1:
             raise ValueError(f"min_center_gap must be at least 1 pixel, got {min_center_gap}")
         if augment_strength < 0:
@@ -416,6 +424,7 @@ class MultiDigitComposer:
                 )
         self.images, self.labels = images, labels
         self.canvas_size, self.min_digits, self.max_digits = canvas_size, min_digits, max_digits
+        self.length_weights = None if length_weights is None else [float(w) for w in length_weights]
         self.layout, self.augment_strength, self.min_center_gap = layout, augment_strength, min_center_gap
         self.digit_height = (int(digit_height[0]), int(digit_height[1]))
         self.stroke_width_change, self.aspect_stretch = stroke_width_change, (float(aspect_stretch[0]), float(aspect_stretch[1]))
@@ -429,7 +438,10 @@ class MultiDigitComposer:
         return crop
 
     def compose(self, rng: np.random.Generator) -> Composite:
-        n = int(rng.integers(self.min_digits, self.max_digits + 1))
+        if self.length_weights is None:
+            n = int(rng.integers(self.min_digits, self.max_digits + 1))
+        else:
+            n = int(rng.choice(self.max_digits + 1, p=np.asarray(self.length_weights) / sum(self.length_weights)))
         layout = str(rng.choice(["scatter", "row"])) if self.layout == "mixed" else self.layout
         picks = [int(i) for i in rng.integers(0, len(self.images), size=n)]
         crops = [self.prepare_digit(self.images[i], rng) for i in picks]
@@ -447,6 +459,7 @@ class MultiDigitComposer:
     def settings(self) -> dict:
         """Everything that shapes the composites, JSON-ready: MultiDigitComposer(images, labels, **settings) rebuilds it."""
         return dict(canvas_size=self.canvas_size, min_digits=self.min_digits, max_digits=self.max_digits,
+                    length_weights=self.length_weights,
                     layout=self.layout, augment_strength=self.augment_strength, min_center_gap=self.min_center_gap,
                     digit_height=list(self.digit_height), stroke_width_change=self.stroke_width_change,
                     aspect_stretch=list(self.aspect_stretch), hug_borders=self.hug_borders, row_tilt=self.row_tilt,
@@ -562,6 +575,14 @@ def preview_sheet(images: list[np.ndarray], captions: list[str], columns: int = 
     return sheet
 
 
+def parse_weights(text: str) -> list[float]:
+    """"1,3,5,7,9" -> [1.0, 3.0, 5.0, 7.0, 9.0], for argparse."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,3,5,7,9, got {text!r}") from None
+
+
 def add_composer_arguments(parser: argparse.ArgumentParser) -> None:
     """The composition flags shared by this command and split_multidigit_dataset.py."""
     parser.add_argument("--mnist-root", default=default_mnist_root(),
@@ -569,6 +590,8 @@ def add_composer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--canvas-size", type=int, default=96)
     parser.add_argument("--min-digits", type=int, default=0)
     parser.add_argument("--max-digits", type=int, default=4)
+    parser.add_argument("--length-weights", type=parse_weights, metavar="W0,W1,...",
+                        help="relative frequencies of 0, 1, ..., max-digits digits (default: min to max digits equally often)")
     parser.add_argument("--layout", choices=LAYOUTS, default="mixed")
     parser.add_argument("--augment-strength", type=float, default=1.0, help="0 turns per-digit augmentation off")
     parser.add_argument("--min-center-gap", type=int, default=12, help="scatter: least horizontal distance between digit centres")
@@ -577,7 +600,8 @@ def add_composer_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def composer_settings(args: argparse.Namespace) -> dict:
-    return dict(canvas_size=args.canvas_size, min_digits=args.min_digits, max_digits=args.max_digits, layout=args.layout,
+    return dict(canvas_size=args.canvas_size, min_digits=args.min_digits, max_digits=args.max_digits,
+                length_weights=args.length_weights, layout=args.layout,
                 augment_strength=args.augment_strength, min_center_gap=args.min_center_gap, digit_height=args.digit_height)
 
 

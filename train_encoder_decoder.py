@@ -51,6 +51,7 @@ from multidigit_generator import (
     MultiDigitFolder,
     default_mnist_root,
     load_mnist,
+    parse_weights,
 )
 from split_multidigit_dataset import SPLITS_FILE, load_splits, prepare_splits
 
@@ -58,7 +59,7 @@ from split_multidigit_dataset import SPLITS_FILE, load_splits, prepare_splits
 RESUME_OVERRIDES = ("resume", "max_steps", "wandb", "num_workers", "device")
 # Flags added after runs had been saved, with the value that reproduces those runs (not the
 # current default), so an older last.pt resumes as the run it was.
-FLAGS_OLDER_RUNS_LACK = {"stem_depth": 0, "stem_width": 32, "ema_decay": 0.0, "patch_loss_weight": 0.0}
+FLAGS_OLDER_RUNS_LACK = {"length_weights": None, "stem_depth": 0, "stem_width": 32, "ema_decay": 0.0, "patch_loss_weight": 0.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)")
     data.add_argument("--train-images", type=int, default=20000, help="fresh composites per epoch")
     data.add_argument("--max-digits", type=int, default=4)
+    data.add_argument("--length-weights", type=parse_weights, metavar="W0,W1,...",
+                      help="relative frequencies of 0, 1, ..., max-digits digits in training composites (default: "
+                           "1,3,5,...: mostly full canvases, so compute goes to digits rather than to blank paper)")
     data.add_argument("--augment-strength", type=float, default=1.0)
     data.add_argument("--num-workers", type=int,
                       help="processes composing training images (default: none on a CPU, where a worker only "
@@ -116,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--wandb-project", default="digit-sequence-transformer")
     run.add_argument("--log-every", type=int, default=25, help="steps between training-loss logs")
     args = p.parse_args(argv)
+    if args.length_weights is None:
+        args.length_weights = [2.0 * n + 1 for n in range(args.max_digits + 1)]
     positive = ("train_images", "max_digits", "epochs", "batch_size", "patch_size", "d_model", "n_heads",
                 "encoder_layers", "decoder_layers", "ff_mult", "log_every")
     for name in positive:
@@ -123,6 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0 or not 0 <= args.min_lr_ratio <= 1 or args.warmup_steps < 0 or args.weight_decay < 0:
         p.error("need --lr > 0, 0 <= --min-lr-ratio <= 1, --warmup-steps >= 0 and --weight-decay >= 0")
+    if len(args.length_weights) != args.max_digits + 1 or min(args.length_weights) < 0 or sum(args.length_weights) <= 0:
+        p.error(f"--length-weights needs {args.max_digits + 1} non-negative numbers (for 0 to {args.max_digits} digits) "
+                f"with a positive sum, got {args.length_weights}")
     if not 0 <= args.ema_decay < 1:
         p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.stem_depth < 0:
@@ -252,7 +261,8 @@ def train(args: argparse.Namespace) -> dict:
     mnist_images, mnist_labels = load_mnist(args.mnist_root, train=True)
     pool = np.asarray(splits["pools"]["train"])
     composer = MultiDigitComposer(mnist_images[pool], mnist_labels[pool], canvas_size=canvas_size,
-                                  max_digits=args.max_digits, augment_strength=args.augment_strength)
+                                  max_digits=args.max_digits, length_weights=args.length_weights,
+                                  augment_strength=args.augment_strength)
     train_set = FreshComposites(composer, args.train_images, seed=args.seed)
     val_set, test_set = MultiDigitFolder(Path(args.data_dir) / "val"), MultiDigitFolder(Path(args.data_dir) / "test")
     eval_loader = lambda dataset: DataLoader(dataset, batch_size=256)  # noqa: E731

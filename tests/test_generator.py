@@ -109,6 +109,14 @@ def test_lengths_follow_the_requested_range_uniformly(composites, mnist_test):
     assert {len(c.label) for c in narrow} == {2, 3} and {c.layout for c in narrow} == {"row"}
 
 
+def test_length_weights_set_how_often_each_count_is_drawn(mnist_test):
+    images, labels = mnist_test
+    composer = MultiDigitComposer(images, labels, length_weights=[0, 1, 0, 0, 3], augment_strength=0.0)
+    counts = Counter(len(c.label) for c in generate(composer, 400, seed=2, progress=False))
+    assert set(counts) == {1, 4}
+    assert abs(counts[4] - 300) < 4 * np.sqrt(400 * 0.75 * 0.25), counts
+
+
 def test_same_seed_same_bytes(mnist_test):
     images, labels = mnist_test
     composer = MultiDigitComposer(images, labels)
@@ -173,6 +181,10 @@ def test_row_capacity_is_honest(canvas_size, digit_height, tilt):
     (dict(stroke_width_change=5), "stroke_width_change"),
     (dict(aspect_stretch=(1.3, 0.75)), "aspect_stretch"),
     (dict(row_tilt=30), "row_tilt"),
+    (dict(length_weights=[1, 1, 1]), "length_weights"),
+    (dict(length_weights=[1, -1, 1, 1, 1]), "length_weights"),
+    (dict(length_weights=[0, 0, 0, 0, 0]), "length_weights"),
+    (dict(min_digits=2, length_weights=[1, 1, 1, 1, 1]), "fewer than min_digits"),
 ])
 def test_invalid_settings_fail_with_a_clear_message(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -189,7 +201,8 @@ def test_cli_rejects_impossible_arguments_before_loading_mnist(tmp_path):
 
 def test_settings_rebuild_the_composer_from_json(mnist_test):
     images, labels = mnist_test
-    composer = MultiDigitComposer(images, labels, digit_height=(20, 24), stroke_width_change=2, aspect_stretch=(0.8, 1.2),
+    composer = MultiDigitComposer(images, labels, length_weights=[1, 2, 3, 4, 5], digit_height=(20, 24),
+                                  stroke_width_change=2, aspect_stretch=(0.8, 1.2),
                                   hug_borders=True, row_tilt=5.0, scan_degradation=True)
     settings = json.loads(json.dumps(composer.settings()))
     assert settings == composer.settings() and settings["digit_height"] == [20, 24]

@@ -97,7 +97,8 @@ def test_sweep_run_type_explains_itself():
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--lr", "-1"), ("--label-smoothing", "1.5"),
                                          ("--ema-decay", "1"), ("--stem-depth", "-1"), ("--stem-width", "3"),
-                                         ("--patch-loss-weight", "-1")])
+                                         ("--patch-loss-weight", "-1"), ("--length-weights", "1,2"),
+                                         ("--length-weights", "1,x,3,4,5")])
 def test_absurd_arguments_are_refused(flag, value):
     result = run_script("train_encoder_decoder.py", flag, value, check=False)
     assert result.returncode == 2 and flag.lstrip("-").split("-")[0] in result.stderr
