@@ -115,6 +115,7 @@ class ModelConfig:
     stem: str = "conv"  # "conv": a small strided CNN makes the patch embeddings; "linear": flattened patches
     stem_depth: int = 0  # conv stem: extra stride-1 3x3 convolutions at 1/4 resolution and on the patch grid
     stem_width: int = 32  # conv stem channels at 1/4 resolution (half that at 1/2, twice that on the patch grid)
+    stem_full_res: int = 0  # conv stem: channels of a stride-1 3x3 convolution at full resolution, before the first stride (0: none)
     d_model: int = 128
     n_heads: int = 4
     encoder_layers: int = 4
@@ -137,6 +138,8 @@ class ModelConfig:
             raise ValueError(f"the conv stem needs a patch_size that is a multiple of 4, got {self.patch_size}")
         if self.stem_depth < 0:
             raise ValueError(f"stem_depth must be >= 0, got {self.stem_depth}")
+        if self.stem_full_res < 0:
+            raise ValueError(f"stem_full_res must be >= 0, got {self.stem_full_res}")
         if self.stem_width < 2 or self.stem_width % 2:
             raise ValueError(f"stem_width must be an even number >= 2, got {self.stem_width}")
         if min(self.encoder_layers, self.decoder_layers, self.max_digits, self.ff_mult) < 1:
@@ -188,7 +191,9 @@ class ConvPatchEmbedding(nn.Module):
     patch_size / 4, then a 1x1 projection to d_model, so each output vector still stands for
     one patch_size**2 square (same grid, same 2D position code as PatchEmbedding). With depth
     > 0, that many stride-1 3x3 convolutions follow the second stride (at 1/4 resolution) and
-    the third (on the patch grid).
+    the third (on the patch grid). With full_res > 0, a stride-1 3x3 convolution with that
+    many channels reads the image before the first stride, so that thin strokes are seen at
+    full resolution rather than through a stride-2 sampling.
 
     A linear projection must learn strokes and their shifts inside a patch from scratch; the
     convolutions bring that locality with them, and the encoder learns much faster from far
@@ -196,7 +201,7 @@ class ConvPatchEmbedding(nn.Module):
     than a digit) to 47 px (a whole digit and its neighbours) for about 5 % more compute;
     see the README's design notes for the measured differences."""
 
-    def __init__(self, *, image_size: int, patch_size: int, d_model: int, width: int = 32, depth: int = 0):
+    def __init__(self, *, image_size: int, patch_size: int, d_model: int, width: int = 32, depth: int = 0, full_res: int = 0):
         super().__init__()
         self.patch_size = patch_size
 
@@ -205,7 +210,8 @@ class ConvPatchEmbedding(nn.Module):
             return [nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=(kernel - 1) // 2, bias=False),
                     nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
-        layers = conv(1, width // 2, 2) + conv(width // 2, width, 2)
+        layers = (conv(1, full_res, 1) + conv(full_res, width // 2, 2)) if full_res else conv(1, width // 2, 2)
+        layers += conv(width // 2, width, 2)
         for _ in range(depth):
             layers += conv(width, width, 1)
         layers += conv(width, 2 * width, patch_size // 4)
@@ -344,7 +350,7 @@ class DigitSequenceTransformer(nn.Module):
         block = dict(d_model=c.d_model, n_heads=c.n_heads, ff_mult=c.ff_mult, dropout=c.dropout)
         patches = dict(image_size=c.image_size, patch_size=c.patch_size, d_model=c.d_model)
         if c.stem == "conv":
-            self.patch_embed = ConvPatchEmbedding(**patches, width=c.stem_width, depth=c.stem_depth)
+            self.patch_embed = ConvPatchEmbedding(**patches, width=c.stem_width, depth=c.stem_depth, full_res=c.stem_full_res)
         else:
             self.patch_embed = PatchEmbedding(**patches)
         self.encoder = nn.ModuleList(EncoderBlock(**block) for _ in range(c.encoder_layers))

@@ -59,7 +59,7 @@ from split_multidigit_dataset import SPLITS_FILE, load_splits, prepare_splits
 RESUME_OVERRIDES = ("resume", "max_steps", "wandb", "num_workers", "device")
 # Flags added after runs had been saved, with the value that reproduces those runs (not the
 # current default), so an older last.pt resumes as the run it was.
-FLAGS_OLDER_RUNS_LACK = {"length_weights": None, "stem_depth": 0, "stem_width": 32, "ema_decay": 0.0, "patch_loss_weight": 0.0}
+FLAGS_OLDER_RUNS_LACK = {"length_weights": None, "stem_depth": 0, "stem_width": 32, "stem_full_res": 0, "ema_decay": 0.0, "patch_loss_weight": 0.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="conv stem: extra stride-1 3x3 convolutions at 1/4 resolution and on the patch grid")
     model.add_argument("--stem-width", type=int, default=64,
                        help="conv stem: channels at 1/4 resolution (half that before, twice that on the patch grid)")
+    model.add_argument("--stem-full-res", type=int, default=8,
+                       help="conv stem: channels of a stride-1 3x3 convolution at full resolution, before the first stride (0: none)")
     model.add_argument("--stem", choices=STEMS, default="conv", help="how patches become vectors: a small CNN or a linear projection")
     model.add_argument("--d-model", type=int, default=128)
     model.add_argument("--n-heads", type=int, default=4)
@@ -91,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--ff-mult", type=int, default=4)
     model.add_argument("--dropout", type=float, default=0.0, help="fresh data every epoch already prevents memorising")
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=12)
+    optim.add_argument("--epochs", type=int, default=11)
     optim.add_argument("--batch-size", type=int, default=64)
     optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     optim.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decays to lr * this")
@@ -136,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.stem_depth < 0:
         p.error(f"--stem-depth must be >= 0, got {args.stem_depth}")
+    if args.stem_full_res < 0:
+        p.error(f"--stem-full-res must be >= 0, got {args.stem_full_res}")
     if args.stem_width < 2 or args.stem_width % 2:
         p.error(f"--stem-width must be an even number >= 2, got {args.stem_width}")
     if args.patch_loss_weight < 0:
@@ -270,8 +274,8 @@ def train(args: argparse.Namespace) -> dict:
     total_steps = args.epochs * steps_per_epoch
 
     # ---- model and optimiser
-    config = ModelConfig(image_size=canvas_size, patch_size=args.patch_size, stem=args.stem, stem_depth=args.stem_depth, stem_width=args.stem_width,
-                         d_model=args.d_model, n_heads=args.n_heads,
+    config = ModelConfig(image_size=canvas_size, patch_size=args.patch_size, stem=args.stem, stem_depth=args.stem_depth,
+                         stem_width=args.stem_width, stem_full_res=args.stem_full_res, d_model=args.d_model, n_heads=args.n_heads,
                          encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers, ff_mult=args.ff_mult,
                          dropout=args.dropout, max_digits=args.max_digits, patch_head=args.patch_loss_weight > 0)
     model = DigitSequenceTransformer(config).to(device)

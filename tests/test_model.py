@@ -115,16 +115,16 @@ def test_optimizer_decays_matrices_only(model):
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("stem, patch_size", [("conv", 8), ("conv", 12), ("conv", 16), ("linear", 12)])
-def test_both_stems_make_one_vector_per_patch(stem, patch_size):
-    config = ModelConfig(image_size=96, patch_size=patch_size, stem=stem, d_model=32, n_heads=2, encoder_layers=1,
-                         decoder_layers=1, ff_mult=2)
+@pytest.mark.parametrize("stem, patch_size, full_res", [("conv", 8, 0), ("conv", 12, 0), ("conv", 12, 4), ("conv", 16, 0), ("linear", 12, 0)])
+def test_both_stems_make_one_vector_per_patch(stem, patch_size, full_res):
+    config = ModelConfig(image_size=96, patch_size=patch_size, stem=stem, stem_full_res=full_res, d_model=32, n_heads=2,
+                         encoder_layers=1, decoder_layers=1, ff_mult=2)
     memory = DigitSequenceTransformer(config).eval().encode(torch.rand(2, 1, 96, 96))
     assert memory.shape == (2, (96 // patch_size) ** 2, 32)
 
 
 @pytest.mark.parametrize("settings, message", [(dict(stem="resnet"), "stem"), (dict(stem="conv", patch_size=6, image_size=48), "multiple of 4"),
-                                                (dict(stem_width=3), "stem_width")])
+                                                (dict(stem_width=3), "stem_width"), (dict(stem_full_res=-8), "stem_full_res")])
 def test_config_rejects_impossible_stems(settings, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**settings)

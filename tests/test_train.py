@@ -73,21 +73,25 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_d
 
 
 def test_a_run_saved_before_newer_flags_resumes(tmp_path, tiny_data_dir, mnist_root):
-    # Checkpoints written before --stem-depth, --stem-width, --ema-decay and --patch-loss-weight
-    # existed have none of them; resuming one must go on as the run it was (no extra convolutions, no
-    # averaged weights, no patch head) rather than fail or grow new parts.
-    run_script("train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path, "--stem-depth", "0", "--stem-width", "32",
-                                                       "--ema-decay", "0", "--patch-loss-weight", "0", "--max-steps", "1"))
+    # Checkpoints written before --stem-depth, --stem-width, --stem-full-res, --ema-decay,
+    # --patch-loss-weight and --length-weights existed have none of them; resuming one must go on
+    # as the run it was (no extra convolutions, no averaged weights, no patch head, uniform digit
+    # counts) rather than fail or grow new parts.
+    old_recipe = ("--stem-depth", "0", "--stem-width", "32", "--stem-full-res", "0", "--length-weights", "1,1,1,1,1",
+                  "--ema-decay", "0", "--patch-loss-weight", "0")
+    run_script("train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path, *old_recipe, "--max-steps", "1"))
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
-    for flag in ("stem_depth", "stem_width", "ema_decay", "patch_loss_weight"):
+    for flag in ("stem_depth", "stem_width", "stem_full_res", "ema_decay", "patch_loss_weight", "length_weights"):
         del checkpoint["args"][flag]
-    del checkpoint["config"]["stem_depth"], checkpoint["config"]["stem_width"], checkpoint["config"]["patch_head"]
+    for field in ("stem_depth", "stem_width", "stem_full_res", "patch_head"):
+        del checkpoint["config"][field]
     torch.save(checkpoint, tmp_path / "last.pt")
     result = run_script("train_encoder_decoder.py", "--resume", str(tmp_path / "last.pt"), "--max-steps", "2")
     assert "at step 1" in result.stdout
     resumed = torch.load(tmp_path / "last.pt", weights_only=True)
     assert resumed["step"] == 2 and "ema" not in resumed
     assert resumed["config"]["stem_depth"] == 0 and resumed["config"]["stem_width"] == 32 and not resumed["config"]["patch_head"]
+    assert resumed["config"]["stem_full_res"] == 0 and resumed["args"]["length_weights"] is None
 
 
 def test_sweep_run_type_explains_itself():
@@ -96,7 +100,7 @@ def test_sweep_run_type_explains_itself():
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--lr", "-1"), ("--label-smoothing", "1.5"),
-                                         ("--ema-decay", "1"), ("--stem-depth", "-1"), ("--stem-width", "3"),
+                                         ("--ema-decay", "1"), ("--stem-depth", "-1"), ("--stem-width", "3"), ("--stem-full-res", "-1"),
                                          ("--patch-loss-weight", "-1"), ("--length-weights", "1,2"),
                                          ("--length-weights", "1,x,3,4,5")])
 def test_absurd_arguments_are_refused(flag, value):
