@@ -26,9 +26,11 @@ def test_training_writes_loadable_checkpoints_metrics_and_wandb_logs(tiny_run):
     # wandb ran offline and recorded the run locally, ready for `wandb sync`.
     assert list((tiny_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert load_model(tiny_run / "best.pt").config.max_digits == 4
-    # model.pt is what gets shipped: the best weights, config and test metrics, no optimiser state.
+    # model.pt is what gets shipped: the final averaged weights, config and test metrics, no optimiser state.
     export = torch.load(tiny_run / "model.pt", map_location="cpu", weights_only=True)
     assert "optimizer" not in export and export["test_metrics"] == test
+    final = torch.load(tiny_run / "last.pt", map_location="cpu", weights_only=True)["ema"]
+    assert export["model"].keys() == final.keys() and all(torch.equal(export["model"][k], final[k]) for k in final)
     assert load_model(tiny_run / "model.pt").config == load_model(tiny_run / "best.pt").config
 
 
