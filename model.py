@@ -192,8 +192,8 @@ class ConvPatchEmbedding(nn.Module):
     one patch_size**2 square (same grid, same 2D position code as PatchEmbedding). With depth
     > 0, that many stride-1 3x3 convolutions follow the second stride (at 1/4 resolution) and
     the third (on the patch grid). With full_res > 0, a stride-1 3x3 convolution with that
-    many channels reads the image before the first stride, so that thin strokes are seen at
-    full resolution rather than through a stride-2 sampling.
+    many channels reads the image before the first stride, so that the first features (thin
+    strokes included) are computed at every pixel rather than at every other one.
 
     A linear projection must learn strokes and their shifts inside a patch from scratch; the
     convolutions bring that locality with them, and the encoder learns much faster from far

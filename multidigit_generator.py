@@ -358,10 +358,11 @@ class MultiDigitComposer:
 
     length_weights are the relative frequencies of 0, 1, ..., max_digits digits (None: every count
     from min_digits to max_digits equally often). digit_height is the range of ink heights in both
-    layouts. The rest are stress options, off by default: stroke_width_change replaces the random stroke augmentation by exactly that many
-    pixels; aspect_stretch multiplies each digit's width by a random factor in that range;
-    hug_borders pushes digits against the canvas edges; row_tilt rotates rows by up to that many
-    degrees; scan_degradation passes every composite through degrade_like_a_scan."""
+    layouts. The rest are stress options, off by default: stroke_width_change replaces the random
+    stroke augmentation by exactly that many pixels; aspect_stretch multiplies each digit's width
+    by a random factor in that range; hug_borders pushes digits against the canvas edges;
+    row_tilt rotates rows by up to that many degrees; scan_degradation passes every composite
+    through degrade_like_a_scan."""
 
     def __init__(
         self,
@@ -576,7 +577,7 @@ def preview_sheet(images: list[np.ndarray], captions: list[str], columns: int = 
 
 
 def parse_weights(text: str) -> list[float]:
-    """"1,3,5,7,9" -> [1.0, 3.0, 5.0, 7.0, 9.0], for argparse."""
+    """Parse "1,3,5,7,9" into [1.0, 3.0, 5.0, 7.0, 9.0], for argparse."""
     try:
         return [float(part) for part in text.split(",")]
     except ValueError:
