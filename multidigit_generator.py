@@ -353,6 +353,13 @@ def compose_row(
     return canvas, boxes
 
 
+def check_length_weights(weights: list[float] | tuple[float, ...], max_digits: int) -> None:
+    """Raise ValueError unless weights can be the relative frequencies of 0, 1, ..., max_digits digits."""
+    if len(weights) != max_digits + 1 or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"length_weights must be {max_digits + 1} non-negative numbers (for 0 to {max_digits} digits) "
+                         f"with a positive sum, got {list(weights)}")
+
+
 class MultiDigitComposer:
     """Draws composites from a pool of MNIST digits. Arguments are checked here, before any work.
 
@@ -394,9 +401,7 @@ class MultiDigitComposer:
         if not 0 <= min_digits <= max_digits:
             raise ValueError(f"need 0 <= min_digits <= max_digits, got {min_digits} and {max_digits}")
         if length_weights is not None:
-            if len(length_weights) != max_digits + 1 or min(length_weights) < 0 or sum(length_weights) <= 0:
-                raise ValueError(f"length_weights must be {max_digits + 1} non-negative numbers (for 0 to {max_digits} digits) "
-                                 f"with a positive sum, got {list(length_weights)}")
+            check_length_weights(length_weights, max_digits)
             if any(length_weights[:min_digits]):
                 raise ValueError(f"length_weights {list(length_weights)} give weight to fewer than min_digits {min_digits} digits")
         if min_center_gap < 1:

@@ -49,6 +49,7 @@ from multidigit_generator import (
     MnistUnavailableError,
     MultiDigitComposer,
     MultiDigitFolder,
+    check_length_weights,
     default_mnist_root,
     load_mnist,
     parse_weights,
@@ -131,9 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0 or not 0 <= args.min_lr_ratio <= 1 or args.warmup_steps < 0 or args.weight_decay < 0:
         p.error("need --lr > 0, 0 <= --min-lr-ratio <= 1, --warmup-steps >= 0 and --weight-decay >= 0")
-    if len(args.length_weights) != args.max_digits + 1 or min(args.length_weights) < 0 or sum(args.length_weights) <= 0:
-        p.error(f"--length-weights needs {args.max_digits + 1} non-negative numbers (for 0 to {args.max_digits} digits) "
-                f"with a positive sum, got {args.length_weights}")
+    try:
+        check_length_weights(args.length_weights, args.max_digits)
+    except ValueError as error:
+        p.error(f"--length-weights: {error}")
     if not 0 <= args.ema_decay < 1:
         p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.stem_depth < 0:
