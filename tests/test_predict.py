@@ -7,6 +7,7 @@ from PIL import Image, ImageDraw
 
 import predict
 from multidigit_generator import MultiDigitComposer, generate
+from drawing import draw_on_pad, number_strokes
 from predict import main, open_image, to_canvas
 
 # The model card reports the shipped model's test accuracy; this is a floor well inside it,
@@ -27,32 +28,86 @@ def test_a_dataset_image_reaches_the_model_unchanged(composite):
     assert np.array_equal(to_canvas(Image.fromarray(composite.image), 96), composite.image)
 
 
-def test_dark_ink_on_light_paper_is_inverted_and_fitted_keeping_aspect_ratio(composite):
-    paper = Image.fromarray(255 - composite.image).resize((400, 400)).convert("RGB")
+def test_dark_ink_on_light_paper_is_inverted_and_its_digits_scaled_to_the_trained_height(composite):
+    # Four times the size on a wide white page: digits 72-112 px high, far above the 18-28 trained.
+    paper = Image.fromarray(255 - composite.image).resize((384, 384), Image.BILINEAR).convert("RGB")
     wide = Image.new("RGB", (800, 400), "white")
-    wide.paste(paper, (200, 0))
+    wide.paste(paper, (100, 8))
     canvas = to_canvas(wide, 96)
-    # 800x400 becomes 96x48, centred: rows 0-23 and 72-95 are black, the ink is in the band.
-    assert canvas[:24].max() == 0 and canvas[72:].max() == 0
-    band = np.asarray(Image.fromarray(composite.image).resize((48, 48)), dtype=float)
-    assert np.corrcoef(canvas[24:72, 24:72].ravel(), band.ravel())[0, 1] > 0.9
+    measure = predict.measure_ink(canvas)
+    assert abs(measure.digit_height - 23) <= 1.5  # the middle of the trained range
+    x0, y0, x1, y1 = measure.box
+    assert abs((x0 + x1) / 2 - 48) <= 1 and abs((y0 + y1) / 2 - 48) <= 1  # centred
+    # The same strokes, only smaller: the composite's ink scaled to the canvas's ink box.
+    cx0, cy0, cx1, cy1 = predict.measure_ink(composite.image).box
+    original = Image.fromarray(composite.image[cy0:cy1, cx0:cx1]).resize((x1 - x0, y1 - y0), Image.BILINEAR)
+    assert abs((x1 - x0) / (y1 - y0) - (cx1 - cx0) / (cy1 - cy0)) < 0.1  # aspect ratio kept
+    assert np.corrcoef(canvas[y0:y1, x0:x1].ravel(), np.asarray(original, dtype=float).ravel())[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("height, canvas_size", [(14, 96), (40, 160)])
+def test_digits_smaller_or_larger_than_trained_are_scaled_into_range_and_read(mnist_test, height, canvas_size):
+    images, labels = mnist_test
+    composer = MultiDigitComposer(images, labels, canvas_size=canvas_size, digit_height=(height, height), augment_strength=0.0)
+    composites = [c for c in generate(composer, 100, seed=5, progress=False) if c.label]
+    canvases = [to_canvas(Image.fromarray(c.image), 96) for c in composites]
+    heights = [predict.measure_ink(canvas).digit_height for canvas in canvases]
+    assert 20 <= np.median(heights) <= 26
+    readings = predict.read_canvases(predict.load_model(predict.DEFAULT_CHECKPOINT), canvases)
+    correct = sum(r.digits == c.label for r, c in zip(readings, composites))
+    assert correct / len(composites) >= 0.85, f"{correct} of {len(composites)} read exactly"
+
+
+@pytest.mark.parametrize("pad_size, left, top, height, pen", [
+    ((1600, 1000), 1150, 850, 80, 8),  # small, in the bottom right corner of a large pad
+    ((1600, 1000), 100, 200, 400, 40),  # filling the pad with a fat pen
+])
+def test_a_number_drawn_on_a_pad_is_read_wherever_and_however_large(pad_size, left, top, height, pen):
+    pad = draw_on_pad(number_strokes("2026", left=left, top=top, height=height), pad_size, pen)
+    reading = predict.read_canvases(predict.load_model(predict.DEFAULT_CHECKPOINT), [to_canvas(pad, 96)])[0]
+    assert reading.digits == "2026"
+
+
+def test_a_tap_on_the_pad_is_not_a_digit():
+    pad = Image.new("RGBA", (640, 320), (0, 0, 0, 0))
+    ImageDraw.Draw(pad).ellipse((300, 150, 318, 168), fill="black")
+    assert to_canvas(pad, 96).max() == 0
+
+
+def test_attention_maps_point_at_each_digit_read(mnist_test):
+    images, labels = mnist_test
+    composites = generate(MultiDigitComposer(images, labels, min_digits=1, augment_strength=0.0), 40, seed=11, progress=False)
+    model = predict.load_model(predict.DEFAULT_CHECKPOINT)
+    on_target = total = 0
+    for c, reading in zip(composites, predict.read_canvases(model, [c.image for c in composites])):
+        if reading.digits != c.label:
+            continue
+        maps = predict.attention_maps(model, c.image, reading.digits)
+        assert maps.shape == (len(c.label), 96, 96) and np.allclose(maps.max(axis=(1, 2)), 1.0)
+        for attention, (x0, y0, x1, y1) in zip(maps, c.boxes):
+            y, x = np.unravel_index(attention.argmax(), attention.shape)  # top-left pixel of the most attended patch
+            on_target += (x0 - 12 < x < x1) and (y0 - 12 < y < y1)  # that 12 px patch overlaps the digit
+            total += 1
+    assert total >= 80 and on_target / total >= 0.95, f"{on_target} of {total} digits"
 
 
 def test_scanned_pages_lose_their_noise_and_are_read(mnist_test):
-    # Grey paper, blur, sensor noise and JPEG (the scanner stress set's degradation): the
-    # canvas must be exact black away from the ink, and the shipped model must read it.
+    # Grey paper, blur, sensor noise and JPEG (the scanner stress set's degradation): the ink
+    # map must be black away from the ink, and the shipped model must read the canvases.
     images, labels = mnist_test
     composer = MultiDigitComposer(images, labels, augment_strength=0.0, scan_degradation=True)
     composites = generate(composer, 200, seed=4242, progress=False)
-    canvases = [to_canvas(Image.fromarray(c.image), 96) for c in composites]
-    for c, canvas in zip(composites, canvases):
+    for c in composites:
+        ink = predict.ink_image(Image.fromarray(c.image)).clip(0, None)
+        ink = ink * (255 / ink.max()) if ink.max() >= predict.MIN_CONTRAST else 0 * ink  # as to_canvas stretches it
         far_from_ink = np.ones((96, 96), dtype=bool)
         for x0, y0, x1, y1 in c.boxes:
             far_from_ink[max(0, y0 - 4) : y1 + 4, max(0, x0 - 4) : x1 + 4] = False
-        assert (canvas[far_from_ink] <= 16).mean() > 0.99, "background noise survived preprocessing"
+        assert (ink[far_from_ink] <= 16).mean() > 0.99, "background noise survived preprocessing"
+    canvases = [to_canvas(Image.fromarray(c.image), 96) for c in composites]
     readings = predict.read_canvases(predict.load_model(predict.DEFAULT_CHECKPOINT), canvases)
     correct = sum(r.digits == c.label for r, c in zip(readings, composites))
-    assert correct / len(composites) >= 0.8, f"{correct} of {len(composites)} scanned composites read exactly"  # measured: 91.7 % of 2,000
+    assert correct / len(composites) >= 0.8, f"{correct} of {len(composites)} scanned composites read exactly"  # measured: 89.3 % of 2,000
 
 
 @pytest.mark.parametrize("stroke", ["black", "white", "blue"])
@@ -69,7 +124,7 @@ def test_unreadable_and_oversized_files_raise_clear_errors(tmp_path, monkeypatch
         open_image(tmp_path / "junk.png")
     Image.new("L", (300, 300)).save(tmp_path / "big.png")
     monkeypatch.setattr(predict, "MAX_IMAGE_PIXELS", 10_000)
-    with pytest.raises(ValueError, match="pixel limit"):
+    with pytest.raises(ValueError, match="image is 300x300, over the 10,000-pixel limit"):
         open_image(tmp_path / "big.png")
 
 
