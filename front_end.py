@@ -82,7 +82,9 @@ def uploaded_image() -> Image.Image | None:
     except ValueError as error:
         st.error(f"{upload.name}: {error}")
         return None
-    st.image(image, caption=f"{upload.name} ({image.width}x{image.height})", width=min(image.width, 2 * VIEW_SIZE))
+    preview = image.convert("RGBA")  # any mode predict reads (16-bit, palette, ...) shows
+    preview.thumbnail((2 * VIEW_SIZE, 2 * VIEW_SIZE))  # a photo's megapixels need not travel to the browser
+    st.image(preview, caption=f"{upload.name} ({image.width}x{image.height})")
     return image
 
 

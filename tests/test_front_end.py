@@ -186,7 +186,10 @@ def test_drawing_2026_with_the_mouse_in_chromium_reads_2026(streamlit_server, tm
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+                                             # No sandbox (CI runs as root) and no calls home: the machine has no network.
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                   "--disable-quic", "--disable-component-update", "--disable-sync",
+                                                   "--no-first-run"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1200})
             page.goto(streamlit_server)
@@ -205,5 +208,8 @@ def test_drawing_2026_with_the_mouse_in_chromium_reads_2026(streamlit_server, tm
             screenshot = Path(os.environ.get("FRONT_END_SCREENSHOT", tmp_path / "front_end.png"))
             page.screenshot(path=screenshot, full_page=True)
             print(f"drew 2026, read 2026; screenshot: {screenshot}")
+            page.get_by_role("button", name="Clear the pad").click()
+            expect(page.get_by_text("Draw some digits")).to_be_visible(timeout=30_000)
+            expect(page.locator(".digits-read")).to_have_count(0)
         finally:
             browser.close()
