@@ -2,6 +2,8 @@
 
     uv run python train_encoder_decoder.py                         # the default run
     uv run python train_encoder_decoder.py --resume runs/default/last.pt
+    uv run python train_encoder_decoder.py --run-type sweep --count 8  # trials of sweep_config.py (see sweep())
+    uv run python train_encoder_decoder.py --config best_config.json   # flag values from a JSON file
 
 Reads top to bottom: arguments, data (the digit pools and the val/test sets are made on the
 first run), model and optimiser, wandb, the training loop (fresh composites every epoch,
@@ -55,6 +57,7 @@ from multidigit_generator import (
     parse_weights,
 )
 from split_multidigit_dataset import SPLITS_FILE, load_splits, prepare_splits
+from sweep_config import SWEEP, TRIAL_DEFAULTS, sample_trials
 
 # Flags that may differ when resuming; every other setting comes from the checkpoint.
 RESUME_OVERRIDES = ("resume", "max_steps", "wandb", "num_workers", "device")
@@ -65,7 +68,12 @@ FLAGS_OLDER_RUNS_LACK = {"length_weights": None, "stem_depth": 0, "stem_width": 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-type", choices=("train", "sweep"), default="train")
+    p.add_argument("--run-type", choices=("train", "sweep"), default="train",
+                   help="sweep: train one trial after another with settings from sweep_config.py (online with a W&B "
+                        "login, else sampled here), print a summary and write the best settings to best_config.json")
+    p.add_argument("--count", type=int, help="sweep: number of trials (default: 8; a grid sweep: all its combinations)")
+    p.add_argument("--config", metavar="FILE", help="JSON object of flag values (as best_config.json holds: "
+                   '{"lr": 0.002, "d_model": 96, ...}); flags given on the command line win')
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", default="data", help="holds splits.json, val/ and test/; made on first use")
     data.add_argument("--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)")
@@ -120,9 +128,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
     run.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
                      help="auto: online when logged in to W&B, offline otherwise")
+    run.add_argument("--offline", dest="wandb", action="store_const", const="offline", help="the same as --wandb offline")
     run.add_argument("--wandb-project", default="digit-sequence-transformer")
     run.add_argument("--log-every", type=int, default=25, help="steps between training-loss logs")
     args = p.parse_args(argv)
+    # Defaults that depend on other flags: a sweep trial's short budget, then the --config file.
+    defaults = dict(TRIAL_DEFAULTS) if args.run_type == "sweep" else {}
+    if args.config:
+        try:
+            config = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as error:
+            p.error(f"--config {args.config}: {error}")
+        if not isinstance(config, dict):
+            p.error(f"--config {args.config}: expected a JSON object of flag values, got {type(config).__name__}")
+        unknown = sorted(k for k in config if k not in vars(args) or k == "config")
+        if unknown:
+            p.error(f"--config {args.config}: not training flags: {', '.join(unknown)}")
+        defaults.update(config)
+    if defaults:
+        p.set_defaults(**defaults)
+        args = p.parse_args(argv)
     if args.length_weights is None:
         args.length_weights = [2.0 * n + 1 for n in range(args.max_digits + 1)]
     positive = ("train_images", "max_digits", "epochs", "batch_size", "patch_size", "d_model", "n_heads",
@@ -148,6 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--patch-loss-weight must be >= 0, got {args.patch_loss_weight}")
     if not 0 <= args.label_smoothing < 1 or args.max_steps < 0 or (args.num_workers or 0) < 0 or args.augment_strength < 0:
         p.error("need 0 <= --label-smoothing < 1 and non-negative --max-steps, --num-workers, --augment-strength")
+    if args.count is not None and (args.count < 1 or args.run_type != "sweep"):
+        p.error(f"--count is the number of sweep trials: at least 1, with --run-type sweep (got {args.count})")
     return args
 
 
@@ -239,7 +266,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(args: argparse.Namespace, run=None) -> dict:
+    """One training run; returns its results, with the last validation metrics under "val" by
+    the names they are logged with. run: a wandb run already started (by a sweep agent)."""
     # ---- resume: every setting comes from the checkpoint, except RESUME_OVERRIDES
     checkpoint = None
     if args.resume:
@@ -315,8 +344,11 @@ def train(args: argparse.Namespace) -> dict:
     # ---- wandb
     import wandb  # imported here: slow to import, and not needed for --help
 
-    run = wandb.init(project=args.wandb_project, mode=wandb_mode(args.wandb), id=wandb_id, resume="allow",
-                     config={**vars(args), "parameters": model.num_parameters()})
+    if run is None:
+        run = wandb.init(project=args.wandb_project, mode=wandb_mode(args.wandb), id=wandb_id, resume="allow",
+                         config={**vars(args), "parameters": model.num_parameters()})
+    else:
+        run.config.update({**vars(args), "parameters": model.num_parameters()}, allow_val_change=True)
 
     def state() -> dict:
         return {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -327,6 +359,7 @@ def train(args: argparse.Namespace) -> dict:
     # ---- training loop
     # An order-free model may read the digits in any order, so exact match would misjudge it.
     selection_metric = "order_free_accuracy" if args.order_free else "sequence_accuracy"
+    logged: dict = {}  # the last validation's metrics, as logged
     started = time.time()
     while step < total_steps:
         epoch, first_batch = divmod(step, steps_per_epoch)
@@ -378,7 +411,8 @@ def train(args: argparse.Namespace) -> dict:
         table = wandb.Table(columns=["image", "truth", "prediction", "correct"])
         for image, label, prediction in samples:
             table.add_data(wandb.Image(image.numpy()), label, prediction, label == prediction)
-        run.log({**{f"val/{k}": v for k, v in metrics.items()}, "val/samples": table, "epoch": epoch + 1}, step=step)
+        logged = {f"val/{k}": v for k, v in metrics.items()}  # under these names for wandb, the sweep and train()'s result
+        run.log({**logged, "val/samples": table, "epoch": epoch + 1}, step=step)
         if metrics[selection_metric] > best_accuracy:
             best_accuracy = metrics[selection_metric]
             save_checkpoint(out_dir / "best.pt", state())
@@ -392,29 +426,114 @@ def train(args: argparse.Namespace) -> dict:
     # They are what model.pt ships, not best.pt's: on 2,000 validation images the epochs near
     # the end differ by a few images, and picking among them picked noise (see the README).
     wall = time.time() - started
-    test_metrics, _ = evaluate(evaluated, eval_loader(test_set), device, desc="testing")
+    test_metrics = None  # a sweep trial ranks settings on validation: the test set is for the chosen one
+    if args.run_type != "sweep":
+        test_metrics, _ = evaluate(evaluated, eval_loader(test_set), device, desc="testing")
     best_epoch = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True)["epoch"]
-    result = {"test": test_metrics, f"val_best_{selection_metric}": best_accuracy, "best_epoch": best_epoch,
+    result = {"test": test_metrics, "val": logged,
+              f"val_best_{selection_metric}": best_accuracy, "best_epoch": best_epoch,
               "train_wall_seconds": wall, "train_images_per_second": total_steps * args.batch_size / wall,
               "parameters": model.num_parameters(), "device": str(device), "args": vars(args)}
     (out_dir / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     save_checkpoint(out_dir / "model.pt", {"config": asdict(config), "model": evaluated.state_dict(), "args": vars(args),
                                            "step": step, "epoch": step // steps_per_epoch, "test_metrics": test_metrics})
-    print(format_metrics("test", test_metrics))
+    if test_metrics is not None:
+        print(format_metrics("test", test_metrics))
+        run.summary.update({f"test/{k}": v for k, v in test_metrics.items()})
     print(f"wrote {out_dir / 'best.pt'}, {out_dir / 'last.pt'}, {out_dir / 'test_metrics.json'} and {out_dir / 'model.pt'} "
           "(weights and config only: predict.py --checkpoint, or copy it to checkpoints/digit_transformer.pt to ship it)")
-    run.summary.update({f"test/{k}": v for k, v in test_metrics.items()})
     run.finish()
     return result
 
 
+def trial_flags(parameters: dict) -> list[str]:
+    """{"d_model": 96, "lr": 0.002} -> ["--d-model", "96", "--lr", "0.002"]: a trial's settings
+    go through the same parser, and the same checks, as a command line."""
+    return [str(part) for name, value in parameters.items() for part in (f"--{name.replace('_', '-')}", value)]
+
+
+def summary_table(rows: list[dict], metric: str) -> str:
+    """Markdown table of the trials: number, searched settings, metric, minutes."""
+    names = list(SWEEP["parameters"])
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| trial | " + " | ".join(names) + f" | {metric} | minutes |", "|---" * (len(names) + 3) + "|"]
+    for row in rows:
+        score = "failed: " + row["error"] if "error" in row else f"{row[metric]:.4f}"
+        lines.append(f"| {row['trial']} | " + " | ".join(cell(row["parameters"][n]) for n in names)
+                     + f" | {score} | {row['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    """Trials of sweep_config.SWEEP: through wandb's server and agent when logged in, else
+    sampled here, each an offline wandb run. Every trial is a normal train() with the trial's
+    settings added to this command line; the summary and the best settings are written to
+    OUT_DIR (default runs/sweep-DATE-TIME)."""
+    sweep_dir = Path(args.out_dir or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    metric = SWEEP["metric"]["name"]
+    rows: list[dict] = []
+
+    def run_trial(parameters: dict, run=None) -> bool:
+        """Train one trial and record its row; False if it was interrupted (Ctrl-C)."""
+        number = len(rows) + 1
+        print(f"\n== trial {number}: " + " ".join(trial_flags(parameters)), flush=True)
+        started = time.time()
+        row = {"trial": number, "parameters": parameters}
+        try:
+            result = train(parse_args([*argv, *trial_flags(parameters), "--out-dir", str(sweep_dir / f"trial-{number:02d}")]), run=run)
+        except (ValueError, SystemExit) as error:  # settings the model refuses, or the parser (which exits)
+            row["error"] = "refused by the argument parser (see above)" if isinstance(error, SystemExit) else str(error)
+            if run is not None:
+                run.finish(exit_code=1)
+        else:
+            if "val" not in result:
+                return False
+            row[metric] = result["val"][metric]
+        rows.append({**row, "minutes": (time.time() - started) / 60})
+        return True
+
+    if wandb_mode(args.wandb) == "online":
+        import wandb
+
+        def agent_trial() -> None:
+            # The agent's run is started here so that the settings it sampled (run.config) are
+            # known before the model is built; train() then logs to that run.
+            run = wandb.init()
+            run_trial(dict(run.config), run=run)
+
+        sweep_id = wandb.sweep(SWEEP, project=args.wandb_project)
+        wandb.agent(sweep_id, function=agent_trial, project=args.wandb_project, count=args.count or 8)
+    else:
+        print(f"sweep offline: {SWEEP['method']} search of sweep_config.py sampled here, every trial to its full budget "
+              f"(early termination needs the W&B server); each trial is an offline wandb run (`wandb sync`)")
+        for parameters in sample_trials(SWEEP, args.count or (None if SWEEP["method"] == "grid" else 8), seed=args.seed):
+            if not run_trial(parameters):
+                print("sweep interrupted: summarising the finished trials")
+                break
+
+    table = summary_table(rows, metric)
+    (sweep_dir / "summary.md").write_text(table + "\n")
+    (sweep_dir / "summary.json").write_text(json.dumps({"metric": metric, "trials": rows}, indent=2) + "\n")
+    print("\n" + table)
+    scored = [row for row in rows if metric in row]
+    if not scored:
+        print(f"no trial finished; nothing written to {sweep_dir / 'best_config.json'}", file=sys.stderr)
+        return 1
+    pick = max if SWEEP["metric"]["goal"] == "maximize" else min
+    best = pick(scored, key=lambda row: row[metric])
+    (sweep_dir / "best_config.json").write_text(json.dumps(best["parameters"], indent=2) + "\n")
+    print(f"\nbest: trial {best['trial']}, {metric} {best[metric]:.4f}; its settings are in {sweep_dir / 'best_config.json'}:\n"
+          f"  uv run python train_encoder_decoder.py --config {sweep_dir / 'best_config.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.run_type == "sweep":
-        print("--run-type sweep is not available yet (it is planned: wandb sweeps online and offline). "
-              "Use --run-type train.", file=sys.stderr)
-        return 2
     try:
+        if args.run_type == "sweep":
+            return sweep(args, argv)
         train(args)
     except (MnistUnavailableError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

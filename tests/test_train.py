@@ -96,15 +96,10 @@ def test_a_run_saved_before_newer_flags_resumes(tmp_path, tiny_data_dir, mnist_r
     assert resumed["config"]["stem_full_res"] == 0 and resumed["args"]["length_weights"] is None
 
 
-def test_sweep_run_type_explains_itself():
-    result = run_script("train_encoder_decoder.py", "--run-type", "sweep", check=False)
-    assert result.returncode == 2 and "not available yet" in result.stderr
-
-
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--lr", "-1"), ("--label-smoothing", "1.5"),
                                          ("--ema-decay", "1"), ("--stem-depth", "-1"), ("--stem-width", "3"), ("--stem-full-res", "-1"),
                                          ("--patch-loss-weight", "-1"), ("--length-weights", "1,2"),
-                                         ("--length-weights", "1,x,3,4,5")])
+                                         ("--length-weights", "1,x,3,4,5"), ("--count", "2")])
 def test_absurd_arguments_are_refused(flag, value):
     result = run_script("train_encoder_decoder.py", flag, value, check=False)
     assert result.returncode == 2 and flag.lstrip("-").split("-")[0] in result.stderr

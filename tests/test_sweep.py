@@ -1,0 +1,92 @@
+"""Sweeps: the config is made of real training flags and a logged metric, the offline sampler
+follows wandb's spec, and an offline sweep runs end to end and picks a config a run can load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_script
+from model import ModelConfig
+from sweep_config import SWEEP, TRIAL_DEFAULTS, sample_trials
+
+
+@pytest.fixture(scope="module")
+def training_help() -> str:
+    return run_script("train_encoder_decoder.py", "--help").stdout
+
+
+def test_every_sweep_parameter_and_trial_default_is_a_training_flag(training_help):
+    for name in [*SWEEP["parameters"], *TRIAL_DEFAULTS]:
+        assert f"--{name.replace('_', '-')} " in training_help, f"{name} is not a flag of train_encoder_decoder.py"
+    assert SWEEP["method"] in ("random", "grid", "bayes") and SWEEP["metric"]["goal"] in ("maximize", "minimize")
+
+
+def test_every_sampled_trial_builds_a_model():
+    # 200 draws: every combination the sweep can produce is a valid model (heads divide the
+    # width, patches tile the canvas) with settings in the ranges the training flags accept.
+    for trial in sample_trials(SWEEP, 200, seed=0):
+        ModelConfig(d_model=trial["d_model"], n_heads=trial["n_heads"], patch_size=trial["patch_size"],
+                    encoder_layers=trial["encoder_layers"], decoder_layers=trial["decoder_layers"], dropout=trial["dropout"])
+        assert 3e-4 <= trial["lr"] <= 3e-3 and 0 <= trial["label_smoothing"] < 1 and trial["augment_strength"] >= 0
+
+
+def test_the_offline_sampler_follows_wandbs_spec():
+    spec = {"method": "grid", "parameters": {"a": {"values": [1, 2, 3]}, "b": {"value": "x"}, "c": {"values": [0.1, 0.2]}}}
+    grid = sample_trials(spec, None, seed=0)
+    assert len(grid) == 6 and {(t["a"], t["b"], t["c"]) for t in grid} == {(a, "x", c) for a in (1, 2, 3) for c in (0.1, 0.2)}
+    assert sample_trials(spec, 4, seed=0) == grid[:4]
+    spec = {"method": "random", "parameters": {"lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+                                               "n": {"min": 1, "max": 3}, "p": {"values": ["a", "b"], "probabilities": [1, 0]}}}
+    trials = sample_trials(spec, 400, seed=1)
+    assert trials == sample_trials(spec, 400, seed=1)  # a seed gives the same sweep
+    logs = [math.log10(t["lr"]) for t in trials]
+    assert min(logs) >= -4 and max(logs) <= -2 and abs(sum(logs) / len(logs) + 3) < 0.1  # uniform in log space
+    assert {t["n"] for t in trials} == {1, 2, 3} and {t["p"] for t in trials} == {"a"}
+    with pytest.raises(ValueError, match="needs the W&B server"):
+        sample_trials({**spec, "method": "bayes"}, 2, seed=0)
+    with pytest.raises(ValueError, match="not supported offline"):
+        sample_trials({"method": "random", "parameters": {"x": {"distribution": "normal", "min": 0, "max": 1}}}, 1, seed=0)
+    with pytest.raises(ValueError, match="grid sweep needs value or values"):
+        sample_trials({"method": "grid", "parameters": {"x": {"min": 0.0, "max": 1.0}}}, None, seed=0)
+
+
+def test_an_offline_sweep_of_two_tiny_trials_writes_a_summary_and_a_best_config_a_run_loads(tmp_path, tiny_data_dir, mnist_root):
+    sweep_dir = tmp_path / "sweep"
+    result = run_script("train_encoder_decoder.py", "--run-type", "sweep", "--count", "2", "--offline",
+                        "--data-dir", str(tiny_data_dir), "--mnist-root", str(mnist_root), "--out-dir", str(sweep_dir),
+                        "--epochs", "1", "--train-images", "64", env={"WANDB_DIR": str(tmp_path)})
+    metric = SWEEP["metric"]["name"]
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["metric"] == metric and [t["trial"] for t in summary["trials"]] == [1, 2]
+    assert all(0 <= t[metric] <= 1 and set(t["parameters"]) == set(SWEEP["parameters"]) for t in summary["trials"])
+    table = (sweep_dir / "summary.md").read_text()
+    assert table in result.stdout and len(table.splitlines()) == 4  # header, rule, two trials
+    # Each trial is a normal training run (its own folder, checkpoints) and an offline wandb run.
+    for number in (1, 2):
+        checkpoint = torch.load(sweep_dir / f"trial-{number:02d}" / "last.pt", weights_only=True)
+        assert {k: checkpoint["args"][k] for k in SWEEP["parameters"]} == summary["trials"][number - 1]["parameters"]
+    assert len(list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))) == 2
+    best = json.loads((sweep_dir / "best_config.json").read_text())
+    assert best == max(summary["trials"], key=lambda t: t[metric])["parameters"]
+    assert f"--config {sweep_dir / 'best_config.json'}" in result.stdout
+    # A normal run takes the best settings from the file; a flag on the command line still wins.
+    run_script("train_encoder_decoder.py", "--config", str(sweep_dir / "best_config.json"), "--lr", "0.0005",
+               "--data-dir", str(tiny_data_dir), "--mnist-root", str(mnist_root), "--out-dir", str(tmp_path / "run"),
+               "--train-images", "32", "--max-steps", "1", "--wandb", "disabled")
+    args = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["args"]
+    assert {k: args[k] for k in best if k != "lr"} == {k: v for k, v in best.items() if k != "lr"} and args["lr"] == 0.0005
+    assert args["run_type"] == "train" and args["epochs"] == 11  # the trial budget stays with the sweep
+
+
+@pytest.mark.parametrize("content, message", [(None, "No such file"), ("[1, 2]", "expected a JSON object"),
+                                              ('{"lr": 0.001, "bogus": 1}', "not training flags: bogus")])
+def test_bad_config_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    result = run_script("train_encoder_decoder.py", "--config", str(path), check=False)
+    assert result.returncode == 2 and message in result.stderr
