@@ -1,5 +1,6 @@
 """Sweeps: the config is made of real training flags and a logged metric, the offline sampler
-follows wandb's spec, and an offline sweep runs end to end and picks a config a run can load."""
+follows wandb's spec, an offline sweep runs end to end and picks a config a run can load, and
+the online path drives wandb's sweep and agent (a stand-in package: there is no W&B server here)."""
 
 from __future__ import annotations
 
@@ -82,11 +83,73 @@ def test_an_offline_sweep_of_two_tiny_trials_writes_a_summary_and_a_best_config_
     assert args["run_type"] == "train" and args["epochs"] == 11  # the trial budget stays with the sweep
 
 
-@pytest.mark.parametrize("content, message", [(None, "No such file"), ("[1, 2]", "expected a JSON object"),
+@pytest.mark.parametrize("content, message", [("[1, 2]", "expected a JSON object"),
                                               ('{"lr": 0.001, "bogus": 1}', "not training flags: bogus")])
 def test_bad_config_files_are_refused(tmp_path, content, message):
     path = tmp_path / "config.json"
-    if content is not None:
-        path.write_text(content)
+    path.write_text(content)
     result = run_script("train_encoder_decoder.py", "--config", str(path), check=False)
     assert result.returncode == 2 and message in result.stderr
+
+
+# A stand-in for the wandb package, enough for the online path: wandb.sweep registers the
+# config, wandb.agent calls the trial function `count` times, and each wandb.init() inside it
+# returns a run whose config holds that trial's settings (here each parameter's first value or
+# minimum), as W&B's server would hand them out. What the runs were given is written to a file.
+FAKE_WANDB = '''
+import json, os
+from types import SimpleNamespace
+
+_sweeps, _pending, _finished = [], [], []
+
+class _Config(dict):
+    def update(self, values, allow_val_change=False):
+        dict.update(self, values)
+
+class _Run:
+    id = "fake"
+    def __init__(self, config):
+        self.config, self.summary = _Config(config), {}
+    def log(self, data, step=None):
+        pass
+    def finish(self, exit_code=0):
+        _finished.append(dict(self.config))
+        with open(os.environ["FAKE_WANDB_LOG"], "w") as f:
+            json.dump({"sweeps": _sweeps, "runs": _finished}, f)
+
+def sweep(config, project=None):
+    _sweeps.append({"config": config, "project": project})
+    return "sweep-1"
+
+def agent(sweep_id, function, project=None, count=None):
+    for _ in range(count):
+        spec = _sweeps[-1]["config"]["parameters"]
+        _pending.append({name: s["values"][0] if "values" in s else s["min"] for name, s in spec.items()})
+        function()
+
+def init(**kwargs):
+    assert _pending and not kwargs, "wandb.init() is only called, bare, inside the agent"
+    return _Run(_pending.pop())
+
+Table = lambda columns: SimpleNamespace(add_data=lambda *row: None)
+Image = lambda array: array
+'''
+
+
+def test_an_online_sweep_runs_its_trials_through_wandbs_agent(tmp_path, tiny_data_dir, mnist_root):
+    (tmp_path / "fake" / "wandb").mkdir(parents=True)
+    (tmp_path / "fake" / "wandb" / "__init__.py").write_text(FAKE_WANDB)
+    log = tmp_path / "wandb_calls.json"
+    run_script("train_encoder_decoder.py", "--run-type", "sweep", "--count", "2", "--wandb-project", "sweep-test",
+               "--data-dir", str(tiny_data_dir), "--mnist-root", str(mnist_root), "--out-dir", str(tmp_path / "sweep"),
+               "--epochs", "1", "--train-images", "32",
+               env={"PYTHONPATH": str(tmp_path / "fake"), "WANDB_API_KEY": "not-a-real-key", "FAKE_WANDB_LOG": str(log)})
+    calls = json.loads(log.read_text())
+    assert calls["sweeps"] == [{"config": SWEEP, "project": "sweep-test"}]
+    first_values = {name: s["values"][0] if "values" in s else s["min"] for name, s in SWEEP["parameters"].items()}
+    assert len(calls["runs"]) == 2
+    for config in calls["runs"]:  # the agent's settings, trained with, and the run's whole config logged
+        assert {k: config[k] for k in first_values} == first_values and config["epochs"] == 1 and config["parameters"] > 0
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    assert [t["parameters"] for t in summary["trials"]] == [first_values, first_values]
+    assert json.loads((tmp_path / "sweep" / "best_config.json").read_text()) == first_values
