@@ -6,8 +6,8 @@
 Any PNG/JPEG/... of any size and mode works: it is turned into white digits on black (dark
 ink on light paper is inverted, transparent backgrounds handled), its digits are scaled to the
 height the model was trained on keeping their aspect ratio, and the ink is centred on the
-model's canvas (to_canvas, which the front end uses too). A file that cannot be read gets an error line, the
-others are still read, and the exit code is 1. A blank image reads as "".
+model's canvas (to_canvas, which the front end uses too). A file that cannot be read gets an
+error line, the others are still read, and the exit code is 1. A blank image reads as "".
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from scipy import ndimage
 
 from model import SOS, DigitSequenceTransformer, ModelConfig, uint8_to_input
 from multidigit_generator import DIGIT_HEIGHT_RANGE
@@ -34,7 +33,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 BLANK_INK_LEVEL = 48  # a canvas whose brightest pixel is dimmer than this has no ink
 MIN_CONTRAST = 32  # ink must stand this far above the background to count as ink
-WORKING_SIZE = 512  # larger images are shrunk to this (longer side) first: the canvas needs no more, and measuring is quicker
+# Larger images are shrunk to this (longer side) first: a 96-pixel canvas needs no more detail,
+# and measuring the ink costs time in proportion to the pixels.
+WORKING_SIZE = 512
 # A round dab of ink is as long as it is wide (1 stroke width). Digits are longer, though less
 # than one might think: over the test set and the scanner, thick and 14 px stress sets the least
 # ratio measured was 1.22 (a small thick-stroked digit; blur fills small loops).
@@ -111,6 +112,8 @@ def measure_ink(ink: np.ndarray) -> InkMeasure | None:
     The digit height is the median height of the ink's connected pieces, counting only pieces
     at least a third as tall as the tallest: a digit drawn in one stroke is one piece, and the
     small bar of a 5 or a speck must not drag the median down."""
+    from scipy import ndimage  # imported here: it adds a second to the start of every script that imports predict
+
     mask = ink >= MIN_CONTRAST
     pieces, count = ndimage.label(mask)
     if count == 0:
