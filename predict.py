@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from model import SOS, DigitSequenceTransformer, ModelConfig, uint8_to_input
-from multidigit_generator import DIGIT_HEIGHT_RANGE
+from multidigit_generator import DIGIT_HEIGHT_RANGE, ink_box
 
 DEFAULT_CHECKPOINT = Path("checkpoints/digit_transformer.pt")  # the shipped model (see the README's model card)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -119,8 +119,7 @@ def measure_ink(ink: np.ndarray) -> InkMeasure | None:
     if count == 0:
         return None
     heights = np.array([s[0].stop - s[0].start for s in ndimage.find_objects(pieces)])
-    ys, xs = np.nonzero(mask)
-    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    box = ink_box(ink, threshold=MIN_CONTRAST - 1)  # the mask's pixels: brighter than MIN_CONTRAST - 1
     # Twice the largest distance from a pixel of ink to the nearest background: the widest stroke.
     stroke_width = 2.0 * float(ndimage.distance_transform_edt(mask).max())
     return InkMeasure(box, float(np.median(heights[heights * 3 >= heights.max()])), stroke_width)

@@ -472,6 +472,7 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
     sweep_dir = Path(args.out_dir or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     metric = SWEEP["metric"]["name"]
+    count = args.count or (None if SWEEP["method"] == "grid" else 8)  # None: every combination of the grid
     rows: list[dict] = []
 
     def run_trial(parameters: dict, run=None) -> bool:
@@ -503,11 +504,11 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
             run_trial(dict(run.config), run=run)
 
         sweep_id = wandb.sweep(SWEEP, project=args.wandb_project)
-        wandb.agent(sweep_id, function=agent_trial, project=args.wandb_project, count=args.count or 8)
+        wandb.agent(sweep_id, function=agent_trial, project=args.wandb_project, count=count)
     else:
         print(f"sweep offline: {SWEEP['method']} search of sweep_config.py sampled here, every trial to its full budget "
               f"(early termination needs the W&B server); each trial is an offline wandb run (`wandb sync`)")
-        for parameters in sample_trials(SWEEP, args.count or (None if SWEEP["method"] == "grid" else 8), seed=args.seed):
+        for parameters in sample_trials(SWEEP, count, seed=args.seed):
             if not run_trial(parameters):
                 print("sweep interrupted: summarising the finished trials")
                 break

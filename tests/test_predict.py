@@ -16,6 +16,11 @@ SHIPPED_MIN_ACCURACY = 0.93  # measured: 97.3 % on 10,000 test composites (500 i
 
 
 @pytest.fixture(scope="module")
+def shipped_model():
+    return predict.load_model(predict.DEFAULT_CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
 def composite(mnist_test):
     images, labels = mnist_test
     # Composed as the evaluation sets are: the digits as written, no augmentation.
@@ -46,14 +51,14 @@ def test_dark_ink_on_light_paper_is_inverted_and_its_digits_scaled_to_the_traine
 
 
 @pytest.mark.parametrize("height, canvas_size", [(14, 96), (40, 160)])
-def test_digits_smaller_or_larger_than_trained_are_scaled_into_range_and_read(mnist_test, height, canvas_size):
+def test_digits_smaller_or_larger_than_trained_are_scaled_into_range_and_read(mnist_test, shipped_model, height, canvas_size):
     images, labels = mnist_test
     composer = MultiDigitComposer(images, labels, canvas_size=canvas_size, digit_height=(height, height), augment_strength=0.0)
     composites = [c for c in generate(composer, 100, seed=5, progress=False) if c.label]
     canvases = [to_canvas(Image.fromarray(c.image), 96) for c in composites]
     heights = [predict.measure_ink(canvas).digit_height for canvas in canvases]
     assert 20 <= np.median(heights) <= 26
-    readings = predict.read_canvases(predict.load_model(predict.DEFAULT_CHECKPOINT), canvases)
+    readings = predict.read_canvases(shipped_model, canvases)
     correct = sum(r.digits == c.label for r, c in zip(readings, composites))
     assert correct / len(composites) >= 0.85, f"{correct} of {len(composites)} read exactly"
 
@@ -62,9 +67,9 @@ def test_digits_smaller_or_larger_than_trained_are_scaled_into_range_and_read(mn
     ((1600, 1000), 1150, 850, 80, 8),  # small, in the bottom right corner of a large pad
     ((1600, 1000), 100, 200, 400, 40),  # filling the pad with a fat pen
 ])
-def test_a_number_drawn_on_a_pad_is_read_wherever_and_however_large(pad_size, left, top, height, pen):
+def test_a_number_drawn_on_a_pad_is_read_wherever_and_however_large(shipped_model, pad_size, left, top, height, pen):
     pad = draw_on_pad(number_strokes("2026", left=left, top=top, height=height), pad_size, pen)
-    reading = predict.read_canvases(predict.load_model(predict.DEFAULT_CHECKPOINT), [to_canvas(pad, 96)])[0]
+    reading = predict.read_canvases(shipped_model, [to_canvas(pad, 96)])[0]
     assert reading.digits == "2026"
 
 
@@ -74,15 +79,14 @@ def test_a_tap_on_the_pad_is_not_a_digit():
     assert to_canvas(pad, 96).max() == 0
 
 
-def test_attention_maps_point_at_each_digit_read(mnist_test):
+def test_attention_maps_point_at_each_digit_read(mnist_test, shipped_model):
     images, labels = mnist_test
     composites = generate(MultiDigitComposer(images, labels, min_digits=1, augment_strength=0.0), 40, seed=11, progress=False)
-    model = predict.load_model(predict.DEFAULT_CHECKPOINT)
     on_target = total = 0
-    for c, reading in zip(composites, predict.read_canvases(model, [c.image for c in composites])):
+    for c, reading in zip(composites, predict.read_canvases(shipped_model, [c.image for c in composites])):
         if reading.digits != c.label:
             continue
-        maps = predict.attention_maps(model, c.image, reading.digits)
+        maps = predict.attention_maps(shipped_model, c.image, reading.digits)
         assert maps.shape == (len(c.label), 96, 96) and np.allclose(maps.max(axis=(1, 2)), 1.0)
         for attention, (x0, y0, x1, y1) in zip(maps, c.boxes):
             y, x = np.unravel_index(attention.argmax(), attention.shape)  # top-left pixel of the most attended patch
@@ -91,7 +95,7 @@ def test_attention_maps_point_at_each_digit_read(mnist_test):
     assert total >= 80 and on_target / total >= 0.95, f"{on_target} of {total} digits"
 
 
-def test_scanned_pages_lose_their_noise_and_are_read(mnist_test):
+def test_scanned_pages_lose_their_noise_and_are_read(mnist_test, shipped_model):
     # Grey paper, blur, sensor noise and JPEG (the scanner stress set's degradation): the ink
     # map must be black away from the ink, and the shipped model must read the canvases.
     images, labels = mnist_test
@@ -105,7 +109,7 @@ def test_scanned_pages_lose_their_noise_and_are_read(mnist_test):
             far_from_ink[max(0, y0 - 4) : y1 + 4, max(0, x0 - 4) : x1 + 4] = False
         assert (ink[far_from_ink] <= 16).mean() > 0.99, "background noise survived preprocessing"
     canvases = [to_canvas(Image.fromarray(c.image), 96) for c in composites]
-    readings = predict.read_canvases(predict.load_model(predict.DEFAULT_CHECKPOINT), canvases)
+    readings = predict.read_canvases(shipped_model, canvases)
     correct = sum(r.digits == c.label for r, c in zip(readings, composites))
     assert correct / len(composites) >= 0.8, f"{correct} of {len(composites)} scanned composites read exactly"  # measured: 89.3 % of 2,000
 
@@ -170,13 +174,12 @@ def test_missing_or_foreign_checkpoint_is_reported(tmp_path, capsys):
     assert "not a usable digit-sequence checkpoint" in capsys.readouterr().err
 
 
-def test_shipped_model_reads_fresh_test_composites(mnist_test):
+def test_shipped_model_reads_fresh_test_composites(mnist_test, shipped_model):
     # The committed checkpoint, on composites it has never seen (MNIST test digits, a seed used
     # nowhere else), through the same path as `predict.py` minus the file reading.
-    model = predict.load_model(predict.DEFAULT_CHECKPOINT)
     images, labels = mnist_test
     composer = MultiDigitComposer(images, labels, augment_strength=0.0)  # as the test set is composed
     composites = generate(composer, 500, seed=31337, progress=False)
-    readings = predict.read_canvases(model, [c.image for c in composites])
+    readings = predict.read_canvases(shipped_model, [c.image for c in composites])
     correct = sum(r.digits == c.label for r, c in zip(readings, composites))
     assert correct / len(composites) >= SHIPPED_MIN_ACCURACY, f"{correct} of {len(composites)} read exactly"
