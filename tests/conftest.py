@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-from multidigit_generator import MNIST_FILES, load_mnist
+from multidigit_generator import MNIST_FILES, MultiDigitComposer, load_mnist
 from split_multidigit_dataset import prepare_splits
 
 TINY_MODEL = ["--patch-size", "12", "--stem-width", "16", "--d-model", "32", "--n-heads", "2", "--encoder-layers", "1",
@@ -68,3 +68,12 @@ def tiny_run(tmp_path_factory, tiny_data_dir, mnist_root) -> Path:
                "--num-workers", "0", "--wandb", "offline", *TINY_MODEL, env={"WANDB_DIR": str(out_dir)})
     assert json.loads((out_dir / "test_metrics.json").read_text())["test"]
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def composite(mnist_test):
+    """A three-digit row of MNIST test digits, composed as the evaluation sets are: the digits
+    as written, no augmentation."""
+    images, labels = mnist_test
+    composer = MultiDigitComposer(images, labels, min_digits=3, max_digits=3, layout="row", augment_strength=0.0)
+    return composer.compose(np.random.default_rng(0))

@@ -16,14 +16,12 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 from streamlit.testing.v1 import AppTest
 
 from drawing import number_strokes
-from multidigit_generator import MultiDigitComposer
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "front_end.py")
@@ -69,10 +67,7 @@ def test_the_page_opens_on_an_empty_pad_and_asks_for_digits(app):
     assert app.sidebar.text_input[0].value == "checkpoints/digit_transformer.pt"
 
 
-def test_an_uploaded_composite_is_read_with_a_confidence_and_attention_map_per_digit(app, mnist_test):
-    images, labels = mnist_test
-    composer = MultiDigitComposer(images, labels, min_digits=3, max_digits=3, layout="row", augment_strength=0.0)
-    composite = composer.compose(np.random.default_rng(0))
+def test_an_uploaded_composite_is_read_with_a_confidence_and_attention_map_per_digit(app, composite):
     at = upload(app, "number.png", png_bytes(Image.fromarray(255 - composite.image)))  # dark ink on white paper
     assert not at.exception and not at.error
     assert digits_read(at) == composite.label

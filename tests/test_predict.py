@@ -20,14 +20,6 @@ def shipped_model():
     return predict.load_model(predict.DEFAULT_CHECKPOINT)
 
 
-@pytest.fixture(scope="module")
-def composite(mnist_test):
-    images, labels = mnist_test
-    # Composed as the evaluation sets are: the digits as written, no augmentation.
-    composer = MultiDigitComposer(images, labels, min_digits=3, max_digits=3, layout="row", augment_strength=0.0)
-    return composer.compose(np.random.default_rng(0))
-
-
 def test_a_dataset_image_reaches_the_model_unchanged(composite):
     assert composite.image.max() == 255
     assert np.array_equal(to_canvas(Image.fromarray(composite.image), 96), composite.image)
