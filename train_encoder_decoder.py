@@ -4,6 +4,7 @@
     uv run python train_encoder_decoder.py --resume runs/default/last.pt
     uv run python train_encoder_decoder.py --run-type sweep --count 8  # trials of sweep_config.py (see sweep())
     uv run python train_encoder_decoder.py --config best_config.json   # flag values from a JSON file
+    uv run torchrun --standalone --nproc_per_node=4 train_encoder_decoder.py   # data-parallel, 4 processes
 
 Reads top to bottom: arguments, data (the digit pools and the val/test sets are made on the
 first run), model and optimiser, wandb, the training loop (fresh composites every epoch,
@@ -11,7 +12,13 @@ warm-up + cosine learning rate, validation with greedy decoding after each epoch
 and `best.pt` checkpoints), then a test-set evaluation of the final weights written to
 test_metrics.json and `model.pt`: those weights with their config and test metrics, without
 optimiser state, ready to ship as checkpoints/digit_transformer.pt.
-Ctrl-C stops after the current step and saves last.pt; --resume continues exactly.
+Ctrl-C (or SIGTERM) stops after the current step and saves last.pt; --resume continues exactly.
+
+Under torchrun the same script trains data-parallel (DistributedDataParallel: gloo on CPUs,
+nccl on GPUs): --batch-size stays the global batch, split evenly over the processes, so a run
+takes the same steps with the same learning-rate schedule whatever the number of processes.
+Validation and test sets are split too and the metrics gathered; rank 0 alone prints, logs
+to wandb and writes files.
 """
 
 from __future__ import annotations
@@ -30,8 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from evaluate import SequenceAccuracy
@@ -60,7 +70,7 @@ from split_multidigit_dataset import SPLITS_FILE, load_splits, prepare_splits
 from sweep_config import SWEEP, TRIAL_DEFAULTS, sample_trials
 
 # Flags that may differ when resuming; every other setting comes from the checkpoint.
-RESUME_OVERRIDES = ("resume", "max_steps", "wandb", "num_workers", "device")
+RESUME_OVERRIDES = ("resume", "max_steps", "wandb", "num_workers", "device", "precision", "compile")
 # Flags added after runs had been saved, with the value that reproduces those runs (not the
 # current default), so an older last.pt resumes as the run it was.
 FLAGS_OLDER_RUNS_LACK = {"length_weights": None, "stem_depth": 0, "stem_width": 32, "stem_full_res": 0, "ema_decay": 0.0, "patch_loss_weight": 0.0}
@@ -125,7 +135,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "(default: runs/default, or the resumed run's folder)")
     run.add_argument("--resume", help="continue from this checkpoint (normally OUT_DIR/last.pt)")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
+    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ... "
+                     "(under torchrun, each process takes the GPU of its LOCAL_RANK)")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                     help="bf16: matrix products in bfloat16 under autocast (weights, optimiser and loss stay fp32); "
+                          "auto: bf16 on GPUs and CPUs with bf16 arithmetic (AVX512-BF16 or AMX), fp32 elsewhere "
+                          "(on an AVX2-only CPU bf16 is emulated and about 100x slower: see bench.py)")
+    run.add_argument("--compile", action="store_true", help="train through torch.compile (a minute or so of compiling first)")
     run.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
                      help="auto: online when logged in to W&B, offline otherwise")
     run.add_argument("--offline", dest="wandb", action="store_const", const="offline", help="the same as --wandb offline")
@@ -175,6 +191,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need 0 <= --label-smoothing < 1 and non-negative --max-steps, --num-workers, --augment-strength")
     if args.count is not None and (args.count < 1 or args.run_type != "sweep"):
         p.error(f"--count is the number of sweep trials: at least 1, with --run-type sweep (got {args.count})")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        p.error(f"--batch-size {args.batch_size} is the global batch: it must split evenly over {world_size} processes")
+    if world_size > 1 and args.run_type == "sweep":
+        p.error("a sweep runs its trials one after another in one process: start it without torchrun")
     return args
 
 
@@ -201,6 +222,81 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+def start_distributed(requested_device: str) -> tuple[torch.device, int, int]:
+    """(device, rank, world size). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and the
+    rendezvous address); without them this is a single process of rank 0."""
+    device = pick_device(requested_device)
+    if "RANK" not in os.environ:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def bf16_pays(precision: str, device: torch.device) -> bool:
+    """Whether to run matrix products in bfloat16: asked for, or 'auto' on hardware that has
+    bf16 arithmetic. Measured on an AVX2-only CPU, bf16 matrix products run at about 1 GFLOP/s
+    against about 150 in fp32 (bench.py prints both), so there 'auto' keeps fp32."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+class TrainingLoss(nn.Module):
+    """The training objective as one module: DistributedDataParallel synchronises gradients
+    through its wrapped module's forward, and torch.compile compiles a forward, so both wrap
+    this rather than the model (whose encode and decode are called separately)."""
+
+    def __init__(self, model: DigitSequenceTransformer, *, label_smoothing: float, patch_loss_weight: float, order_free: bool):
+        super().__init__()
+        self.model = model
+        self.label_smoothing, self.patch_loss_weight, self.order_free = label_smoothing, patch_loss_weight, order_free
+
+    def forward(self, pixels: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, patch_classes: torch.Tensor | None,
+                labels: list[str] | None = None) -> torch.Tensor:
+        """The loss of one batch; labels (the digit strings) only for the order-free loss."""
+        memory = self.model.encode(pixels)
+        if self.order_free:
+            loss = order_free_loss(self.model, memory, labels, label_smoothing=self.label_smoothing)
+        else:
+            loss = F.cross_entropy(self.model.decode(memory, inputs).flatten(0, 1), targets.flatten(), ignore_index=PAD,
+                                   label_smoothing=self.label_smoothing)
+        if self.patch_loss_weight > 0:
+            # Every patch vector is told which digit it lies on: a dense recognition signal
+            # beside the decoder's three or so tokens per image.
+            loss = loss + self.patch_loss_weight * F.cross_entropy(self.model.patch_head(memory).flatten(0, 1), patch_classes.flatten())
+        return loss
+
+
+def sync_buffers(*modules: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. Gradients are
+    averaged, so the weights agree on every rank; the running statistics are each rank's own
+    (DDP broadcasts rank 0's before every forward, and the forward then updates them), so
+    they are made to agree before anything is validated or saved."""
+    if dist.is_initialized():
+        for module in modules:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
+
+def assert_replicas_identical(*modules: nn.Module) -> None:
+    """Compare every weight and buffer across ranks: data-parallel replicas that differ mean a
+    bug, and would make the saved rank-0 weights a different model from the one trained."""
+    flat = torch.cat([t.detach().double().flatten() for module in modules for t in module.state_dict().values()])
+    replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(replicas, flat)
+    differing = [rank for rank, other in enumerate(replicas) if not torch.equal(other, replicas[0])]
+    if differing:
+        raise RuntimeError(f"data-parallel replicas diverged: ranks {differing} hold weights that differ from rank 0's")
+
+
 def learning_rate(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr_ratio: float) -> float:
     """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at total_steps."""
     if step < warmup_steps:
@@ -210,24 +306,38 @@ def learning_rate(step: int, *, total_steps: int, warmup_steps: int, lr: float, 
 
 
 @torch.no_grad()
-def evaluate(model: DigitSequenceTransformer, loader: DataLoader, device: torch.device, desc: str) -> tuple[dict, list]:
-    """Teacher-forced loss and token accuracy, and greedy-decoded sequence accuracy."""
+def evaluate(model: DigitSequenceTransformer, dataset: Dataset, device: torch.device, desc: str, *, bf16: bool = False) -> tuple[dict, list]:
+    """Teacher-forced loss and token accuracy, and greedy-decoded sequence accuracy. Under
+    torchrun each rank reads every world-size-th image and the counts are gathered, so every
+    rank returns the metrics of the whole set (and rank 0's first images as samples)."""
     model.eval()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), batch_size=256)
     loss_sum, token_correct, token_total = 0.0, 0, 0
-    accuracy = SequenceAccuracy()
+    readings: list[tuple[list[str], list[str], list[str]]] = []  # (predictions, labels, layouts) per batch
     samples = []
-    for images, labels, layouts in tqdm(loader, desc=desc, unit="batch", leave=False):
-        memory = model.encode(uint8_to_input(images.to(device)))  # once, for both teacher forcing and decoding
-        inputs, targets = (t.to(device) for t in encode_labels(list(labels), model.config.max_digits))
-        logits = model.decode(memory, inputs)
+    for images, labels, layouts in tqdm(loader, desc=desc, unit="batch", leave=False, disable=rank != 0):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            memory = model.encode(uint8_to_input(images.to(device)))  # once, for both teacher forcing and decoding
+            inputs, targets = (t.to(device) for t in encode_labels(list(labels), model.config.max_digits))
+            logits = model.decode(memory, inputs).float()
+            predictions = model.greedy_decode_memory(memory).strings()
         loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD, reduction="sum").item()
         real = targets != PAD
         token_correct += ((logits.argmax(-1) == targets) & real).sum().item()
         token_total += real.sum().item()
-        predictions = model.greedy_decode_memory(memory).strings()
-        accuracy.update(predictions, list(labels), list(layouts))
+        readings.append((predictions, list(labels), list(layouts)))
         if len(samples) < 24:
             samples += list(zip(images[: 24 - len(samples)], labels, predictions))
+    shards = [(loss_sum, token_correct, token_total, readings)]
+    if world_size > 1:
+        shards = [None] * world_size
+        dist.all_gather_object(shards, (loss_sum, token_correct, token_total, readings))
+    accuracy = SequenceAccuracy()
+    for _, _, _, shard_readings in shards:
+        for batch in shard_readings:
+            accuracy.update(*batch)
+    loss_sum, token_correct, token_total = (sum(shard[i] for shard in shards) for i in range(3))
     sequence, order_free = accuracy.compute(), accuracy.compute(order_free=True)
     metrics = {"loss": loss_sum / token_total, "token_accuracy": token_correct / token_total,
                "sequence_accuracy": sequence.pop("all"), **{f"sequence_accuracy_{k}": v for k, v in sequence.items()},
@@ -266,6 +376,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def random_state(device: torch.device) -> list[torch.Tensor]:
+    """This process's torch random state (dropout's): the CPU generator's, and the GPU's on a GPU."""
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+
+
 def train(args: argparse.Namespace, run=None) -> dict:
     """One training run; returns its results, with the last validation metrics under "val" by
     the names they are logged with. run: a wandb run already started (by a sweep agent)."""
@@ -277,17 +392,24 @@ def train(args: argparse.Namespace, run=None) -> dict:
         args = argparse.Namespace(**{**FLAGS_OLDER_RUNS_LACK, **checkpoint["args"], **overrides, "out_dir": args.out_dir or checkpoint["args"]["out_dir"]})
     args.out_dir = args.out_dir or "runs/default"
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(args.device)
+    # ---- processes: one, or one per torchrun worker; rank 0 (is_main) prints, logs and saves
+    device, rank, world_size = start_distributed(args.device)
+    is_main = rank == 0
+    say = print if is_main else lambda *_, **__: None
+    bf16 = bf16_pays(args.precision, device)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     # Measured on the 2-core CPU: composing in this process runs 13 % more steps per second
     # than one worker process, whose work stalls PyTorch's threads on the cores they share.
     num_workers = args.num_workers if args.num_workers is not None else (0 if device.type == "cpu" else 2)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same on every rank: the replicas start as one model
 
     # ---- data: disjoint digit pools; val/test are fixed folders, train is composed fresh each epoch
-    if not (Path(args.data_dir) / SPLITS_FILE).is_file():
+    if is_main and not (Path(args.data_dir) / SPLITS_FILE).is_file():
         print(f"{args.data_dir}/{SPLITS_FILE} not found: splitting MNIST and composing val/test sets")
         prepare_splits(args.data_dir, mnist_root=args.mnist_root, composer=dict(max_digits=args.max_digits))
+    if world_size > 1:
+        dist.barrier()  # the other ranks wait for rank 0's val/test sets
     splits = load_splits(args.data_dir)
     if splits["composer"]["max_digits"] > args.max_digits:
         raise ValueError(f"{args.data_dir} holds images of up to {splits['composer']['max_digits']} digits, more than "
@@ -300,9 +422,9 @@ def train(args: argparse.Namespace, run=None) -> dict:
                                   augment_strength=args.augment_strength)
     train_set = FreshComposites(composer, args.train_images, seed=args.seed)
     val_set, test_set = MultiDigitFolder(Path(args.data_dir) / "val"), MultiDigitFolder(Path(args.data_dir) / "test")
-    eval_loader = lambda dataset: DataLoader(dataset, batch_size=256)  # noqa: E731
     steps_per_epoch = math.ceil(args.train_images / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
+    rank_batch = args.batch_size // world_size
 
     # ---- model and optimiser
     config = ModelConfig(image_size=canvas_size, patch_size=args.patch_size, stem=args.stem, stem_depth=args.stem_depth,
@@ -314,47 +436,90 @@ def train(args: argparse.Namespace, run=None) -> dict:
     # The averaged weights are what validation, the test set and model.pt see; the raw ones keep training.
     ema_model = copy.deepcopy(model).requires_grad_(False) if args.ema_decay > 0 else None
     evaluated = ema_model if ema_model is not None else model
+    replicas = [model] + ([ema_model] if ema_model is not None else [])  # what every rank holds a copy of
     step, best_accuracy, wandb_id = 0, -1.0, None
+    if world_size > 1:
+        torch.manual_seed(args.seed + rank)  # from here on, each rank draws its own dropout masks
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         if ema_model is not None:
             ema_model.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, best_accuracy, wandb_id = checkpoint["step"], checkpoint["best_accuracy"], checkpoint.get("wandb_id")
-        torch.set_rng_state(checkpoint["rng_state"])
-        print(f"resumed from {args.resume} at step {step} (epoch {step // steps_per_epoch})")
-    # Ctrl-C asks the loop to stop after the current step and save. The terminal (and `uv run`,
-    # which forwards it) may deliver one press more than once, so only a press more than two
-    # seconds after the first aborts at once, without saving.
+        saved = checkpoint.get("random_states", [[checkpoint["rng_state"]]])  # one per rank; older runs: rank 0's CPU state
+        if len(saved) == world_size:
+            torch.set_rng_state(saved[rank][0])
+            if device.type == "cuda" and len(saved[rank]) > 1:
+                torch.cuda.set_rng_state(saved[rank][1], device)
+        else:  # resumed on another number of processes: exact dropout masks cannot be replayed
+            torch.manual_seed(args.seed + rank + world_size * step)
+        say(f"resumed from {args.resume} at step {step} (epoch {step // steps_per_epoch})")
+    objective: nn.Module = TrainingLoss(model, label_smoothing=args.label_smoothing,
+                                        patch_loss_weight=args.patch_loss_weight, order_free=args.order_free)
+    if world_size > 1:
+        # Broadcasts rank 0's weights, then averages gradients across ranks during backward().
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        # The stop flag travels over gloo even between GPUs: a CPU tensor, no GPU synchronisation per step.
+        control_group = dist.new_group(backend="gloo")
+    if args.compile:
+        objective = torch.compile(objective)
+    # Ctrl-C or SIGTERM (a cluster's preemption notice; torchrun passes Ctrl-C on to its
+    # workers) asks the loop to stop after the current step and save. The terminal (and
+    # `uv run`, which forwards it) may deliver one press more than once, so only a press more
+    # than two seconds after the first aborts at once, without saving.
     stop_requested_at: float | None = None
 
     def request_stop(signum, frame):
         nonlocal stop_requested_at
         if stop_requested_at is None:
             stop_requested_at = time.monotonic()
-            print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+            say("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
         elif time.monotonic() - stop_requested_at > 2:
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, request_stop)
+    def stop_agreed() -> bool:
+        """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""
+        if world_size == 1:
+            return stop_requested_at is not None
+        flag = torch.tensor([stop_requested_at is not None], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group)
+        return bool(flag)
 
-    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config.grid_size}x{config.grid_size} patches; "
-          f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size} on {device}", flush=True)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    processes = f" ({world_size} processes x {rank_batch})" if world_size > 1 else ""
+    say(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config.grid_size}x{config.grid_size} patches; "
+        f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size}{processes} on {device}, "
+        f"{'bf16 autocast' if bf16 else 'fp32'}{', compiled' if args.compile else ''}", flush=True)
 
     # ---- wandb
     import wandb  # imported here: slow to import, and not needed for --help
 
     if run is None:
-        run = wandb.init(project=args.wandb_project, mode=wandb_mode(args.wandb), id=wandb_id, resume="allow",
-                         config={**vars(args), "parameters": model.num_parameters()})
+        run = wandb.init(project=args.wandb_project, mode=wandb_mode(args.wandb) if is_main else "disabled", id=wandb_id,
+                         resume="allow", config={**vars(args), "parameters": model.num_parameters(), "world_size": world_size})
     else:
         run.config.update({**vars(args), "parameters": model.num_parameters()}, allow_val_change=True)
 
     def state() -> dict:
+        """What last.pt and best.pt hold; every rank must call it (the random states are gathered)."""
+        random_states = [random_state(device)]
+        if world_size > 1:
+            random_states = [None] * world_size
+            dist.all_gather_object(random_states, random_state(device))
         return {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 **({"ema": ema_model.state_dict()} if ema_model is not None else {}),
                 "args": vars(args), "step": step, "epoch": step // steps_per_epoch, "best_accuracy": best_accuracy,
-                "rng_state": torch.get_rng_state(), "wandb_id": run.id}
+                "rng_state": random_states[0][0], "random_states": random_states, "wandb_id": run.id}
+
+    def save(name: str) -> None:
+        sync_buffers(*replicas)
+        if world_size > 1:
+            assert_replicas_identical(*replicas)  # what rank 0 writes is what every rank trained
+        checkpoint_state = state()
+        if is_main:
+            save_checkpoint(out_dir / name, checkpoint_state)
 
     # ---- training loop
     # An order-free model may read the digits in any order, so exact match would misjudge it.
@@ -363,30 +528,28 @@ def train(args: argparse.Namespace, run=None) -> dict:
     started = time.time()
     while step < total_steps:
         epoch, first_batch = divmod(step, steps_per_epoch)
-        train_set.set_epoch(epoch)
+        train_set.set_epoch(epoch)  # item i of epoch e is drawn from its own seed [seed, e, i]
         remaining = Subset(train_set, range(first_batch * args.batch_size, args.train_images))
-        loader = DataLoader(remaining, batch_size=args.batch_size, num_workers=num_workers,
+        # Rank r reads items r, r + world_size, ...: together the ranks' k-th batches are exactly
+        # global batch k, as one process would read it. No shuffling: the items are random already.
+        sampler = DistributedSampler(remaining, num_replicas=world_size, rank=rank, shuffle=False) if world_size > 1 else None
+        loader = DataLoader(remaining, batch_size=rank_batch, sampler=sampler, num_workers=num_workers,
                             worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle
                             generator=torch.Generator().manual_seed(epoch))  # leaves the global RNG alone
         model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", initial=first_batch, total=steps_per_epoch)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", initial=first_batch, total=steps_per_epoch,
+                   disable=not is_main)
         for images, labels, _, boxes in bar:
             lr = learning_rate(step, total_steps=total_steps, warmup_steps=args.warmup_steps, lr=args.lr,
                                min_lr_ratio=args.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            memory = model.encode(uint8_to_input(images.to(device)))
-            if args.order_free:
-                loss = order_free_loss(model, memory, list(labels), label_smoothing=args.label_smoothing)
-            else:
-                inputs, targets = (t.to(device) for t in encode_labels(list(labels), args.max_digits))
-                loss = F.cross_entropy(model.decode(memory, inputs).flatten(0, 1), targets.flatten(), ignore_index=PAD,
-                                       label_smoothing=args.label_smoothing)
-            if args.patch_loss_weight > 0:
-                # Every patch vector is told which digit it lies on: a dense recognition signal
-                # beside the decoder's three or so tokens per image.
-                patch_classes = patch_targets(boxes.to(device), list(labels), image_size=canvas_size, patch_size=args.patch_size)
-                loss = loss + args.patch_loss_weight * F.cross_entropy(model.patch_head(memory).flatten(0, 1), patch_classes.flatten())
+            inputs, targets = (t.to(device) for t in encode_labels(list(labels), args.max_digits))
+            patch_classes = (patch_targets(boxes.to(device), list(labels), image_size=canvas_size, patch_size=args.patch_size)
+                             if args.patch_loss_weight > 0 else None)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = objective(uint8_to_input(images.to(device)), inputs, targets, patch_classes,
+                                 list(labels) if args.order_free else None)  # strings would make torch.compile recompile
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:
@@ -396,29 +559,34 @@ def train(args: argparse.Namespace, run=None) -> dict:
                 update_ema(ema_model, model, step=step, decay=args.ema_decay)
             step += 1
             if step % args.log_every == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-                run.log({"train/loss": loss.item(), "train/lr": lr, "epoch": step / steps_per_epoch}, step=step)
-            if stop_requested_at is not None or step == args.max_steps:
-                save_checkpoint(out_dir / "last.pt", state())
-                print(f"stopped at step {step}; saved {out_dir / 'last.pt'} (continue with --resume)")
+                logged_loss = loss.detach()
+                if world_size > 1:
+                    dist.all_reduce(logged_loss, op=dist.ReduceOp.AVG)  # the mean over ranks, not rank 0's share
+                bar.set_postfix(loss=f"{logged_loss.item():.4f}", lr=f"{lr:.2e}")
+                run.log({"train/loss": logged_loss.item(), "train/lr": lr, "epoch": step / steps_per_epoch}, step=step)
+            if stop_agreed() or step == args.max_steps:
+                save("last.pt")
+                say(f"stopped at step {step}; saved {out_dir / 'last.pt'} (continue with --resume)")
                 run.finish()
                 return {"step": step}
         bar.close()
 
-        metrics, samples = evaluate(evaluated, eval_loader(val_set), device, desc="validating")
+        sync_buffers(*replicas)
+        metrics, samples = evaluate(evaluated, val_set, device, desc="validating", bf16=bf16)
         images_per_second = step * args.batch_size / (time.time() - started)
-        print(f"epoch {epoch + 1}: " + format_metrics("val", metrics) + f" | {images_per_second:.0f} img/s so far")
-        table = wandb.Table(columns=["image", "truth", "prediction", "correct"])
-        for image, label, prediction in samples:
-            table.add_data(wandb.Image(image.numpy()), label, prediction, label == prediction)
+        say(f"epoch {epoch + 1}: " + format_metrics("val", metrics) + f" | {images_per_second:.0f} img/s so far")
         logged = {f"val/{k}": v for k, v in metrics.items()}  # under these names for wandb, the sweep and train()'s result
-        run.log({**logged, "val/samples": table, "epoch": epoch + 1}, step=step)
-        if metrics[selection_metric] > best_accuracy:
+        if is_main:
+            table = wandb.Table(columns=["image", "truth", "prediction", "correct"])
+            for image, label, prediction in samples:
+                table.add_data(wandb.Image(image.numpy()), label, prediction, label == prediction)
+            run.log({**logged, "val/samples": table, "epoch": epoch + 1}, step=step)
+        if metrics[selection_metric] > best_accuracy:  # the same on every rank: the metrics are gathered
             best_accuracy = metrics[selection_metric]
-            save_checkpoint(out_dir / "best.pt", state())
-        save_checkpoint(out_dir / "last.pt", state())
-        if stop_requested_at is not None:
-            print(f"stopped after epoch {epoch + 1}; continue with --resume {out_dir / 'last.pt'}")
+            save("best.pt")
+        save("last.pt")
+        if stop_agreed():
+            say(f"stopped after epoch {epoch + 1}; continue with --resume {out_dir / 'last.pt'}")
             run.finish()
             return {"step": step}
 
@@ -426,22 +594,26 @@ def train(args: argparse.Namespace, run=None) -> dict:
     # They are what model.pt ships, not best.pt's: on 2,000 validation images the epochs near
     # the end differ by a few images, and picking among them picked noise (see the README).
     wall = time.time() - started
+    if world_size > 1:
+        say(f"replicas identical: the weights and buffers of all {world_size} ranks agreed at every checkpoint")
     test_metrics = None  # a sweep trial ranks settings on validation: the test set is for the chosen one
     if args.run_type != "sweep":
-        test_metrics, _ = evaluate(evaluated, eval_loader(test_set), device, desc="testing")
-    best_epoch = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True)["epoch"]
-    result = {"test": test_metrics, "val": logged,
-              f"val_best_{selection_metric}": best_accuracy, "best_epoch": best_epoch,
-              "train_wall_seconds": wall, "train_images_per_second": total_steps * args.batch_size / wall,
-              "parameters": model.num_parameters(), "device": str(device), "args": vars(args)}
-    (out_dir / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    save_checkpoint(out_dir / "model.pt", {"config": asdict(config), "model": evaluated.state_dict(), "args": vars(args),
-                                           "step": step, "epoch": step // steps_per_epoch, "test_metrics": test_metrics})
-    if test_metrics is not None:
-        print(format_metrics("test", test_metrics))
-        run.summary.update({f"test/{k}": v for k, v in test_metrics.items()})
-    print(f"wrote {out_dir / 'best.pt'}, {out_dir / 'last.pt'}, {out_dir / 'test_metrics.json'} and {out_dir / 'model.pt'} "
-          "(weights and config only: predict.py --checkpoint, or copy it to checkpoints/digit_transformer.pt to ship it)")
+        test_metrics, _ = evaluate(evaluated, test_set, device, desc="testing", bf16=bf16)
+    result = {"test": test_metrics, "val": logged}
+    if is_main:
+        best_epoch = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True)["epoch"]
+        result.update({f"val_best_{selection_metric}": best_accuracy, "best_epoch": best_epoch,
+                       "train_wall_seconds": wall, "train_images_per_second": total_steps * args.batch_size / wall,
+                       "parameters": model.num_parameters(), "device": str(device), "world_size": world_size,
+                       "precision": "bf16" if bf16 else "fp32", "args": vars(args)})
+        (out_dir / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        save_checkpoint(out_dir / "model.pt", {"config": asdict(config), "model": evaluated.state_dict(), "args": vars(args),
+                                               "step": step, "epoch": step // steps_per_epoch, "test_metrics": test_metrics})
+        if test_metrics is not None:
+            print(format_metrics("test", test_metrics))
+            run.summary.update({f"test/{k}": v for k, v in test_metrics.items()})
+        print(f"wrote {out_dir / 'best.pt'}, {out_dir / 'last.pt'}, {out_dir / 'test_metrics.json'} and {out_dir / 'model.pt'} "
+              "(weights and config only: predict.py --checkpoint, or copy it to checkpoints/digit_transformer.pt to ship it)")
     run.finish()
     return result
 
@@ -539,6 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MnistUnavailableError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -6,10 +6,12 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import REPO, TINY_MODEL, run_script
 from model import ModelConfig
 from predict import load_model
+from predict import main as predict_main
 
 
 def test_training_writes_loadable_checkpoints_metrics_and_wandb_logs(tiny_run):
@@ -96,10 +98,30 @@ def test_a_run_saved_before_newer_flags_resumes(tmp_path, tiny_data_dir, mnist_r
     assert resumed["config"]["stem_full_res"] == 0 and resumed["args"]["length_weights"] is None
 
 
+def test_two_processes_under_torchrun_train_one_model_that_predict_py_loads(tmp_path, tiny_data_dir, mnist_root, composite, capsys):
+    # Two CPU processes (gloo), each reading half of every batch of 32, with dropout on so that
+    # each rank's own random masks are exercised; the weights must still agree at every
+    # checkpoint (the script compares all of them across ranks and fails otherwise).
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 epochs x 3 steps of 32 (2 processes x 16) on cpu" in result.stdout
+    assert "replicas identical: the weights and buffers of all 2 ranks agreed" in result.stdout
+    assert result.stdout.count("test: sequence accuracy") == 1  # rank 0 alone reports
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["step"] == 9 and len(last["random_states"]) == 2  # each rank's dropout state, for --resume
+    assert not torch.equal(last["random_states"][0][0], last["random_states"][1][0])
+    Image.fromarray(composite.image).save(tmp_path / "digits.png")
+    assert predict_main(["--checkpoint", str(tmp_path / "model.pt"), "--jsonl", str(tmp_path / "digits.png")]) == 0
+    reading = json.loads(capsys.readouterr().out)
+    assert reading["path"] == str(tmp_path / "digits.png") and 0 < reading["confidence"] <= 1
+
+
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--lr", "-1"), ("--label-smoothing", "1.5"),
                                          ("--ema-decay", "1"), ("--stem-depth", "-1"), ("--stem-width", "3"), ("--stem-full-res", "-1"),
                                          ("--patch-loss-weight", "-1"), ("--length-weights", "1,2"),
-                                         ("--length-weights", "1,x,3,4,5"), ("--count", "2")])
+                                         ("--length-weights", "1,x,3,4,5"), ("--count", "2"), ("--precision", "fp8")])
 def test_absurd_arguments_are_refused(flag, value):
     result = run_script("train_encoder_decoder.py", flag, value, check=False)
     assert result.returncode == 2 and flag.lstrip("-").split("-")[0] in result.stderr
