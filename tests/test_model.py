@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import EOS, PAD, SOS, VOCAB_SIZE, DigitSequenceTransformer, ModelConfig, configure_optimizer, encode_labels, tokens_to_string
+from model import (EOS, PAD, SOS, VOCAB_SIZE, DecoderCache, DigitSequenceTransformer, ModelConfig, configure_optimizer, encode_labels,
+                   tokens_to_string)
 
 CONFIG = ModelConfig(image_size=48, patch_size=8, d_model=32, n_heads=4, encoder_layers=2, decoder_layers=2, ff_mult=2, max_digits=4)
 
@@ -62,6 +63,21 @@ def test_causal_mask_hides_future_tokens(model, return_attention):
     logits_b = out_b[0] if return_attention else out_b
     torch.testing.assert_close(logits_a[:, :3], logits_b[:, :3])  # earlier positions unchanged
     assert not torch.allclose(logits_a[:, 3:], logits_b[:, 3:])  # and the change does reach later ones
+
+
+def test_decoding_one_token_at_a_time_with_a_cache_matches_the_whole_sequence_at_once(model):
+    images = torch.rand(3, 1, 48, 48)
+    inputs, _ = encode_labels(["1234", "56", ""], max_digits=4)
+    memory = model.encode(images)
+    whole = model.decode(memory, inputs)
+    cache = DecoderCache(CONFIG.decoder_layers)
+    stepwise = torch.cat([model.decode(memory, inputs[:, t : t + 1], cache=cache) for t in range(inputs.shape[1])], dim=1)
+    torch.testing.assert_close(stepwise, whole, atol=1e-5, rtol=1e-5)
+    assert cache.length == 5 and cache.layers[1][0].keys.shape == (3, 4, 5, 8)  # one key per token per head
+    prefix = DecoderCache(CONFIG.decoder_layers)
+    torch.testing.assert_close(model.decode(memory, inputs[:, :2], cache=prefix), whole[:, :2])  # a first prefix may go in whole
+    with pytest.raises(AssertionError, match="one new token at a time"):
+        model.decode(memory, inputs[:, 2:4], cache=prefix)
 
 
 def test_greedy_decode_matches_teacher_forcing_on_its_own_output(model):
