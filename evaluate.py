@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports", help="each dataset's report goes to OUT/<dataset folder name>/")
     parser.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ...")
     parser.add_argument("--gallery-size", type=int, default=48, help="most misread images shown in failures.png")
     args = parser.parse_args(argv)
     if args.beam_size < 1 or args.batch_size < 1 or args.gallery_size < 0:

@@ -492,7 +492,7 @@ class DigitSequenceTransformer(nn.Module):
         tokens = torch.full((b, 1), SOS, dtype=torch.long, device=device)
         probs = torch.ones(b, 0, device=device)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
-        cache = DecoderCache(len(self.decoder))  # each step feeds only the token chosen last
+        cache = DecoderCache(self.config.decoder_layers)  # each step feeds only the token chosen last
         for step in range(max_digits + 1):
             log_probs = self._next_token_log_probs(self.decode(memory, tokens[:, -1:], cache=cache)[:, -1], step, max_digits)
             best_log_prob, next_token = log_probs.max(dim=-1)
@@ -520,7 +520,7 @@ class DigitSequenceTransformer(nn.Module):
         scores = torch.full((b, k), float("-inf"), device=device)
         scores[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick duplicates
         finished = torch.zeros(b * k, dtype=torch.bool, device=device)
-        cache = DecoderCache(len(self.decoder))
+        cache = DecoderCache(self.config.decoder_layers)
         for step in range(max_digits + 1):
             log_probs = self._next_token_log_probs(self.decode(memory, tokens[:, -1:], cache=cache)[:, -1], step, max_digits)
             # A finished beam can only be extended by PAD, at no cost, so it keeps its score.
@@ -568,6 +568,32 @@ def order_free_loss(
     return best.sum() / num_tokens
 
 
+class TrainingLoss(nn.Module):
+    """The training objective as one module: DistributedDataParallel synchronises gradients
+    through its wrapped module's forward, and torch.compile compiles a forward, so both wrap
+    this rather than the model (whose encode and decode are called separately)."""
+
+    def __init__(self, model: DigitSequenceTransformer, *, label_smoothing: float, patch_loss_weight: float, order_free: bool):
+        super().__init__()
+        self.model = model
+        self.label_smoothing, self.patch_loss_weight, self.order_free = label_smoothing, patch_loss_weight, order_free
+
+    def forward(self, pixels: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, patch_classes: torch.Tensor | None,
+                labels: list[str] | None = None) -> torch.Tensor:
+        """The loss of one batch; labels (the digit strings) only for the order-free loss."""
+        memory = self.model.encode(pixels)
+        if self.order_free:
+            loss = order_free_loss(self.model, memory, labels, label_smoothing=self.label_smoothing)
+        else:
+            loss = F.cross_entropy(self.model.decode(memory, inputs).flatten(0, 1), targets.flatten(), ignore_index=PAD,
+                                   label_smoothing=self.label_smoothing)
+        if self.patch_loss_weight > 0:
+            # Every patch vector is told which digit it lies on: a dense recognition signal
+            # beside the decoder's three or so tokens per image.
+            loss = loss + self.patch_loss_weight * F.cross_entropy(self.model.patch_head(memory).flatten(0, 1), patch_classes.flatten())
+        return loss
+
+
 def configure_optimizer(
     model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98)
 ) -> torch.optim.AdamW:
@@ -577,3 +603,26 @@ def configure_optimizer(
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def bf16_pays(device: torch.device) -> bool:
+    """Whether autocasting this model to bfloat16 makes it faster on device, as measured with
+    bench.py: on CPUs with AVX512-BF16 or AMX, which multiply bf16 several times faster than
+    fp32. Not on AVX2-only CPUs, which emulate bf16 (1.3 against 130-160 GFLOP/s), and not on
+    an H100 either: this model is too small for bf16's faster products to outweigh autocast's
+    extra casts (training at batch 64: 2,135 img/s in bf16 against 2,857 in fp32; at batch
+    1,024, 5 % faster), so there `--precision bf16` is for larger batches and models."""
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """'auto': the first of cuda, mps and cpu that this machine has; anything else as given ("cuda:1")."""
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from model import SOS, DigitSequenceTransformer, ModelConfig, uint8_to_input
+from model import SOS, DigitSequenceTransformer, ModelConfig, pick_device, uint8_to_input
 from multidigit_generator import DIGIT_HEIGHT_RANGE, ink_box
 
 DEFAULT_CHECKPOINT = Path("checkpoints/digit_transformer.pt")  # the shipped model (see the README's model card)
@@ -47,8 +47,9 @@ class CheckpointError(RuntimeError):
     """The checkpoint is missing or is not one of ours."""
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> DigitSequenceTransformer:
-    path = Path(path)
+def load_model(path: str | Path, device: str | torch.device = "auto") -> DigitSequenceTransformer:
+    """The model saved at path, in eval mode on device ("auto": a GPU when there is one)."""
+    path, device = Path(path), pick_device(str(device))
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: train one with `uv run python train_encoder_decoder.py` "
                               "(it writes runs/default/model.pt) or pass --checkpoint PATH")
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jsonl", action="store_true", help="one JSON object per line")
     parser.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ...")
     args = parser.parse_args(argv)
     if args.beam_size < 1 or args.batch_size < 1:
         parser.error("--beam-size and --batch-size must be at least 1")

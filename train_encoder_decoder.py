@@ -50,10 +50,12 @@ from model import (
     STEMS,
     DigitSequenceTransformer,
     ModelConfig,
+    TrainingLoss,
+    bf16_pays,
     configure_optimizer,
     encode_labels,
-    order_free_loss,
     patch_targets,
+    pick_device,
     uint8_to_input,
 )
 from multidigit_generator import (
@@ -95,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--augment-strength", type=float, default=1.0)
     data.add_argument("--num-workers", type=int,
                       help="processes composing training images (default: none on a CPU, where a worker only "
-                           "competes with PyTorch's threads for the same cores; 2 on a GPU)")
+                           "competes with PyTorch's threads for the same cores; on a GPU, up to 8 per process)")
     model = p.add_argument_group("model")
     model.add_argument("--patch-size", type=int, default=12)
     model.add_argument("--stem-depth", type=int, default=1,
@@ -139,8 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "(under torchrun, each process takes the GPU of its LOCAL_RANK)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                      help="bf16: matrix products in bfloat16 under autocast (weights, optimiser and loss stay fp32); "
-                          "auto: bf16 on GPUs and CPUs with bf16 arithmetic (AVX512-BF16 or AMX), fp32 elsewhere "
-                          "(on an AVX2-only CPU bf16 is emulated and about 100x slower: see bench.py)")
+                          "auto: bf16 where it was measured to pay, on CPUs with AVX512-BF16 or AMX; fp32 elsewhere "
+                          "(an AVX2-only CPU emulates bf16, 100x slower; on an H100 this small model trains faster "
+                          "in fp32 at batch 64: see model.bf16_pays and bench.py)")
     run.add_argument("--compile", action="store_true", help="train through torch.compile (a minute or so of compiling first)")
     run.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
                      help="auto: online when logged in to W&B, offline otherwise")
@@ -212,16 +215,6 @@ def wandb_mode(requested: str) -> str:
         return "offline"
 
 
-def pick_device(requested: str) -> torch.device:
-    if requested != "auto":
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def start_distributed(requested_device: str) -> tuple[torch.device, int, int]:
     """(device, rank, world size). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and the
     rendezvous address); without them this is a single process of rank 0."""
@@ -234,45 +227,6 @@ def start_distributed(requested_device: str) -> tuple[torch.device, int, int]:
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None)
     return device, dist.get_rank(), dist.get_world_size()
-
-
-def bf16_pays(precision: str, device: torch.device) -> bool:
-    """Whether to run matrix products in bfloat16: asked for, or 'auto' on hardware that has
-    bf16 arithmetic. Measured on an AVX2-only CPU, bf16 matrix products run at about 1 GFLOP/s
-    against about 150 in fp32 (bench.py prints both), so there 'auto' keeps fp32."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
-
-
-class TrainingLoss(nn.Module):
-    """The training objective as one module: DistributedDataParallel synchronises gradients
-    through its wrapped module's forward, and torch.compile compiles a forward, so both wrap
-    this rather than the model (whose encode and decode are called separately)."""
-
-    def __init__(self, model: DigitSequenceTransformer, *, label_smoothing: float, patch_loss_weight: float, order_free: bool):
-        super().__init__()
-        self.model = model
-        self.label_smoothing, self.patch_loss_weight, self.order_free = label_smoothing, patch_loss_weight, order_free
-
-    def forward(self, pixels: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, patch_classes: torch.Tensor | None,
-                labels: list[str] | None = None) -> torch.Tensor:
-        """The loss of one batch; labels (the digit strings) only for the order-free loss."""
-        memory = self.model.encode(pixels)
-        if self.order_free:
-            loss = order_free_loss(self.model, memory, labels, label_smoothing=self.label_smoothing)
-        else:
-            loss = F.cross_entropy(self.model.decode(memory, inputs).flatten(0, 1), targets.flatten(), ignore_index=PAD,
-                                   label_smoothing=self.label_smoothing)
-        if self.patch_loss_weight > 0:
-            # Every patch vector is told which digit it lies on: a dense recognition signal
-            # beside the decoder's three or so tokens per image.
-            loss = loss + self.patch_loss_weight * F.cross_entropy(self.model.patch_head(memory).flatten(0, 1), patch_classes.flatten())
-        return loss
 
 
 def sync_buffers(*modules: nn.Module) -> None:
@@ -396,12 +350,15 @@ def train(args: argparse.Namespace, run=None) -> dict:
     device, rank, world_size = start_distributed(args.device)
     is_main = rank == 0
     say = print if is_main else lambda *_, **__: None
-    bf16 = bf16_pays(args.precision, device)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_pays(device))
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     # Measured on the 2-core CPU: composing in this process runs 13 % more steps per second
-    # than one worker process, whose work stalls PyTorch's threads on the cores they share.
-    num_workers = args.num_workers if args.num_workers is not None else (0 if device.type == "cpu" else 2)
+    # than one worker process, whose work stalls PyTorch's threads on the cores they share. On
+    # a GPU the composing is what limits: on an H100 with 16 cores, 8 workers trained at 1,138
+    # img/s against 938 with 2. Each process on a machine takes its share of the cores.
+    cores_per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    num_workers = args.num_workers if args.num_workers is not None else (0 if device.type == "cpu" else min(8, max(1, cores_per_process - 1)))
     torch.manual_seed(args.seed)  # the same on every rank: the replicas start as one model
 
     # ---- data: disjoint digit pools; val/test are fixed folders, train is composed fresh each epoch

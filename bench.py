@@ -1,0 +1,359 @@
+"""How fast the digit-sequence Transformer trains and reads on this machine, against a model
+of the same size built from torch.nn.Transformer, and how close each comes to the machine's
+peak.
+
+    uv run python bench.py                       # the shipped model's size, on a GPU if there is one
+    uv run python bench.py --device cpu --json bench.json
+    uv run python bench.py --precision bf16      # bf16 autocast (default: where it pays, see model.bf16_pays)
+
+For each model, one run measures:
+  training img/s        whole steps (forward, backward, gradient clipping, AdamW) on batches of
+                        --batch-size, with the training script's loss (digits + patch classes)
+  inference img/s       greedy reading of batches of --batch-size
+  latency p50 / p95     greedy reading of one image at a time (the batch's images in turn)
+  FLOPs per image       counted by torch.utils.flop_counter: matrix products, convolutions and
+                        attention (elementwise work is not counted)
+  achieved FLOP/s       FLOPs per image x images per second, and its fraction of the peak (MFU)
+The peak is measured here: the fastest square matrix product, in fp32 and in bf16.
+
+The reference shares our convolutional stem, embeddings and heads and swaps our encoder and
+decoder for torch.nn.Transformer's, configured as ours are (pre-norm, GELU, the same widths),
+with our weights copied in: the two compute the same function (tests/test_bench.py checks), so
+the ratios compare implementations alone. nn.TransformerDecoder keeps no keys and values
+between calls, so the reference re-reads the whole prefix at each decoding step, the way an
+nn.Transformer is decoded. Images are MNIST test composites made before timing starts; composing
+them, and the training script's weight averaging, are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    DecoderCache,
+    DigitSequenceTransformer,
+    TrainingLoss,
+    bf16_pays,
+    configure_optimizer,
+    encode_labels,
+    patch_targets,
+    pick_device,
+    uint8_to_input,
+)
+from multidigit_generator import MnistUnavailableError, MultiDigitComposer, default_mnist_root, load_mnist
+from predict import DEFAULT_CHECKPOINT, CheckpointError, load_model
+
+# The issue's targets for the 2-core CPU this project is developed on.
+CPU_TARGETS = {"training_ratio": 1.0, "inference_images_per_second": 2000, "latency_p50_ms": 10.0}
+
+
+class ReferenceTransformer(DigitSequenceTransformer):
+    """Our model with its encoder and decoder replaced by torch.nn.Transformer's."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        c = config
+        del self.encoder, self.encoder_norm, self.decoder, self.decoder_norm
+        with warnings.catch_warnings():  # that pre-norm layers cannot use nested tensors (there is no padding here)
+            warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
+            self.transformer = nn.Transformer(d_model=c.d_model, nhead=c.n_heads, num_encoder_layers=c.encoder_layers,
+                                              num_decoder_layers=c.decoder_layers, dim_feedforward=c.ff_mult * c.d_model,
+                                              dropout=c.dropout, activation="gelu", batch_first=True, norm_first=True)
+
+    @classmethod
+    def like(cls, model: DigitSequenceTransformer) -> ReferenceTransformer:
+        """A reference holding model's weights: nn.MultiheadAttention keeps the query, key and
+        value projections in one in_proj matrix, ours in `query` and `key_value`."""
+        reference = cls(model.config)
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(("encoder", "decoder"))}
+
+        def copy(prefix: str, module: nn.Module) -> None:
+            state.update({f"{prefix}.{name}": tensor for name, tensor in module.state_dict().items()})
+
+        def copy_attention(prefix: str, attention: nn.Module) -> None:
+            state[f"{prefix}.in_proj_weight"] = torch.cat([attention.query.weight, attention.key_value.weight])
+            state[f"{prefix}.in_proj_bias"] = torch.cat([attention.query.bias, attention.key_value.bias])
+            copy(f"{prefix}.out_proj", attention.out)
+
+        for i, block in enumerate(model.encoder):
+            layer = f"transformer.encoder.layers.{i}"
+            copy_attention(f"{layer}.self_attn", block.attn)
+            copy(f"{layer}.norm1", block.norm_attn), copy(f"{layer}.norm2", block.norm_ff)
+            copy(f"{layer}.linear1", block.ff[0]), copy(f"{layer}.linear2", block.ff[2])
+        for i, block in enumerate(model.decoder):
+            layer = f"transformer.decoder.layers.{i}"
+            copy_attention(f"{layer}.self_attn", block.self_attn), copy_attention(f"{layer}.multihead_attn", block.cross_attn)
+            copy(f"{layer}.norm1", block.norm_self), copy(f"{layer}.norm2", block.norm_cross), copy(f"{layer}.norm3", block.norm_ff)
+            copy(f"{layer}.linear1", block.ff[0]), copy(f"{layer}.linear2", block.ff[2])
+        copy("transformer.encoder.norm", model.encoder_norm), copy("transformer.decoder.norm", model.decoder_norm)
+        reference.load_state_dict(state)  # strict: every weight has exactly one counterpart
+        return reference.to(next(model.parameters()).device).train(model.training)
+
+    def encode(self, images: torch.Tensor, *, attention: dict | None = None) -> torch.Tensor:
+        assert attention is None, "nn.Transformer does not return attention weights"
+        return self.transformer.encoder(self.drop(self.patch_embed((images - PIXEL_MEAN) / PIXEL_STD)))
+
+    def decode(self, memory: torch.Tensor, tokens: torch.Tensor, *, attention: dict | None = None,
+               cache: DecoderCache | None = None) -> torch.Tensor:
+        assert attention is None, "nn.Transformer does not return attention weights"
+        new = tokens.shape[1]
+        if cache is not None:  # the cache keeps the tokens so far, re-read whole at every step
+            cache.prefix = tokens if cache.length == 0 else torch.cat([cache.prefix, tokens], dim=1)
+            cache.length += new
+            tokens = cache.prefix
+        t = tokens.shape[1]
+        x = self.drop(self.token_embed(tokens) + self.token_position(torch.arange(t, device=tokens.device)))
+        causal = nn.Transformer.generate_square_subsequent_mask(t, device=tokens.device)
+        return self.head(self.transformer.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True))[:, -new:]
+
+
+def timed(run: Callable[[], object], *, seconds: float, device: torch.device, min_runs: int = 3) -> list[float]:
+    """Wall time of each call of run, after two warm-up calls, for about `seconds` in all."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    for _ in range(2):
+        run()
+    sync()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - started < seconds:
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def peak_matmul_flops(dtype: torch.dtype, device: torch.device, *, seconds: float) -> tuple[float, int]:
+    """(FLOP/s, size) of the fastest n x n by n x n product over growing n. Sizes stop growing
+    once one product takes over 0.1 s (a CPU without bf16 emulates it about 100x slower)."""
+    best = (0.0, 0)
+    for n in (256, 512, 1024, 2048, 4096, 8192):
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        seconds_each = statistics.median(timed(lambda: a @ b, seconds=seconds, device=device, min_runs=2))
+        best = max(best, (2 * n**3 / seconds_each, n))
+        if seconds_each > 0.1:
+            break
+    return best
+
+
+def counted_flops(run: Callable[[], object]) -> int:
+    """FLOPs of one call of run. nn.Transformer's fused inference path (one native op per
+    layer) has no FLOP formula, so it is switched off while counting."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+    return counter.get_total_flops()
+
+
+def composites(count: int, mnist_root: str, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """(images (count, 96, 96) uint8, labels, ink boxes (count, 4, 4)) composed from MNIST test
+    digits as the test set is: 0 to 4 digits, scattered or in a row."""
+    images, labels = load_mnist(mnist_root, train=False)
+    composer = MultiDigitComposer(images, labels)
+    rng = np.random.default_rng(seed)
+    made = [composer.compose(rng) for _ in range(count)]
+    boxes = torch.full((count, composer.max_digits, 4), -1, dtype=torch.long)
+    for row, c in enumerate(made):
+        if c.boxes:
+            boxes[row, : len(c.boxes)] = torch.tensor(c.boxes)
+    return torch.from_numpy(np.stack([c.image for c in made])), [c.label for c in made], boxes
+
+
+class Workload:
+    """The timed work for one model: a training step on a batch, greedy reading of the batch,
+    and of one image (the batch's images in turn: 0 to 4 digits, so 1 to 5 decoding steps).
+    It trains a copy, so model keeps its weights."""
+
+    def __init__(self, model: DigitSequenceTransformer, data: tuple, *, device: torch.device, bf16: bool, compiled: bool):
+        images, labels, boxes = data
+        config = model.config
+        self.device, self.batch_size = device, len(labels)
+        self.pixels = uint8_to_input(images.to(device))
+        self.batch = (self.pixels, *(t.to(device) for t in encode_labels(labels, config.max_digits)),
+                      patch_targets(boxes.to(device), labels, image_size=config.image_size, patch_size=config.patch_size))
+        self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.trained = copy.deepcopy(model).train()
+        self.loss = TrainingLoss(self.trained, label_smoothing=0.0, patch_loss_weight=10.0, order_free=False)
+        self.compiled_loss = torch.compile(self.loss) if compiled else self.loss
+        self.optimizer = configure_optimizer(self.trained, lr=1e-4, weight_decay=0.05)
+        self.reader = copy.deepcopy(model).eval()
+        if compiled:
+            self.reader.encode, self.reader.decode = torch.compile(self.reader.encode), torch.compile(self.reader.decode)
+        singles = [self.pixels[i][None] for i in range(self.batch_size)]
+        self.readings = [self.read(single)[0] for single in singles]  # also compiles every shape before anything is timed
+        self.singles = itertools.cycle(singles)
+        with self.autocast():  # counted uncompiled: compiled graphs hide their operations from the counter
+            self.training_flops = counted_flops(lambda: self.loss(*self.batch).backward()) / self.batch_size
+            self.inference_flops = counted_flops(lambda: model.greedy_decode(self.pixels)) / self.batch_size
+
+    def training_step(self) -> None:
+        with self.autocast():
+            loss = self.compiled_loss(*self.batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trained.parameters(), 1.0)
+        self.optimizer.step()
+
+    def read(self, pixels: torch.Tensor) -> list[str]:
+        with self.autocast():
+            return self.reader.greedy_decode(pixels).strings()
+
+    def read_batch(self) -> None:
+        self.read(self.pixels)
+
+    def read_one(self) -> None:
+        self.read(next(self.singles))
+
+
+def measure(workloads: dict[str, Workload], *, rounds: int, seconds: float, latency_runs: int) -> dict[str, dict]:
+    """Time the workloads in turn, round after round, so that a machine that speeds up or slows
+    down (a shared CPU's does, by up to 2x here) weighs on each alike; medians over all rounds."""
+    times: dict[str, dict[str, list[float]]] = {name: {"train": [], "read": [], "one": []} for name in workloads}
+    for _ in range(rounds):
+        for name, work in workloads.items():
+            times[name]["train"] += timed(work.training_step, seconds=seconds / rounds, device=work.device)
+            times[name]["read"] += timed(work.read_batch, seconds=seconds / rounds, device=work.device)
+            times[name]["one"] += timed(work.read_one, seconds=0, device=work.device, min_runs=max(2, latency_runs // rounds))
+    results = {}
+    for name, work in workloads.items():
+        train_rate = work.batch_size / statistics.median(times[name]["train"])
+        read_rate = work.batch_size / statistics.median(times[name]["read"])
+        results[name] = {"parameters": work.trained.num_parameters(), "readings": work.readings,
+                         "training_images_per_second": train_rate, "inference_images_per_second": read_rate,
+                         "latency_p50_ms": 1e3 * float(np.percentile(times[name]["one"], 50)),
+                         "latency_p95_ms": 1e3 * float(np.percentile(times[name]["one"], 95)),
+                         "training_flops_per_image": work.training_flops, "inference_flops_per_image": work.inference_flops,
+                         "training_flops_per_second": work.training_flops * train_rate,
+                         "inference_flops_per_second": work.inference_flops * read_rate}
+    return results
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        name = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), name)
+    return f"{name}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def report(results: dict) -> str:
+    """The results as a Markdown table, ours against the reference."""
+    ours, reference = results["ours"], results["reference"]
+    peak = results["peak_flops_per_second"]
+    used = results["precision"]
+    rows = [("parameters", "parameters", "{:,.0f}"),
+            ("training img/s", "training_images_per_second", "{:,.0f}"),
+            (f"inference img/s (greedy, batch {results['batch_size']})", "inference_images_per_second", "{:,.0f}"),
+            ("latency p50, one image (ms)", "latency_p50_ms", "{:.2f}"),
+            ("latency p95, one image (ms)", "latency_p95_ms", "{:.2f}"),
+            ("training GFLOP/image (forward + backward)", "training_flops_per_image", "{:.3f}"),
+            ("inference GFLOP/image (greedy)", "inference_flops_per_image", "{:.3f}"),
+            ("training achieved GFLOP/s", "training_flops_per_second", "{:.1f}"),
+            ("inference achieved GFLOP/s", "inference_flops_per_second", "{:.1f}")]
+    scale = lambda key: 1e-9 if "flops" in key else 1  # noqa: E731
+    lines = ["| | ours | nn.Transformer | ours / reference |", "|---|---|---|---|"]
+    for label, key, fmt in rows:
+        lines.append(f"| {label} | {fmt.format(ours[key] * scale(key))} | {fmt.format(reference[key] * scale(key))} "
+                     f"| {ours[key] / reference[key]:.2f}x |")
+    for dtype in ("fp32", "bf16"):
+        for kind in ("training", "inference"):
+            label = f"{kind} MFU, of the {dtype} peak" + (" (the precision used)" if dtype == used else "")
+            lines.append(f"| {label} | {ours[f'{kind}_flops_per_second'] / peak[dtype]:.1%} "
+                         f"| {reference[f'{kind}_flops_per_second'] / peak[dtype]:.1%} | |")
+    header = (f"{results['machine']}; torch {results['torch']}; {used}{', compiled' if results['compile'] else ''}; "
+              f"peak matrix product: fp32 {peak['fp32'] / 1e9:,.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.1f} GFLOP/s")
+    return header + "\n\n" + "\n".join(lines)
+
+
+def target_report(results: dict) -> str:
+    """The CPU targets, met or not; for inference, also the ceiling the fp32 peak sets."""
+    ours = results["ours"]
+    ratio = ours["training_images_per_second"] / results["reference"]["training_images_per_second"]
+    ceiling = results["peak_flops_per_second"][results["precision"]] / ours["inference_flops_per_image"]
+    checks = [(f"training >= {CPU_TARGETS['training_ratio']:.1f}x the reference", f"{ratio:.2f}x", ratio >= CPU_TARGETS["training_ratio"]),
+              (f"batched inference >= {CPU_TARGETS['inference_images_per_second']} img/s",
+               f"{ours['inference_images_per_second']:,.0f} img/s (at 100 % of the {results['precision']} peak: {ceiling:,.0f})",
+               ours["inference_images_per_second"] >= CPU_TARGETS["inference_images_per_second"]),
+              (f"single-image latency p50 <= {CPU_TARGETS['latency_p50_ms']:.0f} ms", f"{ours['latency_p50_ms']:.2f} ms",
+               ours["latency_p50_ms"] <= CPU_TARGETS["latency_p50_ms"])]
+    return "\n".join(f"  {'met    ' if ok else 'not met'}  {name}: {value}" for name, value, ok in checks)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the model whose size (and weights) are measured")
+    p.add_argument("--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16: autocast to bfloat16; auto: as training does, bf16 where it pays (CPUs with AVX512-BF16 or AMX)")
+    p.add_argument("--compile", action="store_true",
+                   help="time both models through torch.compile (training step, encoder and decoding step; a few minutes of compiling)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per training step and per inference batch")
+    p.add_argument("--seconds", type=float, default=6.0, help="time spent on each throughput measurement of each model")
+    p.add_argument("--latency-runs", type=int, default=240, help="single images read for the latency percentiles")
+    p.add_argument("--rounds", type=int, default=3, help="the models are timed in turn this many times")
+    p.add_argument("--json", metavar="FILE", help="also write the results here")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.latency_runs < 2 or args.rounds < 1 or not args.seconds > 0:
+        p.error("need --batch-size >= 1, --latency-runs >= 2, --rounds >= 1 and --seconds > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        model = load_model(args.checkpoint, device)
+        data = composites(args.batch_size, args.mnist_root, seed=0)
+    except (CheckpointError, MnistUnavailableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_pays(device))
+    print(f"measuring the peak matrix product on {device} ...", file=sys.stderr)
+    peak = {name: peak_matmul_flops(dtype, device, seconds=min(1.0, args.seconds)) for name, dtype in
+            (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    results = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
+               "precision": "bf16" if bf16 else "fp32", "compile": args.compile, "batch_size": args.batch_size,
+               "peak_flops_per_second": {name: flops for name, (flops, _) in peak.items()},
+               "peak_matrix_size": {name: n for name, (_, n) in peak.items()}}
+    print("preparing both models" + (" (compiling)" if args.compile else "") + " ...", file=sys.stderr)
+    workloads = {name: Workload(candidate, data, device=device, bf16=bf16, compiled=args.compile)
+                 for name, candidate in (("ours", model), ("reference", ReferenceTransformer.like(model)))}
+    print(f"timing them in turn, {args.rounds} rounds ...", file=sys.stderr)
+    results.update(measure(workloads, rounds=args.rounds, seconds=args.seconds, latency_runs=args.latency_runs))
+    print(report(results))
+    agree = sum(a == b for a, b in zip(results["ours"]["readings"], results["reference"]["readings"]))
+    print(f"\nthe two models read {agree} of the {args.batch_size} images alike; "
+          f"{sum(a == b for a, b in zip(results['ours']['readings'], data[1]))} of ours are right")
+    if device.type == "cpu":
+        print("\ntargets (set for the 2-core development CPU):\n" + target_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
