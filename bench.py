@@ -124,10 +124,10 @@ class ReferenceTransformer(DigitSequenceTransformer):
         return self.head(self.transformer.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True))[:, -new:]
 
 
-def timed(run: Callable[[], object], *, seconds: float, device: torch.device, min_runs: int = 3) -> list[float]:
-    """Wall time of each call of run, after two warm-up calls, for about `seconds` in all."""
+def timed(run: Callable[[], object], *, seconds: float, device: torch.device, min_runs: int = 3, warm_up: int = 2) -> list[float]:
+    """Wall time of each call of run, after warm_up calls, for about `seconds` in all."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for _ in range(2):
+    for _ in range(warm_up):
         run()
     sync()
     times: list[float] = []
@@ -227,14 +227,19 @@ class Workload:
 
 
 def measure(workloads: dict[str, Workload], *, rounds: int, seconds: float, latency_runs: int) -> dict[str, dict]:
-    """Time the workloads in turn, round after round, so that a machine that speeds up or slows
-    down (a shared CPU's does, by up to 2x here) weighs on each alike; medians over all rounds."""
+    """Time the workloads in turn, in many short rounds, so that a machine that speeds up or
+    slows down (a shared CPU's does, by up to 2x here) weighs on each alike; medians over all
+    rounds."""
+    for work in workloads.values():
+        timed(work.training_step, seconds=0, device=work.device, min_runs=2)
+        timed(work.read_batch, seconds=0, device=work.device, min_runs=2)
     times: dict[str, dict[str, list[float]]] = {name: {"train": [], "read": [], "one": []} for name in workloads}
     for _ in range(rounds):
         for name, work in workloads.items():
-            times[name]["train"] += timed(work.training_step, seconds=seconds / rounds, device=work.device)
-            times[name]["read"] += timed(work.read_batch, seconds=seconds / rounds, device=work.device)
-            times[name]["one"] += timed(work.read_one, seconds=0, device=work.device, min_runs=max(2, latency_runs // rounds))
+            times[name]["train"] += timed(work.training_step, seconds=seconds / rounds, device=work.device, min_runs=1, warm_up=0)
+            times[name]["read"] += timed(work.read_batch, seconds=seconds / rounds, device=work.device, min_runs=1, warm_up=0)
+            times[name]["one"] += timed(work.read_one, seconds=0, device=work.device, min_runs=max(1, latency_runs // rounds),
+                                        warm_up=0)
     results = {}
     for name, work in workloads.items():
         train_rate = work.batch_size / statistics.median(times[name]["train"])
@@ -314,7 +319,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="images per training step and per inference batch")
     p.add_argument("--seconds", type=float, default=6.0, help="time spent on each throughput measurement of each model")
     p.add_argument("--latency-runs", type=int, default=240, help="single images read for the latency percentiles")
-    p.add_argument("--rounds", type=int, default=3, help="the models are timed in turn this many times")
+    p.add_argument("--rounds", type=int, default=12, help="the models are timed in turn this many times")
     p.add_argument("--json", metavar="FILE", help="also write the results here")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.latency_runs < 2 or args.rounds < 1 or not args.seconds > 0:
