@@ -285,13 +285,13 @@ class MultiHeadAttention(nn.Module):
         b, t, d = x.shape
         heads = lambda z: z.view(b, z.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)  # noqa: E731
         q = heads(self.query(x))
-        if cache is not None and context is not None and cache.keys is not None:
-            k, v = cache.keys, cache.values
+        if cache is not None and cache.keys is not None and context is not None:
+            k, v = cache.keys, cache.values  # cross-attention: the memory was projected at the first step
         else:
             k, v = (heads(z) for z in self.key_value(x if context is None else context).chunk(2, dim=-1))
-            if cache is not None and context is None and cache.keys is not None:
-                k, v = torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2)
             if cache is not None:
+                if cache.keys is not None:  # self-attention: the earlier tokens' keys and values, then x's
+                    k, v = torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2)
                 cache.keys, cache.values = k, v
         # The causal mask lines query i up with key i. With earlier tokens cached, the one new
         # token is the last and may see every key, so it needs no mask.
