@@ -324,13 +324,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.latency_runs < 2 or args.rounds < 1 or not args.seconds > 0:
         p.error("need --batch-size >= 1, --latency-runs >= 2, --rounds >= 1 and --seconds > 0")
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as error:
+        p.error(f"--device: {error}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        device = pick_device(args.device)
+        device = args.device
         model = load_model(args.checkpoint, device)
         data = composites(args.batch_size, args.mnist_root, seed=0)
     except (CheckpointError, MnistUnavailableError) as error:

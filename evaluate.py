@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from model import DigitSequenceTransformer, uint8_to_input
+from model import DigitSequenceTransformer, pick_device, uint8_to_input
 from multidigit_generator import LAYOUTS, preview_sheet, read_dataset
 from predict import DEFAULT_CHECKPOINT, CheckpointError, load_model
 
@@ -328,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.beam_size < 1 or args.batch_size < 1 or args.gallery_size < 0:
         parser.error("--beam-size and --batch-size must be at least 1, --gallery-size at least 0")
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
     names = [Path(folder).resolve().name for folder in args.datasets]
     if len(set(names)) < len(names):
         parser.error(f"dataset folders must have different names, their reports go to {args.out}/<name>: got {', '.join(args.datasets)}")

@@ -618,11 +618,20 @@ def bf16_pays(device: torch.device) -> bool:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """'auto': the first of cuda, mps and cpu that this machine has; anything else as given ("cuda:1")."""
-    if requested != "auto":
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """'auto': the first of cuda, mps and cpu that this machine has; anything else as given
+    ("cuda:1"), if this machine has it (ValueError saying what it has otherwise)."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {requested!r}: expected auto, cpu, cuda, cuda:N or mps") from error
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {requested!r}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {requested!r}: MPS is not available here")
+    return device

@@ -226,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.beam_size < 1 or args.batch_size < 1:
         parser.error("--beam-size and --batch-size must be at least 1")
     try:
+        args.device = pick_device(args.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
+    try:
         model = load_model(args.checkpoint, args.device)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -194,6 +194,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need 0 <= --label-smoothing < 1 and non-negative --max-steps, --num-workers, --augment-strength")
     if args.count is not None and (args.count < 1 or args.run_type != "sweep"):
         p.error(f"--count is the number of sweep trials: at least 1, with --run-type sweep (got {args.count})")
+    try:
+        pick_device(args.device)
+    except ValueError as error:
+        p.error(f"--device: {error}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world_size:
         p.error(f"--batch-size {args.batch_size} is the global batch: it must split evenly over {world_size} processes")

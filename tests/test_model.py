@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from model import (EOS, PAD, SOS, VOCAB_SIZE, DecoderCache, DigitSequenceTransformer, ModelConfig, configure_optimizer, encode_labels,
-                   tokens_to_string)
+                   pick_device, tokens_to_string)
 
 CONFIG = ModelConfig(image_size=48, patch_size=8, d_model=32, n_heads=4, encoder_layers=2, decoder_layers=2, ff_mult=2, max_digits=4)
 
@@ -191,3 +191,12 @@ def test_patch_head_classifies_every_patch():
     assert DigitSequenceTransformer(CONFIG).patch_head is None  # off unless asked for: shipped checkpoints load as before
     memory = model.encode(torch.rand(2, 1, 48, 48))
     assert model.patch_head(memory).shape == (2, 36, 11)
+
+
+def test_pick_device_takes_what_the_machine_has_and_explains_what_it_lacks():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type in ("cuda", "mps", "cpu")
+    with pytest.raises(ValueError, match="unknown device 'tpu0': expected auto, cpu, cuda, cuda:N or mps"):
+        pick_device("tpu0")
+    with pytest.raises(ValueError, match=f"device 'cuda:{torch.cuda.device_count()}': PyTorch sees {torch.cuda.device_count()} CUDA GPU"):
+        pick_device(f"cuda:{torch.cuda.device_count()}")

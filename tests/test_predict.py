@@ -157,6 +157,12 @@ def test_predict_cli_jsonl(tmp_path, tiny_run, composite, capsys):
     assert rows[1] == {"path": str(tmp_path / "blank.png"), "digits": "", "confidence": 1.0, "digit_probs": []}
 
 
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_read(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--device", "tpu", str(tmp_path / "x.png")])
+    assert "--device: unknown device 'tpu'" in capsys.readouterr().err
+
+
 def test_missing_or_foreign_checkpoint_is_reported(tmp_path, capsys):
     Image.new("L", (96, 96)).save(tmp_path / "x.png")
     assert main(["--checkpoint", str(tmp_path / "nope.pt"), str(tmp_path / "x.png")]) == 2
