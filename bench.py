@@ -4,7 +4,7 @@ peak.
 
     uv run python bench.py                       # the shipped model's size, on a GPU if there is one
     uv run python bench.py --device cpu --json bench.json
-    uv run python bench.py --precision bf16      # bf16 autocast (default: where it pays, see model.bf16_pays)
+    uv run python bench.py --precision bf16      # bf16 autocast (default: where it pays, see model.use_bf16)
 
 For each model, one run measures:
   training img/s        whole steps (forward, backward, gradient clipping, AdamW) on batches of
@@ -50,12 +50,12 @@ from model import (
     DecoderCache,
     DigitSequenceTransformer,
     TrainingLoss,
-    bf16_pays,
     configure_optimizer,
     encode_labels,
     patch_targets,
     pick_device,
     uint8_to_input,
+    use_bf16,
 )
 from multidigit_generator import MnistUnavailableError, MultiDigitComposer, default_mnist_root, load_mnist
 from predict import DEFAULT_CHECKPOINT, CheckpointError, load_model
@@ -333,14 +333,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    device = args.device
     try:
-        device = args.device
         model = load_model(args.checkpoint, device)
         data = composites(args.batch_size, args.mnist_root, seed=0)
     except (CheckpointError, MnistUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_pays(device))
+    bf16 = use_bf16(args.precision, device)
     print(f"measuring the peak matrix product on {device} ...", file=sys.stderr)
     peak = {name: peak_matmul_flops(dtype, device, seconds=min(1.0, args.seconds)) for name, dtype in
             (("fp32", torch.float32), ("bf16", torch.bfloat16))}

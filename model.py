@@ -605,13 +605,16 @@ def configure_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def bf16_pays(device: torch.device) -> bool:
-    """Whether autocasting this model to bfloat16 makes it faster on device, as measured with
-    bench.py: on CPUs with AVX512-BF16 or AMX, which multiply bf16 several times faster than
-    fp32. Not on AVX2-only CPUs, which emulate bf16 (1.3 against 130-160 GFLOP/s), and not on
-    an H100 either: this model is too small for bf16's faster products to outweigh autocast's
-    extra casts (training at batch 64: 2,135 img/s in bf16 against 2,857 in fp32; at batch
-    1,024, 5 % faster), so there `--precision bf16` is for larger batches and models."""
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to autocast to bfloat16: precision "bf16", or "auto" where that makes this model
+    faster on device, as measured with bench.py: on CPUs with AVX512-BF16 or AMX, which
+    multiply bf16 several times faster than fp32. Not on AVX2-only CPUs, which emulate bf16
+    (1.3 against 130-160 GFLOP/s), and not on an H100 either: this model is too small for
+    bf16's faster products to outweigh autocast's extra casts (training at batch 64: 2,135
+    img/s in bf16 against 2,857 in fp32; at batch 1,024, 5 % faster), so there
+    `--precision bf16` is for larger batches and models."""
+    if precision != "auto":
+        return precision == "bf16"
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False

@@ -51,12 +51,12 @@ from model import (
     DigitSequenceTransformer,
     ModelConfig,
     TrainingLoss,
-    bf16_pays,
     configure_optimizer,
     encode_labels,
     patch_targets,
     pick_device,
     uint8_to_input,
+    use_bf16,
 )
 from multidigit_generator import (
     FreshComposites,
@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="bf16: matrix products in bfloat16 under autocast (weights, optimiser and loss stay fp32); "
                           "auto: bf16 where it was measured to pay, on CPUs with AVX512-BF16 or AMX; fp32 elsewhere "
                           "(an AVX2-only CPU emulates bf16, 100x slower; on an H100 this small model trains faster "
-                          "in fp32 at batch 64: see model.bf16_pays and bench.py)")
+                          "in fp32 at batch 64: see model.use_bf16 and bench.py)")
     run.add_argument("--compile", action="store_true", help="train through torch.compile (a minute or so of compiling first)")
     run.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
                      help="auto: online when logged in to W&B, offline otherwise")
@@ -233,20 +233,16 @@ def start_distributed(requested_device: str) -> tuple[torch.device, int, int]:
     return device, dist.get_rank(), dist.get_world_size()
 
 
-def sync_buffers(*modules: nn.Module) -> None:
-    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. Gradients are
-    averaged, so the weights agree on every rank; the running statistics are each rank's own
-    (DDP broadcasts rank 0's before every forward, and the forward then updates them), so
-    they are made to agree before anything is validated or saved."""
-    if dist.is_initialized():
-        for module in modules:
-            for buffer in module.buffers():
-                dist.broadcast(buffer, src=0)
-
-
-def assert_replicas_identical(*modules: nn.Module) -> None:
-    """Compare every weight and buffer across ranks: data-parallel replicas that differ mean a
-    bug, and would make the saved rank-0 weights a different model from the one trained."""
+def align_replicas(*modules: nn.Module) -> None:
+    """Before anything is validated or saved: copy rank 0's buffers (BatchNorm running
+    statistics) to every rank, then compare every weight and buffer across ranks. Gradients
+    are averaged, so the weights agree; the running statistics are each rank's own (DDP
+    broadcasts rank 0's before every forward, and the forward then updates them). Replicas
+    that still differ mean a bug, and would make the saved rank-0 weights a different model
+    from the one trained."""
+    for module in modules:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
     flat = torch.cat([t.detach().double().flatten() for module in modules for t in module.state_dict().values()])
     replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(replicas, flat)
@@ -354,7 +350,7 @@ def train(args: argparse.Namespace, run=None) -> dict:
     device, rank, world_size = start_distributed(args.device)
     is_main = rank == 0
     say = print if is_main else lambda *_, **__: None
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_pays(device))
+    bf16 = use_bf16(args.precision, device)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     # Measured on the 2-core CPU: composing in this process runs 13 % more steps per second
@@ -475,9 +471,7 @@ def train(args: argparse.Namespace, run=None) -> dict:
                 "rng_state": random_states[0][0], "random_states": random_states, "wandb_id": run.id}
 
     def save(name: str) -> None:
-        sync_buffers(*replicas)
-        if world_size > 1:
-            assert_replicas_identical(*replicas)  # what rank 0 writes is what every rank trained
+        """Write a checkpoint (every rank calls it; rank 0 writes), the replicas aligned already."""
         checkpoint_state = state()
         if is_main:
             save_checkpoint(out_dir / name, checkpoint_state)
@@ -526,13 +520,16 @@ def train(args: argparse.Namespace, run=None) -> dict:
                 bar.set_postfix(loss=f"{logged_loss.item():.4f}", lr=f"{lr:.2e}")
                 run.log({"train/loss": logged_loss.item(), "train/lr": lr, "epoch": step / steps_per_epoch}, step=step)
             if stop_agreed() or step == args.max_steps:
+                if world_size > 1:
+                    align_replicas(*replicas)
                 save("last.pt")
                 say(f"stopped at step {step}; saved {out_dir / 'last.pt'} (continue with --resume)")
                 run.finish()
                 return {"step": step}
         bar.close()
 
-        sync_buffers(*replicas)
+        if world_size > 1:
+            align_replicas(*replicas)  # validated and saved below: what rank 0 writes is what every rank trained
         metrics, samples = evaluate(evaluated, val_set, device, desc="validating", bf16=bf16)
         images_per_second = step * args.batch_size / (time.time() - started)
         say(f"epoch {epoch + 1}: " + format_metrics("val", metrics) + f" | {images_per_second:.0f} img/s so far")
