@@ -42,25 +42,28 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import (
+    DEFAULT_CHECKPOINT,
     PIXEL_MEAN,
     PIXEL_STD,
+    CheckpointError,
     DecoderCache,
     DigitSequenceTransformer,
     TrainingLoss,
     configure_optimizer,
     encode_labels,
+    load_model,
     patch_targets,
     pick_device,
     uint8_to_input,
     use_bf16,
 )
-from multidigit_generator import MnistUnavailableError, MultiDigitComposer, default_mnist_root, load_mnist
-from predict import DEFAULT_CHECKPOINT, CheckpointError, load_model
+from multidigit_generator import MnistUnavailableError, MultiDigitComposer, dataset_item, default_mnist_root, load_mnist
 
-# The targets for the 2-core CPU this project is developed on.
+# The targets set for the 2-core development CPU (docs/performance.md discusses them).
 CPU_TARGETS = {"training_ratio": 1.0, "inference_images_per_second": 2000, "latency_p50_ms": 10.0}
 
 
@@ -172,12 +175,10 @@ def composites(count: int, mnist_root: str, seed: int) -> tuple[torch.Tensor, li
     images, labels = load_mnist(mnist_root, train=False)
     composer = MultiDigitComposer(images, labels)
     rng = np.random.default_rng(seed)
-    made = [composer.compose(rng) for _ in range(count)]
-    boxes = torch.full((count, composer.max_digits, 4), -1, dtype=torch.long)
-    for row, c in enumerate(made):
-        if c.boxes:
-            boxes[row, : len(c.boxes)] = torch.tensor(c.boxes)
-    return torch.from_numpy(np.stack([c.image for c in made])), [c.label for c in made], boxes
+    items = [dataset_item(c.image, c.label, c.layout, c.boxes, composer.max_digits) for c in
+             (composer.compose(rng) for _ in range(count))]
+    images, labels, _, boxes = default_collate(items)
+    return images, list(labels), boxes
 
 
 class Workload:
@@ -188,8 +189,8 @@ class Workload:
     def __init__(self, model: DigitSequenceTransformer, data: tuple, *, device: torch.device, bf16: bool, compiled: bool):
         images, labels, boxes = data
         config = model.config
-        self.device, self.batch_size = device, len(labels)
-        self.pixels = uint8_to_input(images.to(device))
+        self.device, self.batch_size, self.images = device, len(labels), images.to(device)
+        self.pixels = uint8_to_input(self.images)
         self.batch = (self.pixels, *(t.to(device) for t in encode_labels(labels, config.max_digits)),
                       patch_targets(boxes.to(device), labels, image_size=config.image_size, patch_size=config.patch_size))
         self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -200,12 +201,12 @@ class Workload:
         self.reader = copy.deepcopy(model).eval()
         if compiled:
             self.reader.encode, self.reader.decode = torch.compile(self.reader.encode), torch.compile(self.reader.decode)
-        singles = [self.pixels[i][None] for i in range(self.batch_size)]
+        singles = [self.images[i][None] for i in range(self.batch_size)]
         self.readings = [self.read(single)[0] for single in singles]  # also compiles every shape before anything is timed
         self.singles = itertools.cycle(singles)
         with self.autocast():  # counted uncompiled: compiled graphs hide their operations from the counter
             self.training_flops = counted_flops(lambda: self.loss(*self.batch).backward()) / self.batch_size
-            self.inference_flops = counted_flops(lambda: model.greedy_decode(self.pixels)) / self.batch_size
+            self.inference_flops = counted_flops(lambda: model.read(self.images)) / self.batch_size
 
     def training_step(self) -> None:
         with self.autocast():
@@ -215,12 +216,12 @@ class Workload:
         torch.nn.utils.clip_grad_norm_(self.trained.parameters(), 1.0)
         self.optimizer.step()
 
-    def read(self, pixels: torch.Tensor) -> list[str]:
+    def read(self, images: torch.Tensor) -> list[str]:
         with self.autocast():
-            return self.reader.greedy_decode(pixels).strings()
+            return self.reader.read(images).strings()
 
     def read_batch(self) -> None:
-        self.read(self.pixels)
+        self.read(self.images)
 
     def read_one(self) -> None:
         self.read(next(self.singles))

@@ -30,9 +30,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from model import DigitSequenceTransformer, pick_device, uint8_to_input
+from model import DEFAULT_CHECKPOINT, CheckpointError, DigitSequenceTransformer, load_model, pick_device
 from multidigit_generator import LAYOUTS, preview_sheet, read_dataset
-from predict import DEFAULT_CHECKPOINT, CheckpointError, load_model
 
 NONE = 10  # index of the "none" row (extra digits) and column (missed digits) of the confusion matrix
 MATRIX_LABELS = [str(d) for d in range(10)] + ["none"]
@@ -194,21 +193,25 @@ def failure_gallery(
                               f"truth {IMAGE_ARROW} reading, confidence")
 
 
-@torch.no_grad()
 def read_images(
-    model: DigitSequenceTransformer, images: np.ndarray, *, beam_size: int = 1, batch_size: int = 256, desc: str = "reading"
+    model: DigitSequenceTransformer,
+    images: np.ndarray,
+    *,
+    beam_size: int = 1,
+    batch_size: int = 256,
+    bf16: bool = False,
+    desc: str = "reading",
+    progress: bool = True,
 ) -> tuple[list[str], list[float], float]:
-    """Decode (N, H, W) uint8 canvases in batches -> (readings, sequence confidences, seconds spent)."""
+    """Read (N, H, W) uint8 canvases in batches -> (readings, sequence confidences, seconds spent).
+    Evaluation and the training script's validation both read through it."""
     device = next(model.parameters()).device
     predictions: list[str] = []
     confidences: list[float] = []
     started = time.perf_counter()
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        x = uint8_to_input(torch.from_numpy(np.array(images[start : start + batch_size])).to(device))
-        if beam_size == 1:
-            decoded = model.greedy_decode_memory(model.encode(x))
-        else:
-            decoded = model.beam_search(x, beam_size)
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            decoded = model.read(torch.from_numpy(np.array(images[start : start + batch_size])), beam_size=beam_size)
         predictions += decoded.strings()
         confidences += decoded.confidence().tolist()
     return predictions, confidences, time.perf_counter() - started

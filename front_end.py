@@ -24,19 +24,9 @@ import streamlit as st
 import torch
 from PIL import Image
 
-from model import DigitSequenceTransformer
+from model import DEFAULT_CHECKPOINT, CheckpointError, DigitSequenceTransformer, load_model
 from multidigit_generator import MnistUnavailableError, MultiDigitComposer, default_mnist_root, load_mnist
-from predict import (
-    BLANK_INK_LEVEL,
-    DEFAULT_CHECKPOINT,
-    IMAGE_SUFFIXES,
-    CheckpointError,
-    attention_maps,
-    load_model,
-    open_image,
-    read_canvases,
-    to_canvas,
-)
+from predict import BLANK_INK_LEVEL, IMAGE_SUFFIXES, open_image, read_canvases, to_canvas
 from split_multidigit_dataset import EVAL_COMPOSER
 
 PAD_WIDTH, PAD_HEIGHT = 640, 320  # drawing pad, in screen pixels
@@ -122,8 +112,7 @@ def show_reading(model: DigitSequenceTransformer, image: Image.Image, truth: str
     if canvas.max() < BLANK_INK_LEVEL:
         right.info(DRAW_HINT)
         return
-    reading = read_canvases(model, [canvas])[0]
-    maps = attention_maps(model, canvas, reading.digits)
+    reading = read_canvases(model, [canvas], attention=True)[0]
     elapsed_ms = (time.perf_counter() - started) * 1000
     with right:
         if reading.digits:
@@ -135,14 +124,14 @@ def show_reading(model: DigitSequenceTransformer, image: Image.Image, truth: str
         st.caption(f"Whole reading {reading.confidence:.1%} sure{verdict}. Read in {elapsed_ms:.0f} ms.")
     if reading.digits:
         st.markdown("**Where the model looked for each digit** (decoder cross-attention, red)")
-        for column, digit, prob, attention in zip(st.columns(len(reading.digits)), reading.digits, reading.digit_probs, maps):
+        for column, digit, prob, attention in zip(st.columns(len(reading.digits)), reading.digits, reading.digit_probs, reading.attention):
             column.image(attention_overlay(canvas, attention), caption=f"{digit}: {prob:.1%} sure")
 
 
 def main() -> None:
     # One image is too little work to share between threads, and the browser needs a core:
-    # with Chromium drawing on the same 2 cores, a pad was read in 61-75 ms on one thread
-    # against 113-123 ms on two.
+    # with Chromium drawing on the same cores, one thread reads a pad faster than two
+    # (docs/performance.md).
     torch.set_num_threads(1)
     st.set_page_config(page_title="Digit-sequence Transformer", layout="wide")
     st.title("Read handwritten digits")

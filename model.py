@@ -13,15 +13,23 @@ the encoder a dense recognition signal; decoding never uses it.
 
 The decoder is trained with teacher forcing (it sees the true previous tokens) and run
 autoregressively at inference (greedy or beam search), one token per step: a DecoderCache
-keeps the earlier tokens' keys and values and the memory's projections. This file imports
-nothing from the rest of the repository.
+keeps the earlier tokens' keys and values and the memory's projections. Everything that reads
+images reads them through DigitSequenceTransformer.read.
+
+Also here: ModelConfig (whose defaults are the shipped model), the training loss, the optimiser
+set-up, and the checkpoint format (save_checkpoint, load_checkpoint, load_model). This file
+imports nothing from the rest of the repository.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+import os
+import tempfile
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -43,6 +51,12 @@ PATCH_CLASSES = 11
 IGNORE = -100  # patch targets the loss skips (F.cross_entropy's default ignore_index)
 
 STEMS = ("conv", "linear")
+MAX_GRID = 64  # most patches per side of the image
+
+DEFAULT_CHECKPOINT = Path("checkpoints/digit_transformer.pt")  # the shipped model (docs/results.md is its card)
+# Version of the checkpoint layout that save_checkpoint writes (see its docstring); load_checkpoint
+# refuses any other, so that a file is never half-understood.
+CHECKPOINT_VERSION = 2
 
 
 def uint8_to_input(images: torch.Tensor) -> torch.Tensor:
@@ -109,44 +123,86 @@ def patch_targets(boxes: torch.Tensor, labels: list[str], *, image_size: int, pa
     return torch.where(single, owner, targets)
 
 
+def setting(default: object, help: str, low: float | None = None, high: float | None = None, choices: tuple = ()) -> object:
+    """A config field with its help text and its sane bounds (inclusive), checked by check_settings;
+    the training script turns each field into a command-line flag."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
+
+
+def check_settings(config: object) -> None:
+    """Raise ValueError naming the first field of a config dataclass whose value has the wrong type
+    or lies outside its bounds: a checkpoint or a config file can hold anything, and a size
+    checked only after it was allocated may already have taken the machine's memory."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value, kind, meta = getattr(config, f.name), hints[f.name], f.metadata
+        numbers = list(value) if isinstance(value, (list, tuple)) else [value]
+        if kind in (bool, str):
+            right_type = isinstance(value, kind)
+        elif kind in (int, float):
+            right_type = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+        else:  # a list of numbers, or None
+            right_type = value is None or isinstance(value, (list, tuple))
+            numbers = [] if value is None else numbers
+        if not right_type:
+            raise ValueError(f"{f.name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+        for number in numbers if kind not in (bool, str) else []:
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+                raise ValueError(f"{f.name} must hold finite numbers, got {value!r}")
+            if not (meta.get("low") is None or number >= meta["low"]) or not (meta.get("high") is None or number <= meta["high"]):
+                raise ValueError(f"{f.name} must be between {meta['low']} and {meta['high']}, got {value!r}")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ValueError(f"{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
-    image_size: int = 96
-    patch_size: int = 8
-    stem: str = "conv"  # "conv": a small strided CNN makes the patch embeddings; "linear": flattened patches
-    stem_depth: int = 0  # conv stem: extra stride-1 3x3 convolutions at 1/4 resolution and on the patch grid
-    stem_width: int = 32  # conv stem channels at 1/4 resolution (half that at 1/2, twice that on the patch grid)
-    stem_full_res: int = 0  # conv stem: channels of a stride-1 3x3 convolution at full resolution, before the first stride (0: none)
-    d_model: int = 128
-    n_heads: int = 4
-    encoder_layers: int = 4
-    decoder_layers: int = 2
-    ff_mult: int = 4  # feed-forward hidden width = ff_mult * d_model
-    dropout: float = 0.1
-    max_digits: int = 4
-    patch_head: bool = False  # a linear classifier on the encoder output: which digit covers each patch (auxiliary loss)
+    """The model's shape. The defaults are the shipped model's (checkpoints/digit_transformer.pt),
+    the model that the training script's default command trains."""
+
+    image_size: int = setting(96, "side of the square canvas in pixels (the composites' canvas size)", 16, 1024)
+    patch_size: int = setting(12, "side of the square patches the encoder reads", 2, 64)
+    stem: str = setting("conv", "how patches become vectors: a small CNN, or a linear projection of the pixels",
+                        choices=STEMS)
+    stem_depth: int = setting(1, "conv stem: extra stride-1 3x3 convolutions at 1/4 resolution and on the patch grid",
+                              0, 8)
+    stem_width: int = setting(64, "conv stem: channels at 1/4 resolution (half that before, twice that on the patch grid)",
+                              2, 512)
+    stem_full_res: int = setting(8, "conv stem: channels of a stride-1 3x3 convolution at full resolution, before the "
+                                 "first stride (0: none)", 0, 256)
+    d_model: int = setting(128, "width of every token vector", 8, 2048)
+    n_heads: int = setting(4, "attention heads per layer", 1, 64)
+    encoder_layers: int = setting(3, "encoder blocks", 1, 48)
+    decoder_layers: int = setting(2, "decoder blocks", 1, 48)
+    ff_mult: int = setting(4, "feed-forward hidden width, in multiples of d_model", 1, 16)
+    dropout: float = setting(0.0, "dropout rate (fresh composites every epoch already prevent memorising)", 0.0, 0.99)
+    max_digits: int = setting(4, "the most digits the model reads in one image", 1, 32)
+    patch_head: bool = setting(True, "a linear classifier on the encoder output, which digit covers each patch (the "
+                               "auxiliary patch loss's; decoding never uses it)")
 
     def __post_init__(self) -> None:
+        check_settings(self)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.d_model % 4:
             raise ValueError(f"d_model {self.d_model} must be a multiple of 4 for the 2D sin-cos encoding")
-        if self.stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
         if self.stem == "conv" and self.patch_size % 4:
             raise ValueError(f"the conv stem needs a patch_size that is a multiple of 4, got {self.patch_size}")
-        if self.stem_depth < 0:
-            raise ValueError(f"stem_depth must be >= 0, got {self.stem_depth}")
-        if self.stem_full_res < 0:
-            raise ValueError(f"stem_full_res must be >= 0, got {self.stem_full_res}")
-        if self.stem_width < 2 or self.stem_width % 2:
-            raise ValueError(f"stem_width must be an even number >= 2, got {self.stem_width}")
-        if min(self.encoder_layers, self.decoder_layers, self.max_digits, self.ff_mult) < 1:
-            raise ValueError("encoder_layers, decoder_layers, max_digits and ff_mult must be at least 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout {self.dropout} is not in [0, 1)")
+        if self.stem_width % 2:
+            raise ValueError(f"stem_width must be an even number, got {self.stem_width}")
+        if self.grid_size > MAX_GRID:  # attention costs grow with the square of the patch count
+            raise ValueError(f"{self.image_size // self.patch_size}x{self.image_size // self.patch_size} patches: at most "
+                             f"{MAX_GRID}x{MAX_GRID}, raise patch_size or lower image_size")
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> ModelConfig:
+        """A config from a checkpoint's or a file's dict, refusing names that are not fields."""
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"not model settings: {', '.join(map(str, unknown))}")
+        return cls(**settings)
 
     @property
     def grid_size(self) -> int:
@@ -200,7 +256,7 @@ class ConvPatchEmbedding(nn.Module):
     convolutions bring that locality with them, and the encoder learns much faster from far
     fewer images. The extra convolutions widen what one patch vector sees from 15 px (less
     than a digit) to 47 px (a whole digit and its neighbours) for about 5 % more compute;
-    see the README's design notes for the measured differences."""
+    docs/design.md has the measured differences."""
 
     def __init__(self, *, image_size: int, patch_size: int, d_model: int, width: int = 32, depth: int = 0, full_res: int = 0):
         super().__init__()
@@ -221,9 +277,9 @@ class ConvPatchEmbedding(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Conv2d(2 * width, d_model, 1)
         self.register_buffer("position", sincos_position_2d(image_size // patch_size, d_model), persistent=False)
-        # Channels-last (NHWC) is the layout oneDNN's CPU convolutions run natively: measured
-        # 125-128 against 103-109 training img/s at stem width 64. It also makes the (B, D, h, w)
-        # output already laid out as the (B, h * w, D) sequence the encoder wants.
+        # Channels-last (NHWC) is the layout oneDNN's CPU convolutions run natively (faster
+        # training, docs/performance.md). It also makes the (B, D, h, w) output already laid out
+        # as the (B, h * w, D) sequence the encoder wants.
         self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -376,6 +432,7 @@ class Decoded:
 
     tokens: torch.Tensor
     token_probs: torch.Tensor
+    attention: torch.Tensor | None = None  # (B, L, grid, grid) with read(attention=True): see token_attention
 
     def strings(self) -> list[str]:
         return [tokens_to_string(row) for row in self.tokens]
@@ -476,17 +533,38 @@ class DigitSequenceTransformer(nn.Module):
         return logits.log_softmax(dim=-1)
 
     # Decoding runs under inference_mode rather than no_grad: it also skips autograd's
-    # bookkeeping of tensor versions and views, which at one image per call is a third of the
-    # time (measured 13.0 against 9.4 ms on the 2-core CPU).
+    # bookkeeping of tensor versions and views, a large share of the time at one image per call.
     @torch.inference_mode()
-    def greedy_decode(self, images: torch.Tensor) -> Decoded:
-        """Read each image by taking the most probable token at every step; the batch stops
-        early once every sequence has emitted EOS."""
-        return self.greedy_decode_memory(self.encode(images))
+    def read(self, images: torch.Tensor, *, beam_size: int = 1, attention: bool = False) -> Decoded:
+        """The one way to read: (B, H, W) uint8 canvases, white ink on black -> the digits, with the
+        probability of each token, by greedy decoding (beam_size 1) or beam search. With
+        attention, also where the decoder looked for each token it emitted (Decoded.attention).
+        Prediction, evaluation, validation, the benchmark and the front end all read through it."""
+        memory = self.encode(uint8_to_input(images.to(next(self.parameters()).device)))
+        decoded = self.greedy_decode(memory) if beam_size == 1 else self.beam_search(memory, beam_size)
+        if attention:
+            decoded.attention = self.token_attention(memory, decoded.tokens)
+        return decoded
 
     @torch.inference_mode()
-    def greedy_decode_memory(self, memory: torch.Tensor) -> Decoded:
-        """greedy_decode for images already encoded to (B, N, D) memory."""
+    def token_attention(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) memory and (B, L) emitted tokens -> (B, L, grid, grid): the cross-attention
+        over the image patches of the step that emitted each token, averaged over heads and
+        layers and scaled so that each map's most attended patch is 1. Teacher forcing on SOS +
+        the emitted tokens repeats exactly the steps that emitted them."""
+        inputs = torch.cat([torch.full_like(tokens[:, :1], SOS), tokens[:, :-1]], dim=1)
+        weights: dict[str, torch.Tensor] = {}
+        self.decode(memory, inputs, attention=weights)
+        cross = torch.stack([weights[f"decoder.{i}.cross"] for i in range(self.config.decoder_layers)])
+        maps = cross.float().mean(dim=(0, 2))  # (B, L, N)
+        maps = maps / maps.amax(dim=-1, keepdim=True)
+        grid = self.config.grid_size
+        return maps.view(*maps.shape[:2], grid, grid)
+
+    @torch.inference_mode()
+    def greedy_decode(self, memory: torch.Tensor) -> Decoded:
+        """Read (B, N, D) memory by taking the most probable token at every step; the batch
+        stops early once every sequence has emitted EOS."""
         max_digits = self.config.max_digits
         b, device = memory.shape[0], memory.device
         tokens = torch.full((b, 1), SOS, dtype=torch.long, device=device)
@@ -506,15 +584,15 @@ class DigitSequenceTransformer(nn.Module):
         return Decoded(tokens=tokens[:, 1:], token_probs=probs)
 
     @torch.inference_mode()
-    def beam_search(self, images: torch.Tensor, beam_size: int = 4) -> Decoded:
-        """Keep the beam_size most probable partial sequences per image; return the most
-        probable complete one. Sequences are compared by total log-probability."""
+    def beam_search(self, memory: torch.Tensor, beam_size: int = 4) -> Decoded:
+        """Keep the beam_size most probable partial sequences per image of (B, N, D) memory;
+        return the most probable complete one. Sequences are compared by total log-probability."""
         if beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {beam_size}")
         max_digits = self.config.max_digits
-        b, k = images.shape[0], beam_size
-        memory = self.encode(images).repeat_interleave(k, dim=0)
-        device = images.device
+        b, k = memory.shape[0], beam_size
+        memory = memory.repeat_interleave(k, dim=0)
+        device = memory.device
         tokens = torch.full((b * k, 1), SOS, dtype=torch.long, device=device)
         token_log_probs = torch.zeros(b * k, 0, device=device)
         scores = torch.full((b, k), float("-inf"), device=device)
@@ -607,12 +685,10 @@ def configure_optimizer(
 
 def use_bf16(precision: str, device: torch.device) -> bool:
     """Whether to autocast to bfloat16: precision "bf16", or "auto" where that makes this model
-    faster on device, as measured with bench.py: on CPUs with AVX512-BF16 or AMX, which
-    multiply bf16 several times faster than fp32. Not on AVX2-only CPUs, which emulate bf16
-    (1.3 against 130-160 GFLOP/s), and not on an H100 either: this model is too small for
-    bf16's faster products to outweigh autocast's extra casts (training at batch 64: 2,135
-    img/s in bf16 against 2,857 in fp32; at batch 1,024, 5 % faster), so there
-    `--precision bf16` is for larger batches and models."""
+    faster on device, as measured with bench.py (docs/performance.md): on CPUs with AVX512-BF16
+    or AMX, which multiply bf16 faster than fp32. Not on AVX2-only CPUs, which emulate bf16 far
+    slower than fp32, and not on a GPU either: this model is too small for bf16's faster products
+    to outweigh autocast's extra casts at the default batch."""
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cpu":
@@ -638,3 +714,70 @@ def pick_device(requested: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {requested!r}: MPS is not available here")
     return device
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint is missing, unreadable or not one this code can load."""
+
+
+def save_checkpoint(path: str | Path, config: ModelConfig, weights: dict, **extra: object) -> None:
+    """Write a checkpoint atomically: a uniquely named temporary file in the same folder, then a
+    rename, so an interruption (or a second writer) never leaves half a file under `path`, and
+    whatever was at `path` before stays whole until the new file replaces it.
+
+    The layout (CHECKPOINT_VERSION 2), a dict of tensors and plain values only, so that
+    torch.load(weights_only=True) reads it without running any pickled code:
+        checkpoint_version  2
+        model_config        asdict(ModelConfig): the model's shape
+        model               state_dict of the weights to read with (the averaged ones, if any)
+    and what the training script adds (see train_encoder_decoder.py): train_config, step,
+    metrics and, in a run's last.pt / best.pt, training (the optimiser and the rest of the state
+    that --resume needs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"checkpoint_version": CHECKPOINT_VERSION, "model_config": asdict(config), "model": weights, **extra}
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(temporary, 0o644)  # mkstemp's files are private; a checkpoint is an ordinary file
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """The checkpoint at path, its model_config checked (types and bounds) before any model is
+    built; CheckpointError, with a one-line reason, for a file that is missing or not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: train one with `uv run python train_encoder_decoder.py` "
+                              "(it writes runs/default/model.pt) or pass --checkpoint PATH")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # not a zip, a truncated file, a pickle needing code: all mean "not ours"
+        raise CheckpointError(f"{path} is not a digit-sequence checkpoint ({type(error).__name__}: {error})") from error
+    version = checkpoint.get("checkpoint_version") if isinstance(checkpoint, dict) else None
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} is not a digit-sequence checkpoint of version {CHECKPOINT_VERSION} (it has "
+                              f"{'no version' if version is None else f'version {version}'}): retrain it with this code")
+    try:
+        checkpoint["model_config"] = ModelConfig.from_dict(checkpoint["model_config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: unusable model_config ({error})") from error
+    return checkpoint
+
+
+def load_model(path: str | Path, device: str | torch.device = "auto") -> DigitSequenceTransformer:
+    """The model saved at path, in eval mode on device ("auto": a GPU when there is one)."""
+    device = pick_device(str(device))
+    checkpoint = load_checkpoint(path, device)
+    model = DigitSequenceTransformer(checkpoint["model_config"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError) as error:  # missing, extra or misshapen weights
+        raise CheckpointError(f"{path}: the weights do not fit its model_config ({str(error).splitlines()[0]})") from error
+    return model.to(device).eval()

@@ -487,28 +487,36 @@ class FreshComposites(Dataset):
         return self.num_images
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, torch.Tensor]:
-        """(canvas, label, layout, ink boxes): the boxes are (max_digits, 4) x0, y0, x1, y1 in label
-        order, padded with -1 rows so that batches stack."""
+        """An item as every dataset here gives it: see dataset_item."""
         c = self.composer.compose(np.random.default_rng([self.seed, self.epoch, index]))
-        boxes = torch.full((self.composer.max_digits, 4), -1, dtype=torch.long)
-        if c.boxes:
-            boxes[: len(c.boxes)] = torch.tensor(c.boxes)
-        return torch.from_numpy(c.image), c.label, c.layout, boxes
+        return dataset_item(c.image, c.label, c.layout, c.boxes, self.composer.max_digits)
 
 
 class MultiDigitFolder(Dataset):
-    """A dataset folder written by write_dataset: (image uint8 (H, W), label, layout) items."""
+    """A dataset folder written by write_dataset, its items shaped as dataset_item's."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.images, self.records, self.metadata = read_dataset(self.folder)
+        self.max_digits = max([self.metadata.get("max_digits", 0), *(len(r["label"]) for r in self.records)])
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, torch.Tensor]:
         record = self.records[index]
-        return torch.from_numpy(np.array(self.images[index])), record["label"], record["layout"]
+        return dataset_item(np.array(self.images[index]), record["label"], record["layout"], record["boxes"], self.max_digits)
+
+
+def dataset_item(
+    image: np.ndarray, label: str, layout: str, boxes: list, max_digits: int
+) -> tuple[torch.Tensor, str, str, torch.Tensor]:
+    """(canvas (H, W) uint8, label, layout, ink boxes): the boxes are (max_digits, 4) x0, y0, x1,
+    y1 in label order, padded with -1 rows so that a batch's boxes stack into one tensor."""
+    padded = torch.full((max_digits, 4), -1, dtype=torch.long)
+    if len(boxes):
+        padded[: len(boxes)] = torch.tensor(boxes, dtype=torch.long)
+    return torch.from_numpy(image), label, layout, padded
 
 
 def generate(

@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from model import SOS, DigitSequenceTransformer, ModelConfig, pick_device, uint8_to_input
+from model import DEFAULT_CHECKPOINT, CheckpointError, DigitSequenceTransformer, load_model, pick_device
 from multidigit_generator import DIGIT_HEIGHT_RANGE, ink_box
 
-DEFAULT_CHECKPOINT = Path("checkpoints/digit_transformer.pt")  # the shipped model (see the README's model card)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 BLANK_INK_LEVEL = 48  # a canvas whose brightest pixel is dimmer than this has no ink
@@ -37,29 +36,10 @@ MIN_CONTRAST = 32  # ink must stand this far above the background to count as in
 # and measuring the ink costs time in proportion to the pixels.
 WORKING_SIZE = 512
 # A round dab of ink is as long as it is wide (1 stroke width). Digits are longer, though less
-# than one might think: over the test set and the scanner, thick and 14 px stress sets the least
-# ratio measured was 1.22 (a small thick-stroked digit; blur fills small loops).
+# than one might think: a small thick-stroked digit, whose blur fills its loops, comes close
+# (docs/design.md has the ratios measured on the test and stress sets).
 DOT_STROKES = 1.2
 CANVAS_MARGIN = 2  # pixels kept clear around ink that had to be shrunk to fit the canvas
-
-
-class CheckpointError(RuntimeError):
-    """The checkpoint is missing or is not one of ours."""
-
-
-def load_model(path: str | Path, device: str | torch.device = "auto") -> DigitSequenceTransformer:
-    """The model saved at path, in eval mode on device ("auto": a GPU when there is one)."""
-    path, device = Path(path), pick_device(str(device))
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: train one with `uv run python train_encoder_decoder.py` "
-                              "(it writes runs/default/model.pt) or pass --checkpoint PATH")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-        model = DigitSequenceTransformer(ModelConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
-    except Exception as error:  # unpickling, missing keys, shape mismatches: all mean "not ours"
-        raise CheckpointError(f"{path} is not a usable digit-sequence checkpoint ({type(error).__name__}: {error})") from error
-    return model.to(device).eval()
 
 
 def open_image(path: str | Path | BinaryIO) -> Image.Image:
@@ -113,7 +93,7 @@ def measure_ink(ink: np.ndarray) -> InkMeasure | None:
     The digit height is the median height of the ink's connected pieces, counting only pieces
     at least a third as tall as the tallest: a digit drawn in one stroke is one piece, and the
     small bar of a 5 or a speck must not drag the median down."""
-    from scipy import ndimage  # imported here: it adds a second to the start of every script that imports predict
+    from scipy import ndimage  # imported here: a slow import that only measuring needs
 
     mask = ink >= MIN_CONTRAST
     pieces, count = ndimage.label(mask)
@@ -166,41 +146,28 @@ class Reading:
     digits: str
     digit_probs: list[float]
     confidence: float  # probability of the whole sequence, end included
+    attention: np.ndarray | None = None  # (len(digits), H, W) in [0, 1]: where the model looked for each digit
 
 
-@torch.no_grad()
-def read_canvases(model: DigitSequenceTransformer, canvases: list[np.ndarray], *, beam_size: int = 1) -> list[Reading]:
-    """Batch of model-canvas images -> readings. A canvas with no ink is read as "" without
-    asking the model: there is nothing to read, and a guess would only be a confident error."""
+def read_canvases(
+    model: DigitSequenceTransformer, canvases: list[np.ndarray], *, beam_size: int = 1, attention: bool = False
+) -> list[Reading]:
+    """Batch of model-canvas images -> readings (with attention: where the model looked for each
+    digit, spread over the canvas's pixels). A canvas with no ink is read as "" without asking the
+    model: there is nothing to read, and a guess would only be a confident error."""
     readings: list[Reading | None] = [Reading("", [], 1.0) if c.max() < BLANK_INK_LEVEL else None for c in canvases]
     todo = [i for i, r in enumerate(readings) if r is None]
-    if todo:
-        device = next(model.parameters()).device
-        x = uint8_to_input(torch.from_numpy(np.stack([canvases[i] for i in todo])).to(device))
-        decoded = model.greedy_decode(x) if beam_size == 1 else model.beam_search(x, beam_size)
-        for i, digits, probs, conf in zip(todo, decoded.strings(), decoded.digit_probs(), decoded.confidence().tolist()):
-            readings[i] = Reading(digits, probs, conf)
+    if not todo:
+        return readings  # type: ignore[return-value]
+    decoded = model.read(torch.from_numpy(np.stack([canvases[i] for i in todo])), beam_size=beam_size, attention=attention)
+    maps = None
+    if attention:  # each patch's weight spread over its pixels
+        maps = F.interpolate(decoded.attention, size=canvases[todo[0]].shape, mode="nearest").cpu().numpy()
+    for row, (i, digits, probs, confidence) in enumerate(
+        zip(todo, decoded.strings(), decoded.digit_probs(), decoded.confidence().tolist())
+    ):
+        readings[i] = Reading(digits, probs, confidence, None if maps is None else maps[row, : len(digits)])
     return readings  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def attention_maps(model: DigitSequenceTransformer, canvas: np.ndarray, digits: str) -> np.ndarray:
-    """Where the model looked for each digit it read: (len(digits), H, W) floats in [0, 1].
-
-    The decoder is run on SOS + digits (teacher forcing reproduces the steps that emitted
-    them); the output at step t, which predicted digit t, attended over the image patches.
-    Its cross-attention weights, averaged over heads and decoder layers, are scaled so the most
-    attended patch is 1 and spread over the patch's pixels."""
-    if not digits:
-        return np.zeros((0, *canvas.shape), dtype=np.float32)
-    device = next(model.parameters()).device
-    tokens = torch.tensor([[SOS, *map(int, digits)]], device=device)
-    _, attention = model(uint8_to_input(torch.tensor(canvas)[None].to(device)), tokens, return_attention=True)
-    cross = torch.stack([attention[f"decoder.{i}.cross"] for i in range(model.config.decoder_layers)])
-    grid = model.config.grid_size
-    maps = cross.mean(dim=(0, 2))[0, : len(digits)].reshape(-1, 1, grid, grid)  # (digits, 1, grid, grid)
-    maps = maps / maps.amax(dim=(2, 3), keepdim=True)
-    return F.interpolate(maps, size=canvas.shape, mode="nearest")[:, 0].cpu().numpy()
 
 
 def expand_paths(paths: list[str]) -> list[Path]:

@@ -6,7 +6,7 @@
 Online, SWEEP goes to wandb.sweep and wandb's agent picks the trials (and stops weak ones
 early). Offline, train_encoder_decoder.py samples the same parameters itself (method "random"
 or "grid"; early termination needs the server, so offline every trial runs its whole budget).
-Each parameter is a training flag (its argparse name: --d-model is d_model); the metric is one
+Each parameter is a setting of ModelConfig or TrainConfig (the flag --d-model is d_model); the metric is one
 the training loop logs after every epoch.
 """
 
@@ -24,7 +24,7 @@ SWEEP = {
     "parameters": {
         # Around the default recipe (lr 1e-3, d_model 128, 3 + 2 layers, 4 heads, 12 px patches,
         # batch 64, no dropout or smoothing, augmentation 1.0), wide enough to find its edges,
-        # small enough that a trial of TRIAL_DEFAULTS takes 3-8 minutes on a 2-core CPU.
+        # small enough that a trial of TRIAL_BUDGET takes minutes on a 2-core CPU.
         "lr": {"distribution": "log_uniform_values", "min": 3e-4, "max": 3e-3},
         "d_model": {"values": [64, 96, 128]},
         "encoder_layers": {"values": [2, 3, 4]},
@@ -38,10 +38,10 @@ SWEEP = {
     },
 }
 
-# Training flags that --run-type sweep uses unless the command line gives them: one trial is
-# two epochs of 10,000 fresh composites. The full recipe needs 11 epochs of 20,000 to show
-# its accuracy; a sweep only has to rank settings, which two short epochs already do.
-TRIAL_DEFAULTS = {"epochs": 2, "train_images": 10000}
+# Settings that --run-type sweep uses unless the command line (or --config) gives them: one
+# trial is two epochs of 10,000 fresh composites. The full recipe needs many more to show its
+# accuracy; a sweep only has to rank settings, which two short epochs already do.
+TRIAL_BUDGET = {"epochs": 2, "train_images": 10000}
 
 
 def draw(name: str, spec: dict, rng: random.Random) -> object:

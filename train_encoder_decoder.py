@@ -1,18 +1,25 @@
 """Train the digit-sequence Transformer on fresh MNIST composites.
 
-    uv run python train_encoder_decoder.py                         # the default run
+    uv run python train_encoder_decoder.py                             # the default run: the shipped recipe
     uv run python train_encoder_decoder.py --resume runs/default/last.pt
-    uv run python train_encoder_decoder.py --run-type sweep --count 8  # trials of sweep_config.py (see sweep())
-    uv run python train_encoder_decoder.py --config best_config.json   # flag values from a JSON file
+    uv run python train_encoder_decoder.py --d-model 96 --epochs 4     # any setting of ModelConfig or TrainConfig
+    uv run python train_encoder_decoder.py --config best_config.json   # settings from a JSON file
+    uv run python train_encoder_decoder.py --run-type sweep --count 8  # trials of sweep_config.py
     uv run torchrun --standalone --nproc_per_node=4 train_encoder_decoder.py   # data-parallel, 4 processes
 
-Reads top to bottom: arguments, data (the digit pools and the val/test sets are made on the
-first run), model and optimiser, wandb, the training loop (fresh composites every epoch,
-warm-up + cosine learning rate, validation with greedy decoding after each epoch, `last.pt`
-and `best.pt` checkpoints), then a test-set evaluation of the final weights written to
-test_metrics.json and `model.pt`: those weights with their config and test metrics, without
-optimiser state, ready to ship as checkpoints/digit_transformer.pt.
-Ctrl-C (or SIGTERM) stops after the current step and saves last.pt; --resume continues exactly.
+Settings: every field of model.ModelConfig (the model's shape) and of TrainConfig below (data,
+optimisation, schedule) is a flag, `d_model` as `--d-model`; their defaults are the shipped
+model's recipe. `--config FILE` reads a flat JSON object of such fields; flags on the command
+line win. Each run writes all of them to OUT_DIR/config.json, which `--config` reads back.
+The other flags are run options (where, on what, how to log) and change no result.
+
+Reads top to bottom as stages: settings, processes, data (the digit pools and the val/test sets
+are made on the first run), model and optimiser, wandb, then train_one_epoch and validate for
+every epoch (fresh composites every epoch, warm-up + cosine learning rate, `last.pt` and
+`best.pt` checkpoints), and finally export: the final averaged weights scored on the test set,
+written to test_metrics.json and `model.pt`, ready to ship as checkpoints/digit_transformer.pt.
+Ctrl-C (or SIGTERM) stops after the current step and saves last.pt; --resume continues exactly,
+with the settings saved in the checkpoint.
 
 Under torchrun the same script trains data-parallel (DistributedDataParallel: gloo on CPUs,
 nccl on GPUs): --batch-size stays the global batch, split evenly over the processes, so a run
@@ -29,10 +36,12 @@ import json
 import math
 import netrc
 import os
+import re
 import signal
 import sys
 import time
-from dataclasses import asdict
+import typing
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,20 +50,24 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from evaluate import SequenceAccuracy
+from evaluate import SequenceAccuracy, read_images
 from model import (
     PAD,
-    STEMS,
+    CheckpointError,
     DigitSequenceTransformer,
     ModelConfig,
     TrainingLoss,
+    check_settings,
     configure_optimizer,
     encode_labels,
+    load_checkpoint,
     patch_targets,
     pick_device,
+    save_checkpoint,
+    setting,
     uint8_to_input,
     use_bf16,
 )
@@ -63,174 +76,268 @@ from multidigit_generator import (
     MnistUnavailableError,
     MultiDigitComposer,
     MultiDigitFolder,
-    check_length_weights,
+    check_composer_settings,
     default_mnist_root,
     load_mnist,
     parse_weights,
 )
 from split_multidigit_dataset import SPLITS_FILE, load_splits, prepare_splits
-from sweep_config import SWEEP, TRIAL_DEFAULTS, sample_trials
-
-# Flags that may differ when resuming; every other setting comes from the checkpoint.
-RESUME_OVERRIDES = ("resume", "max_steps", "wandb", "num_workers", "device", "precision", "compile")
-# Flags added after runs had been saved, with the value that reproduces those runs (not the
-# current default), so an older last.pt resumes as the run it was.
-FLAGS_OLDER_RUNS_LACK = {"length_weights": None, "stem_depth": 0, "stem_width": 32, "stem_full_res": 0, "ema_decay": 0.0, "patch_loss_weight": 0.0}
+from sweep_config import SWEEP, TRIAL_BUDGET, sample_trials
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass
+class TrainConfig:
+    """How the model is trained. The defaults are the shipped model's recipe."""
+
+    train_images: int = setting(20000, "fresh composites per epoch", 1, 10**8)
+    length_weights: list[float] | None = setting(
+        None, "relative frequencies of 0, 1, ..., max-digits digits in training composites (None: 1,3,5,...: mostly "
+        "full canvases, so compute goes to digits rather than to blank paper)", 0, 1e6)
+    augment_strength: float = setting(1.0, "per-digit rotation, shear, scale and stroke changes (0: none)", 0.0, 5.0)
+    epochs: int = setting(11, "passes over --train-images fresh composites", 1, 100_000)
+    batch_size: int = setting(64, "images per optimiser step, over all processes together", 1, 65536)
+    lr: float = setting(1e-3, "peak learning rate", 1e-8, 1.0)
+    min_lr_ratio: float = setting(0.05, "the cosine schedule decays to lr x this", 0.0, 1.0)
+    warmup_steps: int = setting(100, "steps of linear warm-up", 0, 10**7)
+    weight_decay: float = setting(0.05, "AdamW weight decay of matrices and embeddings", 0.0, 10.0)
+    label_smoothing: float = setting(0.0, "label smoothing of the token loss", 0.0, 0.99)
+    order_free: bool = setting(False, "score each image against its best ordering of the digits (the loss minimised "
+                               "over the label's permutations); the best checkpoint is then picked by order-free accuracy")
+    patch_loss_weight: float = setting(10.0, "weight of an auxiliary loss that classifies every encoder patch vector as "
+                                       "the digit it lies on, or none (0: off, and the model has no patch head)", 0.0, 1e4)
+    ema_decay: float = setting(0.999, "validate, test and ship an exponential moving average of the weights with this "
+                               "decay (0: the raw weights)", 0.0, 0.999999)
+    grad_clip: float = setting(1.0, "largest gradient norm (0: no clipping)", 0.0, 1e6)
+    seed: int = setting(0, "seed of the model's initial weights and of every training composite", 0, 2**31 - 1)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+# The settings a run is made of: every field of both configs except patch_head, which follows
+# from patch_loss_weight (a head no loss trains would be dead weight).
+MODEL_SETTINGS = [f.name for f in fields(ModelConfig) if f.name != "patch_head"]
+TRAIN_SETTINGS = [f.name for f in fields(TrainConfig)]
+SETTINGS = MODEL_SETTINGS + TRAIN_SETTINGS
+
+
+def make_configs(settings: dict) -> tuple[ModelConfig, TrainConfig]:
+    """The two configs from a flat dict of settings (missing ones take their defaults); ValueError
+    naming the setting for an unknown name or an impossible value or combination."""
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"not settings of ModelConfig or TrainConfig: {', '.join(map(str, unknown))}")
+    train_config = TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_SETTINGS})
+    model_config = ModelConfig(**{k: v for k, v in settings.items() if k in MODEL_SETTINGS},
+                               patch_head=train_config.patch_loss_weight > 0)
+    check_composer_settings(**composer_settings(model_config, train_config))
+    return model_config, train_config
+
+
+def all_settings(model_config: ModelConfig, train_config: TrainConfig) -> dict:
+    """The flat dict make_configs takes, and config.json and --config hold."""
+    return {**{k: getattr(model_config, k) for k in MODEL_SETTINGS}, **asdict(train_config)}
+
+
+def composer_settings(model_config: ModelConfig, train_config: TrainConfig) -> dict:
+    """How training composes its images (the evaluation sets' own settings are in splits.json)."""
+    weights = train_config.length_weights or [2.0 * n + 1 for n in range(model_config.max_digits + 1)]
+    return dict(canvas_size=model_config.image_size, max_digits=model_config.max_digits, length_weights=weights,
+                augment_strength=train_config.augment_strength)
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, config_class: type, title: str) -> None:
+    """One flag per field of config_class, from its type, default and help. Defaults stay out of
+    the parsed arguments (SUPPRESS), so that they hold exactly the settings the user gave."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(config_class)
+    for f in fields(config_class):
+        if f.name not in SETTINGS:
+            continue
+        kind, default = hints[f.name], f.default
+        shown = ",".join(f"{w:g}" for w in default) if isinstance(default, list) else default
+        options = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {shown})")
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind in (int, float, str):
+            options.update(type=kind, choices=f.metadata["choices"] or None)
+        else:
+            options.update(type=parse_weights, metavar="W0,W1,...")
+        group.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-type", choices=("train", "sweep"), default="train",
-                   help="sweep: train one trial after another with settings from sweep_config.py (online with a W&B "
-                        "login, else sampled here), print a summary and write the best settings to best_config.json")
-    p.add_argument("--count", type=int, help="sweep: number of trials (default: 8; a grid sweep: all its combinations)")
-    p.add_argument("--config", metavar="FILE", help="JSON object of flag values (as best_config.json holds: "
-                   '{"lr": 0.002, "d_model": 96, ...}); flags given on the command line win')
-    data = p.add_argument_group("data")
-    data.add_argument("--data-dir", default="data", help="holds splits.json, val/ and test/; made on first use")
-    data.add_argument("--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)")
-    data.add_argument("--train-images", type=int, default=20000, help="fresh composites per epoch")
-    data.add_argument("--max-digits", type=int, default=4)
-    data.add_argument("--length-weights", type=parse_weights, metavar="W0,W1,...",
-                      help="relative frequencies of 0, 1, ..., max-digits digits in training composites (default: "
-                           "1,3,5,...: mostly full canvases, so compute goes to digits rather than to blank paper)")
-    data.add_argument("--augment-strength", type=float, default=1.0)
-    data.add_argument("--num-workers", type=int,
-                      help="processes composing training images (default: none on a CPU, where a worker only "
-                           "competes with PyTorch's threads for the same cores; on a GPU, up to 8 per process)")
-    model = p.add_argument_group("model")
-    model.add_argument("--patch-size", type=int, default=12)
-    model.add_argument("--stem-depth", type=int, default=1,
-                       help="conv stem: extra stride-1 3x3 convolutions at 1/4 resolution and on the patch grid")
-    model.add_argument("--stem-width", type=int, default=64,
-                       help="conv stem: channels at 1/4 resolution (half that before, twice that on the patch grid)")
-    model.add_argument("--stem-full-res", type=int, default=8,
-                       help="conv stem: channels of a stride-1 3x3 convolution at full resolution, before the first stride (0: none)")
-    model.add_argument("--stem", choices=STEMS, default="conv", help="how patches become vectors: a small CNN or a linear projection")
-    model.add_argument("--d-model", type=int, default=128)
-    model.add_argument("--n-heads", type=int, default=4)
-    model.add_argument("--encoder-layers", type=int, default=3)
-    model.add_argument("--decoder-layers", type=int, default=2)
-    model.add_argument("--ff-mult", type=int, default=4)
-    model.add_argument("--dropout", type=float, default=0.0, help="fresh data every epoch already prevents memorising")
-    optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=11)
-    optim.add_argument("--batch-size", type=int, default=64)
-    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    optim.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decays to lr * this")
-    optim.add_argument("--warmup-steps", type=int, default=100)
-    optim.add_argument("--weight-decay", type=float, default=0.05)
-    optim.add_argument("--label-smoothing", type=float, default=0.0)
-    optim.add_argument("--order-free", action="store_true",
-                       help="score each image against its best ordering of the digits (loss minimised over the "
-                            "permutations of the label); the best checkpoint is then picked by order-free accuracy")
-    optim.add_argument("--patch-loss-weight", type=float, default=10.0,
-                       help="weight of an auxiliary loss that classifies every encoder patch vector as the digit "
-                            "it lies on, or none (0: off, and the model has no patch head)")
-    optim.add_argument("--ema-decay", type=float, default=0.999,
-                       help="validate, test and ship an exponential moving average of the weights with this decay "
-                            "(0: the raw weights)")
-    optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    optim.add_argument("--max-steps", type=int, default=0, help="stop (and save last.pt) after this many steps; 0: run all epochs")
-    run = p.add_argument_group("run")
-    run.add_argument("--out-dir", help="last.pt, best.pt, test_metrics.json and model.pt go here "
-                     "(default: runs/default, or the resumed run's folder)")
-    run.add_argument("--resume", help="continue from this checkpoint (normally OUT_DIR/last.pt)")
-    run.add_argument("--seed", type=int, default=0)
+    add_settings_flags(p, ModelConfig, "model settings (ModelConfig in model.py)")
+    add_settings_flags(p, TrainConfig, "training settings (TrainConfig)")
+    run = p.add_argument_group("run options")
+    run.add_argument("--config", metavar="FILE", help="JSON object of settings, as OUT_DIR/config.json and a sweep's "
+                     'best_config.json hold ({"lr": 0.002, "d_model": 96, ...}); flags given on the command line win')
+    run.add_argument("--run-type", choices=("train", "sweep"), default="train",
+                     help="sweep: train one trial after another with settings from sweep_config.py (online with a W&B "
+                          "login, else sampled here), print a summary and write the best settings to best_config.json")
+    run.add_argument("--count", type=int, help="sweep: number of trials (default: 8; a grid sweep: all its combinations)")
+    run.add_argument("--out-dir", help="last.pt, best.pt, config.json, test_metrics.json and model.pt go here "
+                     "(default: runs/default, or the folder of the checkpoint given to --resume)")
+    run.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this last.pt, with its settings")
+    run.add_argument("--max-steps", type=int, default=0, help="stop (and save last.pt) after this many steps, the "
+                     "schedule unchanged; 0: run all epochs")
+    run.add_argument("--data-dir", help="holds splits.json, val/ and test/; made on first use (default: data, or the "
+                     "resumed run's)")
+    run.add_argument("--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)")
+    run.add_argument("--num-workers", type=int,
+                     help="processes composing training images (default: none on a CPU, where a worker only "
+                          "competes with PyTorch's threads for the same cores; on a GPU, up to 8 per process)")
     run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ... "
                      "(under torchrun, each process takes the GPU of its LOCAL_RANK)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                      help="bf16: matrix products in bfloat16 under autocast (weights, optimiser and loss stay fp32); "
-                          "auto: bf16 where it was measured to pay, on CPUs with AVX512-BF16 or AMX; fp32 elsewhere "
-                          "(an AVX2-only CPU emulates bf16, 100x slower; on an H100 this small model trains faster "
-                          "in fp32 at batch 64: see model.use_bf16 and bench.py)")
+                          "auto: bf16 where it was measured to pay (see model.use_bf16), fp32 elsewhere")
     run.add_argument("--compile", action="store_true", help="train through torch.compile (a minute or so of compiling first)")
     run.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
                      help="auto: online when logged in to W&B, offline otherwise")
     run.add_argument("--offline", dest="wandb", action="store_const", const="offline", help="the same as --wandb offline")
     run.add_argument("--wandb-project", default="digit-sequence-transformer")
     run.add_argument("--log-every", type=int, default=25, help="steps between training-loss logs")
-    args = p.parse_args(argv)
-    # Defaults that depend on other flags: a sweep trial's short budget, then the --config file.
-    defaults = dict(TRIAL_DEFAULTS) if args.run_type == "sweep" else {}
-    if args.config:
-        try:
-            config = json.loads(Path(args.config).read_text())
-        except (OSError, ValueError) as error:
-            p.error(f"--config {args.config}: {error}")
-        if not isinstance(config, dict):
-            p.error(f"--config {args.config}: expected a JSON object of flag values, got {type(config).__name__}")
-        unknown = sorted(k for k in config if k not in vars(args) or k == "config")
-        if unknown:
-            p.error(f"--config {args.config}: not training flags: {', '.join(unknown)}")
-        defaults.update(config)
-    if defaults:
-        p.set_defaults(**defaults)
-        args = p.parse_args(argv)
-    if args.length_weights is None:
-        args.length_weights = [2.0 * n + 1 for n in range(args.max_digits + 1)]
-    positive = ("train_images", "max_digits", "epochs", "batch_size", "patch_size", "d_model", "n_heads",
-                "encoder_layers", "decoder_layers", "ff_mult", "log_every")
-    for name in positive:
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not args.lr > 0 or not 0 <= args.min_lr_ratio <= 1 or args.warmup_steps < 0 or args.weight_decay < 0:
-        p.error("need --lr > 0, 0 <= --min-lr-ratio <= 1, --warmup-steps >= 0 and --weight-decay >= 0")
+    return p
+
+
+def flag_names(message: str) -> str:
+    """A settings error as the command line spells it: d_model -> --d-model."""
+    return re.sub(r"\b(" + "|".join(SETTINGS) + r")\b", lambda m: "--" + m[1].replace("_", "-"), message)
+
+
+def read_config_file(path: str) -> dict:
+    """The settings in a --config file; ValueError saying what is wrong with it."""
     try:
-        check_length_weights(args.length_weights, args.max_digits)
-    except ValueError as error:
-        p.error(f"--length-weights: {error}")
-    if not 0 <= args.ema_decay < 1:
-        p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.stem_depth < 0:
-        p.error(f"--stem-depth must be >= 0, got {args.stem_depth}")
-    if args.stem_full_res < 0:
-        p.error(f"--stem-full-res must be >= 0, got {args.stem_full_res}")
-    if args.stem_width < 2 or args.stem_width % 2:
-        p.error(f"--stem-width must be an even number >= 2, got {args.stem_width}")
-    if args.patch_loss_weight < 0:
-        p.error(f"--patch-loss-weight must be >= 0, got {args.patch_loss_weight}")
-    if not 0 <= args.label_smoothing < 1 or args.max_steps < 0 or (args.num_workers or 0) < 0 or args.augment_strength < 0:
-        p.error("need 0 <= --label-smoothing < 1 and non-negative --max-steps, --num-workers, --augment-strength")
-    if args.count is not None and (args.count < 1 or args.run_type != "sweep"):
-        p.error(f"--count is the number of sweep trials: at least 1, with --run-type sweep (got {args.count})")
+        settings = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--config {path}: {error}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of settings, got {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"--config {path}: not settings: {', '.join(unknown)}")
+    return settings
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ModelConfig | None, TrainConfig | None]:
+    """(run options, model config, train config); with --resume, the configs are the checkpoint's
+    and come back as None here. Exits with a usage error (2) for anything impossible."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k in SETTINGS}
+    options = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in SETTINGS})
+    for name in ("max_steps", "num_workers", "log_every"):
+        if (getattr(options, name) or 0) < (1 if name == "log_every" else 0):
+            parser.error(f"--{name.replace('_', '-')} must be at least {1 if name == 'log_every' else 0}")
+    if options.count is not None and (options.count < 1 or options.run_type != "sweep"):
+        parser.error(f"--count is the number of sweep trials: at least 1, with --run-type sweep (got {options.count})")
     try:
-        pick_device(args.device)
+        pick_device(options.device)
     except ValueError as error:
-        p.error(f"--device: {error}")
+        parser.error(f"--device: {error}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world_size:
-        p.error(f"--batch-size {args.batch_size} is the global batch: it must split evenly over {world_size} processes")
-    if world_size > 1 and args.run_type == "sweep":
-        p.error("a sweep runs its trials one after another in one process: start it without torchrun")
-    return args
-
-
-def wandb_mode(requested: str) -> str:
-    """'auto' means online when W&B credentials exist (WANDB_API_KEY or ~/.netrc), else offline."""
-    if requested != "auto":
-        return requested
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    if world_size > 1 and options.run_type == "sweep":
+        parser.error("a sweep runs its trials one after another in one process: start it without torchrun")
+    if options.resume:
+        if given or options.config or options.run_type == "sweep":
+            named = [flag_names(k) for k in given] + ["--config"] * bool(options.config)
+            parser.error(f"--resume continues a run with the settings saved in it; drop {', '.join(named) or '--run-type'} "
+                         "(or start a new run in another --out-dir)")
+        return options, None, None
     try:
-        return "online" if netrc.netrc().authenticators(host) else "offline"
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return "offline"
+        budget = TRIAL_BUDGET if options.run_type == "sweep" else {}
+        model_config, train_config = make_configs({**budget, **(read_config_file(options.config) if options.config else {}),
+                                                   **given})
+    except ValueError as error:
+        parser.error(flag_names(str(error)))
+    if train_config.batch_size % world_size:
+        parser.error(f"--batch-size {train_config.batch_size} is the global batch: it must split evenly over {world_size} processes")
+    return options, model_config, train_config
 
 
-def start_distributed(requested_device: str) -> tuple[torch.device, int, int]:
-    """(device, rank, world size). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and the
-    rendezvous address); without them this is a single process of rank 0."""
+def restore_settings(options: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, dict]:
+    """The configs and the checkpoint of the run to resume; --out-dir defaults to its folder."""
+    checkpoint = load_checkpoint(options.resume)
+    if "training" not in checkpoint:
+        raise CheckpointError(f"{options.resume} holds a model's weights only (an exported model.pt or a shipped "
+                              "model): resume from a run's last.pt, which also holds the optimiser state")
+    try:
+        train_config = TrainConfig(**checkpoint["train_config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{options.resume}: unusable train_config ({error})") from error
+    options.out_dir = options.out_dir or str(Path(options.resume).parent)
+    options.data_dir = options.data_dir or checkpoint["training"]["data_dir"]
+    return checkpoint["model_config"], train_config, checkpoint
+
+
+# ---- processes: one, or one per torchrun worker; rank 0 prints, logs and saves
+
+
+@dataclass
+class Processes:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def say(self, *args: object, **kwargs: object) -> None:
+        if self.is_main:
+            print(*args, **kwargs)
+
+
+def start_processes(requested_device: str) -> Processes:
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and the rendezvous address); without them
+    this is a single process of rank 0."""
     device = pick_device(requested_device)
     if "RANK" not in os.environ:
-        return device, 0, 1
+        return Processes(device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None)
-    return device, dist.get_rank(), dist.get_world_size()
+    return Processes(device, dist.get_rank(), dist.get_world_size())
+
+
+@dataclass
+class Job:
+    """What every stage of one training run reads: its settings, its processes, where it writes."""
+
+    options: argparse.Namespace
+    model_config: ModelConfig
+    train_config: TrainConfig
+    procs: Processes
+    out_dir: Path
+    bf16: bool
+    num_workers: int
+    log: object = None  # the wandb run
+
+    @property
+    def settings(self) -> dict:
+        return all_settings(self.model_config, self.train_config)
+
+
+def start_job(options: argparse.Namespace, model_config: ModelConfig, train_config: TrainConfig) -> Job:
+    """Start the processes, pick the precision and the data workers, write OUT_DIR/config.json."""
+    procs = start_processes(options.device)
+    options.data_dir = options.data_dir or "data"
+    out_dir = Path(options.out_dir or "runs/default")
+    if procs.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(all_settings(model_config, train_config), indent=2) + "\n")
+    # On a CPU, composing in this process beats worker processes, which would stall PyTorch's
+    # threads on the cores they share; on a GPU the composing is what limits, so workers pay
+    # (docs/performance.md). Each process on a machine takes its share of the cores.
+    cores_per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    num_workers = options.num_workers
+    if num_workers is None:
+        num_workers = 0 if procs.device.type == "cpu" else min(8, max(1, cores_per_process - 1))
+    return Job(options, model_config, train_config, procs, out_dir, use_bf16(options.precision, procs.device), num_workers)
 
 
 def align_replicas(*modules: nn.Module) -> None:
@@ -251,6 +358,202 @@ def align_replicas(*modules: nn.Module) -> None:
         raise RuntimeError(f"data-parallel replicas diverged: ranks {differing} hold weights that differ from rank 0's")
 
 
+def gather(value: object, procs: Processes) -> list:
+    """Every rank's value, in rank order."""
+    if procs.world_size == 1:
+        return [value]
+    values = [None] * procs.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+class StopSignal:
+    """Ctrl-C or SIGTERM (a cluster's preemption notice; torchrun passes Ctrl-C on to its
+    workers) asks the loop to stop after the current step and save. The terminal (and `uv run`,
+    which forwards it) may deliver one press more than once, so only a press more than two
+    seconds after the first aborts at once, without saving."""
+
+    def __init__(self, procs: Processes):
+        self.procs, self.requested_at = procs, None
+        # The flag travels over gloo even between GPUs: a CPU tensor, no GPU synchronisation per step.
+        self.group = dist.new_group(backend="gloo") if procs.world_size > 1 else None
+
+    def __enter__(self) -> StopSignal:
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        for signum, handler in self.previous.items():  # a sweep's next trial, or the caller, gets them back
+            signal.signal(signum, handler)
+
+    def request(self, signum: int, frame: object) -> None:
+        if self.requested_at is None:
+            self.requested_at = time.monotonic()
+            if self.procs.is_main:
+                print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+        elif time.monotonic() - self.requested_at > 2:
+            raise KeyboardInterrupt
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""
+        flag = torch.tensor([self.requested_at is not None], dtype=torch.int32)
+        if self.group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag)
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+
+
+# ---- data: disjoint digit pools; val/test are fixed folders, train is composed fresh each epoch
+
+
+@dataclass
+class Data:
+    train_set: FreshComposites
+    val_set: MultiDigitFolder
+    test_set: MultiDigitFolder
+    steps_per_epoch: int
+    total_steps: int
+
+
+def build_data(job: Job) -> Data:
+    options, model_config, train_config, procs = job.options, job.model_config, job.train_config, job.procs
+    data_dir = Path(options.data_dir)
+    if procs.is_main and not (data_dir / SPLITS_FILE).is_file():
+        print(f"{data_dir / SPLITS_FILE} not found: splitting MNIST and composing val/test sets")
+        prepare_splits(data_dir, mnist_root=options.mnist_root,
+                       composer=dict(max_digits=model_config.max_digits, canvas_size=model_config.image_size))
+    if procs.world_size > 1:
+        dist.barrier()  # the other ranks wait for rank 0's val/test sets
+    splits = load_splits(data_dir)
+    made = splits["composer"]
+    if made["max_digits"] > model_config.max_digits or made["canvas_size"] != model_config.image_size:
+        raise ValueError(f"{data_dir} holds {made['canvas_size']}x{made['canvas_size']} images of up to {made['max_digits']} "
+                         f"digits; this model reads {model_config.image_size}x{model_config.image_size} images of up to "
+                         f"{model_config.max_digits}: pass a new --data-dir to compose matching val/test sets")
+    mnist_images, mnist_labels = load_mnist(options.mnist_root, train=True)
+    pool = np.asarray(splits["pools"]["train"])
+    composer = MultiDigitComposer(mnist_images[pool], mnist_labels[pool], **composer_settings(model_config, train_config))
+    steps_per_epoch = math.ceil(train_config.train_images / train_config.batch_size)
+    return Data(FreshComposites(composer, train_config.train_images, seed=train_config.seed),
+                MultiDigitFolder(data_dir / "val"), MultiDigitFolder(data_dir / "test"),
+                steps_per_epoch, train_config.epochs * steps_per_epoch)
+
+
+# ---- model, optimiser and the training state checkpoints hold
+
+
+@dataclass
+class Training:
+    model: DigitSequenceTransformer  # the weights the optimiser trains
+    ema: DigitSequenceTransformer | None  # their moving average, when ema_decay > 0
+    optimizer: torch.optim.Optimizer
+    objective: nn.Module  # the loss; under torchrun wrapped in DDP, with --compile compiled
+    step: int = 0
+    best_score: float = -1.0
+    wandb_id: str | None = None
+
+    @property
+    def evaluated(self) -> DigitSequenceTransformer:
+        """The weights validated, tested and exported."""
+        return self.ema if self.ema is not None else self.model
+
+    @property
+    def replicas(self) -> list[nn.Module]:
+        """What every rank holds a copy of."""
+        return [self.model] + ([self.ema] if self.ema is not None else [])
+
+
+def build_training(job: Job) -> Training:
+    train_config, procs = job.train_config, job.procs
+    torch.manual_seed(train_config.seed)  # the same on every rank: the replicas start as one model
+    model = DigitSequenceTransformer(job.model_config).to(procs.device)
+    optimizer = configure_optimizer(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
+    ema = copy.deepcopy(model).requires_grad_(False) if train_config.ema_decay > 0 else None
+    if procs.world_size > 1:
+        torch.manual_seed(train_config.seed + procs.rank)  # from here on, each rank draws its own dropout masks
+    objective: nn.Module = TrainingLoss(model, label_smoothing=train_config.label_smoothing,
+                                        patch_loss_weight=train_config.patch_loss_weight, order_free=train_config.order_free)
+    if procs.world_size > 1:
+        # Broadcasts rank 0's weights, then averages gradients across ranks during backward().
+        device_ids = [procs.device.index] if procs.device.type == "cuda" else None
+        objective = DistributedDataParallel(objective, device_ids=device_ids)
+    if job.options.compile:
+        objective = torch.compile(objective)
+    return Training(model, ema, optimizer, objective)
+
+
+def random_state(device: torch.device) -> list[torch.Tensor]:
+    """This process's torch random state (dropout's): the CPU generator's, and the GPU's on a GPU."""
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+
+
+def restore(training: Training, checkpoint: dict, procs: Processes) -> None:
+    """Continue exactly where last.pt stopped: weights, averaged weights, optimiser, step and
+    each rank's random state (on another number of processes, reseeded: the dropout masks of
+    a different split of the batch cannot be replayed)."""
+    state = checkpoint["training"]
+    training.model.load_state_dict(state["weights"])
+    if training.ema is not None:
+        training.ema.load_state_dict(checkpoint["model"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.step, training.best_score, training.wandb_id = checkpoint["step"], state["best_score"], state["wandb_id"]
+    saved = state["random_states"]
+    if len(saved) == procs.world_size:
+        torch.set_rng_state(saved[procs.rank][0])
+        if procs.device.type == "cuda" and len(saved[procs.rank]) > 1:
+            torch.cuda.set_rng_state(saved[procs.rank][1], procs.device)
+    else:
+        torch.manual_seed(checkpoint["train_config"]["seed"] + procs.rank + procs.world_size * training.step)
+
+
+def save_run_checkpoint(name: str, job: Job, training: Training, metrics: dict) -> None:
+    """OUT_DIR/name (last.pt, best.pt): the model_config, train_config and weights to read with, as
+    every checkpoint has them, plus what --resume needs. Every rank calls it (the random states
+    are gathered); rank 0 writes."""
+    random_states = gather(random_state(job.procs.device), job.procs)
+    if job.procs.is_main:
+        save_checkpoint(job.out_dir / name, job.model_config, training.evaluated.state_dict(),
+                        train_config=asdict(job.train_config), step=training.step, metrics=metrics,
+                        training={"weights": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
+                                  "best_score": training.best_score, "random_states": random_states,
+                                  "wandb_id": training.wandb_id, "data_dir": str(job.options.data_dir)})
+
+
+def start_wandb(job: Job, training: Training, run: object = None) -> object:
+    """A wandb run logging every setting (offline without a W&B login; disabled on ranks > 0), or
+    the sweep agent's run given, updated with them."""
+    import wandb  # imported here: slow to import, and not needed for --help
+
+    logged = {**job.settings, **vars(job.options), "parameters": training.model.num_parameters(),
+              "world_size": job.procs.world_size}
+    if run is None:
+        mode = wandb_mode(job.options.wandb) if job.procs.is_main else "disabled"
+        run = wandb.init(project=job.options.wandb_project, mode=mode, id=training.wandb_id, resume="allow", config=logged)
+    else:
+        run.config.update(logged, allow_val_change=True)
+    training.wandb_id = run.id
+    return run
+
+
+def wandb_mode(requested: str) -> str:
+    """'auto' means online when W&B credentials exist (WANDB_API_KEY or ~/.netrc), else offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return "online" if netrc.netrc().authenticators(host) else "offline"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return "offline"
+
+
+# ---- one epoch of training, and validation
+
+
 def learning_rate(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr_ratio: float) -> float:
     """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at total_steps."""
     if step < warmup_steps:
@@ -260,47 +563,7 @@ def learning_rate(step: int, *, total_steps: int, warmup_steps: int, lr: float, 
 
 
 @torch.no_grad()
-def evaluate(model: DigitSequenceTransformer, dataset: Dataset, device: torch.device, desc: str, *, bf16: bool = False) -> tuple[dict, list]:
-    """Teacher-forced loss and token accuracy, and greedy-decoded sequence accuracy. Under
-    torchrun each rank reads every world-size-th image and the counts are gathered, so every
-    rank returns the metrics of the whole set (and rank 0's first images as samples)."""
-    model.eval()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), batch_size=256)
-    loss_sum, token_correct, token_total = 0.0, 0, 0
-    readings: list[tuple[list[str], list[str], list[str]]] = []  # (predictions, labels, layouts) per batch
-    samples = []
-    for images, labels, layouts in tqdm(loader, desc=desc, unit="batch", leave=False, disable=rank != 0):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            memory = model.encode(uint8_to_input(images.to(device)))  # once, for both teacher forcing and decoding
-            inputs, targets = (t.to(device) for t in encode_labels(list(labels), model.config.max_digits))
-            logits = model.decode(memory, inputs).float()
-            predictions = model.greedy_decode_memory(memory).strings()
-        loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD, reduction="sum").item()
-        real = targets != PAD
-        token_correct += ((logits.argmax(-1) == targets) & real).sum().item()
-        token_total += real.sum().item()
-        readings.append((predictions, list(labels), list(layouts)))
-        if len(samples) < 24:
-            samples += list(zip(images[: 24 - len(samples)], labels, predictions))
-    shards = [(loss_sum, token_correct, token_total, readings)]
-    if world_size > 1:
-        shards = [None] * world_size
-        dist.all_gather_object(shards, (loss_sum, token_correct, token_total, readings))
-    accuracy = SequenceAccuracy()
-    for _, _, _, shard_readings in shards:
-        for batch in shard_readings:
-            accuracy.update(*batch)
-    loss_sum, token_correct, token_total = (sum(shard[i] for shard in shards) for i in range(3))
-    sequence, order_free = accuracy.compute(), accuracy.compute(order_free=True)
-    metrics = {"loss": loss_sum / token_total, "token_accuracy": token_correct / token_total,
-               "sequence_accuracy": sequence.pop("all"), **{f"sequence_accuracy_{k}": v for k, v in sequence.items()},
-               "order_free_accuracy": order_free.pop("all"), **{f"order_free_accuracy_{k}": v for k, v in order_free.items()}}
-    return metrics, samples
-
-
-@torch.no_grad()
-def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, *, step: int, decay: float) -> None:
+def update_ema(ema_model: nn.Module, model: nn.Module, *, step: int, decay: float) -> None:
     """ema = d * ema + (1 - d) * weights, BatchNorm statistics included. d ramps up from 0.1 to
     decay over the first steps, so early validations are not dragged back to the initial weights."""
     d = min(decay, (1 + step) / (10 + step))
@@ -311,6 +574,96 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, *, step: int,
             averaged.copy_(current)  # BatchNorm's batch counter
 
 
+def epoch_loader(data: Data, epoch: int, training: Training, batch_size: int, procs: Processes, num_workers: int) -> DataLoader:
+    """This rank's batches of the rest of the epoch (all of it, unless resumed mid-epoch)."""
+    data.train_set.set_epoch(epoch)  # item i of epoch e is drawn from its own seed [seed, e, i]
+    first_batch = training.step - epoch * data.steps_per_epoch
+    remaining = Subset(data.train_set, range(first_batch * batch_size, len(data.train_set)))
+    # Rank r reads items r, r + world_size, ...: together the ranks' k-th batches are exactly
+    # global batch k, as one process would read it. No shuffling: the items are random already.
+    sampler = (DistributedSampler(remaining, num_replicas=procs.world_size, rank=procs.rank, shuffle=False)
+               if procs.world_size > 1 else None)
+    return DataLoader(remaining, batch_size=batch_size // procs.world_size, sampler=sampler, num_workers=num_workers,
+                      worker_init_fn=ignore_interrupts, generator=torch.Generator().manual_seed(epoch))
+
+
+def train_one_epoch(job: Job, training: Training, data: Data, epoch: int, stop: StopSignal) -> bool:
+    """Train on the rest of the epoch's batches; True if a stop was asked for or --max-steps reached."""
+    config, procs, max_steps = job.train_config, job.procs, job.options.max_steps
+    loader = epoch_loader(data, epoch, training, config.batch_size, procs, job.num_workers)
+    training.model.train()
+    device, image_size = procs.device, training.model.config.image_size
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not procs.is_main,
+               initial=training.step - epoch * data.steps_per_epoch, total=data.steps_per_epoch)
+    for images, labels, _, boxes in bar:
+        lr = learning_rate(training.step, total_steps=data.total_steps, warmup_steps=config.warmup_steps, lr=config.lr,
+                           min_lr_ratio=config.min_lr_ratio)
+        for group in training.optimizer.param_groups:
+            group["lr"] = lr
+        labels = list(labels)
+        inputs, targets = (t.to(device) for t in encode_labels(labels, training.model.config.max_digits))
+        patch_classes = (patch_targets(boxes.to(device), labels, image_size=image_size, patch_size=training.model.config.patch_size)
+                         if config.patch_loss_weight > 0 else None)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16):
+            loss = training.objective(uint8_to_input(images.to(device)), inputs, targets, patch_classes,
+                                      labels if config.order_free else None)  # strings would make torch.compile recompile
+        training.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(training.model.parameters(), config.grad_clip)
+        training.optimizer.step()
+        if training.ema is not None:
+            update_ema(training.ema, training.model, step=training.step, decay=config.ema_decay)
+        training.step += 1
+        if training.step % job.options.log_every == 0:
+            logged_loss = loss.detach()
+            if procs.world_size > 1:
+                dist.all_reduce(logged_loss, op=dist.ReduceOp.AVG)  # the mean over ranks, not rank 0's share
+            bar.set_postfix(loss=f"{logged_loss.item():.4f}", lr=f"{lr:.2e}")
+            job.log.log({"train/loss": logged_loss.item(), "train/lr": lr, "epoch": training.step / data.steps_per_epoch},
+                    step=training.step)
+        if stop.agreed() or 0 < max_steps <= training.step:
+            bar.close()
+            return True
+    bar.close()
+    return False
+
+
+@torch.no_grad()
+def validate(model: DigitSequenceTransformer, dataset: MultiDigitFolder, procs: Processes, *, bf16: bool, desc: str
+             ) -> tuple[dict, list]:
+    """Greedy-read sequence accuracy (exact and order-free, overall, per layout and per length),
+    and teacher-forced loss and token accuracy. Under torchrun each rank reads every
+    world-size-th image and the counts are gathered, so every rank returns the metrics of the
+    whole set (and rank 0's first images, labels and readings as samples)."""
+    model.eval()
+    shard = list(range(procs.rank, len(dataset), procs.world_size))
+    images = np.array(dataset.images[procs.rank :: procs.world_size])  # a copy: the memory map is read-only
+    labels = [dataset.records[i]["label"] for i in shard]
+    layouts = [dataset.records[i]["layout"] for i in shard]
+    predictions, _, _ = read_images(model, images, bf16=bf16, desc=desc, progress=procs.is_main)
+    loss_sum, token_correct, token_total = 0.0, 0, 0
+    for start in range(0, len(images), 256):
+        with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=bf16):
+            inputs, targets = (t.to(procs.device) for t in encode_labels(labels[start : start + 256], model.config.max_digits))
+            logits = model(uint8_to_input(torch.from_numpy(images[start : start + 256]).to(procs.device)), inputs).float()
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD, reduction="sum").item()
+        real = targets != PAD
+        token_correct += ((logits.argmax(-1) == targets) & real).sum().item()
+        token_total += real.sum().item()
+    accuracy = SequenceAccuracy()
+    shards = gather((loss_sum, token_correct, token_total, predictions, labels, layouts), procs)
+    for shard_result in shards:
+        accuracy.update(*shard_result[3:])
+    loss_sum, token_correct, token_total = (sum(shard_result[i] for shard_result in shards) for i in range(3))
+    exact, order_free = accuracy.compute(), accuracy.compute(order_free=True)
+    metrics = {"loss": loss_sum / token_total, "token_accuracy": token_correct / token_total,
+               "sequence_accuracy": exact.pop("all"), **{f"sequence_accuracy_{k}": v for k, v in exact.items()},
+               "order_free_accuracy": order_free.pop("all"), **{f"order_free_accuracy_{k}": v for k, v in order_free.items()}}
+    samples = list(zip(images[:24], labels, predictions))
+    return metrics, samples
+
+
 def format_metrics(name: str, metrics: dict) -> str:
     parts = [f"{name}: sequence accuracy {metrics['sequence_accuracy']:.2%} "
              f"(order-free {metrics['order_free_accuracy']:.2%}, token {metrics['token_accuracy']:.2%})"]
@@ -318,268 +671,123 @@ def format_metrics(name: str, metrics: dict) -> str:
     return " | ".join(parts)
 
 
-def ignore_interrupts(worker_id: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# ---- the whole run
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file and rename, so an interruption never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def random_state(device: torch.device) -> list[torch.Tensor]:
-    """This process's torch random state (dropout's): the CPU generator's, and the GPU's on a GPU."""
-    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
-
-
-def train(args: argparse.Namespace, run=None) -> dict:
-    """One training run; returns its results, with the last validation metrics under "val" by
-    the names they are logged with. run: a wandb run already started (by a sweep agent)."""
-    # ---- resume: every setting comes from the checkpoint, except RESUME_OVERRIDES
-    checkpoint = None
-    if args.resume:
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
-        overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES}
-        args = argparse.Namespace(**{**FLAGS_OLDER_RUNS_LACK, **checkpoint["args"], **overrides, "out_dir": args.out_dir or checkpoint["args"]["out_dir"]})
-    args.out_dir = args.out_dir or "runs/default"
-    out_dir = Path(args.out_dir)
-    # ---- processes: one, or one per torchrun worker; rank 0 (is_main) prints, logs and saves
-    device, rank, world_size = start_distributed(args.device)
-    is_main = rank == 0
-    say = print if is_main else lambda *_, **__: None
-    bf16 = use_bf16(args.precision, device)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    # Measured on the 2-core CPU: composing in this process runs 13 % more steps per second
-    # than one worker process, whose work stalls PyTorch's threads on the cores they share. On
-    # a GPU the composing is what limits: on an H100 with 16 cores, 8 workers trained at 1,138
-    # img/s against 938 with 2. Each process on a machine takes its share of the cores.
-    cores_per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    num_workers = args.num_workers if args.num_workers is not None else (0 if device.type == "cpu" else min(8, max(1, cores_per_process - 1)))
-    torch.manual_seed(args.seed)  # the same on every rank: the replicas start as one model
-
-    # ---- data: disjoint digit pools; val/test are fixed folders, train is composed fresh each epoch
-    if is_main and not (Path(args.data_dir) / SPLITS_FILE).is_file():
-        print(f"{args.data_dir}/{SPLITS_FILE} not found: splitting MNIST and composing val/test sets")
-        prepare_splits(args.data_dir, mnist_root=args.mnist_root, composer=dict(max_digits=args.max_digits))
-    if world_size > 1:
-        dist.barrier()  # the other ranks wait for rank 0's val/test sets
-    splits = load_splits(args.data_dir)
-    if splits["composer"]["max_digits"] > args.max_digits:
-        raise ValueError(f"{args.data_dir} holds images of up to {splits['composer']['max_digits']} digits, more than "
-                         f"--max-digits {args.max_digits}: pass a new --data-dir to compose matching val/test sets")
-    canvas_size = splits["composer"]["canvas_size"]
-    mnist_images, mnist_labels = load_mnist(args.mnist_root, train=True)
-    pool = np.asarray(splits["pools"]["train"])
-    composer = MultiDigitComposer(mnist_images[pool], mnist_labels[pool], canvas_size=canvas_size,
-                                  max_digits=args.max_digits, length_weights=args.length_weights,
-                                  augment_strength=args.augment_strength)
-    train_set = FreshComposites(composer, args.train_images, seed=args.seed)
-    val_set, test_set = MultiDigitFolder(Path(args.data_dir) / "val"), MultiDigitFolder(Path(args.data_dir) / "test")
-    steps_per_epoch = math.ceil(args.train_images / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    rank_batch = args.batch_size // world_size
-
-    # ---- model and optimiser
-    config = ModelConfig(image_size=canvas_size, patch_size=args.patch_size, stem=args.stem, stem_depth=args.stem_depth,
-                         stem_width=args.stem_width, stem_full_res=args.stem_full_res, d_model=args.d_model, n_heads=args.n_heads,
-                         encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers, ff_mult=args.ff_mult,
-                         dropout=args.dropout, max_digits=args.max_digits, patch_head=args.patch_loss_weight > 0)
-    model = DigitSequenceTransformer(config).to(device)
-    optimizer = configure_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
-    # The averaged weights are what validation, the test set and model.pt see; the raw ones keep training.
-    ema_model = copy.deepcopy(model).requires_grad_(False) if args.ema_decay > 0 else None
-    evaluated = ema_model if ema_model is not None else model
-    replicas = [model] + ([ema_model] if ema_model is not None else [])  # what every rank holds a copy of
-    step, best_accuracy, wandb_id = 0, -1.0, None
-    if world_size > 1:
-        torch.manual_seed(args.seed + rank)  # from here on, each rank draws its own dropout masks
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        if ema_model is not None:
-            ema_model.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, best_accuracy, wandb_id = checkpoint["step"], checkpoint["best_accuracy"], checkpoint.get("wandb_id")
-        saved = checkpoint.get("random_states", [[checkpoint["rng_state"]]])  # one per rank; older runs: rank 0's CPU state
-        if len(saved) == world_size:
-            torch.set_rng_state(saved[rank][0])
-            if device.type == "cuda" and len(saved[rank]) > 1:
-                torch.cuda.set_rng_state(saved[rank][1], device)
-        else:  # resumed on another number of processes: exact dropout masks cannot be replayed
-            torch.manual_seed(args.seed + rank + world_size * step)
-        say(f"resumed from {args.resume} at step {step} (epoch {step // steps_per_epoch})")
-    objective: nn.Module = TrainingLoss(model, label_smoothing=args.label_smoothing,
-                                        patch_loss_weight=args.patch_loss_weight, order_free=args.order_free)
-    if world_size > 1:
-        # Broadcasts rank 0's weights, then averages gradients across ranks during backward().
-        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-        # The stop flag travels over gloo even between GPUs: a CPU tensor, no GPU synchronisation per step.
-        control_group = dist.new_group(backend="gloo")
-    if args.compile:
-        objective = torch.compile(objective)
-    # Ctrl-C or SIGTERM (a cluster's preemption notice; torchrun passes Ctrl-C on to its
-    # workers) asks the loop to stop after the current step and save. The terminal (and
-    # `uv run`, which forwards it) may deliver one press more than once, so only a press more
-    # than two seconds after the first aborts at once, without saving.
-    stop_requested_at: float | None = None
-
-    def request_stop(signum, frame):
-        nonlocal stop_requested_at
-        if stop_requested_at is None:
-            stop_requested_at = time.monotonic()
-            say("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
-        elif time.monotonic() - stop_requested_at > 2:
-            raise KeyboardInterrupt
-
-    def stop_agreed() -> bool:
-        """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""
-        if world_size == 1:
-            return stop_requested_at is not None
-        flag = torch.tensor([stop_requested_at is not None], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group)
-        return bool(flag)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    processes = f" ({world_size} processes x {rank_batch})" if world_size > 1 else ""
-    say(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config.grid_size}x{config.grid_size} patches; "
-        f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size}{processes} on {device}, "
-        f"{'bf16 autocast' if bf16 else 'fp32'}{', compiled' if args.compile else ''}", flush=True)
-
-    # ---- wandb
-    import wandb  # imported here: slow to import, and not needed for --help
-
-    if run is None:
-        run = wandb.init(project=args.wandb_project, mode=wandb_mode(args.wandb) if is_main else "disabled", id=wandb_id,
-                         resume="allow", config={**vars(args), "parameters": model.num_parameters(), "world_size": world_size})
-    else:
-        run.config.update({**vars(args), "parameters": model.num_parameters()}, allow_val_change=True)
-
-    def state() -> dict:
-        """What last.pt and best.pt hold; every rank must call it (the random states are gathered)."""
-        random_states = [random_state(device)]
-        if world_size > 1:
-            random_states = [None] * world_size
-            dist.all_gather_object(random_states, random_state(device))
-        return {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                **({"ema": ema_model.state_dict()} if ema_model is not None else {}),
-                "args": vars(args), "step": step, "epoch": step // steps_per_epoch, "best_accuracy": best_accuracy,
-                "rng_state": random_states[0][0], "random_states": random_states, "wandb_id": run.id}
-
-    def save(name: str) -> None:
-        """Write a checkpoint (every rank calls it; rank 0 writes), the replicas aligned already."""
-        checkpoint_state = state()
-        if is_main:
-            save_checkpoint(out_dir / name, checkpoint_state)
-
-    # ---- training loop
-    # An order-free model may read the digits in any order, so exact match would misjudge it.
-    selection_metric = "order_free_accuracy" if args.order_free else "sequence_accuracy"
-    logged: dict = {}  # the last validation's metrics, as logged
+def train(options: argparse.Namespace, model_config: ModelConfig, train_config: TrainConfig, *,
+          checkpoint: dict | None = None, run: object = None) -> dict:
+    """One training run; returns its results ("finished": False when it stopped early), with the
+    last validation metrics under "val" by the names they are logged with. checkpoint: the
+    last.pt to resume; run: a wandb run already started (by a sweep agent)."""
+    job = start_job(options, model_config, train_config)
+    data = build_data(job)
+    training = build_training(job)
+    if checkpoint is not None:
+        restore(training, checkpoint, job.procs)
+        job.procs.say(f"resumed from {options.resume} at step {training.step} (epoch {training.step // data.steps_per_epoch})")
     started = time.time()
-    while step < total_steps:
-        epoch, first_batch = divmod(step, steps_per_epoch)
-        train_set.set_epoch(epoch)  # item i of epoch e is drawn from its own seed [seed, e, i]
-        remaining = Subset(train_set, range(first_batch * args.batch_size, args.train_images))
-        # Rank r reads items r, r + world_size, ...: together the ranks' k-th batches are exactly
-        # global batch k, as one process would read it. No shuffling: the items are random already.
-        sampler = DistributedSampler(remaining, num_replicas=world_size, rank=rank, shuffle=False) if world_size > 1 else None
-        loader = DataLoader(remaining, batch_size=rank_batch, sampler=sampler, num_workers=num_workers,
-                            worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle
-                            generator=torch.Generator().manual_seed(epoch))  # leaves the global RNG alone
-        model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", initial=first_batch, total=steps_per_epoch,
-                   disable=not is_main)
-        for images, labels, _, boxes in bar:
-            lr = learning_rate(step, total_steps=total_steps, warmup_steps=args.warmup_steps, lr=args.lr,
-                               min_lr_ratio=args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            inputs, targets = (t.to(device) for t in encode_labels(list(labels), args.max_digits))
-            patch_classes = (patch_targets(boxes.to(device), list(labels), image_size=canvas_size, patch_size=args.patch_size)
-                             if args.patch_loss_weight > 0 else None)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = objective(uint8_to_input(images.to(device)), inputs, targets, patch_classes,
-                                 list(labels) if args.order_free else None)  # strings would make torch.compile recompile
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            if ema_model is not None:
-                update_ema(ema_model, model, step=step, decay=args.ema_decay)
-            step += 1
-            if step % args.log_every == 0:
-                logged_loss = loss.detach()
-                if world_size > 1:
-                    dist.all_reduce(logged_loss, op=dist.ReduceOp.AVG)  # the mean over ranks, not rank 0's share
-                bar.set_postfix(loss=f"{logged_loss.item():.4f}", lr=f"{lr:.2e}")
-                run.log({"train/loss": logged_loss.item(), "train/lr": lr, "epoch": step / steps_per_epoch}, step=step)
-            if stop_agreed() or step == args.max_steps:
-                if world_size > 1:
-                    align_replicas(*replicas)
-                save("last.pt")
-                say(f"stopped at step {step}; saved {out_dir / 'last.pt'} (continue with --resume)")
-                run.finish()
-                return {"step": step}
-        bar.close()
+    with StopSignal(job.procs) as stop:  # from here on, Ctrl-C stops after a step and saves
+        job.procs.say(describe(job, training, data), flush=True)
+        job.log = start_wandb(job, training, run)
+        finished, val_metrics = run_epochs(job, training, data, stop)
+        result = export(job, training, data, wall=time.time() - started) if finished else {}
+    job.log.finish()
+    return {**result, "finished": finished, "step": training.step, "val": val_metrics}
 
-        if world_size > 1:
-            align_replicas(*replicas)  # validated and saved below: what rank 0 writes is what every rank trained
-        metrics, samples = evaluate(evaluated, val_set, device, desc="validating", bf16=bf16)
-        images_per_second = step * args.batch_size / (time.time() - started)
-        say(f"epoch {epoch + 1}: " + format_metrics("val", metrics) + f" | {images_per_second:.0f} img/s so far")
-        logged = {f"val/{k}": v for k, v in metrics.items()}  # under these names for wandb, the sweep and train()'s result
-        if is_main:
-            table = wandb.Table(columns=["image", "truth", "prediction", "correct"])
-            for image, label, prediction in samples:
-                table.add_data(wandb.Image(image.numpy()), label, prediction, label == prediction)
-            run.log({**logged, "val/samples": table, "epoch": epoch + 1}, step=step)
-        if metrics[selection_metric] > best_accuracy:  # the same on every rank: the metrics are gathered
-            best_accuracy = metrics[selection_metric]
-            save("best.pt")
-        save("last.pt")
-        if stop_agreed():
-            say(f"stopped after epoch {epoch + 1}; continue with --resume {out_dir / 'last.pt'}")
-            run.finish()
-            return {"step": step}
 
-    # ---- the final weights (averaged, at the end of the cosine decay) on the test set (MNIST test digits only)
-    # They are what model.pt ships, not best.pt's: on 2,000 validation images the epochs near
-    # the end differ by a few images, and picking among them picked noise (see the README).
-    wall = time.time() - started
-    if world_size > 1:
-        say(f"replicas identical: the weights and buffers of all {world_size} ranks agreed at every checkpoint")
-    test_metrics = None  # a sweep trial ranks settings on validation: the test set is for the chosen one
-    if args.run_type != "sweep":
-        test_metrics, _ = evaluate(evaluated, test_set, device, desc="testing", bf16=bf16)
-    result = {"test": test_metrics, "val": logged}
-    if is_main:
-        best_epoch = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True)["epoch"]
-        result.update({f"val_best_{selection_metric}": best_accuracy, "best_epoch": best_epoch,
-                       "train_wall_seconds": wall, "train_images_per_second": total_steps * args.batch_size / wall,
-                       "parameters": model.num_parameters(), "device": str(device), "world_size": world_size,
-                       "precision": "bf16" if bf16 else "fp32", "args": vars(args)})
+def describe(job: Job, training: Training, data: Data) -> str:
+    """One line: the model's size, the run's length, where and in which precision it trains."""
+    procs, config = job.procs, job.train_config
+    split = f" ({procs.world_size} processes x {config.batch_size // procs.world_size})" if procs.world_size > 1 else ""
+    return (f"model: {training.model.num_parameters() / 1e6:.2f}M parameters, {job.model_config.grid_size}x"
+            f"{job.model_config.grid_size} patches; {config.epochs} epochs x {data.steps_per_epoch} steps of "
+            f"{config.batch_size}{split} on {procs.device}, {'bf16 autocast' if job.bf16 else 'fp32'}"
+            f"{', compiled' if job.options.compile else ''}")
+
+
+def run_epochs(job: Job, training: Training, data: Data, stop: StopSignal) -> tuple[bool, dict]:
+    """Train and validate epoch after epoch; (whether every epoch ran, the last validation's
+    metrics as logged). Saves last.pt (and best.pt when validation improves) at every epoch's end
+    and last.pt when stopped."""
+    val_metrics: dict = {}
+    max_steps = job.options.max_steps
+    while training.step < data.total_steps and not 0 < max_steps <= training.step:
+        epoch = training.step // data.steps_per_epoch
+        stopped = train_one_epoch(job, training, data, epoch, stop)
+        if job.procs.world_size > 1:
+            align_replicas(*training.replicas)  # what rank 0 validates and writes is what every rank trained
+        if stopped:
+            save_run_checkpoint("last.pt", job, training, {"val": val_metrics})
+            job.procs.say(f"stopped at step {training.step}; saved {job.out_dir / 'last.pt'} (continue with --resume)")
+            return False, val_metrics
+        val_metrics = end_of_epoch(job, training, data, epoch)
+    if training.step < data.total_steps:
+        job.procs.say(f"at step {training.step}, which --max-steps {max_steps} does not go past: nothing to train")
+    return training.step >= data.total_steps, val_metrics
+
+
+def end_of_epoch(job: Job, training: Training, data: Data, epoch: int) -> dict:
+    """Validate, log (with a table of sample readings) and save; the metrics as logged."""
+    import wandb
+
+    metrics, samples = validate(training.evaluated, data.val_set, job.procs, bf16=job.bf16, desc="validating")
+    job.procs.say(f"epoch {epoch + 1}: " + format_metrics("val", metrics))
+    val_metrics = {f"val/{k}": v for k, v in metrics.items()}  # as wandb, the sweep and the result name them
+    if job.procs.is_main:
+        table = wandb.Table(columns=["image", "truth", "prediction", "correct"])
+        for image, label, prediction in samples:
+            table.add_data(wandb.Image(image), label, prediction, label == prediction)
+        job.log.log({**val_metrics, "val/samples": table, "epoch": epoch + 1}, step=training.step)
+    # An order-free model may read the digits in any order, so exact match would misjudge it.
+    score = metrics["order_free_accuracy" if job.train_config.order_free else "sequence_accuracy"]
+    if score > training.best_score:  # the same on every rank: the metrics are gathered
+        training.best_score = score
+        save_run_checkpoint("best.pt", job, training, {"val": val_metrics})
+    save_run_checkpoint("last.pt", job, training, {"val": val_metrics})
+    return val_metrics
+
+
+def export(job: Job, training: Training, data: Data, *, wall: float) -> dict:
+    """The final weights (averaged, at the end of the cosine decay) on the test set, written to
+    test_metrics.json and model.pt. They are what ships, not best.pt's: on a few thousand
+    validation images the last epochs differ by a few images, and picking among them picks noise
+    (docs/training.md). A sweep trial ranks settings on validation and skips the test set."""
+    procs, out_dir = job.procs, job.out_dir
+    if procs.world_size > 1:
+        procs.say(f"replicas identical: the weights and buffers of all {procs.world_size} ranks agreed at every checkpoint")
+    test_metrics = None
+    if job.options.run_type != "sweep":
+        test_metrics, _ = validate(training.evaluated, data.test_set, procs, bf16=job.bf16, desc="testing")
+        job.log.summary.update({f"test/{k}": v for k, v in test_metrics.items()})
+    result = {"test": test_metrics, "train_wall_seconds": wall,
+              "train_images_per_second": data.total_steps * job.train_config.batch_size / wall,
+              "parameters": training.model.num_parameters(), "device": str(procs.device), "world_size": procs.world_size,
+              "precision": "bf16" if job.bf16 else "fp32", "settings": job.settings}
+    if procs.is_main:
         (out_dir / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        save_checkpoint(out_dir / "model.pt", {"config": asdict(config), "model": evaluated.state_dict(), "args": vars(args),
-                                               "step": step, "epoch": step // steps_per_epoch, "test_metrics": test_metrics})
+        save_checkpoint(out_dir / "model.pt", job.model_config, training.evaluated.state_dict(),
+                        train_config=asdict(job.train_config), step=training.step, metrics={"test": test_metrics})
         if test_metrics is not None:
             print(format_metrics("test", test_metrics))
-            run.summary.update({f"test/{k}": v for k, v in test_metrics.items()})
         print(f"wrote {out_dir / 'best.pt'}, {out_dir / 'last.pt'}, {out_dir / 'test_metrics.json'} and {out_dir / 'model.pt'} "
               "(weights and config only: predict.py --checkpoint, or copy it to checkpoints/digit_transformer.pt to ship it)")
-    run.finish()
     return result
+
+
+# ---- sweeps
 
 
 def trial_flags(parameters: dict) -> list[str]:
     """{"d_model": 96, "lr": 0.002} -> ["--d-model", "96", "--lr", "0.002"]: a trial's settings
     go through the same parser, and the same checks, as a command line."""
-    return [str(part) for name, value in parameters.items() for part in (f"--{name.replace('_', '-')}", value)]
+    flags = []
+    for name, value in parameters.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return flags
 
 
 def summary_table(rows: list[dict], metric: str) -> str:
@@ -594,37 +802,39 @@ def summary_table(rows: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
-def sweep(args: argparse.Namespace, argv: list[str]) -> int:
+def sweep(options: argparse.Namespace, argv: list[str], seed: int) -> int:
     """Trials of sweep_config.SWEEP: through wandb's server and agent when logged in, else
     sampled here, each an offline wandb run. Every trial is a normal train() with the trial's
-    settings added to this command line; the summary and the best settings are written to
-    OUT_DIR (default runs/sweep-DATE-TIME)."""
-    sweep_dir = Path(args.out_dir or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    settings added to this command line; the summary and the best trial's whole settings are
+    written to OUT_DIR (default runs/sweep-DATE-TIME)."""
+    sweep_dir = Path(options.out_dir or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     metric = SWEEP["metric"]["name"]
-    count = args.count or (None if SWEEP["method"] == "grid" else 8)  # None: every combination of the grid
+    count = options.count or (None if SWEEP["method"] == "grid" else 8)  # None: every combination of the grid
     rows: list[dict] = []
 
-    def run_trial(parameters: dict, run=None) -> bool:
+    def run_trial(parameters: dict, run: object = None) -> bool:
         """Train one trial and record its row; False if it was interrupted (Ctrl-C)."""
         number = len(rows) + 1
         print(f"\n== trial {number}: " + " ".join(trial_flags(parameters)), flush=True)
         started = time.time()
         row = {"trial": number, "parameters": parameters}
+        trial_dir = sweep_dir / f"trial-{number:02d}"
         try:
-            result = train(parse_args([*argv, *trial_flags(parameters), "--out-dir", str(sweep_dir / f"trial-{number:02d}")]), run=run)
-        except (ValueError, SystemExit) as error:  # settings the model refuses, or the parser (which exits)
+            trial_options, model_config, train_config = parse_args([*argv, *trial_flags(parameters), "--out-dir", str(trial_dir)])
+            result = train(trial_options, model_config, train_config, run=run)
+        except (ValueError, SystemExit) as error:  # settings the data refuses, or the parser (which exits)
             row["error"] = "refused by the argument parser (see above)" if isinstance(error, SystemExit) else str(error)
             if run is not None:
                 run.finish(exit_code=1)
         else:
-            if "val" not in result:
+            if not result["finished"]:
                 return False
-            row[metric] = result["val"][metric]
+            row[metric], row["settings"] = result["val"][metric], result["settings"]
         rows.append({**row, "minutes": (time.time() - started) / 60})
         return True
 
-    if wandb_mode(args.wandb) == "online":
+    if wandb_mode(options.wandb) == "online":
         import wandb
 
         def agent_trial() -> None:
@@ -633,16 +843,20 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
             run = wandb.init()
             run_trial(dict(run.config), run=run)
 
-        sweep_id = wandb.sweep(SWEEP, project=args.wandb_project)
-        wandb.agent(sweep_id, function=agent_trial, project=args.wandb_project, count=count)
+        sweep_id = wandb.sweep(SWEEP, project=options.wandb_project)
+        wandb.agent(sweep_id, function=agent_trial, project=options.wandb_project, count=count)
     else:
         print(f"sweep offline: {SWEEP['method']} search of sweep_config.py sampled here, every trial to its full budget "
               f"(early termination needs the W&B server); each trial is an offline wandb run (`wandb sync`)")
-        for parameters in sample_trials(SWEEP, count, seed=args.seed):
+        for parameters in sample_trials(SWEEP, count, seed=seed):
             if not run_trial(parameters):
                 print("sweep interrupted: summarising the finished trials")
                 break
+    return summarise_sweep(rows, sweep_dir, metric)
 
+
+def summarise_sweep(rows: list[dict], sweep_dir: Path, metric: str) -> int:
+    """Write summary.md, summary.json and the best trial's settings (best_config.json)."""
     table = summary_table(rows, metric)
     (sweep_dir / "summary.md").write_text(table + "\n")
     (sweep_dir / "summary.json").write_text(json.dumps({"metric": metric, "trials": rows}, indent=2) + "\n")
@@ -653,20 +867,25 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
         return 1
     pick = max if SWEEP["metric"]["goal"] == "maximize" else min
     best = pick(scored, key=lambda row: row[metric])
-    (sweep_dir / "best_config.json").write_text(json.dumps(best["parameters"], indent=2) + "\n")
+    # The trial's whole settings, its sweep budget included: --config reproduces the trial; add
+    # --epochs and --train-images to train the chosen settings to the full budget.
+    (sweep_dir / "best_config.json").write_text(json.dumps(best["settings"], indent=2) + "\n")
     print(f"\nbest: trial {best['trial']}, {metric} {best[metric]:.4f}; its settings are in {sweep_dir / 'best_config.json'}:\n"
-          f"  uv run python train_encoder_decoder.py --config {sweep_dir / 'best_config.json'}")
+          f"  uv run python train_encoder_decoder.py --config {sweep_dir / 'best_config.json'} --epochs 11 --train-images 20000")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+    options, model_config, train_config = parse_args(argv)
     try:
-        if args.run_type == "sweep":
-            return sweep(args, argv)
-        train(args)
-    except (MnistUnavailableError, FileNotFoundError, ValueError) as error:
+        if options.run_type == "sweep":
+            return sweep(options, argv, train_config.seed)
+        checkpoint = None
+        if options.resume:
+            model_config, train_config, checkpoint = restore_settings(options)
+        train(options, model_config, train_config, checkpoint=checkpoint)
+    except (CheckpointError, MnistUnavailableError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

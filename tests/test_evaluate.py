@@ -17,9 +17,8 @@ from evaluate import (
     most_confused,
     worst_failures,
 )
-from model import uint8_to_input
+from model import load_model
 from multidigit_generator import Composite, MultiDigitFolder, write_dataset
-from predict import load_model
 
 
 @pytest.mark.parametrize("prediction, truth, pairs", [
@@ -92,8 +91,8 @@ def test_cli_reports_agree_with_an_independent_greedy_decode(tmp_path, tiny_data
     model = load_model(checkpoint)
     for name in ("test", "val"):
         dataset = MultiDigitFolder(tiny_data_dir / name)
-        images = uint8_to_input(torch.from_numpy(np.array(dataset.images)))
-        predictions = model.greedy_decode(images).strings()
+        pixels = torch.from_numpy(np.array(dataset.images)).float()[:, None] / 255
+        predictions = model.greedy_decode(model.encode(pixels)).strings()
         labels = [r["label"] for r in dataset.records]
         layouts = [r["layout"] for r in dataset.records]
         out = tmp_path / "reports" / name

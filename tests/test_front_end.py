@@ -119,8 +119,10 @@ def test_the_random_example_shows_its_true_digits_and_the_reading(app):
     at = app.radio[0].set_value("Random example").run()
     assert not at.exception and not at.error
     truth = next(c.value for c in at.caption if c.value.startswith("True digits: ")).removeprefix("True digits: ")
-    assert digits_read(at) == truth  # this seed's composite is one the shipped model reads right
-    assert at.caption[-1].value.startswith("Whole reading") and "- right" in at.caption[-1].value
+    read = digits_read(at)
+    assert read is not None and at.caption[-1].value.startswith("Whole reading")
+    verdict = "- right" if read == truth else f"- wrong, the truth is {truth}"  # whatever this model reads
+    assert verdict in at.caption[-1].value
     at = at.button[0].click().run()  # "New example" draws another seed
     assert at.session_state["example_seed"] != 7
 
@@ -130,7 +132,7 @@ def test_a_missing_or_foreign_checkpoint_is_explained(app, tmp_path):
     assert not at.exception and at.error[0].value.startswith(f"no checkpoint at {tmp_path / 'nowhere.pt'}")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     at = at.sidebar.text_input[0].set_value(str(tmp_path / "foreign.pt")).run()
-    assert not at.exception and "is not a usable digit-sequence checkpoint" in at.error[0].value
+    assert not at.exception and "is not a digit-sequence checkpoint" in at.error[0].value
     assert not at.radio  # nothing else is offered without a model
 
 

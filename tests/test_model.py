@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from model import (EOS, PAD, SOS, VOCAB_SIZE, DecoderCache, DigitSequenceTransformer, ModelConfig, configure_optimizer, encode_labels,
                    pick_device, tokens_to_string)
 
-CONFIG = ModelConfig(image_size=48, patch_size=8, d_model=32, n_heads=4, encoder_layers=2, decoder_layers=2, ff_mult=2, max_digits=4)
+CONFIG = ModelConfig(image_size=48, patch_size=8, stem_width=32, stem_depth=0, stem_full_res=0, d_model=32, n_heads=4,
+                     encoder_layers=2, decoder_layers=2, ff_mult=2, max_digits=4, patch_head=False)
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def test_decoding_one_token_at_a_time_with_a_cache_matches_the_whole_sequence_at
 def test_greedy_decode_matches_teacher_forcing_on_its_own_output(model):
     torch.manual_seed(1)
     images = torch.rand(6, 1, 48, 48)
-    decoded = model.greedy_decode(images)
+    decoded = model.greedy_decode(model.encode(images))
     assert decoded.tokens.shape == decoded.token_probs.shape
     assert decoded.tokens.shape[1] <= CONFIG.max_digits + 1
     for row, text in zip(decoded.tokens, decoded.strings()):
@@ -106,14 +107,15 @@ def test_greedy_decode_matches_teacher_forcing_on_its_own_output(model):
 def test_beam_search_width_one_is_greedy_and_wider_beams_score_at_least_as_well(model):
     torch.manual_seed(2)
     images = torch.rand(8, 1, 48, 48)
-    greedy = model.greedy_decode(images)
-    assert model.beam_search(images, beam_size=1).strings() == greedy.strings()
-    beam = model.beam_search(images, beam_size=5)
+    memory = model.encode(images)
+    greedy = model.greedy_decode(memory)
+    assert model.beam_search(memory, beam_size=1).strings() == greedy.strings()
+    beam = model.beam_search(memory, beam_size=5)
     # Beam search keeps greedy's path unless 5 better ones crowd it out, so its answer is at
     # least as probable as greedy's.
     assert (beam.token_probs.log().sum(1) >= greedy.token_probs.log().sum(1) - 1e-5).all()
     with pytest.raises(ValueError):
-        model.beam_search(images, beam_size=0)
+        model.beam_search(memory, beam_size=0)
 
 
 def test_config_validation():
@@ -188,7 +190,7 @@ def test_patch_targets_mark_the_digit_under_each_patch():
 def test_patch_head_classifies_every_patch():
     config = ModelConfig(**{**CONFIG.__dict__, "patch_head": True})
     model = DigitSequenceTransformer(config)
-    assert DigitSequenceTransformer(CONFIG).patch_head is None  # off unless asked for: shipped checkpoints load as before
+    assert DigitSequenceTransformer(CONFIG).patch_head is None  # no head, no parameters for it
     memory = model.encode(torch.rand(2, 1, 48, 48))
     assert model.patch_head(memory).shape == (2, 36, 11)
 
@@ -200,3 +202,72 @@ def test_pick_device_takes_what_the_machine_has_and_explains_what_it_lacks():
         pick_device("tpu0")
     with pytest.raises(ValueError, match=f"device 'cuda:{torch.cuda.device_count()}': PyTorch sees {torch.cuda.device_count()} CUDA GPU"):
         pick_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_read_is_greedy_decoding_of_uint8_canvases_with_attention_per_token(model):
+    torch.manual_seed(3)
+    canvases = (torch.rand(5, 48, 48) * 255).to(torch.uint8)
+    decoded = model.read(canvases, attention=True)
+    pixels = canvases[:, None].float() / 255
+    assert decoded.strings() == model.greedy_decode(model.encode(pixels)).strings()
+    assert model.read(canvases, beam_size=3).strings() == model.beam_search(model.encode(pixels), 3).strings()
+    grid = CONFIG.grid_size
+    assert decoded.attention.shape == (5, decoded.tokens.shape[1], grid, grid)
+    torch.testing.assert_close(decoded.attention.amax(dim=(2, 3)), torch.ones(5, decoded.tokens.shape[1]))
+    # Each token's map is the cross-attention of the step that emitted it, averaged over heads and layers.
+    inputs = torch.cat([torch.full((5, 1), SOS), decoded.tokens[:, :-1]], dim=1)
+    _, weights = model(pixels, inputs, return_attention=True)
+    cross = torch.stack([weights[f"decoder.{i}.cross"] for i in range(CONFIG.decoder_layers)]).mean(dim=(0, 2))
+    expected = (cross / cross.amax(-1, keepdim=True)).view(5, -1, grid, grid)
+    torch.testing.assert_close(decoded.attention, expected)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(max_digits=10**7), "max_digits must be between 1 and 32"),
+    (dict(image_size=9600), "image_size must be between"),
+    (dict(d_model=128.0), "d_model must be int"),
+    (dict(dropout=float("nan")), "dropout must hold finite numbers"),
+    (dict(patch_head="yes"), "patch_head must be bool"),
+    (dict(image_size=1024, patch_size=4, stem="linear"), "256x256 patches: at most 64x64"),
+])
+def test_config_bounds_are_checked_before_anything_is_built(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**settings)
+
+
+def test_checkpoints_round_trip_and_refuse_what_is_not_ours(model, tmp_path):
+    from model import CheckpointError, load_checkpoint, load_model, save_checkpoint
+
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, CONFIG, model.state_dict(), step=7)
+    loaded = load_model(path, "cpu")
+    assert loaded.config == CONFIG and not loaded.training and load_checkpoint(path)["step"] == 7
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
+
+    def refused(content: dict | bytes, message: str) -> None:
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(content) if isinstance(content, bytes) else torch.save(content, bad)
+        with pytest.raises(CheckpointError, match=message):
+            load_model(bad, "cpu")
+
+    good = torch.load(path, weights_only=True)
+    refused(b"not a checkpoint", "is not a digit-sequence checkpoint")
+    refused({"config": good["model_config"], "model": good["model"]}, "has no version")  # an older layout
+    refused({**good, "model_config": {**good["model_config"], "max_digits": 10**7}}, "max_digits must be between 1 and 32")
+    refused({**good, "model_config": {**good["model_config"], "colour": "red"}}, "not model settings: colour")
+    refused({**good, "model_config": {**good["model_config"], "d_model": 64}}, "do not fit its model_config")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_model(tmp_path / "missing.pt", "cpu")
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_whole(model, tmp_path):
+    from model import load_model, save_checkpoint
+
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, CONFIG, model.state_dict())
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        save_checkpoint(path, CONFIG, model.state_dict(), unpicklable=lambda: None)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    load_model(path, "cpu")

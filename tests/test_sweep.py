@@ -8,31 +8,25 @@ import json
 import math
 
 import pytest
-import torch
 
 from conftest import run_script
-from model import ModelConfig
-from sweep_config import SWEEP, TRIAL_DEFAULTS, sample_trials
+from sweep_config import SWEEP, TRIAL_BUDGET, sample_trials
+from train_encoder_decoder import SETTINGS, all_settings, make_configs, parse_args
+from train_encoder_decoder import main as train_main
 
 
-@pytest.fixture(scope="module")
-def training_help() -> str:
-    return run_script("train_encoder_decoder.py", "--help").stdout
-
-
-def test_every_sweep_parameter_and_trial_default_is_a_training_flag(training_help):
-    for name in [*SWEEP["parameters"], *TRIAL_DEFAULTS]:
-        assert f"--{name.replace('_', '-')} " in training_help, f"{name} is not a flag of train_encoder_decoder.py"
+def test_every_sweep_parameter_and_trial_budget_is_a_setting():
+    for name in [*SWEEP["parameters"], *TRIAL_BUDGET]:
+        assert name in SETTINGS, f"{name} is not a field of ModelConfig or TrainConfig"
     assert SWEEP["method"] in ("random", "grid", "bayes") and SWEEP["metric"]["goal"] in ("maximize", "minimize")
 
 
-def test_every_sampled_trial_builds_a_model():
-    # 200 draws: every combination the sweep can produce is a valid model (heads divide the
-    # width, patches tile the canvas) with settings in the ranges the training flags accept.
+def test_every_sampled_trial_makes_valid_configs():
+    # 200 draws: every combination the sweep can produce passes the checks a command line's
+    # settings pass (heads divide the width, patches tile the canvas, values within bounds).
     for trial in sample_trials(SWEEP, 200, seed=0):
-        ModelConfig(d_model=trial["d_model"], n_heads=trial["n_heads"], patch_size=trial["patch_size"],
-                    encoder_layers=trial["encoder_layers"], decoder_layers=trial["decoder_layers"], dropout=trial["dropout"])
-        assert 3e-4 <= trial["lr"] <= 3e-3 and 0 <= trial["label_smoothing"] < 1 and trial["augment_strength"] >= 0
+        model_config, train_config = make_configs({**TRIAL_BUDGET, **trial})
+        assert model_config.d_model == trial["d_model"] and train_config.lr == trial["lr"]
 
 
 def test_the_offline_sampler_follows_wandbs_spec():
@@ -59,37 +53,39 @@ def test_an_offline_sweep_of_two_tiny_trials_writes_a_summary_and_a_best_config_
     sweep_dir = tmp_path / "sweep"
     result = run_script("train_encoder_decoder.py", "--run-type", "sweep", "--count", "2", "--offline",
                         "--data-dir", str(tiny_data_dir), "--mnist-root", str(mnist_root), "--out-dir", str(sweep_dir),
-                        "--epochs", "1", "--train-images", "64", env={"WANDB_DIR": str(tmp_path)})
+                        "--epochs", "1", "--train-images", "64", "--stem-width", "16", "--stem-full-res", "0",
+                        env={"WANDB_DIR": str(tmp_path)})
     metric = SWEEP["metric"]["name"]
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["metric"] == metric and [t["trial"] for t in summary["trials"]] == [1, 2]
     assert all(0 <= t[metric] <= 1 and set(t["parameters"]) == set(SWEEP["parameters"]) for t in summary["trials"])
     table = (sweep_dir / "summary.md").read_text()
     assert table in result.stdout and len(table.splitlines()) == 4  # header, rule, two trials
-    # Each trial is a normal training run (its own folder, checkpoints) and an offline wandb run.
+    # Each trial is a normal training run (its own folder, checkpoints, settings) and an offline wandb run.
     for number in (1, 2):
-        checkpoint = torch.load(sweep_dir / f"trial-{number:02d}" / "last.pt", weights_only=True)
-        assert {k: checkpoint["args"][k] for k in SWEEP["parameters"]} == summary["trials"][number - 1]["parameters"]
+        settings = json.loads((sweep_dir / f"trial-{number:02d}" / "config.json").read_text())
+        assert {k: settings[k] for k in SWEEP["parameters"]} == summary["trials"][number - 1]["parameters"]
+        assert settings["epochs"] == 1 and settings["train_images"] == 64  # the command line's budget
     assert len(list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))) == 2
     best = json.loads((sweep_dir / "best_config.json").read_text())
-    assert best == max(summary["trials"], key=lambda t: t[metric])["parameters"]
+    best_trial = max(summary["trials"], key=lambda t: t[metric])
+    assert best == json.loads((sweep_dir / f"trial-{best_trial['trial']:02d}" / "config.json").read_text())
     assert f"--config {sweep_dir / 'best_config.json'}" in result.stdout
     # A normal run takes the best settings from the file; a flag on the command line still wins.
-    run_script("train_encoder_decoder.py", "--config", str(sweep_dir / "best_config.json"), "--lr", "0.0005",
-               "--data-dir", str(tiny_data_dir), "--mnist-root", str(mnist_root), "--out-dir", str(tmp_path / "run"),
-               "--train-images", "32", "--max-steps", "1", "--wandb", "disabled")
-    args = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["args"]
-    assert {k: args[k] for k in best if k != "lr"} == {k: v for k, v in best.items() if k != "lr"} and args["lr"] == 0.0005
-    assert args["run_type"] == "train" and args["epochs"] == 11  # the trial budget stays with the sweep
+    _, model_config, train_config = parse_args(["--config", str(sweep_dir / "best_config.json"), "--lr", "0.0005"])
+    assert all_settings(model_config, train_config) == {**best, "lr": 0.0005}
 
 
 @pytest.mark.parametrize("content, message", [("[1, 2]", "expected a JSON object"),
-                                              ('{"lr": 0.001, "bogus": 1}', "not training flags: bogus")])
-def test_bad_config_files_are_refused(tmp_path, content, message):
+                                              ('{"lr": 0.001, "bogus": 1}', "not settings: bogus"),
+                                              ('{"d_model": "wide"}', "--d-model must be int, got 'wide'"),
+                                              ("{not json", "Expecting property name")])
+def test_bad_config_files_are_refused(tmp_path, content, message, capsys):
     path = tmp_path / "config.json"
     path.write_text(content)
-    result = run_script("train_encoder_decoder.py", "--config", str(path), check=False)
-    assert result.returncode == 2 and message in result.stderr
+    with pytest.raises(SystemExit) as exited:
+        train_main(["--config", str(path)])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
 # A stand-in for the wandb package, enough for the online path: wandb.sweep registers the
@@ -152,4 +148,5 @@ def test_an_online_sweep_runs_its_trials_through_wandbs_agent(tmp_path, tiny_dat
         assert {k: config[k] for k in first_values} == first_values and config["epochs"] == 1 and config["parameters"] > 0
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
     assert [t["parameters"] for t in summary["trials"]] == [first_values, first_values]
-    assert json.loads((tmp_path / "sweep" / "best_config.json").read_text()) == first_values
+    best = json.loads((tmp_path / "sweep" / "best_config.json").read_text())
+    assert {k: best[k] for k in first_values} == first_values and best["epochs"] == 1

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,54 +10,64 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TINY_MODEL, run_script
-from model import ModelConfig
-from predict import load_model
+from model import load_checkpoint, load_model
 from predict import main as predict_main
+from train_encoder_decoder import TrainConfig
+from train_encoder_decoder import main as train_main
 
 
 def test_training_writes_loadable_checkpoints_metrics_and_wandb_logs(tiny_run):
+    settings = json.loads((tiny_run / "config.json").read_text())  # every setting of the run, as --config reads them
+    assert settings["d_model"] == 32 and settings["epochs"] == 2 and settings["lr"] == TrainConfig().lr
     for name in ("best.pt", "last.pt"):
-        checkpoint = torch.load(tiny_run / name, map_location="cpu", weights_only=True)
-        assert ModelConfig(**checkpoint["config"]).d_model == 32  # config travels with the weights
-        assert {"model", "optimizer", "step", "rng_state", "args"} <= set(checkpoint)
-    assert torch.load(tiny_run / "last.pt", weights_only=True)["step"] == 8
+        checkpoint = load_checkpoint(tiny_run / name)
+        assert checkpoint["model_config"].d_model == 32  # config travels with the weights
+        assert checkpoint["train_config"] == {k: settings[k] for k in checkpoint["train_config"]}
+        assert {"weights", "optimizer", "random_states", "best_score"} <= set(checkpoint["training"])
+    assert load_checkpoint(tiny_run / "last.pt")["step"] == 8
     metrics = json.loads((tiny_run / "test_metrics.json").read_text())
     test = metrics["test"]
-    assert 0.0 <= test["sequence_accuracy"] <= 1.0
+    # The script's accuracies agree with its own counts: 48 test images, so multiples of 1/48.
+    assert test["sequence_accuracy"] == pytest.approx(round(test["sequence_accuracy"] * 48) / 48)
+    assert test["sequence_accuracy"] <= test["order_free_accuracy"] and test["sequence_accuracy_len0"] >= 0
     assert {"sequence_accuracy_len0", "sequence_accuracy_len4", "sequence_accuracy_row", "sequence_accuracy_scatter"} <= set(test)
-    assert metrics["train_images_per_second"] > 0
+    assert metrics["train_images_per_second"] > 0 and metrics["settings"] == settings
     # wandb ran offline and recorded the run locally, ready for `wandb sync`.
     assert list((tiny_run / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert load_model(tiny_run / "best.pt").config.max_digits == 4
-    # model.pt is what gets shipped: the final averaged weights, config and test metrics, no optimiser state.
-    export = torch.load(tiny_run / "model.pt", map_location="cpu", weights_only=True)
-    assert "optimizer" not in export and export["test_metrics"] == test
-    final = torch.load(tiny_run / "last.pt", map_location="cpu", weights_only=True)["ema"]
-    assert export["model"].keys() == final.keys() and all(torch.equal(export["model"][k], final[k]) for k in final)
+    # model.pt is what gets shipped: the final averaged weights, configs and test metrics, no optimiser state.
+    export, last = load_checkpoint(tiny_run / "model.pt"), load_checkpoint(tiny_run / "last.pt")
+    assert "training" not in export and export["metrics"]["test"] == test
+    assert all(torch.equal(export["model"][k], last["model"][k]) for k in last["model"])
+    assert not all(torch.equal(last["model"][k], last["training"]["weights"][k]) for k in last["model"])  # averaged, not raw
     assert load_model(tiny_run / "model.pt").config == load_model(tiny_run / "best.pt").config
 
 
 def train_args(data_dir, mnist_root, out_dir, *extra):
-    return ("--data-dir", str(data_dir), "--mnist-root", str(mnist_root), "--out-dir", str(out_dir),
+    return ["--data-dir", str(data_dir), "--mnist-root", str(mnist_root), "--out-dir", str(out_dir),
             "--epochs", "3", "--train-images", "96", "--batch-size", "32", "--num-workers", "0",
-            "--wandb", "disabled", "--dropout", "0.1", *TINY_MODEL, *extra)
+            "--wandb", "disabled", "--dropout", "0.1", *TINY_MODEL, *extra]
 
 
-def test_interrupted_training_resumes_exactly(tmp_path, tiny_data_dir, mnist_root):
+def test_interrupted_training_resumes_exactly(tmp_path, tiny_data_dir, mnist_root, capsys):
     # Straight through 5 steps, versus 2 steps, stop, resume to 5 (across an epoch end, with
     # dropout on so the random state matters): the weights must be identical.
-    run_script("train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path / "straight", "--max-steps", "5"))
-    run_script("train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path / "resumed", "--max-steps", "2"))
-    result = run_script("train_encoder_decoder.py", "--resume", str(tmp_path / "resumed" / "last.pt"),
-                        "--max-steps", "5", "--wandb", "disabled")  # writes to the resumed run's folder
-    assert "resumed from" in result.stdout and "at step 2" in result.stdout
+    # In this process: the command line's code path without a Python start-up per run.
+    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path / "straight", "--max-steps", "5")) == 0
+    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path / "resumed", "--max-steps", "2")) == 0
+    # A copy of the stopped run, resumed, goes on in the copy's folder; the original stays as it was.
+    shutil.copytree(tmp_path / "resumed", tmp_path / "copy")
+    before = (tmp_path / "resumed" / "last.pt").read_bytes()
+    assert train_main(["--resume", str(tmp_path / "copy" / "last.pt"), "--max-steps", "5", "--wandb", "disabled"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert (tmp_path / "resumed" / "last.pt").read_bytes() == before
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "copy" / "last.pt", weights_only=True)
     assert straight["step"] == resumed["step"] == 5
-    for weights in ("model", "ema"):  # the raw weights and their moving average
-        for name, tensor in straight[weights].items():
-            assert torch.equal(tensor, resumed[weights][name]), (weights, name)
-    assert (tmp_path / "resumed" / "best.pt").is_file()  # the epoch that ended after resuming was validated
+    for name, tensor in straight["training"]["weights"].items():  # the raw weights
+        assert torch.equal(tensor, resumed["training"]["weights"][name]), name
+    for name, tensor in straight["model"].items():  # their moving average
+        assert torch.equal(tensor, resumed["model"][name]), name
+    assert (tmp_path / "copy" / "best.pt").is_file()  # the epoch that ended after resuming was validated
 
 
 def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_dir, mnist_root):
@@ -71,31 +82,31 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_d
     assert process.returncode == 0, err
     assert "stopped at step 1" in out and "continue with --resume" in out
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 1
-    result = run_script("train_encoder_decoder.py", "--resume", str(tmp_path / "last.pt"), "--max-steps", "2")
-    assert "at step 1" in result.stdout
+    assert train_main(["--resume", str(tmp_path / "last.pt"), "--max-steps", "2", "--wandb", "disabled"]) == 0
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
 
 
-def test_a_run_saved_before_newer_flags_resumes(tmp_path, tiny_data_dir, mnist_root):
-    # Checkpoints written before --stem-depth, --stem-width, --stem-full-res, --ema-decay,
-    # --patch-loss-weight and --length-weights existed have none of them; resuming one must go on
-    # as the run it was (no extra convolutions, no averaged weights, no patch head, uniform digit
-    # counts) rather than fail or grow new parts.
-    old_recipe = ("--stem-depth", "0", "--stem-width", "32", "--stem-full-res", "0", "--length-weights", "1,1,1,1,1",
-                  "--ema-decay", "0", "--patch-loss-weight", "0")
-    run_script("train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path, *old_recipe, "--max-steps", "1"))
-    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
-    for flag in ("stem_depth", "stem_width", "stem_full_res", "ema_decay", "patch_loss_weight", "length_weights"):
-        del checkpoint["args"][flag]
-    for field in ("stem_depth", "stem_width", "stem_full_res", "patch_head"):
-        del checkpoint["config"][field]
-    torch.save(checkpoint, tmp_path / "last.pt")
-    result = run_script("train_encoder_decoder.py", "--resume", str(tmp_path / "last.pt"), "--max-steps", "2")
-    assert "at step 1" in result.stdout
-    resumed = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert resumed["step"] == 2 and "ema" not in resumed
-    assert resumed["config"]["stem_depth"] == 0 and resumed["config"]["stem_width"] == 32 and not resumed["config"]["patch_head"]
-    assert resumed["config"]["stem_full_res"] == 0 and resumed["args"]["length_weights"] is None
+def test_resume_refuses_new_settings_and_files_it_cannot_continue(tmp_path, tiny_run, capsys):
+    with pytest.raises(SystemExit) as exited:
+        train_main(["--resume", str(tiny_run / "last.pt"), "--lr", "0.1", "--d-model", "64"])
+    assert exited.value.code == 2 and "drop --lr, --d-model" in capsys.readouterr().err
+    assert train_main(["--resume", str(tiny_run / "model.pt")]) == 2
+    assert "resume from a run's last.pt" in capsys.readouterr().err
+    old = torch.load(tiny_run / "last.pt", weights_only=True)
+    torch.save({"config": old["model_config"], "model": old["model"], "step": 1}, tmp_path / "old.pt")  # an older layout
+    assert train_main(["--resume", str(tmp_path / "old.pt"), "--data-dir", str(tmp_path / "data")]) == 2
+    assert "is not a digit-sequence checkpoint of version 2" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # refused before any data was made
+
+
+def test_bf16_autocast_trains_and_evaluates_when_asked_for(tmp_path, tiny_data_dir, mnist_root, capsys):
+    # Forced, so that the bf16 path runs on every machine, whatever `auto` would pick here.
+    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path, "--precision", "bf16", "--epochs", "1",
+                                 "--train-images", "64")) == 0
+    out = capsys.readouterr().out
+    assert "bf16 autocast" in out and "test: sequence accuracy" in out
+    checkpoint = load_checkpoint(tmp_path / "model.pt")
+    assert all(t.dtype != torch.bfloat16 and torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
 
 
 def test_two_processes_under_torchrun_train_one_model_that_predict_py_loads(tmp_path, tiny_data_dir, mnist_root, composite, capsys):
@@ -110,18 +121,29 @@ def test_two_processes_under_torchrun_train_one_model_that_predict_py_loads(tmp_
     assert "replicas identical: the weights and buffers of all 2 ranks agreed" in result.stdout
     assert result.stdout.count("test: sequence accuracy") == 1  # rank 0 alone reports
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert last["step"] == 9 and len(last["random_states"]) == 2  # each rank's dropout state, for --resume
-    assert not torch.equal(last["random_states"][0][0], last["random_states"][1][0])
+    random_states = last["training"]["random_states"]
+    assert last["step"] == 9 and len(random_states) == 2  # each rank's dropout state, for --resume
+    assert not torch.equal(random_states[0][0], random_states[1][0])
     Image.fromarray(composite.image).save(tmp_path / "digits.png")
     assert predict_main(["--checkpoint", str(tmp_path / "model.pt"), "--jsonl", str(tmp_path / "digits.png")]) == 0
     reading = json.loads(capsys.readouterr().out)
     assert reading["path"] == str(tmp_path / "digits.png") and 0 < reading["confidence"] <= 1
 
 
-@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--lr", "-1"), ("--label-smoothing", "1.5"),
-                                         ("--ema-decay", "1"), ("--stem-depth", "-1"), ("--stem-width", "3"), ("--stem-full-res", "-1"),
-                                         ("--patch-loss-weight", "-1"), ("--length-weights", "1,2"),
-                                         ("--length-weights", "1,x,3,4,5"), ("--count", "2"), ("--precision", "fp8")])
-def test_absurd_arguments_are_refused(flag, value):
-    result = run_script("train_encoder_decoder.py", flag, value, check=False)
-    assert result.returncode == 2 and flag.lstrip("-").split("-")[0] in result.stderr
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "--batch-size must be between 1 and"), ("--lr", "-1", "--lr must be between"),
+    ("--label-smoothing", "1.5", "--label-smoothing must be between 0.0 and 0.99"), ("--ema-decay", "1", "--ema-decay must be"),
+    ("--stem-depth", "-1", "--stem-depth must be between 0 and 8"), ("--stem-width", "3", "--stem-width must be an even"),
+    ("--stem-full-res", "-1", "--stem-full-res must be between"), ("--patch-loss-weight", "-1", "--patch-loss-weight must be"),
+    ("--length-weights", "1,2", "--length-weights must be 5 non-negative numbers"),
+    ("--length-weights", "1,x,3,4,5", "expected comma-separated numbers"),
+    ("--length-weights", "nan,1,1,1,1", "--length-weights must hold finite numbers"),
+    ("--augment-strength", "nan", "--augment-strength must hold finite numbers"),
+    ("--augment-strength", "1e6", "--augment-strength must be between 0.0 and 5.0"),
+    ("--d-model", "30", "--d-model 30 is not divisible by --n-heads 4"), ("--max-digits", "40", "--max-digits must be between"),
+    ("--count", "2", "--count is the number of sweep trials"), ("--precision", "fp8", "invalid choice: 'fp8'"),
+])
+def test_absurd_arguments_are_refused_naming_the_flag(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        train_main([flag, value])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
