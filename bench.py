@@ -36,8 +36,8 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -76,9 +76,17 @@ class ReferenceTransformer(DigitSequenceTransformer):
         del self.encoder, self.encoder_norm, self.decoder, self.decoder_norm
         with warnings.catch_warnings():  # that pre-norm layers cannot use nested tensors (there is no padding here)
             warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
-            self.transformer = nn.Transformer(d_model=c.d_model, nhead=c.n_heads, num_encoder_layers=c.encoder_layers,
-                                              num_decoder_layers=c.decoder_layers, dim_feedforward=c.ff_mult * c.d_model,
-                                              dropout=c.dropout, activation="gelu", batch_first=True, norm_first=True)
+            self.transformer = nn.Transformer(
+                d_model=c.d_model,
+                nhead=c.n_heads,
+                num_encoder_layers=c.encoder_layers,
+                num_decoder_layers=c.decoder_layers,
+                dim_feedforward=c.ff_mult * c.d_model,
+                dropout=c.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
 
     @classmethod
     def like(cls, model: DigitSequenceTransformer) -> ReferenceTransformer:
@@ -102,8 +110,15 @@ class ReferenceTransformer(DigitSequenceTransformer):
             copy(f"{layer}.linear1", block.ff[0]), copy(f"{layer}.linear2", block.ff[2])
         for i, block in enumerate(model.decoder):
             layer = f"transformer.decoder.layers.{i}"
-            copy_attention(f"{layer}.self_attn", block.self_attn), copy_attention(f"{layer}.multihead_attn", block.cross_attn)
-            copy(f"{layer}.norm1", block.norm_self), copy(f"{layer}.norm2", block.norm_cross), copy(f"{layer}.norm3", block.norm_ff)
+            (
+                copy_attention(f"{layer}.self_attn", block.self_attn),
+                copy_attention(f"{layer}.multihead_attn", block.cross_attn),
+            )
+            (
+                copy(f"{layer}.norm1", block.norm_self),
+                copy(f"{layer}.norm2", block.norm_cross),
+                copy(f"{layer}.norm3", block.norm_ff),
+            )
             copy(f"{layer}.linear1", block.ff[0]), copy(f"{layer}.linear2", block.ff[2])
         copy("transformer.encoder.norm", model.encoder_norm), copy("transformer.decoder.norm", model.decoder_norm)
         reference.load_state_dict(state)  # strict: every weight has exactly one counterpart
@@ -113,8 +128,14 @@ class ReferenceTransformer(DigitSequenceTransformer):
         assert attention is None, "nn.Transformer does not return attention weights"
         return self.transformer.encoder(self.drop(self.patch_embed((images - PIXEL_MEAN) / PIXEL_STD)))
 
-    def decode(self, memory: torch.Tensor, tokens: torch.Tensor, *, attention: dict | None = None,
-               cache: DecoderCache | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        memory: torch.Tensor,
+        tokens: torch.Tensor,
+        *,
+        attention: dict | None = None,
+        cache: DecoderCache | None = None,
+    ) -> torch.Tensor:
         assert attention is None, "nn.Transformer does not return attention weights"
         new = tokens.shape[1]
         if cache is not None:  # the cache keeps the tokens so far, re-read whole at every step
@@ -127,7 +148,9 @@ class ReferenceTransformer(DigitSequenceTransformer):
         return self.head(self.transformer.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True))[:, -new:]
 
 
-def timed(run: Callable[[], object], *, seconds: float, device: torch.device, min_runs: int = 3, warm_up: int = 2) -> list[float]:
+def timed(
+    run: Callable[[], object], *, seconds: float, device: torch.device, min_runs: int = 3, warm_up: int = 2
+) -> list[float]:
     """Wall time of each call of run, after warm_up calls, for about `seconds` in all."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for _ in range(warm_up):
@@ -149,7 +172,7 @@ def peak_matmul_flops(dtype: torch.dtype, device: torch.device, *, seconds: floa
     best = (0.0, 0)
     for n in (256, 512, 1024, 2048, 4096, 8192):
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        seconds_each = statistics.median(timed(lambda: a @ b, seconds=seconds, device=device, min_runs=2))
+        seconds_each = statistics.median(timed(lambda a=a, b=b: a @ b, seconds=seconds, device=device, min_runs=2))
         best = max(best, (2 * n**3 / seconds_each, n))
         if seconds_each > 0.1:
             break
@@ -175,8 +198,10 @@ def composites(count: int, mnist_root: str, seed: int) -> tuple[torch.Tensor, li
     images, labels = load_mnist(mnist_root, train=False)
     composer = MultiDigitComposer(images, labels)
     rng = np.random.default_rng(seed)
-    items = [dataset_item(c.image, c.label, c.layout, c.boxes, composer.max_digits) for c in
-             (composer.compose(rng) for _ in range(count))]
+    items = [
+        dataset_item(c.image, c.label, c.layout, c.boxes, composer.max_digits)
+        for c in (composer.compose(rng) for _ in range(count))
+    ]
     images, labels, _, boxes = default_collate(items)
     return images, list(labels), boxes
 
@@ -186,13 +211,18 @@ class Workload:
     and of one image (the batch's images in turn: 0 to 4 digits, so 1 to 5 decoding steps).
     It trains a copy, so model keeps its weights."""
 
-    def __init__(self, model: DigitSequenceTransformer, data: tuple, *, device: torch.device, bf16: bool, compiled: bool):
+    def __init__(
+        self, model: DigitSequenceTransformer, data: tuple, *, device: torch.device, bf16: bool, compiled: bool
+    ):
         images, labels, boxes = data
         config = model.config
         self.device, self.batch_size, self.images = device, len(labels), images.to(device)
         self.pixels = uint8_to_input(self.images)
-        self.batch = (self.pixels, *(t.to(device) for t in encode_labels(labels, config.max_digits)),
-                      patch_targets(boxes.to(device), labels, image_size=config.image_size, patch_size=config.patch_size))
+        self.batch = (
+            self.pixels,
+            *(t.to(device) for t in encode_labels(labels, config.max_digits)),
+            patch_targets(boxes.to(device), labels, image_size=config.image_size, patch_size=config.patch_size),
+        )
         self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.trained = copy.deepcopy(model).train()
         self.loss = TrainingLoss(self.trained, label_smoothing=0.0, patch_loss_weight=10.0, order_free=False)
@@ -200,9 +230,14 @@ class Workload:
         self.optimizer = configure_optimizer(self.trained, lr=1e-4, weight_decay=0.05)
         self.reader = copy.deepcopy(model).eval()
         if compiled:
-            self.reader.encode, self.reader.decode = torch.compile(self.reader.encode), torch.compile(self.reader.decode)
+            self.reader.encode, self.reader.decode = (
+                torch.compile(self.reader.encode),
+                torch.compile(self.reader.decode),
+            )
         singles = [self.images[i][None] for i in range(self.batch_size)]
-        self.readings = [self.read(single)[0] for single in singles]  # also compiles every shape before anything is timed
+        self.readings = [
+            self.read(single)[0] for single in singles
+        ]  # also compiles every shape before anything is timed
         self.singles = itertools.cycle(singles)
         with self.autocast():  # counted uncompiled: compiled graphs hide their operations from the counter
             self.training_flops = counted_flops(lambda: self.loss(*self.batch).backward()) / self.batch_size
@@ -237,21 +272,31 @@ def measure(workloads: dict[str, Workload], *, rounds: int, seconds: float, late
     times: dict[str, dict[str, list[float]]] = {name: {"train": [], "read": [], "one": []} for name in workloads}
     for _ in range(rounds):
         for name, work in workloads.items():
-            times[name]["train"] += timed(work.training_step, seconds=seconds / rounds, device=work.device, min_runs=1, warm_up=0)
-            times[name]["read"] += timed(work.read_batch, seconds=seconds / rounds, device=work.device, min_runs=1, warm_up=0)
-            times[name]["one"] += timed(work.read_one, seconds=0, device=work.device, min_runs=max(1, latency_runs // rounds),
-                                        warm_up=0)
+            times[name]["train"] += timed(
+                work.training_step, seconds=seconds / rounds, device=work.device, min_runs=1, warm_up=0
+            )
+            times[name]["read"] += timed(
+                work.read_batch, seconds=seconds / rounds, device=work.device, min_runs=1, warm_up=0
+            )
+            times[name]["one"] += timed(
+                work.read_one, seconds=0, device=work.device, min_runs=max(1, latency_runs // rounds), warm_up=0
+            )
     results = {}
     for name, work in workloads.items():
         train_rate = work.batch_size / statistics.median(times[name]["train"])
         read_rate = work.batch_size / statistics.median(times[name]["read"])
-        results[name] = {"parameters": work.trained.num_parameters(), "readings": work.readings,
-                         "training_images_per_second": train_rate, "inference_images_per_second": read_rate,
-                         "latency_p50_ms": 1e3 * float(np.percentile(times[name]["one"], 50)),
-                         "latency_p95_ms": 1e3 * float(np.percentile(times[name]["one"], 95)),
-                         "training_flops_per_image": work.training_flops, "inference_flops_per_image": work.inference_flops,
-                         "training_flops_per_second": work.training_flops * train_rate,
-                         "inference_flops_per_second": work.inference_flops * read_rate}
+        results[name] = {
+            "parameters": work.trained.num_parameters(),
+            "readings": work.readings,
+            "training_images_per_second": train_rate,
+            "inference_images_per_second": read_rate,
+            "latency_p50_ms": 1e3 * float(np.percentile(times[name]["one"], 50)),
+            "latency_p95_ms": 1e3 * float(np.percentile(times[name]["one"], 95)),
+            "training_flops_per_image": work.training_flops,
+            "inference_flops_per_image": work.inference_flops,
+            "training_flops_per_second": work.training_flops * train_rate,
+            "inference_flops_per_second": work.inference_flops * read_rate,
+        }
     return results
 
 
@@ -261,7 +306,14 @@ def machine(device: torch.device) -> str:
     name = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        name = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), name)
+        name = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            name,
+        )
     return f"{name}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
 
 
@@ -270,27 +322,35 @@ def report(results: dict) -> str:
     ours, reference = results["ours"], results["reference"]
     peak = results["peak_flops_per_second"]
     used = results["precision"]
-    rows = [("parameters", "parameters", "{:,.0f}"),
-            ("training img/s", "training_images_per_second", "{:,.0f}"),
-            (f"inference img/s (greedy, batch {results['batch_size']})", "inference_images_per_second", "{:,.0f}"),
-            ("latency p50, one image (ms)", "latency_p50_ms", "{:.2f}"),
-            ("latency p95, one image (ms)", "latency_p95_ms", "{:.2f}"),
-            ("training GFLOP/image (forward + backward)", "training_flops_per_image", "{:.3f}"),
-            ("inference GFLOP/image (greedy)", "inference_flops_per_image", "{:.3f}"),
-            ("training achieved GFLOP/s", "training_flops_per_second", "{:.1f}"),
-            ("inference achieved GFLOP/s", "inference_flops_per_second", "{:.1f}")]
-    scale = lambda key: 1e-9 if "flops" in key else 1  # noqa: E731
+    rows = [
+        ("parameters", "parameters", "{:,.0f}"),
+        ("training img/s", "training_images_per_second", "{:,.0f}"),
+        (f"inference img/s (greedy, batch {results['batch_size']})", "inference_images_per_second", "{:,.0f}"),
+        ("latency p50, one image (ms)", "latency_p50_ms", "{:.2f}"),
+        ("latency p95, one image (ms)", "latency_p95_ms", "{:.2f}"),
+        ("training GFLOP/image (forward + backward)", "training_flops_per_image", "{:.3f}"),
+        ("inference GFLOP/image (greedy)", "inference_flops_per_image", "{:.3f}"),
+        ("training achieved GFLOP/s", "training_flops_per_second", "{:.1f}"),
+        ("inference achieved GFLOP/s", "inference_flops_per_second", "{:.1f}"),
+    ]
+    scale = lambda key: 1e-9 if "flops" in key else 1
     lines = ["| | ours | nn.Transformer | ours / reference |", "|---|---|---|---|"]
     for label, key, fmt in rows:
-        lines.append(f"| {label} | {fmt.format(ours[key] * scale(key))} | {fmt.format(reference[key] * scale(key))} "
-                     f"| {ours[key] / reference[key]:.2f}x |")
+        lines.append(
+            f"| {label} | {fmt.format(ours[key] * scale(key))} | {fmt.format(reference[key] * scale(key))} "
+            f"| {ours[key] / reference[key]:.2f}x |"
+        )
     for dtype in ("fp32", "bf16"):
         for kind in ("training", "inference"):
             label = f"{kind} MFU, of the {dtype} peak" + (" (the precision used)" if dtype == used else "")
-            lines.append(f"| {label} | {ours[f'{kind}_flops_per_second'] / peak[dtype]:.1%} "
-                         f"| {reference[f'{kind}_flops_per_second'] / peak[dtype]:.1%} | |")
-    header = (f"{results['machine']}; torch {results['torch']}; {used}{', compiled' if results['compile'] else ''}; "
-              f"peak matrix product: fp32 {peak['fp32'] / 1e9:,.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.1f} GFLOP/s")
+            lines.append(
+                f"| {label} | {ours[f'{kind}_flops_per_second'] / peak[dtype]:.1%} "
+                f"| {reference[f'{kind}_flops_per_second'] / peak[dtype]:.1%} | |"
+            )
+    header = (
+        f"{results['machine']}; torch {results['torch']}; {used}{', compiled' if results['compile'] else ''}; "
+        f"peak matrix product: fp32 {peak['fp32'] / 1e9:,.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.1f} GFLOP/s"
+    )
     return header + "\n\n" + "\n".join(lines)
 
 
@@ -299,24 +359,48 @@ def target_report(results: dict) -> str:
     ours = results["ours"]
     ratio = ours["training_images_per_second"] / results["reference"]["training_images_per_second"]
     ceiling = results["peak_flops_per_second"][results["precision"]] / ours["inference_flops_per_image"]
-    checks = [(f"training >= {CPU_TARGETS['training_ratio']:.1f}x the reference", f"{ratio:.2f}x", ratio >= CPU_TARGETS["training_ratio"]),
-              (f"batched inference >= {CPU_TARGETS['inference_images_per_second']} img/s",
-               f"{ours['inference_images_per_second']:,.0f} img/s (at 100 % of the {results['precision']} peak: {ceiling:,.0f})",
-               ours["inference_images_per_second"] >= CPU_TARGETS["inference_images_per_second"]),
-              (f"single-image latency p50 <= {CPU_TARGETS['latency_p50_ms']:.0f} ms", f"{ours['latency_p50_ms']:.2f} ms",
-               ours["latency_p50_ms"] <= CPU_TARGETS["latency_p50_ms"])]
+    checks = [
+        (
+            f"training >= {CPU_TARGETS['training_ratio']:.1f}x the reference",
+            f"{ratio:.2f}x",
+            ratio >= CPU_TARGETS["training_ratio"],
+        ),
+        (
+            f"batched inference >= {CPU_TARGETS['inference_images_per_second']} img/s",
+            f"{ours['inference_images_per_second']:,.0f} img/s "
+            f"(at 100 % of the {results['precision']} peak: {ceiling:,.0f})",
+            ours["inference_images_per_second"] >= CPU_TARGETS["inference_images_per_second"],
+        ),
+        (
+            f"single-image latency p50 <= {CPU_TARGETS['latency_p50_ms']:.0f} ms",
+            f"{ours['latency_p50_ms']:.2f} ms",
+            ours["latency_p50_ms"] <= CPU_TARGETS["latency_p50_ms"],
+        ),
+    ]
     return "\n".join(f"  {'met    ' if ok else 'not met'}  {name}: {value}" for name, value, ok in checks)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the model whose size (and weights) are measured")
-    p.add_argument("--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)")
+    p.add_argument(
+        "--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the model whose size (and weights) are measured"
+    )
+    p.add_argument(
+        "--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)"
+    )
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="bf16: autocast to bfloat16; auto: as training does, bf16 where it pays (CPUs with AVX512-BF16 or AMX)")
-    p.add_argument("--compile", action="store_true",
-                   help="time both models through torch.compile (training step, encoder and decoding step; a few minutes of compiling)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16: autocast to bfloat16; auto: as training does, bf16 where it pays (CPUs with AVX512-BF16 or AMX)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="time both models through torch.compile (training step, encoder and decoding step; "
+        "a few minutes of compiling)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per training step and per inference batch")
     p.add_argument("--seconds", type=float, default=6.0, help="time spent on each throughput measurement of each model")
     p.add_argument("--latency-runs", type=int, default=240, help="single images read for the latency percentiles")
@@ -343,21 +427,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     bf16 = use_bf16(args.precision, device)
     print(f"measuring the peak matrix product on {device} ...", file=sys.stderr)
-    peak = {name: peak_matmul_flops(dtype, device, seconds=min(1.0, args.seconds)) for name, dtype in
-            (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    results = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
-               "precision": "bf16" if bf16 else "fp32", "compile": args.compile, "batch_size": args.batch_size,
-               "peak_flops_per_second": {name: flops for name, (flops, _) in peak.items()},
-               "peak_matrix_size": {name: n for name, (_, n) in peak.items()}}
+    peak = {
+        name: peak_matmul_flops(dtype, device, seconds=min(1.0, args.seconds))
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
+    results = {
+        "machine": machine(device),
+        "device": str(device),
+        "torch": torch.__version__,
+        "precision": "bf16" if bf16 else "fp32",
+        "compile": args.compile,
+        "batch_size": args.batch_size,
+        "peak_flops_per_second": {name: flops for name, (flops, _) in peak.items()},
+        "peak_matrix_size": {name: n for name, (_, n) in peak.items()},
+    }
     print("preparing both models" + (" (compiling)" if args.compile else "") + " ...", file=sys.stderr)
-    workloads = {name: Workload(candidate, data, device=device, bf16=bf16, compiled=args.compile)
-                 for name, candidate in (("ours", model), ("reference", ReferenceTransformer.like(model)))}
+    workloads = {
+        name: Workload(candidate, data, device=device, bf16=bf16, compiled=args.compile)
+        for name, candidate in (("ours", model), ("reference", ReferenceTransformer.like(model)))
+    }
     print(f"timing them in turn, {args.rounds} rounds ...", file=sys.stderr)
     results.update(measure(workloads, rounds=args.rounds, seconds=args.seconds, latency_runs=args.latency_runs))
     print(report(results))
     agree = sum(a == b for a, b in zip(results["ours"]["readings"], results["reference"]["readings"]))
-    print(f"\nthe two models read {agree} of the {args.batch_size} images alike; "
-          f"{sum(a == b for a, b in zip(results['ours']['readings'], data[1]))} of ours are right")
+    print(
+        f"\nthe two models read {agree} of the {args.batch_size} images alike; "
+        f"{sum(a == b for a, b in zip(results['ours']['readings'], data[1]))} of ours are right"
+    )
     if device.type == "cpu":
         print("\ntargets (set for the 2-core development CPU):\n" + target_report(results))
     if args.json:

@@ -65,8 +65,10 @@ class SequenceAccuracy:
 
 def report_keys(keys: list[str] | set[str]) -> list[str]:
     """The keys of a SequenceAccuracy in reading order: all, then layouts, then lengths."""
-    layouts = sorted((k for k in keys if k != "all" and not k.startswith("len")),
-                     key=lambda k: (LAYOUTS.index(k) if k in LAYOUTS else len(LAYOUTS), k))
+    layouts = sorted(
+        (k for k in keys if k != "all" and not k.startswith("len")),
+        key=lambda k: (LAYOUTS.index(k) if k in LAYOUTS else len(LAYOUTS), k),
+    )
     lengths = sorted((k for k in keys if k.startswith("len")), key=lambda k: int(k[3:]))
     return ["all"] * ("all" in keys) + layouts + lengths
 
@@ -81,7 +83,9 @@ def align_digits(prediction: str, truth: str) -> list[tuple[str | None, str | No
     cost[:, 0], cost[0, :] = np.arange(n + 1), np.arange(m + 1)
     for i in range(1, n + 1):
         for j in range(1, m + 1):
-            cost[i, j] = min(cost[i - 1, j - 1] + (truth[i - 1] != prediction[j - 1]), cost[i - 1, j] + 1, cost[i, j - 1] + 1)
+            cost[i, j] = min(
+                cost[i - 1, j - 1] + (truth[i - 1] != prediction[j - 1]), cost[i - 1, j] + 1, cost[i, j - 1] + 1
+            )
     pairs: list[tuple[str | None, str | None]] = []
     i, j = n, m
     while i or j:
@@ -110,9 +114,13 @@ def confusion_matrix(predictions: list[str], labels: list[str]) -> np.ndarray:
 def digit_counts(matrix: np.ndarray) -> dict[str, int]:
     """Digit-level totals of a confusion matrix."""
     digits = matrix[:NONE, :NONE]
-    return {"true_digits": int(matrix[:NONE].sum()), "correct": int(np.trace(digits)),
-            "substitutions": int(digits.sum() - np.trace(digits)), "missed": int(matrix[:NONE, NONE].sum()),
-            "extra": int(matrix[NONE, :NONE].sum())}
+    return {
+        "true_digits": int(matrix[:NONE].sum()),
+        "correct": int(np.trace(digits)),
+        "substitutions": int(digits.sum() - np.trace(digits)),
+        "missed": int(matrix[:NONE, NONE].sum()),
+        "extra": int(matrix[NONE, :NONE].sum()),
+    }
 
 
 def most_confused(matrix: np.ndarray) -> tuple[str, str, int] | None:
@@ -153,11 +161,20 @@ def confusion_matrix_image(matrix: np.ndarray, title: str, cell: int = 44) -> Im
         x, y = left + col * cell, top + row * cell
         draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=colour, outline=(225, 225, 225))
         if count:
-            draw.text((x + cell // 2, y + cell // 2), str(count), fill="white" if share > 0.6 else "black", font=small, anchor="mm")
+            draw.text(
+                (x + cell // 2, y + cell // 2),
+                str(count),
+                fill="white" if share > 0.6 else "black",
+                font=small,
+                anchor="mm",
+            )
     edge = top + NONE * cell  # set the "none" row and column apart from the digits
     draw.line((left, edge, left + size * cell, edge), fill="black")
     draw.line((left + NONE * cell, top, left + NONE * cell, top + size * cell), fill="black")
-    legend = "blue: correct digits, red: errors (each on its own scale)\nnone column: a missed digit, none row: an extra digit"
+    legend = (
+        "blue: correct digits, red: errors (each on its own scale)\n"
+        "none column: a missed digit, none row: an extra digit"
+    )
     draw.multiline_text((left, top + size * cell + 8), legend, fill=(90, 90, 90), font=small, spacing=4)
     return image
 
@@ -184,13 +201,17 @@ def failure_gallery(
     "truth -> reading confidence"; with no misreadings, a picture that says so."""
     wrong = sum(p != t for p, t in zip(predictions, labels))
     if not wrong:
-        return _with_title(Image.new("RGB", (400, 1), "white"), f"{title}: no failures, all {len(labels)} images read exactly")
+        return _with_title(
+            Image.new("RGB", (400, 1), "white"), f"{title}: no failures, all {len(labels)} images read exactly"
+        )
     worst = worst_failures(predictions, labels, confidences, limit)
     captions = [f"{labels[i] or '-'} {IMAGE_ARROW} {predictions[i] or '-'}  {confidences[i]:.0%}" for i in worst]
     sheet = preview_sheet([np.asarray(images[i]) for i in worst], captions)
     shown = f"the {len(worst)} most confident" if len(worst) < wrong else "all"
-    return _with_title(sheet, f"{title}: {wrong} of {len(labels)} images misread; {shown} shown, "
-                              f"truth {IMAGE_ARROW} reading, confidence")
+    return _with_title(
+        sheet,
+        f"{title}: {wrong} of {len(labels)} images misread; {shown} shown, truth {IMAGE_ARROW} reading, confidence",
+    )
 
 
 def read_images(
@@ -241,16 +262,13 @@ def evaluate_folder(
         raise ValueError(f"{folder} holds no images")
     longest = max(len(r["label"]) for r in records)
     if longest > max_digits:
-        raise ValueError(f"{folder} has labels of up to {longest} digits, more than the model's max_digits {max_digits}")
+        raise ValueError(
+            f"{folder} has labels of up to {longest} digits, more than the model's max_digits {max_digits}"
+        )
     labels, layouts = [r["label"] for r in records], [r["layout"] for r in records]
-    predictions, confidences, seconds = read_images(model, images, beam_size=beam_size, batch_size=batch_size, desc=folder.name)
-
-    accuracy = SequenceAccuracy()
-    accuracy.update(predictions, labels, layouts)
-    matrix = confusion_matrix(predictions, labels)
-    confused = most_confused(matrix)
-    keys = report_keys(accuracy.total)
-    exact, order_free = accuracy.compute(), accuracy.compute(order_free=True)
+    predictions, confidences, seconds = read_images(
+        model, images, beam_size=beam_size, batch_size=batch_size, desc=folder.name
+    )
     report = {
         "checkpoint": str(checkpoint),
         "dataset": str(folder),
@@ -259,6 +277,33 @@ def evaluate_folder(
         "decoding": "greedy" if beam_size == 1 else f"beam {beam_size}",
         "device": str(next(model.parameters()).device),
         "images_per_second": len(records) / seconds,
+        **score(predictions, labels, layouts),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "report.md").write_text(report_markdown(report))
+    confused = report["most_confused"]
+    confused_text = (
+        f"most confused: {confused['true']}{IMAGE_ARROW}{confused['read']} ({confused['count']})"
+        if confused
+        else "no digit read as another"
+    )
+    matrix = np.array(report["confusion_matrix"]["rows_true_columns_read"])
+    confusion_matrix_image(matrix, f"{folder.name}: {confused_text}").save(out_dir / "confusion_matrix.png")
+    gallery = failure_gallery(images, predictions, labels, confidences, limit=gallery_size, title=folder.name)
+    gallery.save(out_dir / "failures.png")
+    return report
+
+
+def score(predictions: list[str], labels: list[str], layouts: list[str]) -> dict:
+    """The report's numbers: exact and order-free accuracy per subset, digit counts, confusions."""
+    accuracy = SequenceAccuracy()
+    accuracy.update(predictions, labels, layouts)
+    matrix = confusion_matrix(predictions, labels)
+    confused = most_confused(matrix)
+    keys = report_keys(accuracy.total)
+    exact, order_free = accuracy.compute(), accuracy.compute(order_free=True)
+    return {
         "count": {key: accuracy.total[key] for key in keys},
         "exact_accuracy": {key: exact[key] for key in keys},
         "order_free_accuracy": {key: order_free[key] for key in keys},
@@ -266,13 +311,6 @@ def evaluate_folder(
         "most_confused": dict(zip(("true", "read", "count"), confused)) if confused else None,
         "confusion_matrix": {"labels": MATRIX_LABELS, "rows_true_columns_read": matrix.tolist()},
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(report_markdown(report))
-    confused_text = f"most confused: {confused[0]}{IMAGE_ARROW}{confused[1]} ({confused[2]})" if confused else "no digit read as another"
-    confusion_matrix_image(matrix, f"{folder.name}: {confused_text}").save(out_dir / "confusion_matrix.png")
-    failure_gallery(images, predictions, labels, confidences, limit=gallery_size, title=folder.name).save(out_dir / "failures.png")
-    return report
 
 
 def percent(value: float | None) -> str:
@@ -283,7 +321,10 @@ def accuracy_table(report: dict) -> str:
     """Markdown table: one row per subset (all, layouts, lengths), columns n, exact %, order-free %."""
     lines = ["| subset | n | exact % | order-free % |", "|---|---:|---:|---:|"]
     for key, n in report["count"].items():
-        lines.append(f"| {key} | {n} | {percent(report['exact_accuracy'][key])} | {percent(report['order_free_accuracy'][key])} |")
+        lines.append(
+            f"| {key} | {n} | {percent(report['exact_accuracy'][key])} "
+            f"| {percent(report['order_free_accuracy'][key])} |"
+        )
     return "\n".join(lines)
 
 
@@ -314,8 +355,10 @@ def summary_table(reports: dict[str, dict]) -> str:
     lines = ["| dataset | n | exact % | order-free % | scatter % | row % |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in reports.items():
         exact = r["exact_accuracy"]
-        lines.append(f"| {name} | {r['num_images']} | {percent(exact['all'])} | {percent(r['order_free_accuracy']['all'])} "
-                     f"| {percent(exact.get('scatter'))} | {percent(exact.get('row'))} |")
+        lines.append(
+            f"| {name} | {r['num_images']} | {percent(exact['all'])} | {percent(r['order_free_accuracy']['all'])} "
+            f"| {percent(exact.get('scatter'))} | {percent(exact.get('row'))} |"
+        )
     return "\n".join(lines)
 
 
@@ -337,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device: {error}")
     names = [Path(folder).resolve().name for folder in args.datasets]
     if len(set(names)) < len(names):
-        parser.error(f"dataset folders must have different names, their reports go to {args.out}/<name>: got {', '.join(args.datasets)}")
+        parser.error(
+            f"dataset folders must have different names, their reports go to {args.out}/<name>: "
+            f"got {', '.join(args.datasets)}"
+        )
     try:
         model = load_model(args.checkpoint, args.device)
     except CheckpointError as error:
@@ -348,14 +394,23 @@ def main(argv: list[str] | None = None) -> int:
     for folder, name in zip(args.datasets, names):
         out_dir = Path(args.out) / name
         try:
-            report = evaluate_folder(model, folder, out_dir, checkpoint=args.checkpoint, beam_size=args.beam_size,
-                                     batch_size=args.batch_size, gallery_size=args.gallery_size)
+            report = evaluate_folder(
+                model,
+                folder,
+                out_dir,
+                checkpoint=args.checkpoint,
+                beam_size=args.beam_size,
+                batch_size=args.batch_size,
+                gallery_size=args.gallery_size,
+            )
         except (FileNotFoundError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             continue
         reports[name] = report
-        print(f"\n{name}: {report['num_images']} images, {report['decoding']} decoding, "
-              f"{report['images_per_second']:.0f} images/s; report in {out_dir}/\n\n{accuracy_table(report)}")
+        print(
+            f"\n{name}: {report['num_images']} images, {report['decoding']} decoding, "
+            f"{report['images_per_second']:.0f} images/s; report in {out_dir}/\n\n{accuracy_table(report)}"
+        )
     if len(reports) > 1:
         print(f"\n{summary_table(reports)}")
     return 0 if len(reports) == len(args.datasets) else 1

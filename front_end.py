@@ -56,9 +56,15 @@ def drawing_pad(pen_width: int) -> Image.Image | None:
     if st.button("Clear the pad"):
         st.session_state.pad_version = st.session_state.get("pad_version", 0) + 1
     # A new key is a new, empty pad; the drawing's own toolbar also has undo, redo and reset.
-    result = st_canvas(stroke_width=pen_width, stroke_color="#000000", background_color="#ffffff",
-                       width=PAD_WIDTH, height=PAD_HEIGHT, return_image_data=True,
-                       key=f"pad-{st.session_state.get('pad_version', 0)}")
+    result = st_canvas(
+        stroke_width=pen_width,
+        stroke_color="#000000",
+        background_color="#ffffff",
+        width=PAD_WIDTH,
+        height=PAD_HEIGHT,
+        return_image_data=True,
+        key=f"pad-{st.session_state.get('pad_version', 0)}",
+    )
     data = result.image_data
     return None if data is None else Image.fromarray(data)
 
@@ -116,15 +122,24 @@ def show_reading(model: DigitSequenceTransformer, image: Image.Image, truth: str
     elapsed_ms = (time.perf_counter() - started) * 1000
     with right:
         if reading.digits:
-            st.markdown(f'<div class="digits-read" style="font-size: 5rem; font-weight: 700; letter-spacing: 0.3em">'
-                        f"{reading.digits}</div>", unsafe_allow_html=True)
+            st.markdown(
+                f'<div class="digits-read" style="font-size: 5rem; font-weight: 700; letter-spacing: 0.3em">'
+                f"{reading.digits}</div>",
+                unsafe_allow_html=True,
+            )
         else:
             st.warning("The model found no digits here.")
-        verdict = "" if truth is None else (" - right" if reading.digits == truth else f" - wrong, the truth is {truth or '(none)'}")
+        verdict = (
+            ""
+            if truth is None
+            else (" - right" if reading.digits == truth else f" - wrong, the truth is {truth or '(none)'}")
+        )
         st.caption(f"Whole reading {reading.confidence:.1%} sure{verdict}. Read in {elapsed_ms:.0f} ms.")
     if reading.digits:
         st.markdown("**Where the model looked for each digit** (decoder cross-attention, red)")
-        for column, digit, prob, attention in zip(st.columns(len(reading.digits)), reading.digits, reading.digit_probs, reading.attention):
+        for column, digit, prob, attention in zip(
+            st.columns(len(reading.digits)), reading.digits, reading.digit_probs, reading.attention
+        ):
             column.image(attention_overlay(canvas, attention), caption=f"{digit}: {prob:.1%} sure")
 
 

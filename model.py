@@ -87,7 +87,7 @@ def encode_labels(labels: list[str], max_digits: int) -> tuple[torch.Tensor, tor
 def tokens_to_string(tokens: list[int] | torch.Tensor) -> str:
     """Digits up to the first EOS (or PAD); a leading SOS is skipped."""
     out = []
-    for token in (tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens):
+    for token in tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens:
         if token in (EOS, PAD):
             break
         if token != SOS:
@@ -111,11 +111,17 @@ def patch_targets(boxes: torch.Tensor, labels: list[str], *, image_size: int, pa
     x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))  # (B, K, 1) each
     real = x1 > 0
     overlaps = real & (px0 < x1) & (px0 + patch_size > x0) & (py0 < y1) & (py0 + patch_size > y0)  # (B, K, N)
-    centre = ((y0 + y1) // 2).clamp(0, image_size - 1) // patch_size * grid + ((x0 + x1) // 2).clamp(0, image_size - 1) // patch_size
-    holds = real & (((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)) | (torch.arange(grid * grid, device=boxes.device) == centre))
+    centre = ((y0 + y1) // 2).clamp(0, image_size - 1) // patch_size * grid + ((x0 + x1) // 2).clamp(
+        0, image_size - 1
+    ) // patch_size
+    holds = real & (
+        ((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)) | (torch.arange(grid * grid, device=boxes.device) == centre)
+    )
     digits = torch.zeros((b, k), dtype=torch.long, device=boxes.device)
     for row, label in enumerate(labels):
-        assert len(label) == int(real[row].sum()), f"label {label!r} has {len(label)} digits but {int(real[row].sum())} boxes"
+        assert len(label) == int(real[row].sum()), (
+            f"label {label!r} has {len(label)} digits but {int(real[row].sum())} boxes"
+        )
         digits[row, : len(label)] = torch.tensor([int(ch) for ch in label], dtype=torch.long)
     targets = torch.where(overlaps.any(dim=1), IGNORE, NO_DIGIT)
     single = holds.sum(dim=1) == 1
@@ -123,7 +129,9 @@ def patch_targets(boxes: torch.Tensor, labels: list[str], *, image_size: int, pa
     return torch.where(single, owner, targets)
 
 
-def setting(default: object, help: str, low: float | None = None, high: float | None = None, choices: tuple = ()) -> object:
+def setting(
+    default: object, help: str, low: float | None = None, high: float | None = None, choices: tuple = ()
+) -> object:
     """A config field with its help text and its sane bounds (inclusive), checked by check_settings;
     the training script turns each field into a command-line flag."""
     return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
@@ -149,7 +157,9 @@ def check_settings(config: object) -> None:
         for number in numbers if kind not in (bool, str) else []:
             if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
                 raise ValueError(f"{f.name} must hold finite numbers, got {value!r}")
-            if not (meta.get("low") is None or number >= meta["low"]) or not (meta.get("high") is None or number <= meta["high"]):
+            if not (meta.get("low") is None or number >= meta["low"]) or not (
+                meta.get("high") is None or number <= meta["high"]
+            ):
                 raise ValueError(f"{f.name} must be between {meta['low']} and {meta['high']}, got {value!r}")
         if meta.get("choices") and value not in meta["choices"]:
             raise ValueError(f"{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
@@ -162,14 +172,21 @@ class ModelConfig:
 
     image_size: int = setting(96, "side of the square canvas in pixels (the composites' canvas size)", 16, 1024)
     patch_size: int = setting(12, "side of the square patches the encoder reads", 2, 64)
-    stem: str = setting("conv", "how patches become vectors: a small CNN, or a linear projection of the pixels",
-                        choices=STEMS)
-    stem_depth: int = setting(1, "conv stem: extra stride-1 3x3 convolutions at 1/4 resolution and on the patch grid",
-                              0, 8)
-    stem_width: int = setting(64, "conv stem: channels at 1/4 resolution (half that before, twice that on the patch grid)",
-                              2, 512)
-    stem_full_res: int = setting(8, "conv stem: channels of a stride-1 3x3 convolution at full resolution, before the "
-                                 "first stride (0: none)", 0, 256)
+    stem: str = setting(
+        "conv", "how patches become vectors: a small CNN, or a linear projection of the pixels", choices=STEMS
+    )
+    stem_depth: int = setting(
+        1, "conv stem: extra stride-1 3x3 convolutions at 1/4 resolution and on the patch grid", 0, 8
+    )
+    stem_width: int = setting(
+        64, "conv stem: channels at 1/4 resolution (half that before, twice that on the patch grid)", 2, 512
+    )
+    stem_full_res: int = setting(
+        8,
+        "conv stem: channels of a stride-1 3x3 convolution at full resolution, before the first stride (0: none)",
+        0,
+        256,
+    )
     d_model: int = setting(128, "width of every token vector", 8, 2048)
     n_heads: int = setting(4, "attention heads per layer", 1, 64)
     encoder_layers: int = setting(3, "encoder blocks", 1, 48)
@@ -177,8 +194,11 @@ class ModelConfig:
     ff_mult: int = setting(4, "feed-forward hidden width, in multiples of d_model", 1, 16)
     dropout: float = setting(0.0, "dropout rate (fresh composites every epoch already prevent memorising)", 0.0, 0.99)
     max_digits: int = setting(4, "the most digits the model reads in one image", 1, 32)
-    patch_head: bool = setting(True, "a linear classifier on the encoder output, which digit covers each patch (the "
-                               "auxiliary patch loss's; decoding never uses it)")
+    patch_head: bool = setting(
+        True,
+        "a linear classifier on the encoder output, which digit covers each patch (the "
+        "auxiliary patch loss's; decoding never uses it)",
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -193,8 +213,10 @@ class ModelConfig:
         if self.stem_width % 2:
             raise ValueError(f"stem_width must be an even number, got {self.stem_width}")
         if self.grid_size > MAX_GRID:  # attention costs grow with the square of the patch count
-            raise ValueError(f"{self.image_size // self.patch_size}x{self.image_size // self.patch_size} patches: at most "
-                             f"{MAX_GRID}x{MAX_GRID}, raise patch_size or lower image_size")
+            raise ValueError(
+                f"{self.image_size // self.patch_size}x{self.image_size // self.patch_size} patches: at most "
+                f"{MAX_GRID}x{MAX_GRID}, raise patch_size or lower image_size"
+            )
 
     @classmethod
     def from_dict(cls, settings: dict) -> ModelConfig:
@@ -238,7 +260,9 @@ class PatchEmbedding(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b, c, h, w = images.shape
         p = self.patch_size
-        assert c == 1 and h % p == 0 and w % p == 0, f"expected (B, 1, H, W) with H, W multiples of {p}, got {tuple(images.shape)}"
+        assert c == 1 and h % p == 0 and w % p == 0, (
+            f"expected (B, 1, H, W) with H, W multiples of {p}, got {tuple(images.shape)}"
+        )
         patches = images.reshape(b, h // p, p, w // p, p).permute(0, 1, 3, 2, 4).reshape(b, -1, p * p)
         return self.proj(patches) + self.position
 
@@ -258,14 +282,19 @@ class ConvPatchEmbedding(nn.Module):
     than a digit) to 47 px (a whole digit and its neighbours) for about 5 % more compute;
     docs/design.md has the measured differences."""
 
-    def __init__(self, *, image_size: int, patch_size: int, d_model: int, width: int = 32, depth: int = 0, full_res: int = 0):
+    def __init__(
+        self, *, image_size: int, patch_size: int, d_model: int, width: int = 32, depth: int = 0, full_res: int = 0
+    ):
         super().__init__()
         self.patch_size = patch_size
 
         def conv(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
             kernel = max(3, stride)
-            return [nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=(kernel - 1) // 2, bias=False),
-                    nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=(kernel - 1) // 2, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
 
         layers = (conv(1, full_res, 1) + conv(full_res, width // 2, 2)) if full_res else conv(1, width // 2, 2)
         layers += conv(width // 2, width, 2)
@@ -283,9 +312,11 @@ class ConvPatchEmbedding(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = images.shape
+        _, c, h, w = images.shape
         p = self.patch_size
-        assert c == 1 and h % p == 0 and w % p == 0, f"expected (B, 1, H, W) with H, W multiples of {p}, got {tuple(images.shape)}"
+        assert c == 1 and h % p == 0 and w % p == 0, (
+            f"expected (B, 1, H, W) with H, W multiples of {p}, got {tuple(images.shape)}"
+        )
         features = self.proj(self.convs(images.contiguous(memory_format=torch.channels_last)))  # (B, D, H / p, W / p)
         assert features.shape[-2:] == (h // p, w // p), f"stem produced a {tuple(features.shape[-2:])} grid"
         return features.flatten(2).transpose(1, 2) + self.position
@@ -339,7 +370,7 @@ class MultiHeadAttention(nn.Module):
         cache: KeyValueCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, t, d = x.shape
-        heads = lambda z: z.view(b, z.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)  # noqa: E731
+        heads = lambda z: z.view(b, z.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)
         q = heads(self.query(x))
         if cache is not None and cache.keys is not None and context is not None:
             k, v = cache.keys, cache.values  # cross-attention: the memory was projected at the first step
@@ -415,9 +446,13 @@ class DecoderBlock(nn.Module):
         # once matches decoding one token at a time. PAD tokens come after EOS, so no real
         # token ever attends to one and no padding mask is needed.
         self_cache, cross_cache = caches if caches is not None else (None, None)
-        y, self_attention = self.self_attn(self.norm_self(x), causal=True, return_attention=return_attention, cache=self_cache)
+        y, self_attention = self.self_attn(
+            self.norm_self(x), causal=True, return_attention=return_attention, cache=self_cache
+        )
         x = x + self.drop(y)
-        y, cross_attention = self.cross_attn(self.norm_cross(x), memory, return_attention=return_attention, cache=cross_cache)
+        y, cross_attention = self.cross_attn(
+            self.norm_cross(x), memory, return_attention=return_attention, cache=cross_cache
+        )
         x = x + self.drop(y)
         return x + self.ff(self.norm_ff(x)), self_attention, cross_attention
 
@@ -453,7 +488,9 @@ class DigitSequenceTransformer(nn.Module):
         block = dict(d_model=c.d_model, n_heads=c.n_heads, ff_mult=c.ff_mult, dropout=c.dropout)
         patches = dict(image_size=c.image_size, patch_size=c.patch_size, d_model=c.d_model)
         if c.stem == "conv":
-            self.patch_embed = ConvPatchEmbedding(**patches, width=c.stem_width, depth=c.stem_depth, full_res=c.stem_full_res)
+            self.patch_embed = ConvPatchEmbedding(
+                **patches, width=c.stem_width, depth=c.stem_depth, full_res=c.stem_full_res
+            )
         else:
             self.patch_embed = PatchEmbedding(**patches)
         self.encoder = nn.ModuleList(EncoderBlock(**block) for _ in range(c.encoder_layers))
@@ -485,7 +522,9 @@ class DigitSequenceTransformer(nn.Module):
     def encode(self, images: torch.Tensor, *, attention: dict | None = None) -> torch.Tensor:
         """(B, 1, H, W) images in [0, 1], white ink on black -> (B, N, D) memory."""
         c = self.config
-        assert images.shape[-2:] == (c.image_size, c.image_size), f"expected {c.image_size}x{c.image_size} images, got {tuple(images.shape)}"
+        assert images.shape[-2:] == (c.image_size, c.image_size), (
+            f"expected {c.image_size}x{c.image_size} images, got {tuple(images.shape)}"
+        )
         x = self.drop(self.patch_embed((images - PIXEL_MEAN) / PIXEL_STD))
         for i, block in enumerate(self.encoder):
             x, weights = block(x, return_attention=attention is not None)
@@ -494,7 +533,12 @@ class DigitSequenceTransformer(nn.Module):
         return self.encoder_norm(x)
 
     def decode(
-        self, memory: torch.Tensor, tokens: torch.Tensor, *, attention: dict | None = None, cache: DecoderCache | None = None
+        self,
+        memory: torch.Tensor,
+        tokens: torch.Tensor,
+        *,
+        attention: dict | None = None,
+        cache: DecoderCache | None = None,
     ) -> torch.Tensor:
         """(B, N, D) memory and (B, T) input tokens -> (B, T, VOCAB_SIZE) next-token logits.
         With a cache, tokens are the ones after those the cache holds (at inference, one)."""
@@ -572,7 +616,9 @@ class DigitSequenceTransformer(nn.Module):
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         cache = DecoderCache(self.config.decoder_layers)  # each step feeds only the token chosen last
         for step in range(max_digits + 1):
-            log_probs = self._next_token_log_probs(self.decode(memory, tokens[:, -1:], cache=cache)[:, -1], step, max_digits)
+            log_probs = self._next_token_log_probs(
+                self.decode(memory, tokens[:, -1:], cache=cache)[:, -1], step, max_digits
+            )
             best_log_prob, next_token = log_probs.max(dim=-1)
             next_token = next_token.masked_fill(finished, PAD)
             best_prob = best_log_prob.exp().masked_fill(finished, 1.0)
@@ -600,7 +646,9 @@ class DigitSequenceTransformer(nn.Module):
         finished = torch.zeros(b * k, dtype=torch.bool, device=device)
         cache = DecoderCache(self.config.decoder_layers)
         for step in range(max_digits + 1):
-            log_probs = self._next_token_log_probs(self.decode(memory, tokens[:, -1:], cache=cache)[:, -1], step, max_digits)
+            log_probs = self._next_token_log_probs(
+                self.decode(memory, tokens[:, -1:], cache=cache)[:, -1], step, max_digits
+            )
             # A finished beam can only be extended by PAD, at no cost, so it keeps its score.
             log_probs[finished] = float("-inf")
             log_probs[finished, PAD] = 0.0
@@ -621,7 +669,9 @@ class DigitSequenceTransformer(nn.Module):
 
 def sequence_losses(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
     """(B, T, V) logits, (B, T) targets -> (B,) summed token cross-entropy per sequence (PAD ignored)."""
-    losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=PAD, reduction="none", label_smoothing=label_smoothing)
+    losses = F.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=PAD, reduction="none", label_smoothing=label_smoothing
+    )
     return losses.sum(dim=1)
 
 
@@ -651,24 +701,38 @@ class TrainingLoss(nn.Module):
     through its wrapped module's forward, and torch.compile compiles a forward, so both wrap
     this rather than the model (whose encode and decode are called separately)."""
 
-    def __init__(self, model: DigitSequenceTransformer, *, label_smoothing: float, patch_loss_weight: float, order_free: bool):
+    def __init__(
+        self, model: DigitSequenceTransformer, *, label_smoothing: float, patch_loss_weight: float, order_free: bool
+    ):
         super().__init__()
         self.model = model
         self.label_smoothing, self.patch_loss_weight, self.order_free = label_smoothing, patch_loss_weight, order_free
 
-    def forward(self, pixels: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, patch_classes: torch.Tensor | None,
-                labels: list[str] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        patch_classes: torch.Tensor | None,
+        labels: list[str] | None = None,
+    ) -> torch.Tensor:
         """The loss of one batch; labels (the digit strings) only for the order-free loss."""
         memory = self.model.encode(pixels)
         if self.order_free:
             loss = order_free_loss(self.model, memory, labels, label_smoothing=self.label_smoothing)
         else:
-            loss = F.cross_entropy(self.model.decode(memory, inputs).flatten(0, 1), targets.flatten(), ignore_index=PAD,
-                                   label_smoothing=self.label_smoothing)
+            loss = F.cross_entropy(
+                self.model.decode(memory, inputs).flatten(0, 1),
+                targets.flatten(),
+                ignore_index=PAD,
+                label_smoothing=self.label_smoothing,
+            )
         if self.patch_loss_weight > 0:
             # Every patch vector is told which digit it lies on: a dense recognition signal
             # beside the decoder's three or so tokens per image.
-            loss = loss + self.patch_loss_weight * F.cross_entropy(self.model.patch_head(memory).flatten(0, 1), patch_classes.flatten())
+            loss = loss + self.patch_loss_weight * F.cross_entropy(
+                self.model.patch_head(memory).flatten(0, 1), patch_classes.flatten()
+            )
         return loss
 
 
@@ -754,16 +818,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     built; CheckpointError, with a one-line reason, for a file that is missing or not ours."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: train one with `uv run python train_encoder_decoder.py` "
-                              "(it writes runs/default/model.pt) or pass --checkpoint PATH")
+        raise CheckpointError(
+            f"no checkpoint at {path}: train one with `uv run python train_encoder_decoder.py` "
+            "(it writes runs/default/model.pt) or pass --checkpoint PATH"
+        )
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # not a zip, a truncated file, a pickle needing code: all mean "not ours"
         raise CheckpointError(f"{path} is not a digit-sequence checkpoint ({type(error).__name__}: {error})") from error
     version = checkpoint.get("checkpoint_version") if isinstance(checkpoint, dict) else None
     if version != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} is not a digit-sequence checkpoint of version {CHECKPOINT_VERSION} (it has "
-                              f"{'no version' if version is None else f'version {version}'}): retrain it with this code")
+        raise CheckpointError(
+            f"{path} is not a digit-sequence checkpoint of version {CHECKPOINT_VERSION} (it has "
+            f"{'no version' if version is None else f'version {version}'}): retrain it with this code"
+        )
     try:
         checkpoint["model_config"] = ModelConfig.from_dict(checkpoint["model_config"])
     except (KeyError, TypeError, ValueError) as error:
@@ -779,5 +847,7 @@ def load_model(path: str | Path, device: str | torch.device = "auto") -> DigitSe
     try:
         model.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError) as error:  # missing, extra or misshapen weights
-        raise CheckpointError(f"{path}: the weights do not fit its model_config ({str(error).splitlines()[0]})") from error
+        raise CheckpointError(
+            f"{path}: the weights do not fit its model_config ({str(error).splitlines()[0]})"
+        ) from error
     return model.to(device).eval()

@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 # TORCHVISION_NOTE: torchvision is imported inside the functions that use it. Importing it takes
-# ~10 s on a 2-core machine (it pulls in torch._dynamo), which every --help, every refused
+# seconds (it pulls in torch._dynamo), which every --help, every refused
 # argument and every script that only reads dataset folders would otherwise pay. Python caches
 # the module after the first import, so composing pays it once per process.
 DIGIT_SIZE = 28  # MNIST digits are 28x28
@@ -82,7 +82,9 @@ def load_mnist(root: str | Path, *, train: bool) -> tuple[np.ndarray, np.ndarray
     return mnist.data.numpy(), mnist.targets.numpy().astype(np.int64)
 
 
-def augment_digit(digit: np.ndarray, rng: np.random.Generator, strength: float = 1.0, stroke: int | None = None) -> np.ndarray:
+def augment_digit(
+    digit: np.ndarray, rng: np.random.Generator, strength: float = 1.0, stroke: int | None = None
+) -> np.ndarray:
     """Small random rotation, shear and scale, then thinner or thicker strokes.
 
     strength scales every range (0 turns augmentation off); 1.0 gives rotations up to
@@ -103,8 +105,16 @@ def augment_digit(digit: np.ndarray, rng: np.random.Generator, strength: float =
             p_change = 0.2 * min(strength, 2.5)
             stroke = int(rng.choice([-1, 0, 1], p=[p_change, 1 - 2 * p_change, p_change]))
         # On a PIL image: three times faster than on a tensor, and training composes every digit afresh.
-        digit = np.asarray(TF.affine(Image.fromarray(digit), angle=angle, translate=[0, 0], scale=scale,
-                                     shear=[shear, 0.0], interpolation=TF.InterpolationMode.BILINEAR))
+        digit = np.asarray(
+            TF.affine(
+                Image.fromarray(digit),
+                angle=angle,
+                translate=[0, 0],
+                scale=scale,
+                shear=[shear, 0.0],
+                interpolation=TF.InterpolationMode.BILINEAR,
+            )
+        )
     image = torch.from_numpy(digit.astype(np.float32))[None]
     if stroke:
         changed = change_stroke_width(image, stroke)
@@ -155,12 +165,20 @@ def degrade_like_a_scan(image: np.ndarray, rng: np.random.Generator) -> np.ndarr
     import torchvision.transforms.v2.functional as TF  # see TORCHVISION_NOTE
 
     sigma = rng.uniform(0.5, 1.2)
-    blurred = TF.gaussian_blur(torch.from_numpy(image)[None].float(), kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
+    blurred = TF.gaussian_blur(
+        torch.from_numpy(image)[None].float(), kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma
+    )
     background = rng.uniform(0, 60)
-    ink = rng.uniform(max(120, background + 100), 255)  # less contrast than 100 levels makes blurred thin digits unreadable
-    scanned = background + blurred[0].numpy() * ((ink - background) / 255) + rng.normal(0, rng.uniform(2, 8), image.shape)
+    ink = rng.uniform(
+        max(120, background + 100), 255
+    )  # less contrast than 100 levels makes blurred thin digits unreadable
+    scanned = (
+        background + blurred[0].numpy() * ((ink - background) / 255) + rng.normal(0, rng.uniform(2, 8), image.shape)
+    )
     jpeg = io.BytesIO()
-    Image.fromarray(np.clip(scanned.round(), 0, 255).astype(np.uint8)).save(jpeg, format="JPEG", quality=int(rng.integers(30, 71)))
+    Image.fromarray(np.clip(scanned.round(), 0, 255).astype(np.uint8)).save(
+        jpeg, format="JPEG", quality=int(rng.integers(30, 71))
+    )
     return np.array(Image.open(jpeg))
 
 
@@ -169,7 +187,9 @@ class Composite:
     image: np.ndarray  # (canvas, canvas) uint8, white on black
     label: str  # the digits in reading order, "" for a blank canvas
     layout: str  # "scatter" or "row"
-    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # (x0, y0, x1, y1) ink box per digit, label order
+    boxes: list[tuple[int, int, int, int]] = field(
+        default_factory=list
+    )  # (x0, y0, x1, y1) ink box per digit, label order
     sources: list[int] = field(default_factory=list)  # index of each digit in the MNIST split, label order
 
 
@@ -182,7 +202,9 @@ def scatter_capacity(canvas_size: int, min_center_gap: int, digit_size: int) -> 
         return 0
     free, cell = canvas_size - digit_size, digit_size + DIGIT_SPACING
     one_row = free // max(min_center_gap + 1, cell) + 1
-    two_rows = free // max(min_center_gap + 1, math.ceil(cell / 2)) + 1 if canvas_size >= 2 * digit_size + DIGIT_SPACING else 0
+    two_rows = (
+        free // max(min_center_gap + 1, math.ceil(cell / 2)) + 1 if canvas_size >= 2 * digit_size + DIGIT_SPACING else 0
+    )
     return max(one_row, two_rows)
 
 
@@ -238,7 +260,10 @@ def compose_scatter(
         corners = []
         for h, w in sizes:
             for _ in range(max_tries):
-                x, y = random_offset(rng, canvas_size - w, 0, hug_borders), random_offset(rng, canvas_size - h, 0, hug_borders)
+                x, y = (
+                    random_offset(rng, canvas_size - w, 0, hug_borders),
+                    random_offset(rng, canvas_size - h, 0, hug_borders),
+                )
                 clear = all(
                     abs(2 * x + w - 2 * px - pw) >= 2 * min_center_gap
                     and (x + w + space <= px or px + pw + space <= x or y + h + space <= py or py + ph + space <= y)
@@ -252,28 +277,38 @@ def compose_scatter(
         if len(corners) == n:
             break
     else:
-        # Crowded canvases can defeat rejection sampling: fall back to cells of the largest digit
-        # size in one row, or in two staggered rows where same-row neighbours are two pitches
-        # apart (always feasible within scatter_capacity), at a random offset. Each digit is
-        # centred across its cell, so centres keep the pitch, less half a pixel of rounding.
-        free, cell = canvas_size - high, high + space
-        pitch = max(min_center_gap + 1, cell)
-        if (n - 1) * pitch <= free:
-            top = int(rng.integers(0, free + 1))
-            rows = [top, top]
-        else:
-            pitch = max(min_center_gap + 1, math.ceil(cell / 2))
-            top = int(rng.integers(0, free - cell + 1))
-            rows = [top, top + cell]
-        x0 = int(rng.integers(0, free - (n - 1) * pitch + 1))
-        corners = [(x0 + i * pitch + (high - w) // 2, rows[i % 2] + int(rng.integers(0, high - h + 1)))
-                   for i, (h, w) in enumerate(sizes)]
+        corners = fallback_corners(sizes, rng, canvas_size, min_center_gap, high)
     canvas = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
     for crop, (h, w), (x, y) in zip(crops, sizes, corners):
         np.maximum(canvas[y : y + h, x : x + w], resize(crop, h, w), out=canvas[y : y + h, x : x + w])
     order = sorted(range(n), key=lambda i: 2 * corners[i][0] + sizes[i][1])  # by centre
     boxes = [(corners[i][0], corners[i][1], corners[i][0] + sizes[i][1], corners[i][1] + sizes[i][0]) for i in order]
     return canvas, boxes, order
+
+
+def fallback_corners(
+    sizes: list[tuple[int, int]], rng: np.random.Generator, canvas_size: int, min_center_gap: int, high: int
+) -> list[tuple[int, int]]:
+    """Top-left corners for digits of the given (height, width) sizes when random placement fails
+    (crowded canvases can defeat rejection sampling): cells of the largest digit size in one row,
+    or in two staggered rows where same-row neighbours are two pitches apart (always feasible
+    within scatter_capacity), at a random offset. Each digit is centred across its cell, so
+    centres keep the pitch, less half a pixel of rounding."""
+    n = len(sizes)
+    free, cell = canvas_size - high, high + DIGIT_SPACING
+    pitch = max(min_center_gap + 1, cell)
+    if (n - 1) * pitch <= free:
+        top = int(rng.integers(0, free + 1))
+        rows = [top, top]
+    else:
+        pitch = max(min_center_gap + 1, math.ceil(cell / 2))
+        top = int(rng.integers(0, free - cell + 1))
+        rows = [top, top + cell]
+    x0 = int(rng.integers(0, free - (n - 1) * pitch + 1))
+    return [
+        (x0 + i * pitch + (high - w) // 2, rows[i % 2] + int(rng.integers(0, high - h + 1)))
+        for i, (h, w) in enumerate(sizes)
+    ]
 
 
 def tilt_row(
@@ -290,7 +325,9 @@ def tilt_row(
     turned_patches, turned_corners = [], []
     for patch, (x, y) in zip(patches, corners):
         dx, dy = x + patch.shape[1] / 2 - cx, y + patch.shape[0] / 2 - cy
-        turned = TF.rotate(torch.from_numpy(patch)[None], angle, interpolation=TF.InterpolationMode.BILINEAR, expand=True)[0].numpy()
+        turned = TF.rotate(
+            torch.from_numpy(patch)[None], angle, interpolation=TF.InterpolationMode.BILINEAR, expand=True
+        )[0].numpy()
         x0, y0, x1, y1 = ink_box(turned, threshold=0)
         # Counter-clockwise on screen, where y points down.
         new_x, new_y = cx + dx * cos + dy * sin - turned.shape[1] / 2, cy - dx * sin + dy * cos - turned.shape[0] / 2
@@ -332,7 +369,7 @@ def compose_row(
         shrinking = widths if max(widths) > MIN_DIGIT_WIDTH else spaces
         shrinking[int(np.argmax(shrinking))] -= 1
     patches, corners, x = [], [], 0
-    for crop, h, w, space in zip(crops, heights, widths, spaces + [0]):
+    for crop, h, w, space in zip(crops, heights, widths, [*spaces, 0]):
         patches.append(resize(crop, h, w))
         corners.append((x, round(-h / 2 + rng.uniform(-ROW_JITTER, ROW_JITTER))))  # about a centre line at y = 0
         x += w + space
@@ -356,8 +393,10 @@ def compose_row(
 def check_length_weights(weights: list[float] | tuple[float, ...], max_digits: int) -> None:
     """Raise ValueError unless weights can be the relative frequencies of 0, 1, ..., max_digits digits."""
     if len(weights) != max_digits + 1 or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"length_weights must be {max_digits + 1} non-negative numbers (for 0 to {max_digits} digits) "
-                         f"with a positive sum, got {list(weights)}")
+        raise ValueError(
+            f"length_weights must be {max_digits + 1} non-negative numbers (for 0 to {max_digits} digits) "
+            f"with a positive sum, got {list(weights)}"
+        )
 
 
 class MultiDigitComposer:
@@ -390,51 +429,79 @@ class MultiDigitComposer:
         row_tilt: float = 0.0,
         scan_degradation: bool = False,
     ):
-        if images.ndim != 3 or images.shape[1:] != (DIGIT_SIZE, DIGIT_SIZE) or images.dtype != np.uint8:
-            raise ValueError(f"expected MNIST digits as (N, 28, 28) uint8, got {images.shape} {images.dtype}")
-        if len(images) != len(labels) or len(images) == 0:
-            raise ValueError(f"need a non-empty pool with one label per digit, got {len(images)} images and {len(labels)} labels")
-        if canvas_size < DIGIT_SIZE:
-            raise ValueError(f"canvas_size must be at least {DIGIT_SIZE}, got {canvas_size}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if not 0 <= min_digits <= max_digits:
-            raise ValueError(f"need 0 <= min_digits <= max_digits, got {min_digits} and {max_digits}")
-        if length_weights is not None:
-            check_length_weights(length_weights, max_digits)
-            if any(length_weights[:min_digits]):
-                raise ValueError(f"length_weights {list(length_weights)} give weight to fewer than min_digits {min_digits} digits")
-        if min_center_gap < 1:
-            raise ValueError(f"min_center_gap must be at least 1 pixel, got {min_center_gap}")
-        if augment_strength < 0:
-            raise ValueError(f"augment_strength must be >= 0, got {augment_strength}")
-        tallest = canvas_size - 2 * ROW_JITTER - 3  # a row needs room for its jitter and a pixel margin
-        if len(digit_height) != 2 or not MIN_DIGIT_WIDTH <= digit_height[0] <= digit_height[1] <= tallest:
-            raise ValueError(f"digit_height must be (min, max) pixels with {MIN_DIGIT_WIDTH} <= min <= max <= {tallest} "
-                             f"on a {canvas_size}x{canvas_size} canvas, got {tuple(digit_height)}")
-        if stroke_width_change is not None and not -3 <= stroke_width_change <= 3:
-            raise ValueError(f"stroke_width_change must be None (random) or -3 to 3 pixels, got {stroke_width_change}")
-        if len(aspect_stretch) != 2 or not 0 < aspect_stretch[0] <= aspect_stretch[1]:
-            raise ValueError(f"aspect_stretch must be (min, max) factors with 0 < min <= max, got {tuple(aspect_stretch)}")
-        if not 0 <= row_tilt <= 20:  # steeper rows could swap the reading order of narrow digits
-            raise ValueError(f"row_tilt must be 0 to 20 degrees, got {row_tilt}")
-        fits = {"scatter": scatter_capacity(canvas_size, min_center_gap, digit_height[1]),
-                "row": row_capacity(canvas_size, digit_height[1], tilted=row_tilt > 0)}
-        for name in ("scatter", "row") if layout == "mixed" else (layout,):
-            if max_digits > fits[name]:
-                raise ValueError(
-                    f"{max_digits} digits do not fit on a {canvas_size}x{canvas_size} canvas in the {name} layout "
-                    f"(at most {fits[name]} with digits up to {digit_height[1]} px high"
-                    + (f" and a minimum centre gap of {min_center_gap} px" if name == "scatter" else "")
-                    + "): lower --max-digits or --digit-height, or raise --canvas-size"
-                )
         self.images, self.labels = images, labels
         self.canvas_size, self.min_digits, self.max_digits = canvas_size, min_digits, max_digits
+        self.length_weights, self.layout, self.augment_strength = length_weights, layout, augment_strength
+        self.min_center_gap, self.digit_height, self.stroke_width_change = (
+            min_center_gap,
+            digit_height,
+            stroke_width_change,
+        )
+        self.aspect_stretch, self.hug_borders = aspect_stretch, hug_borders
+        self.row_tilt, self.scan_degradation = row_tilt, scan_degradation
+        self.check()  # before any work
         self.length_weights = None if length_weights is None else [float(w) for w in length_weights]
-        self.layout, self.augment_strength, self.min_center_gap = layout, augment_strength, min_center_gap
         self.digit_height = (int(digit_height[0]), int(digit_height[1]))
-        self.stroke_width_change, self.aspect_stretch = stroke_width_change, (float(aspect_stretch[0]), float(aspect_stretch[1]))
-        self.hug_borders, self.row_tilt, self.scan_degradation = hug_borders, row_tilt, scan_degradation
+        self.aspect_stretch = (float(aspect_stretch[0]), float(aspect_stretch[1]))
+
+    def check(self) -> None:
+        """Raise ValueError for a pool or settings that cannot make composites."""
+        if self.images.ndim != 3 or self.images.shape[1:] != (DIGIT_SIZE, DIGIT_SIZE) or self.images.dtype != np.uint8:
+            raise ValueError(f"expected MNIST digits as (N, 28, 28) uint8, got {self.images.shape} {self.images.dtype}")
+        if len(self.images) != len(self.labels) or len(self.images) == 0:
+            raise ValueError(
+                f"need a non-empty pool with one label per digit, got {len(self.images)} images "
+                f"and {len(self.labels)} labels"
+            )
+        if self.canvas_size < DIGIT_SIZE:
+            raise ValueError(f"canvas_size must be at least {DIGIT_SIZE}, got {self.canvas_size}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if not 0 <= self.min_digits <= self.max_digits:
+            raise ValueError(f"need 0 <= min_digits <= max_digits, got {self.min_digits} and {self.max_digits}")
+        if self.length_weights is not None:
+            check_length_weights(self.length_weights, self.max_digits)
+            if any(self.length_weights[: self.min_digits]):
+                raise ValueError(
+                    f"length_weights {list(self.length_weights)} give weight to fewer than "
+                    f"min_digits {self.min_digits} digits"
+                )
+        if self.min_center_gap < 1:
+            raise ValueError(f"min_center_gap must be at least 1 pixel, got {self.min_center_gap}")
+        if self.augment_strength < 0:
+            raise ValueError(f"augment_strength must be >= 0, got {self.augment_strength}")
+        tallest = self.canvas_size - 2 * ROW_JITTER - 3  # a row needs room for its jitter and a pixel margin
+        if (
+            len(self.digit_height) != 2
+            or not MIN_DIGIT_WIDTH <= self.digit_height[0] <= self.digit_height[1] <= tallest
+        ):
+            raise ValueError(
+                f"digit_height must be (min, max) pixels with {MIN_DIGIT_WIDTH} <= min <= max <= {tallest} "
+                f"on a {self.canvas_size}x{self.canvas_size} canvas, got {tuple(self.digit_height)}"
+            )
+        if self.stroke_width_change is not None and not -3 <= self.stroke_width_change <= 3:
+            raise ValueError(
+                f"stroke_width_change must be None (random) or -3 to 3 pixels, got {self.stroke_width_change}"
+            )
+        if len(self.aspect_stretch) != 2 or not 0 < self.aspect_stretch[0] <= self.aspect_stretch[1]:
+            raise ValueError(
+                f"aspect_stretch must be (min, max) factors with 0 < min <= max, got {tuple(self.aspect_stretch)}"
+            )
+        if not 0 <= self.row_tilt <= 20:  # steeper rows could swap the reading order of narrow digits
+            raise ValueError(f"row_tilt must be 0 to 20 degrees, got {self.row_tilt}")
+        fits = {
+            "scatter": scatter_capacity(self.canvas_size, self.min_center_gap, self.digit_height[1]),
+            "row": row_capacity(self.canvas_size, self.digit_height[1], tilted=self.row_tilt > 0),
+        }
+        for name in ("scatter", "row") if self.layout == "mixed" else (self.layout,):
+            if self.max_digits > fits[name]:
+                raise ValueError(
+                    f"{self.max_digits} digits do not fit on a {self.canvas_size}x{self.canvas_size} canvas "
+                    f"in the {name} layout "
+                    f"(at most {fits[name]} with digits up to {self.digit_height[1]} px high"
+                    + (f" and a minimum centre gap of {self.min_center_gap} px" if name == "scatter" else "")
+                    + "): lower --max-digits or --digit-height, or raise --canvas-size"
+                )
 
     def prepare_digit(self, digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The digit augmented, cut to its ink and, with aspect_stretch, stretched sideways."""
@@ -452,24 +519,37 @@ class MultiDigitComposer:
         picks = [int(i) for i in rng.integers(0, len(self.images), size=n)]
         crops = [self.prepare_digit(self.images[i], rng) for i in picks]
         if layout == "scatter":
-            canvas, boxes, order = compose_scatter(crops, rng, self.canvas_size, self.min_center_gap, self.digit_height,
-                                                   hug_borders=self.hug_borders)
+            canvas, boxes, order = compose_scatter(
+                crops, rng, self.canvas_size, self.min_center_gap, self.digit_height, hug_borders=self.hug_borders
+            )
             picks = [picks[i] for i in order]
         else:
-            canvas, boxes = compose_row(crops, rng, self.canvas_size, self.digit_height, tilt=self.row_tilt, hug_borders=self.hug_borders)
+            canvas, boxes = compose_row(
+                crops, rng, self.canvas_size, self.digit_height, tilt=self.row_tilt, hug_borders=self.hug_borders
+            )
         if self.scan_degradation:
             canvas = degrade_like_a_scan(canvas, rng)
         label = "".join(str(int(self.labels[i])) for i in picks)
         return Composite(image=canvas, label=label, layout=layout, boxes=boxes, sources=picks)
 
     def settings(self) -> dict:
-        """Everything that shapes the composites, JSON-ready: MultiDigitComposer(images, labels, **settings) rebuilds it."""
-        return dict(canvas_size=self.canvas_size, min_digits=self.min_digits, max_digits=self.max_digits,
-                    length_weights=self.length_weights,
-                    layout=self.layout, augment_strength=self.augment_strength, min_center_gap=self.min_center_gap,
-                    digit_height=list(self.digit_height), stroke_width_change=self.stroke_width_change,
-                    aspect_stretch=list(self.aspect_stretch), hug_borders=self.hug_borders, row_tilt=self.row_tilt,
-                    scan_degradation=self.scan_degradation)
+        """Everything that shapes the composites, JSON-ready: MultiDigitComposer(images, labels, **settings)
+        rebuilds it."""
+        return dict(
+            canvas_size=self.canvas_size,
+            min_digits=self.min_digits,
+            max_digits=self.max_digits,
+            length_weights=self.length_weights,
+            layout=self.layout,
+            augment_strength=self.augment_strength,
+            min_center_gap=self.min_center_gap,
+            digit_height=list(self.digit_height),
+            stroke_width_change=self.stroke_width_change,
+            aspect_stretch=list(self.aspect_stretch),
+            hug_borders=self.hug_borders,
+            row_tilt=self.row_tilt,
+            scan_degradation=self.scan_degradation,
+        )
 
 
 class FreshComposites(Dataset):
@@ -505,7 +585,9 @@ class MultiDigitFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, torch.Tensor]:
         record = self.records[index]
-        return dataset_item(np.array(self.images[index]), record["label"], record["layout"], record["boxes"], self.max_digits)
+        return dataset_item(
+            np.array(self.images[index]), record["label"], record["layout"], record["boxes"], self.max_digits
+        )
 
 
 def dataset_item(
@@ -520,7 +602,12 @@ def dataset_item(
 
 
 def generate(
-    composer: MultiDigitComposer, num_images: int, seed: int, *, pool_indices: np.ndarray | None = None, progress: bool = True
+    composer: MultiDigitComposer,
+    num_images: int,
+    seed: int,
+    *,
+    pool_indices: np.ndarray | None = None,
+    progress: bool = True,
 ) -> list[Composite]:
     """Image i is composed with default_rng([seed, i]). When the composer's digits are a subset
     of an MNIST split, pool_indices maps each pool position back to its MNIST index."""
@@ -563,7 +650,9 @@ def read_dataset(folder: str | Path) -> tuple[np.ndarray, list[dict], dict]:
     folder = Path(folder)
     missing = [name for name in ("images.npy", "labels.json", "metadata.json") if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} is not a dataset folder: missing {', '.join(missing)} (write one with multidigit_generator.py)")
+        raise FileNotFoundError(
+            f"{folder} is not a dataset folder: missing {', '.join(missing)} (write one with multidigit_generator.py)"
+        )
     images = np.load(folder / "images.npy", mmap_mode="r")
     records = json.loads((folder / "labels.json").read_text())
     metadata = json.loads((folder / "metadata.json").read_text())
@@ -585,7 +674,9 @@ def preview_sheet(images: list[np.ndarray], captions: list[str], columns: int = 
     for i, (image, caption) in enumerate(zip(images, captions)):
         x, y = (i % columns) * cell_w + 3, (i // columns) * cell_h + 3
         sheet.paste(Image.fromarray(image).resize((w * scale, h * scale), Image.NEAREST), (x, y))
-        draw.text((x + w * scale // 2, y + h * scale + caption_h // 2), caption or "-", fill="black", font=font, anchor="mm")
+        draw.text(
+            (x + w * scale // 2, y + h * scale + caption_h // 2), caption or "-", fill="black", font=font, anchor="mm"
+        )
     return sheet
 
 
@@ -599,31 +690,57 @@ def parse_weights(text: str) -> list[float]:
 
 def add_composer_arguments(parser: argparse.ArgumentParser) -> None:
     """The composition flags shared by this command and split_multidigit_dataset.py."""
-    parser.add_argument("--mnist-root", default=default_mnist_root(),
-                        help="folder holding MNIST/raw/ (default: $MNIST_ROOT or data); downloaded there if missing")
+    parser.add_argument(
+        "--mnist-root",
+        default=default_mnist_root(),
+        help="folder holding MNIST/raw/ (default: $MNIST_ROOT or data); downloaded there if missing",
+    )
     parser.add_argument("--canvas-size", type=int, default=96)
     parser.add_argument("--min-digits", type=int, default=0)
     parser.add_argument("--max-digits", type=int, default=4)
-    parser.add_argument("--length-weights", type=parse_weights, metavar="W0,W1,...",
-                        help="relative frequencies of 0, 1, ..., max-digits digits (default: min to max digits equally often)")
+    parser.add_argument(
+        "--length-weights",
+        type=parse_weights,
+        metavar="W0,W1,...",
+        help="relative frequencies of 0, 1, ..., max-digits digits (default: min to max digits equally often)",
+    )
     parser.add_argument("--layout", choices=LAYOUTS, default="mixed")
     parser.add_argument("--augment-strength", type=float, default=1.0, help="0 turns per-digit augmentation off")
-    parser.add_argument("--min-center-gap", type=int, default=12, help="scatter: least horizontal distance between digit centres")
-    parser.add_argument("--digit-height", type=int, nargs=2, metavar=("MIN", "MAX"), default=list(DIGIT_HEIGHT_RANGE),
-                        help="range of digit ink heights in pixels, both layouts (default: %(default)s)")
+    parser.add_argument(
+        "--min-center-gap", type=int, default=12, help="scatter: least horizontal distance between digit centres"
+    )
+    parser.add_argument(
+        "--digit-height",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=list(DIGIT_HEIGHT_RANGE),
+        help="range of digit ink heights in pixels, both layouts (default: %(default)s)",
+    )
 
 
 def composer_settings(args: argparse.Namespace) -> dict:
-    return dict(canvas_size=args.canvas_size, min_digits=args.min_digits, max_digits=args.max_digits,
-                length_weights=args.length_weights, layout=args.layout,
-                augment_strength=args.augment_strength, min_center_gap=args.min_center_gap, digit_height=args.digit_height)
+    return dict(
+        canvas_size=args.canvas_size,
+        min_digits=args.min_digits,
+        max_digits=args.max_digits,
+        length_weights=args.length_weights,
+        layout=args.layout,
+        augment_strength=args.augment_strength,
+        min_center_gap=args.min_center_gap,
+        digit_height=args.digit_height,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="dataset folder to write")
-    parser.add_argument("--split", choices=("train", "test"), default="train", help="which MNIST split the digits come from")
-    parser.add_argument("--digit-indices", help="JSON file with a list of MNIST indices to draw from (default: the whole split)")
+    parser.add_argument(
+        "--split", choices=("train", "test"), default="train", help="which MNIST split the digits come from"
+    )
+    parser.add_argument(
+        "--digit-indices", help="JSON file with a list of MNIST indices to draw from (default: the whole split)"
+    )
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     add_composer_arguments(parser)
@@ -637,7 +754,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.digit_indices:
             indices = np.asarray(json.loads(Path(args.digit_indices).read_text()), dtype=np.int64)
             if indices.ndim != 1 or len(indices) == 0 or indices.min() < 0 or indices.max() >= len(images):
-                raise ValueError(f"{args.digit_indices}: expected a non-empty list of indices into the {len(images)} MNIST {args.split} digits")
+                raise ValueError(
+                    f"{args.digit_indices}: expected a non-empty list of indices into the {len(images)} "
+                    f"MNIST {args.split} digits"
+                )
         composer = MultiDigitComposer(images[indices], labels[indices], **composer_settings(args))
     except (ValueError, OSError, MnistUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)

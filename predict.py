@@ -50,7 +50,9 @@ def open_image(path: str | Path | BinaryIO) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise ValueError(f"image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit")
+                    raise ValueError(
+                        f"image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit"
+                    )
                 image.load()
                 return ImageOps.exif_transpose(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # too big for Pillow itself
@@ -159,7 +161,9 @@ def read_canvases(
     todo = [i for i, r in enumerate(readings) if r is None]
     if not todo:
         return readings  # type: ignore[return-value]
-    decoded = model.read(torch.from_numpy(np.stack([canvases[i] for i in todo])), beam_size=beam_size, attention=attention)
+    decoded = model.read(
+        torch.from_numpy(np.stack([canvases[i] for i in todo])), beam_size=beam_size, attention=attention
+    )
     maps = None
     if attention:  # each patch's weight spread over its pixels
         maps = F.interpolate(decoded.attention, size=canvases[todo[0]].shape, mode="nearest").cpu().numpy()
@@ -202,39 +206,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    def report_error(path: Path, message: str) -> None:
-        if args.jsonl:
-            print(json.dumps({"path": str(path), "error": message}), flush=True)
-        print(f"{path}: error: {message}", file=sys.stderr)
-
     paths = expand_paths(args.images)
     if not paths:
         print("error: no image files found in " + ", ".join(args.images), file=sys.stderr)
         return 1
     failed = False
     for start in range(0, len(paths), args.batch_size):
-        batch = paths[start : start + args.batch_size]
-        canvases: dict[int, np.ndarray] = {}
-        errors: dict[int, str] = {}
-        for i, path in enumerate(batch):
-            try:
-                if not path.exists():
-                    raise ValueError("no such file")
-                canvases[i] = to_canvas(open_image(path), model.config.image_size)
-            except ValueError as error:
-                errors[i] = str(error)
-        readings = dict(zip(canvases, read_canvases(model, list(canvases.values()), beam_size=args.beam_size)))
-        for i, path in enumerate(batch):  # in the order given, errors included
-            if i in errors:
-                report_error(path, errors[i])
-                failed = True
-            elif args.jsonl:
-                r = readings[i]
-                print(json.dumps({"path": str(path), "digits": r.digits, "confidence": round(r.confidence, 6),
-                                  "digit_probs": [round(p, 6) for p in r.digit_probs]}))
-            else:
-                print(f"{path}\t{readings[i].digits}")
+        failed |= read_files(model, paths[start : start + args.batch_size], beam_size=args.beam_size, jsonl=args.jsonl)
     return 1 if failed else 0
+
+
+def read_files(model: DigitSequenceTransformer, paths: list[Path], *, beam_size: int, jsonl: bool) -> bool:
+    """Read a batch of image files and print a line for each, in the order given; True if any
+    file could not be read (its line is an error, on stderr too)."""
+    canvases: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    for i, path in enumerate(paths):
+        try:
+            if not path.exists():
+                raise ValueError("no such file")
+            canvases[i] = to_canvas(open_image(path), model.config.image_size)
+        except ValueError as error:
+            errors[i] = str(error)
+    readings = dict(zip(canvases, read_canvases(model, list(canvases.values()), beam_size=beam_size)))
+    for i, path in enumerate(paths):
+        if i in errors:
+            if jsonl:
+                print(json.dumps({"path": str(path), "error": errors[i]}), flush=True)
+            print(f"{path}: error: {errors[i]}", file=sys.stderr)
+        elif jsonl:
+            r = readings[i]
+            probs = [round(p, 6) for p in r.digit_probs]
+            print(
+                json.dumps(
+                    {"path": str(path), "digits": r.digits, "confidence": round(r.confidence, 6), "digit_probs": probs}
+                )
+            )
+        else:
+            print(f"{path}\t{readings[i].digits}")
+    return bool(errors)
 
 
 if __name__ == "__main__":

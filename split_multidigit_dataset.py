@@ -53,19 +53,30 @@ EVAL_COMPOSER = dict(augment_strength=0.0)
 # high, changes strokes by at most a pixel (thinner ones faded) and keeps rows level, a pixel
 # clear of the edges.
 STRESS_SETS: dict[str, tuple[dict, str]] = {
-    "augmented": (dict(augment_strength=1.0),
-                  "training's per-digit augmentation: rotation up to 12 degrees, shear up to 10, scale 0.9-1.1, "
-                  "one pixel thinner or thicker strokes on 40 % of digits"),
-    "thin": (dict(stroke_width_change=-1),
-             "every stroke 1 px thinner, as bright as the digit's ink (a 2 px erosion wipes out most MNIST strokes)"),
+    "augmented": (
+        dict(augment_strength=1.0),
+        "training's per-digit augmentation: rotation up to 12 degrees, shear up to 10, scale 0.9-1.1, "
+        "one pixel thinner or thicker strokes on 40 % of digits",
+    ),
+    "thin": (
+        dict(stroke_width_change=-1),
+        "every stroke 1 px thinner, as bright as the digit's ink (a 2 px erosion wipes out most MNIST strokes)",
+    ),
     "thick": (dict(stroke_width_change=2), "every stroke 2 px thicker"),
     **{f"height_{h}": (dict(digit_height=(h, h)), f"every digit {h} px high") for h in (14, 18, 28, 32)},
-    "anywhere": (dict(hug_borders=True, row_tilt=10.0),
-                 "digits against the canvas edges and in its corners; rows at any height, touching any edge, "
-                 "tilted by up to 10 degrees"),
-    "stretched": (dict(aspect_stretch=(0.75, 1.3)), "every digit's width times 0.75-1.3, other proportions than MNIST's writers"),
-    "scanner": (dict(scan_degradation=True),
-                "Gaussian blur, ink 120-255 on a background of 0-60 (at least 100 apart), noise, JPEG at quality 30-70"),
+    "anywhere": (
+        dict(hug_borders=True, row_tilt=10.0),
+        "digits against the canvas edges and in its corners; rows at any height, touching any edge, "
+        "tilted by up to 10 degrees",
+    ),
+    "stretched": (
+        dict(aspect_stretch=(0.75, 1.3)),
+        "every digit's width times 0.75-1.3, other proportions than MNIST's writers",
+    ),
+    "scanner": (
+        dict(scan_degradation=True),
+        "Gaussian blur, ink 120-255 on a background of 0-60 (at least 100 apart), noise, JPEG at quality 30-70",
+    ),
 }
 
 
@@ -108,9 +119,17 @@ def prepare_splits(
         split_composer = MultiDigitComposer(images[pool], labels[pool], **composer)
         # Different seeds per split, so val and test are not the same draws from different digits.
         composites = generate(split_composer, counts[split], seed + offset, pool_indices=pool)
-        write_dataset(data_dir / split, composites, dict(split_composer.settings(), seed=seed + offset, mnist_split=mnist_split))
-    record = dict(seed=seed, val_fraction=val_fraction, val_images=val_images, test_images=test_images,
-                  composer=split_composer.settings(), pools=pools)
+        write_dataset(
+            data_dir / split, composites, dict(split_composer.settings(), seed=seed + offset, mnist_split=mnist_split)
+        )
+    record = dict(
+        seed=seed,
+        val_fraction=val_fraction,
+        val_images=val_images,
+        test_images=test_images,
+        composer=split_composer.settings(),
+        pools=pools,
+    )
     (data_dir / SPLITS_FILE).write_text(json.dumps(record))
     return record
 
@@ -141,8 +160,13 @@ def prepare_stress_sets(
     for name, (_, description) in STRESS_SETS.items():
         stressed = MultiDigitComposer(images, labels, **settings[name])
         composites = generate(stressed, images_per_set, seed + STRESS_SEED_OFFSET)
-        metadata = dict(stressed.settings(), seed=seed + STRESS_SEED_OFFSET, mnist_split="test", stress=name,
-                        stress_description=description)
+        metadata = dict(
+            stressed.settings(),
+            seed=seed + STRESS_SEED_OFFSET,
+            mnist_split="test",
+            stress=name,
+            stress_description=description,
+        )
         folders[name] = write_dataset(Path(data_dir) / STRESS_DIR / name, composites, metadata)
     return folders
 
@@ -159,18 +183,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--val-images", type=int, default=2000)
     parser.add_argument("--test-images", type=int, default=10000)
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of MNIST training digits kept for validation")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of MNIST training digits kept for validation"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stress", action="store_true",
-                        help=f"write only the stress sets, to DATA_DIR/{STRESS_DIR}/<name>/ (MNIST test digits; no splitting)")
+    parser.add_argument(
+        "--stress",
+        action="store_true",
+        help=f"write only the stress sets, to DATA_DIR/{STRESS_DIR}/<name>/ (MNIST test digits; no splitting)",
+    )
     parser.add_argument("--stress-images", type=int, default=2000, help="images per stress set")
     add_composer_arguments(parser)
     parser.set_defaults(**EVAL_COMPOSER)  # evaluation sets show the digits as written (see the module docstring)
     args = parser.parse_args(argv)
     if args.stress:
         try:
-            folders = prepare_stress_sets(args.data_dir, mnist_root=args.mnist_root, images_per_set=args.stress_images,
-                                          seed=args.seed, composer=composer_settings(args))
+            folders = prepare_stress_sets(
+                args.data_dir,
+                mnist_root=args.mnist_root,
+                images_per_set=args.stress_images,
+                seed=args.seed,
+                composer=composer_settings(args),
+            )
         except (ValueError, OSError, MnistUnavailableError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -178,15 +212,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {folder} ({args.stress_images} images): {STRESS_SETS[name][1]}")
         return 0
     try:
-        record = prepare_splits(args.data_dir, mnist_root=args.mnist_root, val_images=args.val_images,
-                                test_images=args.test_images, val_fraction=args.val_fraction, seed=args.seed,
-                                composer=composer_settings(args))
+        record = prepare_splits(
+            args.data_dir,
+            mnist_root=args.mnist_root,
+            val_images=args.val_images,
+            test_images=args.test_images,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            composer=composer_settings(args),
+        )
     except (ValueError, OSError, MnistUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     pools = record["pools"]
-    print(f"digit pools: train {len(pools['train'])}, val {len(pools['val'])} (MNIST train), test {len(pools['test'])} (MNIST test)")
-    print(f"wrote {args.data_dir}/{SPLITS_FILE}, {args.data_dir}/val ({args.val_images} images), {args.data_dir}/test ({args.test_images} images)")
+    print(
+        f"digit pools: train {len(pools['train'])}, val {len(pools['val'])} (MNIST train), "
+        f"test {len(pools['test'])} (MNIST test)"
+    )
+    print(
+        f"wrote {args.data_dir}/{SPLITS_FILE}, {args.data_dir}/val ({args.val_images} images), "
+        f"{args.data_dir}/test ({args.test_images} images)"
+    )
     return 0
 
 

@@ -53,7 +53,9 @@ def draw(name: str, spec: dict, rng: random.Random) -> object:
     low, high = spec.get("min"), spec.get("max")
     if low is None or high is None:
         raise ValueError(f"sweep parameter {name!r} needs value, values, or min and max: {spec}")
-    distribution = spec.get("distribution", "int_uniform" if isinstance(low, int) and isinstance(high, int) else "uniform")
+    distribution = spec.get(
+        "distribution", "int_uniform" if isinstance(low, int) and isinstance(high, int) else "uniform"
+    )
     if distribution == "uniform":
         return rng.uniform(low, high)
     if distribution == "log_uniform_values":
@@ -63,8 +65,10 @@ def draw(name: str, spec: dict, rng: random.Random) -> object:
     if distribution == "q_uniform":
         q = spec.get("q", 1.0)
         return round(rng.uniform(low, high) / q) * q
-    raise ValueError(f"sweep parameter {name!r}: distribution {distribution!r} is not supported offline "
-                     "(uniform, log_uniform_values, int_uniform, q_uniform, or values)")
+    raise ValueError(
+        f"sweep parameter {name!r}: distribution {distribution!r} is not supported offline "
+        "(uniform, log_uniform_values, int_uniform, q_uniform, or values)"
+    )
 
 
 def sample_trials(sweep: dict, count: int | None, seed: int) -> list[dict]:

@@ -91,8 +91,12 @@ class TrainConfig:
 
     train_images: int = setting(20000, "fresh composites per epoch", 1, 10**8)
     length_weights: list[float] | None = setting(
-        None, "relative frequencies of 0, 1, ..., max-digits digits in training composites (None: 1,3,5,...: mostly "
-        "full canvases, so compute goes to digits rather than to blank paper)", 0, 1e6)
+        None,
+        "relative frequencies of 0, 1, ..., max-digits digits in training composites (None: 1,3,5,...: mostly "
+        "full canvases, so compute goes to digits rather than to blank paper)",
+        0,
+        1e6,
+    )
     augment_strength: float = setting(1.0, "per-digit rotation, shear, scale and stroke changes (0: none)", 0.0, 5.0)
     epochs: int = setting(11, "passes over --train-images fresh composites", 1, 100_000)
     batch_size: int = setting(64, "images per optimiser step, over all processes together", 1, 65536)
@@ -101,12 +105,24 @@ class TrainConfig:
     warmup_steps: int = setting(100, "steps of linear warm-up", 0, 10**7)
     weight_decay: float = setting(0.05, "AdamW weight decay of matrices and embeddings", 0.0, 10.0)
     label_smoothing: float = setting(0.0, "label smoothing of the token loss", 0.0, 0.99)
-    order_free: bool = setting(False, "score each image against its best ordering of the digits (the loss minimised "
-                               "over the label's permutations); the best checkpoint is then picked by order-free accuracy")
-    patch_loss_weight: float = setting(10.0, "weight of an auxiliary loss that classifies every encoder patch vector as "
-                                       "the digit it lies on, or none (0: off, and the model has no patch head)", 0.0, 1e4)
-    ema_decay: float = setting(0.999, "validate, test and ship an exponential moving average of the weights with this "
-                               "decay (0: the raw weights)", 0.0, 0.999999)
+    order_free: bool = setting(
+        False,
+        "score each image against its best ordering of the digits (the loss minimised "
+        "over the label's permutations); the best checkpoint is then picked by order-free accuracy",
+    )
+    patch_loss_weight: float = setting(
+        10.0,
+        "weight of an auxiliary loss that classifies every encoder patch vector as "
+        "the digit it lies on, or none (0: off, and the model has no patch head)",
+        0.0,
+        1e4,
+    )
+    ema_decay: float = setting(
+        0.999,
+        "validate, test and ship an exponential moving average of the weights with this decay (0: the raw weights)",
+        0.0,
+        0.999999,
+    )
     grad_clip: float = setting(1.0, "largest gradient norm (0: no clipping)", 0.0, 1e6)
     seed: int = setting(0, "seed of the model's initial weights and of every training composite", 0, 2**31 - 1)
 
@@ -128,8 +144,9 @@ def make_configs(settings: dict) -> tuple[ModelConfig, TrainConfig]:
     if unknown:
         raise ValueError(f"not settings of ModelConfig or TrainConfig: {', '.join(map(str, unknown))}")
     train_config = TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_SETTINGS})
-    model_config = ModelConfig(**{k: v for k, v in settings.items() if k in MODEL_SETTINGS},
-                               patch_head=train_config.patch_loss_weight > 0)
+    model_config = ModelConfig(
+        **{k: v for k, v in settings.items() if k in MODEL_SETTINGS}, patch_head=train_config.patch_loss_weight > 0
+    )
     check_composer_settings(**composer_settings(model_config, train_config))
     return model_config, train_config
 
@@ -142,8 +159,12 @@ def all_settings(model_config: ModelConfig, train_config: TrainConfig) -> dict:
 def composer_settings(model_config: ModelConfig, train_config: TrainConfig) -> dict:
     """How training composes its images (the evaluation sets' own settings are in splits.json)."""
     weights = train_config.length_weights or [2.0 * n + 1 for n in range(model_config.max_digits + 1)]
-    return dict(canvas_size=model_config.image_size, max_digits=model_config.max_digits, length_weights=weights,
-                augment_strength=train_config.augment_strength)
+    return dict(
+        canvas_size=model_config.image_size,
+        max_digits=model_config.max_digits,
+        length_weights=weights,
+        augment_strength=train_config.augment_strength,
+    )
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, config_class: type, title: str) -> None:
@@ -171,35 +192,79 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(p, ModelConfig, "model settings (ModelConfig in model.py)")
     add_settings_flags(p, TrainConfig, "training settings (TrainConfig)")
     run = p.add_argument_group("run options")
-    run.add_argument("--config", metavar="FILE", help="JSON object of settings, as OUT_DIR/config.json and a sweep's "
-                     'best_config.json hold ({"lr": 0.002, "d_model": 96, ...}); flags given on the command line win')
-    run.add_argument("--run-type", choices=("train", "sweep"), default="train",
-                     help="sweep: train one trial after another with settings from sweep_config.py (online with a W&B "
-                          "login, else sampled here), print a summary and write the best settings to best_config.json")
-    run.add_argument("--count", type=int, help="sweep: number of trials (default: 8; a grid sweep: all its combinations)")
-    run.add_argument("--out-dir", help="last.pt, best.pt, config.json, test_metrics.json and model.pt go here "
-                     "(default: runs/default, or the folder of the checkpoint given to --resume)")
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON object of settings, as OUT_DIR/config.json and a sweep's "
+        'best_config.json hold ({"lr": 0.002, "d_model": 96, ...}); flags given on the command line win',
+    )
+    run.add_argument(
+        "--run-type",
+        choices=("train", "sweep"),
+        default="train",
+        help="sweep: train one trial after another with settings from sweep_config.py (online with a W&B "
+        "login, else sampled here), print a summary and write the best settings to best_config.json",
+    )
+    run.add_argument(
+        "--count", type=int, help="sweep: number of trials (default: 8; a grid sweep: all its combinations)"
+    )
+    run.add_argument(
+        "--out-dir",
+        help="last.pt, best.pt, config.json, test_metrics.json and model.pt go here "
+        "(default: runs/default, or the folder of the checkpoint given to --resume)",
+    )
     run.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this last.pt, with its settings")
-    run.add_argument("--max-steps", type=int, default=0, help="stop (and save last.pt) after this many steps, the "
-                     "schedule unchanged; 0: run all epochs")
-    run.add_argument("--data-dir", help="holds splits.json, val/ and test/; made on first use (default: data, or the "
-                     "resumed run's)")
-    run.add_argument("--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)")
-    run.add_argument("--num-workers", type=int,
-                     help="processes composing training images (default: none on a CPU, where a worker only "
-                          "competes with PyTorch's threads for the same cores; on a GPU, up to 8 per process)")
-    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ... "
-                     "(under torchrun, each process takes the GPU of its LOCAL_RANK)")
-    run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                     help="bf16: matrix products in bfloat16 under autocast (weights, optimiser and loss stay fp32); "
-                          "auto: bf16 where it was measured to pay (see model.use_bf16), fp32 elsewhere")
-    run.add_argument("--compile", action="store_true", help="train through torch.compile (a minute or so of compiling first)")
-    run.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
-                     help="auto: online when logged in to W&B, offline otherwise")
-    run.add_argument("--offline", dest="wandb", action="store_const", const="offline", help="the same as --wandb offline")
-    run.add_argument("--wandb-project", default="digit-sequence-transformer")
-    run.add_argument("--log-every", type=int, default=25, help="steps between training-loss logs")
+    run.add_argument(
+        "--max-steps",
+        type=int,
+        default=0,
+        help="stop (and save last.pt) after this many steps, the schedule unchanged; 0: run all epochs",
+    )
+    run.add_argument(
+        "--data-dir", help="holds splits.json, val/ and test/; made on first use (default: data, or the resumed run's)"
+    )
+    run.add_argument(
+        "--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)"
+    )
+    add_machine_and_logging_options(p)
     return p
+
+
+def add_machine_and_logging_options(p: argparse.ArgumentParser) -> None:
+    machine = p.add_argument_group("machine and logging options")
+    machine.add_argument(
+        "--num-workers",
+        type=int,
+        help="processes composing training images (default: none on a CPU, where a worker only "
+        "competes with PyTorch's threads for the same cores; on a GPU, up to 8 per process)",
+    )
+    machine.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ... "
+        "(under torchrun, each process takes the GPU of its LOCAL_RANK)",
+    )
+    machine.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16: matrix products in bfloat16 under autocast (weights, optimiser and loss stay fp32); "
+        "auto: bf16 where it was measured to pay (see model.use_bf16), fp32 elsewhere",
+    )
+    machine.add_argument(
+        "--compile", action="store_true", help="train through torch.compile (a minute or so of compiling first)"
+    )
+    machine.add_argument(
+        "--wandb",
+        choices=("auto", "online", "offline", "disabled"),
+        default="auto",
+        help="auto: online when logged in to W&B, offline otherwise",
+    )
+    machine.add_argument(
+        "--offline", dest="wandb", action="store_const", const="offline", help="the same as --wandb offline"
+    )
+    machine.add_argument("--wandb-project", default="digit-sequence-transformer")
+    machine.add_argument("--log-every", type=int, default=25, help="steps between training-loss logs")
 
 
 def flag_names(message: str) -> str:
@@ -243,17 +308,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     if options.resume:
         if given or options.config or options.run_type == "sweep":
             named = [flag_names(k) for k in given] + ["--config"] * bool(options.config)
-            parser.error(f"--resume continues a run with the settings saved in it; drop {', '.join(named) or '--run-type'} "
-                         "(or start a new run in another --out-dir)")
+            parser.error(
+                f"--resume continues a run with the settings saved in it; drop {', '.join(named) or '--run-type'} "
+                "(or start a new run in another --out-dir)"
+            )
         return options, None, None
     try:
         budget = TRIAL_BUDGET if options.run_type == "sweep" else {}
-        model_config, train_config = make_configs({**budget, **(read_config_file(options.config) if options.config else {}),
-                                                   **given})
+        model_config, train_config = make_configs(
+            {**budget, **(read_config_file(options.config) if options.config else {}), **given}
+        )
     except ValueError as error:
         parser.error(flag_names(str(error)))
     if train_config.batch_size % world_size:
-        parser.error(f"--batch-size {train_config.batch_size} is the global batch: it must split evenly over {world_size} processes")
+        parser.error(
+            f"--batch-size {train_config.batch_size} is the global batch: "
+            f"it must split evenly over {world_size} processes"
+        )
     return options, model_config, train_config
 
 
@@ -261,8 +332,10 @@ def restore_settings(options: argparse.Namespace) -> tuple[ModelConfig, TrainCon
     """The configs and the checkpoint of the run to resume; --out-dir defaults to its folder."""
     checkpoint = load_checkpoint(options.resume)
     if "training" not in checkpoint:
-        raise CheckpointError(f"{options.resume} holds a model's weights only (an exported model.pt or a shipped "
-                              "model): resume from a run's last.pt, which also holds the optimiser state")
+        raise CheckpointError(
+            f"{options.resume} holds a model's weights only (an exported model.pt or a shipped "
+            "model): resume from a run's last.pt, which also holds the optimiser state"
+        )
     try:
         train_config = TrainConfig(**checkpoint["train_config"])
     except (KeyError, TypeError, ValueError) as error:
@@ -299,8 +372,9 @@ def start_processes(requested_device: str) -> Processes:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+    )
     return Processes(device, dist.get_rank(), dist.get_world_size())
 
 
@@ -337,7 +411,9 @@ def start_job(options: argparse.Namespace, model_config: ModelConfig, train_conf
     num_workers = options.num_workers
     if num_workers is None:
         num_workers = 0 if procs.device.type == "cpu" else min(8, max(1, cores_per_process - 1))
-    return Job(options, model_config, train_config, procs, out_dir, use_bf16(options.precision, procs.device), num_workers)
+    return Job(
+        options, model_config, train_config, procs, out_dir, use_bf16(options.precision, procs.device), num_workers
+    )
 
 
 def align_replicas(*modules: nn.Module) -> None:
@@ -423,23 +499,34 @@ def build_data(job: Job) -> Data:
     data_dir = Path(options.data_dir)
     if procs.is_main and not (data_dir / SPLITS_FILE).is_file():
         print(f"{data_dir / SPLITS_FILE} not found: splitting MNIST and composing val/test sets")
-        prepare_splits(data_dir, mnist_root=options.mnist_root,
-                       composer=dict(max_digits=model_config.max_digits, canvas_size=model_config.image_size))
+        prepare_splits(
+            data_dir,
+            mnist_root=options.mnist_root,
+            composer=dict(max_digits=model_config.max_digits, canvas_size=model_config.image_size),
+        )
     if procs.world_size > 1:
         dist.barrier()  # the other ranks wait for rank 0's val/test sets
     splits = load_splits(data_dir)
     made = splits["composer"]
     if made["max_digits"] > model_config.max_digits or made["canvas_size"] != model_config.image_size:
-        raise ValueError(f"{data_dir} holds {made['canvas_size']}x{made['canvas_size']} images of up to {made['max_digits']} "
-                         f"digits; this model reads {model_config.image_size}x{model_config.image_size} images of up to "
-                         f"{model_config.max_digits}: pass a new --data-dir to compose matching val/test sets")
+        raise ValueError(
+            f"{data_dir} holds {made['canvas_size']}x{made['canvas_size']} images of up to {made['max_digits']} "
+            f"digits; this model reads {model_config.image_size}x{model_config.image_size} images of up to "
+            f"{model_config.max_digits}: pass a new --data-dir to compose matching val/test sets"
+        )
     mnist_images, mnist_labels = load_mnist(options.mnist_root, train=True)
     pool = np.asarray(splits["pools"]["train"])
-    composer = MultiDigitComposer(mnist_images[pool], mnist_labels[pool], **composer_settings(model_config, train_config))
+    composer = MultiDigitComposer(
+        mnist_images[pool], mnist_labels[pool], **composer_settings(model_config, train_config)
+    )
     steps_per_epoch = math.ceil(train_config.train_images / train_config.batch_size)
-    return Data(FreshComposites(composer, train_config.train_images, seed=train_config.seed),
-                MultiDigitFolder(data_dir / "val"), MultiDigitFolder(data_dir / "test"),
-                steps_per_epoch, train_config.epochs * steps_per_epoch)
+    return Data(
+        FreshComposites(composer, train_config.train_images, seed=train_config.seed),
+        MultiDigitFolder(data_dir / "val"),
+        MultiDigitFolder(data_dir / "test"),
+        steps_per_epoch,
+        train_config.epochs * steps_per_epoch,
+    )
 
 
 # ---- model, optimiser and the training state checkpoints hold
@@ -474,8 +561,12 @@ def build_training(job: Job) -> Training:
     ema = copy.deepcopy(model).requires_grad_(False) if train_config.ema_decay > 0 else None
     if procs.world_size > 1:
         torch.manual_seed(train_config.seed + procs.rank)  # from here on, each rank draws its own dropout masks
-    objective: nn.Module = TrainingLoss(model, label_smoothing=train_config.label_smoothing,
-                                        patch_loss_weight=train_config.patch_loss_weight, order_free=train_config.order_free)
+    objective: nn.Module = TrainingLoss(
+        model,
+        label_smoothing=train_config.label_smoothing,
+        patch_loss_weight=train_config.patch_loss_weight,
+        order_free=train_config.order_free,
+    )
     if procs.world_size > 1:
         # Broadcasts rank 0's weights, then averages gradients across ranks during backward().
         device_ids = [procs.device.index] if procs.device.type == "cuda" else None
@@ -515,11 +606,22 @@ def save_run_checkpoint(name: str, job: Job, training: Training, metrics: dict) 
     are gathered); rank 0 writes."""
     random_states = gather(random_state(job.procs.device), job.procs)
     if job.procs.is_main:
-        save_checkpoint(job.out_dir / name, job.model_config, training.evaluated.state_dict(),
-                        train_config=asdict(job.train_config), step=training.step, metrics=metrics,
-                        training={"weights": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
-                                  "best_score": training.best_score, "random_states": random_states,
-                                  "wandb_id": training.wandb_id, "data_dir": str(job.options.data_dir)})
+        save_checkpoint(
+            job.out_dir / name,
+            job.model_config,
+            training.evaluated.state_dict(),
+            train_config=asdict(job.train_config),
+            step=training.step,
+            metrics=metrics,
+            training={
+                "weights": training.model.state_dict(),
+                "optimizer": training.optimizer.state_dict(),
+                "best_score": training.best_score,
+                "random_states": random_states,
+                "wandb_id": training.wandb_id,
+                "data_dir": str(job.options.data_dir),
+            },
+        )
 
 
 def start_wandb(job: Job, training: Training, run: object = None) -> object:
@@ -527,11 +629,17 @@ def start_wandb(job: Job, training: Training, run: object = None) -> object:
     the sweep agent's run given, updated with them."""
     import wandb  # imported here: slow to import, and not needed for --help
 
-    logged = {**job.settings, **vars(job.options), "parameters": training.model.num_parameters(),
-              "world_size": job.procs.world_size}
+    logged = {
+        **job.settings,
+        **vars(job.options),
+        "parameters": training.model.num_parameters(),
+        "world_size": job.procs.world_size,
+    }
     if run is None:
         mode = wandb_mode(job.options.wandb) if job.procs.is_main else "disabled"
-        run = wandb.init(project=job.options.wandb_project, mode=mode, id=training.wandb_id, resume="allow", config=logged)
+        run = wandb.init(
+            project=job.options.wandb_project, mode=mode, id=training.wandb_id, resume="allow", config=logged
+        )
     else:
         run.config.update(logged, allow_val_change=True)
     training.wandb_id = run.id
@@ -574,17 +682,28 @@ def update_ema(ema_model: nn.Module, model: nn.Module, *, step: int, decay: floa
             averaged.copy_(current)  # BatchNorm's batch counter
 
 
-def epoch_loader(data: Data, epoch: int, training: Training, batch_size: int, procs: Processes, num_workers: int) -> DataLoader:
+def epoch_loader(
+    data: Data, epoch: int, training: Training, batch_size: int, procs: Processes, num_workers: int
+) -> DataLoader:
     """This rank's batches of the rest of the epoch (all of it, unless resumed mid-epoch)."""
     data.train_set.set_epoch(epoch)  # item i of epoch e is drawn from its own seed [seed, e, i]
     first_batch = training.step - epoch * data.steps_per_epoch
     remaining = Subset(data.train_set, range(first_batch * batch_size, len(data.train_set)))
     # Rank r reads items r, r + world_size, ...: together the ranks' k-th batches are exactly
     # global batch k, as one process would read it. No shuffling: the items are random already.
-    sampler = (DistributedSampler(remaining, num_replicas=procs.world_size, rank=procs.rank, shuffle=False)
-               if procs.world_size > 1 else None)
-    return DataLoader(remaining, batch_size=batch_size // procs.world_size, sampler=sampler, num_workers=num_workers,
-                      worker_init_fn=ignore_interrupts, generator=torch.Generator().manual_seed(epoch))
+    sampler = (
+        DistributedSampler(remaining, num_replicas=procs.world_size, rank=procs.rank, shuffle=False)
+        if procs.world_size > 1
+        else None
+    )
+    return DataLoader(
+        remaining,
+        batch_size=batch_size // procs.world_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        worker_init_fn=ignore_interrupts,
+        generator=torch.Generator().manual_seed(epoch),
+    )
 
 
 def train_one_epoch(job: Job, training: Training, data: Data, epoch: int, stop: StopSignal) -> bool:
@@ -593,20 +712,35 @@ def train_one_epoch(job: Job, training: Training, data: Data, epoch: int, stop: 
     loader = epoch_loader(data, epoch, training, config.batch_size, procs, job.num_workers)
     training.model.train()
     device, image_size = procs.device, training.model.config.image_size
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not procs.is_main,
-               initial=training.step - epoch * data.steps_per_epoch, total=data.steps_per_epoch)
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        unit="batch",
+        disable=not procs.is_main,
+        initial=training.step - epoch * data.steps_per_epoch,
+        total=data.steps_per_epoch,
+    )
     for images, labels, _, boxes in bar:
-        lr = learning_rate(training.step, total_steps=data.total_steps, warmup_steps=config.warmup_steps, lr=config.lr,
-                           min_lr_ratio=config.min_lr_ratio)
+        lr = learning_rate(
+            training.step,
+            total_steps=data.total_steps,
+            warmup_steps=config.warmup_steps,
+            lr=config.lr,
+            min_lr_ratio=config.min_lr_ratio,
+        )
         for group in training.optimizer.param_groups:
             group["lr"] = lr
         labels = list(labels)
         inputs, targets = (t.to(device) for t in encode_labels(labels, training.model.config.max_digits))
-        patch_classes = (patch_targets(boxes.to(device), labels, image_size=image_size, patch_size=training.model.config.patch_size)
-                         if config.patch_loss_weight > 0 else None)
+        patch_classes = (
+            patch_targets(boxes.to(device), labels, image_size=image_size, patch_size=training.model.config.patch_size)
+            if config.patch_loss_weight > 0
+            else None
+        )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16):
-            loss = training.objective(uint8_to_input(images.to(device)), inputs, targets, patch_classes,
-                                      labels if config.order_free else None)  # strings would make torch.compile recompile
+            loss = training.objective(
+                uint8_to_input(images.to(device)), inputs, targets, patch_classes, labels if config.order_free else None
+            )  # strings would make torch.compile recompile
         training.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
@@ -620,8 +754,10 @@ def train_one_epoch(job: Job, training: Training, data: Data, epoch: int, stop: 
             if procs.world_size > 1:
                 dist.all_reduce(logged_loss, op=dist.ReduceOp.AVG)  # the mean over ranks, not rank 0's share
             bar.set_postfix(loss=f"{logged_loss.item():.4f}", lr=f"{lr:.2e}")
-            job.log.log({"train/loss": logged_loss.item(), "train/lr": lr, "epoch": training.step / data.steps_per_epoch},
-                    step=training.step)
+            job.log.log(
+                {"train/loss": logged_loss.item(), "train/lr": lr, "epoch": training.step / data.steps_per_epoch},
+                step=training.step,
+            )
         if stop.agreed() or 0 < max_steps <= training.step:
             bar.close()
             return True
@@ -630,8 +766,9 @@ def train_one_epoch(job: Job, training: Training, data: Data, epoch: int, stop: 
 
 
 @torch.no_grad()
-def validate(model: DigitSequenceTransformer, dataset: MultiDigitFolder, procs: Processes, *, bf16: bool, desc: str
-             ) -> tuple[dict, list]:
+def validate(
+    model: DigitSequenceTransformer, dataset: MultiDigitFolder, procs: Processes, *, bf16: bool, desc: str
+) -> tuple[dict, list]:
     """Greedy-read sequence accuracy (exact and order-free, overall, per layout and per length),
     and teacher-forced loss and token accuracy. Under torchrun each rank reads every
     world-size-th image and the counts are gathered, so every rank returns the metrics of the
@@ -645,8 +782,12 @@ def validate(model: DigitSequenceTransformer, dataset: MultiDigitFolder, procs: 
     loss_sum, token_correct, token_total = 0.0, 0, 0
     for start in range(0, len(images), 256):
         with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=bf16):
-            inputs, targets = (t.to(procs.device) for t in encode_labels(labels[start : start + 256], model.config.max_digits))
-            logits = model(uint8_to_input(torch.from_numpy(images[start : start + 256]).to(procs.device)), inputs).float()
+            inputs, targets = (
+                t.to(procs.device) for t in encode_labels(labels[start : start + 256], model.config.max_digits)
+            )
+            logits = model(
+                uint8_to_input(torch.from_numpy(images[start : start + 256]).to(procs.device)), inputs
+            ).float()
         loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD, reduction="sum").item()
         real = targets != PAD
         token_correct += ((logits.argmax(-1) == targets) & real).sum().item()
@@ -657,25 +798,42 @@ def validate(model: DigitSequenceTransformer, dataset: MultiDigitFolder, procs: 
         accuracy.update(*shard_result[3:])
     loss_sum, token_correct, token_total = (sum(shard_result[i] for shard_result in shards) for i in range(3))
     exact, order_free = accuracy.compute(), accuracy.compute(order_free=True)
-    metrics = {"loss": loss_sum / token_total, "token_accuracy": token_correct / token_total,
-               "sequence_accuracy": exact.pop("all"), **{f"sequence_accuracy_{k}": v for k, v in exact.items()},
-               "order_free_accuracy": order_free.pop("all"), **{f"order_free_accuracy_{k}": v for k, v in order_free.items()}}
+    metrics = {
+        "loss": loss_sum / token_total,
+        "token_accuracy": token_correct / token_total,
+        "sequence_accuracy": exact.pop("all"),
+        **{f"sequence_accuracy_{k}": v for k, v in exact.items()},
+        "order_free_accuracy": order_free.pop("all"),
+        **{f"order_free_accuracy_{k}": v for k, v in order_free.items()},
+    }
     samples = list(zip(images[:24], labels, predictions))
     return metrics, samples
 
 
 def format_metrics(name: str, metrics: dict) -> str:
-    parts = [f"{name}: sequence accuracy {metrics['sequence_accuracy']:.2%} "
-             f"(order-free {metrics['order_free_accuracy']:.2%}, token {metrics['token_accuracy']:.2%})"]
-    parts += [f"{k.removeprefix('sequence_accuracy_')} {v:.2%}" for k, v in metrics.items() if k.startswith("sequence_accuracy_")]
+    parts = [
+        f"{name}: sequence accuracy {metrics['sequence_accuracy']:.2%} "
+        f"(order-free {metrics['order_free_accuracy']:.2%}, token {metrics['token_accuracy']:.2%})"
+    ]
+    parts += [
+        f"{k.removeprefix('sequence_accuracy_')} {v:.2%}"
+        for k, v in metrics.items()
+        if k.startswith("sequence_accuracy_")
+    ]
     return " | ".join(parts)
 
 
 # ---- the whole run
 
 
-def train(options: argparse.Namespace, model_config: ModelConfig, train_config: TrainConfig, *,
-          checkpoint: dict | None = None, run: object = None) -> dict:
+def train(
+    options: argparse.Namespace,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    *,
+    checkpoint: dict | None = None,
+    run: object = None,
+) -> dict:
     """One training run; returns its results ("finished": False when it stopped early), with the
     last validation metrics under "val" by the names they are logged with. checkpoint: the
     last.pt to resume; run: a wandb run already started (by a sweep agent)."""
@@ -684,7 +842,9 @@ def train(options: argparse.Namespace, model_config: ModelConfig, train_config: 
     training = build_training(job)
     if checkpoint is not None:
         restore(training, checkpoint, job.procs)
-        job.procs.say(f"resumed from {options.resume} at step {training.step} (epoch {training.step // data.steps_per_epoch})")
+        job.procs.say(
+            f"resumed from {options.resume} at step {training.step} (epoch {training.step // data.steps_per_epoch})"
+        )
     started = time.time()
     with StopSignal(job.procs) as stop:  # from here on, Ctrl-C stops after a step and saves
         job.procs.say(describe(job, training, data), flush=True)
@@ -699,10 +859,12 @@ def describe(job: Job, training: Training, data: Data) -> str:
     """One line: the model's size, the run's length, where and in which precision it trains."""
     procs, config = job.procs, job.train_config
     split = f" ({procs.world_size} processes x {config.batch_size // procs.world_size})" if procs.world_size > 1 else ""
-    return (f"model: {training.model.num_parameters() / 1e6:.2f}M parameters, {job.model_config.grid_size}x"
-            f"{job.model_config.grid_size} patches; {config.epochs} epochs x {data.steps_per_epoch} steps of "
-            f"{config.batch_size}{split} on {procs.device}, {'bf16 autocast' if job.bf16 else 'fp32'}"
-            f"{', compiled' if job.options.compile else ''}")
+    return (
+        f"model: {training.model.num_parameters() / 1e6:.2f}M parameters, {job.model_config.grid_size}x"
+        f"{job.model_config.grid_size} patches; {config.epochs} epochs x {data.steps_per_epoch} steps of "
+        f"{config.batch_size}{split} on {procs.device}, {'bf16 autocast' if job.bf16 else 'fp32'}"
+        f"{', compiled' if job.options.compile else ''}"
+    )
 
 
 def run_epochs(job: Job, training: Training, data: Data, stop: StopSignal) -> tuple[bool, dict]:
@@ -754,23 +916,40 @@ def export(job: Job, training: Training, data: Data, *, wall: float) -> dict:
     (docs/training.md). A sweep trial ranks settings on validation and skips the test set."""
     procs, out_dir = job.procs, job.out_dir
     if procs.world_size > 1:
-        procs.say(f"replicas identical: the weights and buffers of all {procs.world_size} ranks agreed at every checkpoint")
+        procs.say(
+            f"replicas identical: the weights and buffers of all {procs.world_size} ranks agreed at every checkpoint"
+        )
     test_metrics = None
     if job.options.run_type != "sweep":
         test_metrics, _ = validate(training.evaluated, data.test_set, procs, bf16=job.bf16, desc="testing")
         job.log.summary.update({f"test/{k}": v for k, v in test_metrics.items()})
-    result = {"test": test_metrics, "train_wall_seconds": wall,
-              "train_images_per_second": data.total_steps * job.train_config.batch_size / wall,
-              "parameters": training.model.num_parameters(), "device": str(procs.device), "world_size": procs.world_size,
-              "precision": "bf16" if job.bf16 else "fp32", "settings": job.settings}
+    result = {
+        "test": test_metrics,
+        "train_wall_seconds": wall,
+        "train_images_per_second": data.total_steps * job.train_config.batch_size / wall,
+        "parameters": training.model.num_parameters(),
+        "device": str(procs.device),
+        "world_size": procs.world_size,
+        "precision": "bf16" if job.bf16 else "fp32",
+        "settings": job.settings,
+    }
     if procs.is_main:
         (out_dir / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        save_checkpoint(out_dir / "model.pt", job.model_config, training.evaluated.state_dict(),
-                        train_config=asdict(job.train_config), step=training.step, metrics={"test": test_metrics})
+        save_checkpoint(
+            out_dir / "model.pt",
+            job.model_config,
+            training.evaluated.state_dict(),
+            train_config=asdict(job.train_config),
+            step=training.step,
+            metrics={"test": test_metrics},
+        )
         if test_metrics is not None:
             print(format_metrics("test", test_metrics))
-        print(f"wrote {out_dir / 'best.pt'}, {out_dir / 'last.pt'}, {out_dir / 'test_metrics.json'} and {out_dir / 'model.pt'} "
-              "(weights and config only: predict.py --checkpoint, or copy it to checkpoints/digit_transformer.pt to ship it)")
+        print(
+            f"wrote {out_dir / 'best.pt'}, {out_dir / 'last.pt'}, {out_dir / 'test_metrics.json'} and "
+            f"{out_dir / 'model.pt'} (weights and config only: predict.py --checkpoint, or copy it to "
+            "checkpoints/digit_transformer.pt to ship it)"
+        )
     return result
 
 
@@ -793,12 +972,15 @@ def trial_flags(parameters: dict) -> list[str]:
 def summary_table(rows: list[dict], metric: str) -> str:
     """Markdown table of the trials: number, searched settings, metric, minutes."""
     names = list(SWEEP["parameters"])
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     lines = ["| trial | " + " | ".join(names) + f" | {metric} | minutes |", "|---" * (len(names) + 3) + "|"]
     for row in rows:
         score = "failed: " + row["error"] if "error" in row else f"{row[metric]:.4f}"
-        lines.append(f"| {row['trial']} | " + " | ".join(cell(row["parameters"][n]) for n in names)
-                     + f" | {score} | {row['minutes']:.1f} |")
+        lines.append(
+            f"| {row['trial']} | "
+            + " | ".join(cell(row["parameters"][n]) for n in names)
+            + f" | {score} | {row['minutes']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -821,7 +1003,9 @@ def sweep(options: argparse.Namespace, argv: list[str], seed: int) -> int:
         row = {"trial": number, "parameters": parameters}
         trial_dir = sweep_dir / f"trial-{number:02d}"
         try:
-            trial_options, model_config, train_config = parse_args([*argv, *trial_flags(parameters), "--out-dir", str(trial_dir)])
+            trial_options, model_config, train_config = parse_args(
+                [*argv, *trial_flags(parameters), "--out-dir", str(trial_dir)]
+            )
             result = train(trial_options, model_config, train_config, run=run)
         except (ValueError, SystemExit) as error:  # settings the data refuses, or the parser (which exits)
             row["error"] = "refused by the argument parser (see above)" if isinstance(error, SystemExit) else str(error)
@@ -846,8 +1030,10 @@ def sweep(options: argparse.Namespace, argv: list[str], seed: int) -> int:
         sweep_id = wandb.sweep(SWEEP, project=options.wandb_project)
         wandb.agent(sweep_id, function=agent_trial, project=options.wandb_project, count=count)
     else:
-        print(f"sweep offline: {SWEEP['method']} search of sweep_config.py sampled here, every trial to its full budget "
-              f"(early termination needs the W&B server); each trial is an offline wandb run (`wandb sync`)")
+        print(
+            f"sweep offline: {SWEEP['method']} search of sweep_config.py sampled here, every trial to its full budget "
+            f"(early termination needs the W&B server); each trial is an offline wandb run (`wandb sync`)"
+        )
         for parameters in sample_trials(SWEEP, count, seed=seed):
             if not run_trial(parameters):
                 print("sweep interrupted: summarising the finished trials")
@@ -867,11 +1053,16 @@ def summarise_sweep(rows: list[dict], sweep_dir: Path, metric: str) -> int:
         return 1
     pick = max if SWEEP["metric"]["goal"] == "maximize" else min
     best = pick(scored, key=lambda row: row[metric])
+    full = TrainConfig()  # the full budget, for the command that trains the chosen settings
     # The trial's whole settings, its sweep budget included: --config reproduces the trial; add
     # --epochs and --train-images to train the chosen settings to the full budget.
     (sweep_dir / "best_config.json").write_text(json.dumps(best["settings"], indent=2) + "\n")
-    print(f"\nbest: trial {best['trial']}, {metric} {best[metric]:.4f}; its settings are in {sweep_dir / 'best_config.json'}:\n"
-          f"  uv run python train_encoder_decoder.py --config {sweep_dir / 'best_config.json'} --epochs 11 --train-images 20000")
+    print(
+        f"\nbest: trial {best['trial']}, {metric} {best[metric]:.4f}; "
+        f"its settings are in {sweep_dir / 'best_config.json'}:\n"
+        f"  uv run python train_encoder_decoder.py --config {sweep_dir / 'best_config.json'} "
+        f"--epochs {full.epochs} --train-images {full.train_images}"
+    )
     return 0
 
 

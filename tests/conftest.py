@@ -12,19 +12,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 from multidigit_generator import MNIST_FILES, MultiDigitComposer, load_mnist
 from split_multidigit_dataset import prepare_splits
 
-TINY_MODEL = ["--patch-size", "12", "--stem-width", "16", "--d-model", "32", "--n-heads", "2", "--encoder-layers", "1",
-              "--decoder-layers", "1", "--ff-mult", "2"]
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = (
+    "--patch-size 12 --stem-width 16 --d-model 32 --n-heads 2 --encoder-layers 1 --decoder-layers 1 --ff-mult 2".split()
+)
 
 
 def run_script(script: str, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts as a user would, from the repository root."""
-    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "WANDB_SILENT": "true", **(env or {})}, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_SILENT": "true", **(env or {})},
+        timeout=600,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
@@ -63,9 +70,27 @@ def tiny_data_dir(tmp_path_factory, mnist_root) -> Path:
 def tiny_run(tmp_path_factory, tiny_data_dir, mnist_root) -> Path:
     """A tiny model trained for 2 epochs of 4 steps, with wandb logging offline."""
     out_dir = tmp_path_factory.mktemp("run")
-    run_script("train_encoder_decoder.py", "--data-dir", str(tiny_data_dir), "--mnist-root", str(mnist_root),
-               "--out-dir", str(out_dir), "--epochs", "2", "--train-images", "128", "--batch-size", "32",
-               "--num-workers", "0", "--wandb", "offline", *TINY_MODEL, env={"WANDB_DIR": str(out_dir)})
+    run_script(
+        "train_encoder_decoder.py",
+        "--data-dir",
+        str(tiny_data_dir),
+        "--mnist-root",
+        str(mnist_root),
+        "--out-dir",
+        str(out_dir),
+        "--epochs",
+        "2",
+        "--train-images",
+        "128",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--wandb",
+        "offline",
+        *TINY_MODEL,
+        env={"WANDB_DIR": str(out_dir)},
+    )
     assert json.loads((out_dir / "test_metrics.json").read_text())["test"]
     return out_dir
 

@@ -10,8 +10,20 @@ import torch
 from bench import ReferenceTransformer, main
 from model import DEFAULT_CHECKPOINT, DigitSequenceTransformer, ModelConfig, encode_labels, load_model
 
-CONFIG = ModelConfig(image_size=48, patch_size=8, stem_depth=1, stem_width=16, stem_full_res=4, d_model=32, n_heads=4,
-                     encoder_layers=2, decoder_layers=2, ff_mult=2, dropout=0.0, patch_head=True)
+CONFIG = ModelConfig(
+    image_size=48,
+    patch_size=8,
+    stem_depth=1,
+    stem_width=16,
+    stem_full_res=4,
+    d_model=32,
+    n_heads=4,
+    encoder_layers=2,
+    decoder_layers=2,
+    ff_mult=2,
+    dropout=0.0,
+    patch_head=True,
+)
 
 
 def test_the_reference_built_from_nn_transformer_computes_what_our_model_does():
@@ -38,12 +50,41 @@ def test_the_reference_built_from_nn_transformer_computes_what_our_model_does():
 def test_a_short_run_prints_the_comparison_and_writes_json(tmp_path, mnist_root, tiny_run, capsys, precision, other):
     out = tmp_path / "bench.json"
     checkpoint = DEFAULT_CHECKPOINT if precision == "fp32" else tiny_run / "model.pt"
-    assert main(["--device", "cpu", "--mnist-root", str(mnist_root), "--batch-size", "8", "--seconds", "0.2",
-                 "--latency-runs", "4", "--rounds", "1", "--precision", precision, "--checkpoint", str(checkpoint),
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--device",
+                "cpu",
+                "--mnist-root",
+                str(mnist_root),
+                "--batch-size",
+                "8",
+                "--seconds",
+                "0.2",
+                "--latency-runs",
+                "4",
+                "--rounds",
+                "1",
+                "--precision",
+                precision,
+                "--checkpoint",
+                str(checkpoint),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    for row in ("training img/s", "inference img/s (greedy, batch 8)", "latency p50", "latency p95", "training GFLOP/image",
-                f"training MFU, of the {precision} peak (the precision used)", f"inference MFU, of the {other} peak |"):
+    for row in (
+        "training img/s",
+        "inference img/s (greedy, batch 8)",
+        "latency p50",
+        "latency p95",
+        "training GFLOP/image",
+        f"training MFU, of the {precision} peak (the precision used)",
+        f"inference MFU, of the {other} peak |",
+    ):
         assert f"| {row}" in printed
     agree = int(re.search(r"the two models read (\d) of the 8 images alike", printed)[1])
     assert agree == 8 or (precision == "bf16" and agree >= 6)  # bf16 rounding may tip a close call

@@ -21,35 +21,57 @@ from model import load_model
 from multidigit_generator import Composite, MultiDigitFolder, write_dataset
 
 
-@pytest.mark.parametrize("prediction, truth, pairs", [
-    ("123", "123", [("1", "1"), ("2", "2"), ("3", "3")]),
-    ("153", "123", [("1", "1"), ("2", "5"), ("3", "3")]),  # substitution
-    ("13", "123", [("1", "1"), ("2", None), ("3", "3")]),  # missed digit
-    ("1273", "123", [("1", "1"), ("2", "2"), (None, "7"), ("3", "3")]),  # extra digit
-    ("", "45", [("4", None), ("5", None)]),
-    ("7", "", [(None, "7")]),
-    ("", "", []),
-    ("21", "12", [("1", "2"), ("2", "1")]),  # equal cost: substitutions win over missed + extra
-    ("9", "4599", [("4", None), ("5", None), ("9", None), ("9", "9")]),
-])
+@pytest.mark.parametrize(
+    "prediction, truth, pairs",
+    [
+        ("123", "123", [("1", "1"), ("2", "2"), ("3", "3")]),
+        ("153", "123", [("1", "1"), ("2", "5"), ("3", "3")]),  # substitution
+        ("13", "123", [("1", "1"), ("2", None), ("3", "3")]),  # missed digit
+        ("1273", "123", [("1", "1"), ("2", "2"), (None, "7"), ("3", "3")]),  # extra digit
+        ("", "45", [("4", None), ("5", None)]),
+        ("7", "", [(None, "7")]),
+        ("", "", []),
+        ("21", "12", [("1", "2"), ("2", "1")]),  # equal cost: substitutions win over missed + extra
+        ("9", "4599", [("4", None), ("5", None), ("9", None), ("9", "9")]),
+    ],
+)
 def test_align_digits_by_edit_distance(prediction, truth, pairs):
     assert align_digits(prediction, truth) == pairs
 
 
 def test_order_free_accuracy_ignores_the_order_only():
     accuracy = SequenceAccuracy()
-    accuracy.update(["21", "3", "", "45", "112"], ["12", "3", "1", "45", "122"], ["row", "scatter", "row", "scatter", "row"])
+    accuracy.update(
+        ["21", "3", "", "45", "112"], ["12", "3", "1", "45", "122"], ["row", "scatter", "row", "scatter", "row"]
+    )
     # "21" for "12" is right order-free but wrong exactly; "112" and "122" are different multisets.
     assert accuracy.compute() == {"all": 2 / 5, "len1": 1 / 2, "len2": 1 / 2, "len3": 0.0, "row": 0.0, "scatter": 1.0}
-    assert accuracy.compute(order_free=True) == {"all": 3 / 5, "len1": 1 / 2, "len2": 1.0, "len3": 0.0, "row": 1 / 3, "scatter": 1.0}
+    assert accuracy.compute(order_free=True) == {
+        "all": 3 / 5,
+        "len1": 1 / 2,
+        "len2": 1.0,
+        "len3": 0.0,
+        "row": 1 / 3,
+        "scatter": 1.0,
+    }
 
 
 def test_confusion_matrix_counts_aligned_digits():
     predictions = ["123", "153", "13", "1273", "", "9", "52"]
     labels = ["123", "123", "123", "123", "4", "9", "5"]
     expected = np.zeros((11, 11), dtype=np.int64)
-    for true, read, count in [("1", "1", 4), ("2", "2", 2), ("3", "3", 4), ("2", "5", 1), ("2", None, 1), (None, "7", 1),
-                              ("4", None, 1), ("9", "9", 1), ("5", "5", 1), (None, "2", 1)]:
+    for true, read, count in [
+        ("1", "1", 4),
+        ("2", "2", 2),
+        ("3", "3", 4),
+        ("2", "5", 1),
+        ("2", None, 1),
+        (None, "7", 1),
+        ("4", None, 1),
+        ("9", "9", 1),
+        ("5", "5", 1),
+        (None, "2", 1),
+    ]:
         expected[NONE if true is None else int(true), NONE if read is None else int(read)] += count
     matrix = confusion_matrix(predictions, labels)
     assert np.array_equal(matrix, expected)
@@ -80,8 +102,19 @@ def test_cli_reports_agree_with_an_independent_greedy_decode(tmp_path, tiny_data
     checkpoint = tiny_run / "best.pt"
     too_long = dataset_with_labels(tmp_path / "too_long", ["12345", "1"])
     folders = [tiny_data_dir / "test", tiny_data_dir / "val", tmp_path / "not_a_dataset", too_long]
-    result = run_script("evaluate.py", *map(str, folders), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "reports"),
-                        "--batch-size", "20", "--gallery-size", "10", check=False)
+    result = run_script(
+        "evaluate.py",
+        *map(str, folders),
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "reports"),
+        "--batch-size",
+        "20",
+        "--gallery-size",
+        "10",
+        check=False,
+    )
     # The two bad folders are named and skipped, the good ones still evaluated.
     assert result.returncode == 1, result.stderr
     assert "not_a_dataset is not a dataset folder" in result.stderr
@@ -104,13 +137,18 @@ def test_cli_reports_agree_with_an_independent_greedy_decode(tmp_path, tiny_data
         assert report["exact_accuracy"]["all"] == pytest.approx(np.mean(exact))
         assert report["order_free_accuracy"]["all"] == pytest.approx(np.mean(order_free))
         for layout in ("row", "scatter"):
-            mine = [e for e, l in zip(exact, layouts) if l == layout]
-            assert report["count"][layout] == len(mine) and report["exact_accuracy"][layout] == pytest.approx(np.mean(mine))
+            mine = [e for e, kind in zip(exact, layouts) if kind == layout]
+            assert report["count"][layout] == len(mine) and report["exact_accuracy"][layout] == pytest.approx(
+                np.mean(mine)
+            )
         for length in range(5):
             mine = [o for o, t in zip(order_free, labels) if len(t) == length]
             assert report["order_free_accuracy"].get(f"len{length}") == (pytest.approx(np.mean(mine)) if mine else None)
         d = report["digits"]
-        assert d["true_digits"] == sum(map(len, labels)) and d["correct"] + d["substitutions"] + d["missed"] == d["true_digits"]
+        assert (
+            d["true_digits"] == sum(map(len, labels))
+            and d["correct"] + d["substitutions"] + d["missed"] == d["true_digits"]
+        )
         assert d["correct"] + d["substitutions"] + d["extra"] == sum(map(len, predictions))
         assert report["images_per_second"] > 0
         assert "| all | 48 |" in (out / "report.md").read_text()
@@ -121,7 +159,9 @@ def test_cli_reports_agree_with_an_independent_greedy_decode(tmp_path, tiny_data
 
 
 def test_missing_checkpoint_exits_2(tmp_path, tiny_data_dir, capsys):
-    assert main([str(tiny_data_dir / "test"), "--checkpoint", str(tmp_path / "nothing.pt"), "--out", str(tmp_path)]) == 2
+    assert (
+        main([str(tiny_data_dir / "test"), "--checkpoint", str(tmp_path / "nothing.pt"), "--out", str(tmp_path)]) == 2
+    )
     assert "no checkpoint at" in capsys.readouterr().err
 
 

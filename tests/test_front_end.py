@@ -91,6 +91,7 @@ def test_a_blank_or_dotted_image_gets_the_hint_not_a_guess(app, mark):
 def decompression_bomb(width: int, height: int) -> bytes:
     """A real bomb: a black 1-bit PNG, a few hundred KB on disk that decode to width x height
     pixels (a gigabyte as the greyscale the model would need for 30000 x 30000)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
@@ -111,7 +112,9 @@ def test_decompression_bombs_are_refused_with_a_message(app, width, height):
     assert len(bomb) < 1_000_000
     at = upload(app, "bomb.png", bomb)
     assert not at.exception and digits_read(at) is None
-    assert at.error[0].value.startswith("bomb.png: image is ") and "over the 40,000,000-pixel limit" in at.error[0].value
+    assert (
+        at.error[0].value.startswith("bomb.png: image is ") and "over the 40,000,000-pixel limit" in at.error[0].value
+    )
 
 
 def test_the_random_example_shows_its_true_digits_and_the_reading(app):
@@ -156,9 +159,24 @@ def free_port() -> int:
 def streamlit_server():
     """`streamlit run front_end.py` on a free localhost port, as a user starts it."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "front_end.py", "--server.port", str(port),
-                               "--server.headless", "true"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "front_end.py",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     url = f"http://localhost:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -177,16 +195,27 @@ def streamlit_server():
         server.wait(timeout=20)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)"
+)
 def test_drawing_2026_with_the_mouse_in_chromium_reads_2026(streamlit_server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             # No sandbox (CI runs as root) and no calls home: the machine has no network.
-                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                                   "--disable-quic", "--disable-component-update", "--disable-sync",
-                                                   "--no-first-run"])
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            # No sandbox (CI runs as root) and no calls home: the machine has no network.
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-quic",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1200})
             page.goto(streamlit_server)

@@ -96,7 +96,9 @@ def test_row_digits_are_handwriting_sized_and_left_to_right(composites):
         for a, b in zip(c.boxes, c.boxes[1:]):
             assert a[2] < b[0], "row digits are separated by a gap"
         assert all(18 <= height(b) <= 28 for b in c.boxes)
-        assert min(b[1] for b in c.boxes) >= 1 and max(b[3] for b in c.boxes) <= 95, "rows keep a pixel clear of the edges"
+        assert min(b[1] for b in c.boxes) >= 1 and max(b[3] for b in c.boxes) <= 95, (
+            "rows keep a pixel clear of the edges"
+        )
 
 
 def test_lengths_follow_the_requested_range_uniformly(composites, mnist_test):
@@ -105,7 +107,9 @@ def test_lengths_follow_the_requested_range_uniformly(composites, mnist_test):
     assert all(abs(n - 120) < 4 * np.sqrt(600 * 0.2 * 0.8) for n in counts.values()), counts
     assert all(c.image.max() == 0 for c in composites if c.label == "")  # blank canvas, empty label
     images, labels = mnist_test
-    narrow = generate(MultiDigitComposer(images, labels, min_digits=2, max_digits=3, layout="row"), 100, seed=1, progress=False)
+    narrow = generate(
+        MultiDigitComposer(images, labels, min_digits=2, max_digits=3, layout="row"), 100, seed=1, progress=False
+    )
     assert {len(c.label) for c in narrow} == {2, 3} and {c.layout for c in narrow} == {"row"}
 
 
@@ -125,7 +129,9 @@ def test_same_seed_same_bytes(mnist_test):
     assert any(a.image.tobytes() != b.image.tobytes() for a, b in zip(first, other))
 
 
-@pytest.mark.parametrize("settings", [dict(min_digits=5, max_digits=5), dict(min_digits=4, max_digits=4, digit_height=(32, 32))])
+@pytest.mark.parametrize(
+    "settings", [dict(min_digits=5, max_digits=5), dict(min_digits=4, max_digits=4, digit_height=(32, 32))]
+)
 def test_crowded_scatter_still_places_every_digit(mnist_test, settings):
     images, labels = mnist_test
     crowded = generate(MultiDigitComposer(images, labels, layout="scatter", **settings), 30, seed=0, progress=False)
@@ -144,7 +150,7 @@ def test_scatter_capacity_is_honest(canvas_size, min_center_gap, digit_height):
     rng = np.random.default_rng(0)
     for _ in range(5):
         crops = [np.full((int(rng.integers(5, 40)), int(rng.integers(1, 60))), 255, np.uint8) for _ in range(n)]
-        canvas, boxes, order = compose_scatter(crops, rng, canvas_size, min_center_gap, digit_height, max_tries=0)
+        _, boxes, order = compose_scatter(crops, rng, canvas_size, min_center_gap, digit_height, max_tries=0)
         assert len(boxes) == n and sorted(order) == list(range(n))
         for i, a in enumerate(boxes):
             assert 0 <= a[0] < a[2] <= canvas_size and 0 <= a[1] < a[3] <= canvas_size
@@ -161,39 +167,52 @@ def test_row_capacity_is_honest(canvas_size, digit_height, tilt):
     n = row_capacity(canvas_size, digit_height[1], tilted=tilt > 0)
     rng = np.random.default_rng(0)
     for _ in range(4):
-        canvas, boxes = compose_row([np.full((20, 30), 255, np.uint8)] * n, rng, canvas_size, digit_height, tilt=tilt)
+        _, boxes = compose_row([np.full((20, 30), 255, np.uint8)] * n, rng, canvas_size, digit_height, tilt=tilt)
         assert len(boxes) == n
         assert all(0 <= x0 < x1 <= canvas_size and 0 <= y0 < y1 <= canvas_size for x0, y0, x1, y1 in boxes)
         assert [centre_x(b) for b in boxes] == sorted(centre_x(b) for b in boxes)
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(max_digits=9, layout="scatter"), "do not fit"),
-    (dict(max_digits=20), "do not fit"),
-    (dict(max_digits=5, digit_height=(32, 32)), "do not fit"),
-    (dict(min_digits=3, max_digits=2), "min_digits"),
-    (dict(layout="spiral"), "layout"),
-    (dict(canvas_size=20), "canvas_size"),
-    (dict(digit_height=(28, 18)), "digit_height"),
-    (dict(digit_height=(4, 18)), "digit_height"),
-    (dict(digit_height=(18, 90)), "digit_height"),
-    (dict(digit_height=(18,)), "digit_height"),
-    (dict(stroke_width_change=5), "stroke_width_change"),
-    (dict(aspect_stretch=(1.3, 0.75)), "aspect_stretch"),
-    (dict(row_tilt=30), "row_tilt"),
-    (dict(length_weights=[1, 1, 1]), "length_weights"),
-    (dict(length_weights=[1, -1, 1, 1, 1]), "length_weights"),
-    (dict(length_weights=[0, 0, 0, 0, 0]), "length_weights"),
-    (dict(min_digits=2, length_weights=[1, 1, 1, 1, 1]), "fewer than min_digits"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(max_digits=9, layout="scatter"), "do not fit"),
+        (dict(max_digits=20), "do not fit"),
+        (dict(max_digits=5, digit_height=(32, 32)), "do not fit"),
+        (dict(min_digits=3, max_digits=2), "min_digits"),
+        (dict(layout="spiral"), "layout"),
+        (dict(canvas_size=20), "canvas_size"),
+        (dict(digit_height=(28, 18)), "digit_height"),
+        (dict(digit_height=(4, 18)), "digit_height"),
+        (dict(digit_height=(18, 90)), "digit_height"),
+        (dict(digit_height=(18,)), "digit_height"),
+        (dict(stroke_width_change=5), "stroke_width_change"),
+        (dict(aspect_stretch=(1.3, 0.75)), "aspect_stretch"),
+        (dict(row_tilt=30), "row_tilt"),
+        (dict(length_weights=[1, 1, 1]), "length_weights"),
+        (dict(length_weights=[1, -1, 1, 1, 1]), "length_weights"),
+        (dict(length_weights=[0, 0, 0, 0, 0]), "length_weights"),
+        (dict(min_digits=2, length_weights=[1, 1, 1, 1, 1]), "fewer than min_digits"),
+    ],
+)
 def test_invalid_settings_fail_with_a_clear_message(settings, message):
     with pytest.raises(ValueError, match=message):
         MultiDigitComposer(np.zeros((1, 28, 28), np.uint8), np.zeros(1), **settings)
 
 
 def test_cli_rejects_impossible_arguments_before_loading_mnist(tmp_path):
-    result = run_script("multidigit_generator.py", "--out", str(tmp_path / "x"), "--max-digits", "9",
-                        "--layout", "scatter", "--mnist-root", str(tmp_path / "no-mnist-here"), check=False)
+    result = run_script(
+        "multidigit_generator.py",
+        "--out",
+        str(tmp_path / "x"),
+        "--max-digits",
+        "9",
+        "--layout",
+        "scatter",
+        "--mnist-root",
+        str(tmp_path / "no-mnist-here"),
+        check=False,
+    )
     assert result.returncode == 2
     assert "do not fit on a 96x96 canvas" in result.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "no-mnist-here").exists()
@@ -201,9 +220,17 @@ def test_cli_rejects_impossible_arguments_before_loading_mnist(tmp_path):
 
 def test_settings_rebuild_the_composer_from_json(mnist_test):
     images, labels = mnist_test
-    composer = MultiDigitComposer(images, labels, length_weights=[1, 2, 3, 4, 5], digit_height=(20, 24),
-                                  stroke_width_change=2, aspect_stretch=(0.8, 1.2),
-                                  hug_borders=True, row_tilt=5.0, scan_degradation=True)
+    composer = MultiDigitComposer(
+        images,
+        labels,
+        length_weights=[1, 2, 3, 4, 5],
+        digit_height=(20, 24),
+        stroke_width_change=2,
+        aspect_stretch=(0.8, 1.2),
+        hug_borders=True,
+        row_tilt=5.0,
+        scan_degradation=True,
+    )
     settings = json.loads(json.dumps(composer.settings()))
     assert settings == composer.settings() and settings["digit_height"] == [20, 24]
     rebuilt = MultiDigitComposer(images, labels, **settings)
@@ -214,8 +241,22 @@ def test_settings_rebuild_the_composer_from_json(mnist_test):
 
 def test_cli_writes_a_dataset_folder(tmp_path, mnist_root):
     out = tmp_path / "set"
-    run_script("multidigit_generator.py", "--out", str(out), "--split", "test", "--num-images", "40",
-               "--seed", "3", "--digit-height", "20", "24", "--mnist-root", str(mnist_root))
+    run_script(
+        "multidigit_generator.py",
+        "--out",
+        str(out),
+        "--split",
+        "test",
+        "--num-images",
+        "40",
+        "--seed",
+        "3",
+        "--digit-height",
+        "20",
+        "24",
+        "--mnist-root",
+        str(mnist_root),
+    )
     images, records, metadata = read_dataset(out)
     assert images.shape == (40, 96, 96) and images.dtype == np.uint8
     assert metadata["num_images"] == 40 and metadata["seed"] == 3 and metadata["mnist_split"] == "test"
@@ -287,7 +328,9 @@ def test_stroke_width_change_thins_and_thickens_every_digit(mnist_test):
     for digit in images[:50]:
         plain, thin, thick = (augment_digit(digit, np.random.default_rng(0), stroke=k) for k in (0, -1, 2))
         assert (thin > 128).sum() < (plain > 128).sum() < (thick > 128).sum()
-        assert thin.max() == plain.max() and (thin > 128).sum() > 0.1 * (plain > 128).sum(), "thin strokes must not fade"
+        assert thin.max() == plain.max() and (thin > 128).sum() > 0.1 * (plain > 128).sum(), (
+            "thin strokes must not fade"
+        )
     shares = {k: ink_share(stressed(mnist_test, stroke_width_change=k)) for k in (-1, 0, 2)}
     assert shares[-1] < 0.8 * shares[0] and shares[2] > 1.3 * shares[0], shares
 
@@ -306,7 +349,9 @@ def test_anywhere_puts_digits_against_the_edges_and_tilts_rows(mnist_test):
 
     scatter = [c for c in anywhere if c.layout == "scatter"]
     assert sum(touching(c) for c in scatter) > 0.5 * sum(len(c.boxes) for c in scatter)
-    assert any(c.image[:4, :4].max() > 0 for c in scatter) and any(c.image[-4:, -4:].max() > 0 for c in scatter), "corners"
+    assert any(c.image[:4, :4].max() > 0 for c in scatter) and any(c.image[-4:, -4:].max() > 0 for c in scatter), (
+        "corners"
+    )
     rows = [c for c in anywhere if c.layout == "row"]
     assert any(min(b[1] for b in c.boxes) == 0 for c in rows) and any(max(b[3] for b in c.boxes) == 96 for c in rows)
     assert sum(touching(c) > 0 for c in rows) > 0.5 * len(rows)
@@ -328,7 +373,9 @@ def test_aspect_stretch_widens_and_narrows_digits(mnist_test):
 
 
 def test_scan_degradation_blurs_dims_and_greys_the_background(mnist_test):
-    scanned, plain = (stressed(mnist_test, count=60, seed=4, **settings) for settings in (STRESS_OPTIONS["scanner"], {}))
+    scanned, plain = (
+        stressed(mnist_test, count=60, seed=4, **settings) for settings in (STRESS_OPTIONS["scanner"], {})
+    )
     for s, p in zip(scanned, plain):
         assert s.label == p.label and s.boxes == p.boxes  # the same digits in the same places: degrading comes last
         background = np.ones_like(s.image, dtype=bool)

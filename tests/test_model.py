@@ -1,12 +1,37 @@
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (EOS, PAD, SOS, VOCAB_SIZE, DecoderCache, DigitSequenceTransformer, ModelConfig, configure_optimizer, encode_labels,
-                   pick_device, tokens_to_string)
+from model import (
+    EOS,
+    PAD,
+    SOS,
+    VOCAB_SIZE,
+    DecoderCache,
+    DigitSequenceTransformer,
+    ModelConfig,
+    configure_optimizer,
+    encode_labels,
+    pick_device,
+    tokens_to_string,
+)
 
-CONFIG = ModelConfig(image_size=48, patch_size=8, stem_width=32, stem_depth=0, stem_full_res=0, d_model=32, n_heads=4,
-                     encoder_layers=2, decoder_layers=2, ff_mult=2, max_digits=4, patch_head=False)
+CONFIG = ModelConfig(
+    image_size=48,
+    patch_size=8,
+    stem_width=32,
+    stem_depth=0,
+    stem_full_res=0,
+    d_model=32,
+    n_heads=4,
+    encoder_layers=2,
+    decoder_layers=2,
+    ff_mult=2,
+    max_digits=4,
+    patch_head=False,
+)
 
 
 @pytest.fixture
@@ -23,7 +48,7 @@ def test_encode_labels_and_decode_round_trip():
     assert targets[2].tolist() == [4, 2, EOS, PAD, PAD]
     assert targets[0].tolist() == [EOS, PAD, PAD, PAD, PAD]
     assert [tokens_to_string(t) for t in targets] == labels
-    assert [tokens_to_string(t) for t in inputs] == [label for label in labels]  # SOS is skipped, PAD ends
+    assert [tokens_to_string(t) for t in inputs] == list(labels)  # SOS is skipped, PAD ends
 
 
 @pytest.mark.parametrize("bad", ["12345", "4a", "-1", "٣"])
@@ -72,11 +97,15 @@ def test_decoding_one_token_at_a_time_with_a_cache_matches_the_whole_sequence_at
     memory = model.encode(images)
     whole = model.decode(memory, inputs)
     cache = DecoderCache(CONFIG.decoder_layers)
-    stepwise = torch.cat([model.decode(memory, inputs[:, t : t + 1], cache=cache) for t in range(inputs.shape[1])], dim=1)
+    stepwise = torch.cat(
+        [model.decode(memory, inputs[:, t : t + 1], cache=cache) for t in range(inputs.shape[1])], dim=1
+    )
     torch.testing.assert_close(stepwise, whole, atol=1e-5, rtol=1e-5)
     assert cache.length == 5 and cache.layers[1][0].keys.shape == (3, 4, 5, 8)  # one key per token per head
     prefix = DecoderCache(CONFIG.decoder_layers)
-    torch.testing.assert_close(model.decode(memory, inputs[:, :2], cache=prefix), whole[:, :2])  # a first prefix may go in whole
+    torch.testing.assert_close(
+        model.decode(memory, inputs[:, :2], cache=prefix), whole[:, :2]
+    )  # a first prefix may go in whole
     with pytest.raises(AssertionError, match="one new token at a time"):
         model.decode(memory, inputs[:, 2:4], cache=prefix)
 
@@ -133,16 +162,34 @@ def test_optimizer_decays_matrices_only(model):
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("stem, patch_size, full_res", [("conv", 8, 0), ("conv", 12, 0), ("conv", 12, 4), ("conv", 16, 0), ("linear", 12, 0)])
+@pytest.mark.parametrize(
+    "stem, patch_size, full_res", [("conv", 8, 0), ("conv", 12, 0), ("conv", 12, 4), ("conv", 16, 0), ("linear", 12, 0)]
+)
 def test_both_stems_make_one_vector_per_patch(stem, patch_size, full_res):
-    config = ModelConfig(image_size=96, patch_size=patch_size, stem=stem, stem_full_res=full_res, d_model=32, n_heads=2,
-                         encoder_layers=1, decoder_layers=1, ff_mult=2)
+    config = ModelConfig(
+        image_size=96,
+        patch_size=patch_size,
+        stem=stem,
+        stem_full_res=full_res,
+        d_model=32,
+        n_heads=2,
+        encoder_layers=1,
+        decoder_layers=1,
+        ff_mult=2,
+    )
     memory = DigitSequenceTransformer(config).eval().encode(torch.rand(2, 1, 96, 96))
     assert memory.shape == (2, (96 // patch_size) ** 2, 32)
 
 
-@pytest.mark.parametrize("settings, message", [(dict(stem="resnet"), "stem"), (dict(stem="conv", patch_size=6, image_size=48), "multiple of 4"),
-                                                (dict(stem_width=3), "stem_width"), (dict(stem_full_res=-8), "stem_full_res")])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(stem="resnet"), "stem"),
+        (dict(stem="conv", patch_size=6, image_size=48), "multiple of 4"),
+        (dict(stem_width=3), "stem_width"),
+        (dict(stem_full_res=-8), "stem_full_res"),
+    ],
+)
 def test_config_rejects_impossible_stems(settings, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**settings)
@@ -174,8 +221,7 @@ def test_patch_targets_mark_the_digit_under_each_patch():
 
     # 48x48 image, 8x8 patches (6x6 grid). A "7" fills patches (1, 1)-(2, 2) exactly; a thin "1"
     # is 3 px wide inside patch (4, 4), where no patch centre falls; the second image is blank.
-    boxes = torch.tensor([[[8, 8, 24, 24], [34, 33, 37, 40], [-1, -1, -1, -1]],
-                          [[-1, -1, -1, -1]] * 3])
+    boxes = torch.tensor([[[8, 8, 24, 24], [34, 33, 37, 40], [-1, -1, -1, -1]], [[-1, -1, -1, -1]] * 3])
     targets = patch_targets(boxes, ["71", ""], image_size=48, patch_size=8).view(2, 6, 6)
     expected = torch.full((6, 6), NO_DIGIT)
     expected[1:3, 1:3] = 7
@@ -200,7 +246,10 @@ def test_pick_device_takes_what_the_machine_has_and_explains_what_it_lacks():
     assert pick_device("auto").type in ("cuda", "mps", "cpu")
     with pytest.raises(ValueError, match="unknown device 'tpu0': expected auto, cpu, cuda, cuda:N or mps"):
         pick_device("tpu0")
-    with pytest.raises(ValueError, match=f"device 'cuda:{torch.cuda.device_count()}': PyTorch sees {torch.cuda.device_count()} CUDA GPU"):
+    with pytest.raises(
+        ValueError,
+        match=f"device 'cuda:{torch.cuda.device_count()}': PyTorch sees {torch.cuda.device_count()} CUDA GPU",
+    ):
         pick_device(f"cuda:{torch.cuda.device_count()}")
 
 
@@ -222,14 +271,17 @@ def test_read_is_greedy_decoding_of_uint8_canvases_with_attention_per_token(mode
     torch.testing.assert_close(decoded.attention, expected)
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(max_digits=10**7), "max_digits must be between 1 and 32"),
-    (dict(image_size=9600), "image_size must be between"),
-    (dict(d_model=128.0), "d_model must be int"),
-    (dict(dropout=float("nan")), "dropout must hold finite numbers"),
-    (dict(patch_head="yes"), "patch_head must be bool"),
-    (dict(image_size=1024, patch_size=4, stem="linear"), "256x256 patches: at most 64x64"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(max_digits=10**7), "max_digits must be between 1 and 32"),
+        (dict(image_size=9600), "image_size must be between"),
+        (dict(d_model=128.0), "d_model must be int"),
+        (dict(dropout=float("nan")), "dropout must hold finite numbers"),
+        (dict(patch_head="yes"), "patch_head must be bool"),
+        (dict(image_size=1024, patch_size=4, stem="linear"), "256x256 patches: at most 64x64"),
+    ],
+)
 def test_config_bounds_are_checked_before_anything_is_built(settings, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**settings)
@@ -254,7 +306,9 @@ def test_checkpoints_round_trip_and_refuse_what_is_not_ours(model, tmp_path):
     good = torch.load(path, weights_only=True)
     refused(b"not a checkpoint", "is not a digit-sequence checkpoint")
     refused({"config": good["model_config"], "model": good["model"]}, "has no version")  # an older layout
-    refused({**good, "model_config": {**good["model_config"], "max_digits": 10**7}}, "max_digits must be between 1 and 32")
+    refused(
+        {**good, "model_config": {**good["model_config"], "max_digits": 10**7}}, "max_digits must be between 1 and 32"
+    )
     refused({**good, "model_config": {**good["model_config"], "colour": "red"}}, "not model settings: colour")
     refused({**good, "model_config": {**good["model_config"], "d_model": 64}}, "do not fit its model_config")
     with pytest.raises(CheckpointError, match="no checkpoint at"):
@@ -267,7 +321,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(model, tmp_path):
     path = tmp_path / "m.pt"
     save_checkpoint(path, CONFIG, model.state_dict())
     before = path.read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):  # a lambda cannot be pickled
         save_checkpoint(path, CONFIG, model.state_dict(), unpicklable=lambda: None)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
     load_model(path, "cpu")

@@ -40,9 +40,13 @@ def test_dark_ink_on_light_paper_is_inverted_and_its_digits_scaled_to_the_traine
 
 
 @pytest.mark.parametrize("height, canvas_size", [(14, 96), (40, 160)])
-def test_digits_smaller_or_larger_than_trained_are_scaled_into_range_and_read(mnist_test, shipped_model, height, canvas_size):
+def test_digits_smaller_or_larger_than_trained_are_scaled_into_range_and_read(
+    mnist_test, shipped_model, height, canvas_size
+):
     images, labels = mnist_test
-    composer = MultiDigitComposer(images, labels, canvas_size=canvas_size, digit_height=(height, height), augment_strength=0.0)
+    composer = MultiDigitComposer(
+        images, labels, canvas_size=canvas_size, digit_height=(height, height), augment_strength=0.0
+    )
     composites = [c for c in generate(composer, 100, seed=5, progress=False) if c.label]
     canvases = [to_canvas(Image.fromarray(c.image), 96) for c in composites]
     heights = [predict.measure_ink(canvas).digit_height for canvas in canvases]
@@ -52,10 +56,13 @@ def test_digits_smaller_or_larger_than_trained_are_scaled_into_range_and_read(mn
     assert correct / len(composites) >= 0.85, f"{correct} of {len(composites)} read exactly"
 
 
-@pytest.mark.parametrize("pad_size, left, top, height, pen", [
-    ((1600, 1000), 1150, 850, 80, 8),  # small, in the bottom right corner of a large pad
-    ((1600, 1000), 100, 200, 400, 40),  # filling the pad with a fat pen
-])
+@pytest.mark.parametrize(
+    "pad_size, left, top, height, pen",
+    [
+        ((1600, 1000), 1150, 850, 80, 8),  # small, in the bottom right corner of a large pad
+        ((1600, 1000), 100, 200, 400, 40),  # filling the pad with a fat pen
+    ],
+)
 def test_a_number_drawn_on_a_pad_is_read_wherever_and_however_large(shipped_model, pad_size, left, top, height, pen):
     pad = draw_on_pad(number_strokes("2026", left=left, top=top, height=height), pad_size, pen)
     reading = predict.read_canvases(shipped_model, [to_canvas(pad, 96)])[0]
@@ -70,9 +77,13 @@ def test_a_tap_on_the_pad_is_not_a_digit():
 
 def test_attention_maps_point_at_each_digit_read(mnist_test, shipped_model):
     images, labels = mnist_test
-    composites = generate(MultiDigitComposer(images, labels, min_digits=1, augment_strength=0.0), 40, seed=11, progress=False)
+    composites = generate(
+        MultiDigitComposer(images, labels, min_digits=1, augment_strength=0.0), 40, seed=11, progress=False
+    )
     on_target = total = 0
-    for c, reading in zip(composites, predict.read_canvases(shipped_model, [c.image for c in composites], attention=True)):
+    for c, reading in zip(
+        composites, predict.read_canvases(shipped_model, [c.image for c in composites], attention=True)
+    ):
         if reading.digits != c.label:
             continue
         maps = reading.attention
@@ -100,7 +111,9 @@ def test_scanned_pages_lose_their_noise_and_are_read(mnist_test, shipped_model):
     canvases = [to_canvas(Image.fromarray(c.image), 96) for c in composites]
     readings = predict.read_canvases(shipped_model, canvases)
     correct = sum(r.digits == c.label for r, c in zip(readings, composites))
-    assert correct / len(composites) >= 0.8, f"{correct} of {len(composites)} scanned composites read exactly"  # measured: 89.3 % of 2,000
+    assert correct / len(composites) >= 0.8, (
+        f"{correct} of {len(composites)} scanned composites read exactly"
+    )  # measured: 89.3 % of 2,000
 
 
 @pytest.mark.parametrize("stroke", ["black", "white", "blue"])
@@ -145,8 +158,21 @@ def test_predict_cli_reads_good_files_and_reports_bad_ones(tmp_path, tiny_run, c
 def test_predict_cli_jsonl(tmp_path, tiny_run, composite, capsys):
     Image.fromarray(composite.image).save(tmp_path / "x.png")
     Image.new("L", (96, 96)).save(tmp_path / "blank.png")
-    assert main(["--checkpoint", str(tiny_run / "best.pt"), "--jsonl", "--beam-size", "3",
-                 str(tmp_path / "x.png"), str(tmp_path / "gone.png"), str(tmp_path / "blank.png")]) == 1
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tiny_run / "best.pt"),
+                "--jsonl",
+                "--beam-size",
+                "3",
+                str(tmp_path / "x.png"),
+                str(tmp_path / "gone.png"),
+                str(tmp_path / "blank.png"),
+            ]
+        )
+        == 1
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["path"] for r in rows] == [str(tmp_path / n) for n in ("x.png", "gone.png", "blank.png")]  # input order
     assert rows.pop(1) == {"path": str(tmp_path / "gone.png"), "error": "no such file"}
@@ -169,7 +195,9 @@ def test_missing_or_foreign_checkpoint_is_reported(tmp_path, capsys):
     assert "is not a digit-sequence checkpoint" in capsys.readouterr().err
 
 
-def test_model_card_the_shipped_model_reads_fresh_test_composites_as_its_recorded_test_accuracy_says(mnist_test, shipped_model):
+def test_model_card_the_shipped_model_reads_fresh_test_composites_as_its_recorded_test_accuracy_says(
+    mnist_test, shipped_model
+):
     # A model-card check: the committed checkpoint, on composites it has never seen (MNIST test
     # digits, a seed used nowhere else), through the same path as `predict.py` minus the file
     # reading, must score within sampling noise of the test accuracy its training recorded.
@@ -179,5 +207,7 @@ def test_model_card_the_shipped_model_reads_fresh_test_composites_as_its_recorde
     composites = generate(composer, 500, seed=31337, progress=False)
     readings = predict.read_canvases(shipped_model, [c.image for c in composites])
     correct = sum(r.digits == c.label for r, c in zip(readings, composites))
-    floor = recorded - 4 * (recorded * (1 - recorded) / len(composites)) ** 0.5 - 0.01  # 4 sd of 500 images, and a point
+    floor = (
+        recorded - 4 * (recorded * (1 - recorded) / len(composites)) ** 0.5 - 0.01
+    )  # 4 sd of 500 images, and a point
     assert correct / len(composites) >= floor, f"{correct} of {len(composites)} read exactly; recorded {recorded:.2%}"

@@ -48,8 +48,19 @@ def test_test_composites_show_mnist_test_digits_as_written(tiny_data_dir, mnist_
 
 
 def test_split_cli_writes_pools_and_evaluation_sets(tmp_path, mnist_root):
-    result = run_script("split_multidigit_dataset.py", "--data-dir", str(tmp_path), "--mnist-root", str(mnist_root),
-                        "--val-images", "10", "--test-images", "12", "--seed", "7")
+    result = run_script(
+        "split_multidigit_dataset.py",
+        "--data-dir",
+        str(tmp_path),
+        "--mnist-root",
+        str(mnist_root),
+        "--val-images",
+        "10",
+        "--test-images",
+        "12",
+        "--seed",
+        "7",
+    )
     assert "digit pools: train 54000, val 6000" in result.stdout
     images, records, _ = read_dataset(tmp_path / "test")
     assert images.shape == (12, 96, 96) and len(records) == 12
@@ -58,8 +69,16 @@ def test_split_cli_writes_pools_and_evaluation_sets(tmp_path, mnist_root):
 
 
 def test_split_cli_refuses_bad_arguments(tmp_path):
-    result = run_script("split_multidigit_dataset.py", "--data-dir", str(tmp_path / "d"), "--val-fraction", "0",
-                        "--mnist-root", str(tmp_path), check=False)
+    result = run_script(
+        "split_multidigit_dataset.py",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--val-fraction",
+        "0",
+        "--mnist-root",
+        str(tmp_path),
+        check=False,
+    )
     assert result.returncode == 2 and "val_fraction" in result.stderr
     assert not (tmp_path / "d").exists()
 
@@ -80,8 +99,12 @@ def test_stress_sets_are_written_from_mnist_test_digits_only(stress_dir, mnist_t
         images, records, metadata = read_dataset(stress_dir / "stress" / name)
         assert images.shape == (12, 96, 96) and metadata["num_images"] == 12
         assert metadata["stress"] == name and metadata["stress_description"] == description
-        assert metadata["mnist_split"] == "test" and metadata["seed"] == 5 + 3, "a seed unlike val's (+1) and test's (+2)"
-        assert all(metadata[key] == (list(value) if isinstance(value, tuple) else value) for key, value in stress.items())
+        assert metadata["mnist_split"] == "test" and metadata["seed"] == 5 + 3, (
+            "a seed unlike val's (+1) and test's (+2)"
+        )
+        assert all(
+            metadata[key] == (list(value) if isinstance(value, tuple) else value) for key, value in stress.items()
+        )
         assert (stress_dir / "stress" / name / "preview.png").is_file()
         for r in records:
             assert all(0 <= i < len(test_labels) for i in r["sources"])
@@ -105,7 +128,15 @@ def test_stress_cli_writes_only_the_stress_sets(tmp_path, mnist_root, capsys):
 
 
 def test_stress_cli_refuses_bad_arguments_before_work(tmp_path, capsys):
-    for args, message in ((["--stress-images", "0"], "at least one image"), (["--max-digits", "5"], "stress set height_32")):
-        assert main(["--data-dir", str(tmp_path / "d"), "--stress", *args, "--mnist-root", str(tmp_path / "no-mnist-here")]) == 2
+    for args, message in (
+        (["--stress-images", "0"], "at least one image"),
+        (["--max-digits", "5"], "stress set height_32"),
+    ):
+        assert (
+            main(
+                ["--data-dir", str(tmp_path / "d"), "--stress", *args, "--mnist-root", str(tmp_path / "no-mnist-here")]
+            )
+            == 2
+        )
         assert message in capsys.readouterr().err
     assert not (tmp_path / "d").exists() and not (tmp_path / "no-mnist-here").exists()

@@ -30,12 +30,23 @@ def test_every_sampled_trial_makes_valid_configs():
 
 
 def test_the_offline_sampler_follows_wandbs_spec():
-    spec = {"method": "grid", "parameters": {"a": {"values": [1, 2, 3]}, "b": {"value": "x"}, "c": {"values": [0.1, 0.2]}}}
+    spec = {
+        "method": "grid",
+        "parameters": {"a": {"values": [1, 2, 3]}, "b": {"value": "x"}, "c": {"values": [0.1, 0.2]}},
+    }
     grid = sample_trials(spec, None, seed=0)
-    assert len(grid) == 6 and {(t["a"], t["b"], t["c"]) for t in grid} == {(a, "x", c) for a in (1, 2, 3) for c in (0.1, 0.2)}
+    assert len(grid) == 6 and {(t["a"], t["b"], t["c"]) for t in grid} == {
+        (a, "x", c) for a in (1, 2, 3) for c in (0.1, 0.2)
+    }
     assert sample_trials(spec, 4, seed=0) == grid[:4]
-    spec = {"method": "random", "parameters": {"lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
-                                               "n": {"min": 1, "max": 3}, "p": {"values": ["a", "b"], "probabilities": [1, 0]}}}
+    spec = {
+        "method": "random",
+        "parameters": {
+            "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+            "n": {"min": 1, "max": 3},
+            "p": {"values": ["a", "b"], "probabilities": [1, 0]},
+        },
+    }
     trials = sample_trials(spec, 400, seed=1)
     assert trials == sample_trials(spec, 400, seed=1)  # a seed gives the same sweep
     logs = [math.log10(t["lr"]) for t in trials]
@@ -44,17 +55,40 @@ def test_the_offline_sampler_follows_wandbs_spec():
     with pytest.raises(ValueError, match="needs the W&B server"):
         sample_trials({**spec, "method": "bayes"}, 2, seed=0)
     with pytest.raises(ValueError, match="not supported offline"):
-        sample_trials({"method": "random", "parameters": {"x": {"distribution": "normal", "min": 0, "max": 1}}}, 1, seed=0)
+        sample_trials(
+            {"method": "random", "parameters": {"x": {"distribution": "normal", "min": 0, "max": 1}}}, 1, seed=0
+        )
     with pytest.raises(ValueError, match="grid sweep needs value or values"):
         sample_trials({"method": "grid", "parameters": {"x": {"min": 0.0, "max": 1.0}}}, None, seed=0)
 
 
-def test_an_offline_sweep_of_two_tiny_trials_writes_a_summary_and_a_best_config_a_run_loads(tmp_path, tiny_data_dir, mnist_root):
+def test_an_offline_sweep_of_two_tiny_trials_writes_a_summary_and_a_best_config_a_run_loads(
+    tmp_path, tiny_data_dir, mnist_root
+):
     sweep_dir = tmp_path / "sweep"
-    result = run_script("train_encoder_decoder.py", "--run-type", "sweep", "--count", "2", "--offline",
-                        "--data-dir", str(tiny_data_dir), "--mnist-root", str(mnist_root), "--out-dir", str(sweep_dir),
-                        "--epochs", "1", "--train-images", "64", "--stem-width", "16", "--stem-full-res", "0",
-                        env={"WANDB_DIR": str(tmp_path)})
+    result = run_script(
+        "train_encoder_decoder.py",
+        "--run-type",
+        "sweep",
+        "--count",
+        "2",
+        "--offline",
+        "--data-dir",
+        str(tiny_data_dir),
+        "--mnist-root",
+        str(mnist_root),
+        "--out-dir",
+        str(sweep_dir),
+        "--epochs",
+        "1",
+        "--train-images",
+        "64",
+        "--stem-width",
+        "16",
+        "--stem-full-res",
+        "0",
+        env={"WANDB_DIR": str(tmp_path)},
+    )
     metric = SWEEP["metric"]["name"]
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["metric"] == metric and [t["trial"] for t in summary["trials"]] == [1, 2]
@@ -76,10 +110,15 @@ def test_an_offline_sweep_of_two_tiny_trials_writes_a_summary_and_a_best_config_
     assert all_settings(model_config, train_config) == {**best, "lr": 0.0005}
 
 
-@pytest.mark.parametrize("content, message", [("[1, 2]", "expected a JSON object"),
-                                              ('{"lr": 0.001, "bogus": 1}', "not settings: bogus"),
-                                              ('{"d_model": "wide"}', "--d-model must be int, got 'wide'"),
-                                              ("{not json", "Expecting property name")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[1, 2]", "expected a JSON object"),
+        ('{"lr": 0.001, "bogus": 1}', "not settings: bogus"),
+        ('{"d_model": "wide"}', "--d-model must be int, got 'wide'"),
+        ("{not json", "Expecting property name"),
+    ],
+)
 def test_bad_config_files_are_refused(tmp_path, content, message, capsys):
     path = tmp_path / "config.json"
     path.write_text(content)
@@ -92,7 +131,7 @@ def test_bad_config_files_are_refused(tmp_path, content, message, capsys):
 # config, wandb.agent calls the trial function `count` times, and each wandb.init() inside it
 # returns a run whose config holds that trial's settings (here each parameter's first value or
 # minimum), as W&B's server would hand them out. What the runs were given is written to a file.
-FAKE_WANDB = '''
+FAKE_WANDB = """
 import json, os
 from types import SimpleNamespace
 
@@ -129,23 +168,41 @@ def init(**kwargs):
 
 Table = lambda columns: SimpleNamespace(add_data=lambda *row: None)
 Image = lambda array: array
-'''
+"""
 
 
 def test_an_online_sweep_runs_its_trials_through_wandbs_agent(tmp_path, tiny_data_dir, mnist_root):
     (tmp_path / "fake" / "wandb").mkdir(parents=True)
     (tmp_path / "fake" / "wandb" / "__init__.py").write_text(FAKE_WANDB)
     log = tmp_path / "wandb_calls.json"
-    run_script("train_encoder_decoder.py", "--run-type", "sweep", "--count", "2", "--wandb-project", "sweep-test",
-               "--data-dir", str(tiny_data_dir), "--mnist-root", str(mnist_root), "--out-dir", str(tmp_path / "sweep"),
-               "--epochs", "1", "--train-images", "32",
-               env={"PYTHONPATH": str(tmp_path / "fake"), "WANDB_API_KEY": "not-a-real-key", "FAKE_WANDB_LOG": str(log)})
+    run_script(
+        "train_encoder_decoder.py",
+        "--run-type",
+        "sweep",
+        "--count",
+        "2",
+        "--wandb-project",
+        "sweep-test",
+        "--data-dir",
+        str(tiny_data_dir),
+        "--mnist-root",
+        str(mnist_root),
+        "--out-dir",
+        str(tmp_path / "sweep"),
+        "--epochs",
+        "1",
+        "--train-images",
+        "32",
+        env={"PYTHONPATH": str(tmp_path / "fake"), "WANDB_API_KEY": "not-a-real-key", "FAKE_WANDB_LOG": str(log)},
+    )
     calls = json.loads(log.read_text())
     assert calls["sweeps"] == [{"config": SWEEP, "project": "sweep-test"}]
     first_values = {name: s["values"][0] if "values" in s else s["min"] for name, s in SWEEP["parameters"].items()}
     assert len(calls["runs"]) == 2
     for config in calls["runs"]:  # the agent's settings, trained with, and the run's whole config logged
-        assert {k: config[k] for k in first_values} == first_values and config["epochs"] == 1 and config["parameters"] > 0
+        assert (
+            {k: config[k] for k in first_values} == first_values and config["epochs"] == 1 and config["parameters"] > 0
+        )
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
     assert [t["parameters"] for t in summary["trials"]] == [first_values, first_values]
     best = json.loads((tmp_path / "sweep" / "best_config.json").read_text())

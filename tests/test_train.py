@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_MODEL, run_script
+from conftest import REPO, TINY_MODEL
 from model import load_checkpoint, load_model
 from predict import main as predict_main
 from train_encoder_decoder import TrainConfig
@@ -30,7 +30,12 @@ def test_training_writes_loadable_checkpoints_metrics_and_wandb_logs(tiny_run):
     # The script's accuracies agree with its own counts: 48 test images, so multiples of 1/48.
     assert test["sequence_accuracy"] == pytest.approx(round(test["sequence_accuracy"] * 48) / 48)
     assert test["sequence_accuracy"] <= test["order_free_accuracy"] and test["sequence_accuracy_len0"] >= 0
-    assert {"sequence_accuracy_len0", "sequence_accuracy_len4", "sequence_accuracy_row", "sequence_accuracy_scatter"} <= set(test)
+    assert {
+        "sequence_accuracy_len0",
+        "sequence_accuracy_len4",
+        "sequence_accuracy_row",
+        "sequence_accuracy_scatter",
+    } <= set(test)
     assert metrics["train_images_per_second"] > 0 and metrics["settings"] == settings
     # wandb ran offline and recorded the run locally, ready for `wandb sync`.
     assert list((tiny_run / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -38,14 +43,35 @@ def test_training_writes_loadable_checkpoints_metrics_and_wandb_logs(tiny_run):
     export, last = load_checkpoint(tiny_run / "model.pt"), load_checkpoint(tiny_run / "last.pt")
     assert "training" not in export and export["metrics"]["test"] == test
     assert all(torch.equal(export["model"][k], last["model"][k]) for k in last["model"])
-    assert not all(torch.equal(last["model"][k], last["training"]["weights"][k]) for k in last["model"])  # averaged, not raw
+    assert not all(
+        torch.equal(last["model"][k], last["training"]["weights"][k]) for k in last["model"]
+    )  # averaged, not raw
     assert load_model(tiny_run / "model.pt").config == load_model(tiny_run / "best.pt").config
 
 
 def train_args(data_dir, mnist_root, out_dir, *extra):
-    return ["--data-dir", str(data_dir), "--mnist-root", str(mnist_root), "--out-dir", str(out_dir),
-            "--epochs", "3", "--train-images", "96", "--batch-size", "32", "--num-workers", "0",
-            "--wandb", "disabled", "--dropout", "0.1", *TINY_MODEL, *extra]
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--mnist-root",
+        str(mnist_root),
+        "--out-dir",
+        str(out_dir),
+        "--epochs",
+        "3",
+        "--train-images",
+        "96",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--wandb",
+        "disabled",
+        "--dropout",
+        "0.1",
+        *TINY_MODEL,
+        *extra,
+    ]
 
 
 def test_interrupted_training_resumes_exactly(tmp_path, tiny_data_dir, mnist_root, capsys):
@@ -71,9 +97,14 @@ def test_interrupted_training_resumes_exactly(tmp_path, tiny_data_dir, mnist_roo
 
 
 def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_dir, mnist_root):
-    process = subprocess.Popen([sys.executable, "train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path)],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "WANDB_SILENT": "true"})
+    process = subprocess.Popen(
+        [sys.executable, "train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WANDB_SILENT": "true"},
+    )
     for line in process.stdout:
         if line.startswith("model:"):  # printed once Ctrl-C is handled, before the first step
             process.send_signal(signal.SIGINT)
@@ -93,7 +124,9 @@ def test_resume_refuses_new_settings_and_files_it_cannot_continue(tmp_path, tiny
     assert train_main(["--resume", str(tiny_run / "model.pt")]) == 2
     assert "resume from a run's last.pt" in capsys.readouterr().err
     old = torch.load(tiny_run / "last.pt", weights_only=True)
-    torch.save({"config": old["model_config"], "model": old["model"], "step": 1}, tmp_path / "old.pt")  # an older layout
+    torch.save(
+        {"config": old["model_config"], "model": old["model"], "step": 1}, tmp_path / "old.pt"
+    )  # an older layout
     assert train_main(["--resume", str(tmp_path / "old.pt"), "--data-dir", str(tmp_path / "data")]) == 2
     assert "is not a digit-sequence checkpoint of version 2" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()  # refused before any data was made
@@ -101,21 +134,46 @@ def test_resume_refuses_new_settings_and_files_it_cannot_continue(tmp_path, tiny
 
 def test_bf16_autocast_trains_and_evaluates_when_asked_for(tmp_path, tiny_data_dir, mnist_root, capsys):
     # Forced, so that the bf16 path runs on every machine, whatever `auto` would pick here.
-    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path, "--precision", "bf16", "--epochs", "1",
-                                 "--train-images", "64")) == 0
+    assert (
+        train_main(
+            train_args(
+                tiny_data_dir, mnist_root, tmp_path, "--precision", "bf16", "--epochs", "1", "--train-images", "64"
+            )
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "bf16 autocast" in out and "test: sequence accuracy" in out
     checkpoint = load_checkpoint(tmp_path / "model.pt")
-    assert all(t.dtype != torch.bfloat16 and torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
+    assert all(
+        t.dtype != torch.bfloat16 and torch.isfinite(t).all()
+        for t in checkpoint["model"].values()
+        if t.is_floating_point()
+    )
 
 
-def test_two_processes_under_torchrun_train_one_model_that_predict_py_loads(tmp_path, tiny_data_dir, mnist_root, composite, capsys):
+def test_two_processes_under_torchrun_train_one_model_that_predict_py_loads(
+    tmp_path, tiny_data_dir, mnist_root, composite, capsys
+):
     # Two CPU processes (gloo), each reading half of every batch of 32, with dropout on so that
     # each rank's own random masks are exercised; the weights must still agree at every
     # checkpoint (the script compares all of them across ranks and fails otherwise).
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_SILENT": "true"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train_encoder_decoder.py",
+            *train_args(tiny_data_dir, mnist_root, tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_SILENT": "true"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 epochs x 3 steps of 32 (2 processes x 16) on cpu" in result.stdout
     assert "replicas identical: the weights and buffers of all 2 ranks agreed" in result.stdout
@@ -130,19 +188,28 @@ def test_two_processes_under_torchrun_train_one_model_that_predict_py_loads(tmp_
     assert reading["path"] == str(tmp_path / "digits.png") and 0 < reading["confidence"] <= 1
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--batch-size", "0", "--batch-size must be between 1 and"), ("--lr", "-1", "--lr must be between"),
-    ("--label-smoothing", "1.5", "--label-smoothing must be between 0.0 and 0.99"), ("--ema-decay", "1", "--ema-decay must be"),
-    ("--stem-depth", "-1", "--stem-depth must be between 0 and 8"), ("--stem-width", "3", "--stem-width must be an even"),
-    ("--stem-full-res", "-1", "--stem-full-res must be between"), ("--patch-loss-weight", "-1", "--patch-loss-weight must be"),
-    ("--length-weights", "1,2", "--length-weights must be 5 non-negative numbers"),
-    ("--length-weights", "1,x,3,4,5", "expected comma-separated numbers"),
-    ("--length-weights", "nan,1,1,1,1", "--length-weights must hold finite numbers"),
-    ("--augment-strength", "nan", "--augment-strength must hold finite numbers"),
-    ("--augment-strength", "1e6", "--augment-strength must be between 0.0 and 5.0"),
-    ("--d-model", "30", "--d-model 30 is not divisible by --n-heads 4"), ("--max-digits", "40", "--max-digits must be between"),
-    ("--count", "2", "--count is the number of sweep trials"), ("--precision", "fp8", "invalid choice: 'fp8'"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--batch-size", "0", "--batch-size must be between 1 and"),
+        ("--lr", "-1", "--lr must be between"),
+        ("--label-smoothing", "1.5", "--label-smoothing must be between 0.0 and 0.99"),
+        ("--ema-decay", "1", "--ema-decay must be"),
+        ("--stem-depth", "-1", "--stem-depth must be between 0 and 8"),
+        ("--stem-width", "3", "--stem-width must be an even"),
+        ("--stem-full-res", "-1", "--stem-full-res must be between"),
+        ("--patch-loss-weight", "-1", "--patch-loss-weight must be"),
+        ("--length-weights", "1,2", "--length-weights must be 5 non-negative numbers"),
+        ("--length-weights", "1,x,3,4,5", "expected comma-separated numbers"),
+        ("--length-weights", "nan,1,1,1,1", "--length-weights must hold finite numbers"),
+        ("--augment-strength", "nan", "--augment-strength must hold finite numbers"),
+        ("--augment-strength", "1e6", "--augment-strength must be between 0.0 and 5.0"),
+        ("--d-model", "30", "--d-model 30 is not divisible by --n-heads 4"),
+        ("--max-digits", "40", "--max-digits must be between"),
+        ("--count", "2", "--count is the number of sweep trials"),
+        ("--precision", "fp8", "invalid choice: 'fp8'"),
+    ],
+)
 def test_absurd_arguments_are_refused_naming_the_flag(flag, value, message, capsys):
     with pytest.raises(SystemExit) as exited:
         train_main([flag, value])
