@@ -189,6 +189,8 @@ class ModelConfig:
     )
     d_model: int = setting(128, "width of every token vector", 8, 2048)
     n_heads: int = setting(4, "attention heads per layer", 1, 64)
+    dim_k: int = setting(0, "query and key width of each attention head (0: d_model / n_heads)", 0, 1024)
+    dim_v: int = setting(0, "value width of each attention head (0: d_model / n_heads)", 0, 1024)
     encoder_layers: int = setting(3, "encoder blocks", 1, 48)
     decoder_layers: int = setting(2, "decoder blocks", 1, 48)
     ff_mult: int = setting(4, "feed-forward hidden width, in multiples of d_model", 1, 16)
@@ -225,6 +227,14 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"not model settings: {', '.join(map(str, unknown))}")
         return cls(**settings)
+
+    @property
+    def head_dim_k(self) -> int:
+        return self.dim_k or self.d_model // self.n_heads
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.dim_v or self.d_model // self.n_heads
 
     @property
     def grid_size(self) -> int:
@@ -326,7 +336,7 @@ class KeyValueCache:
     """The keys and values one attention layer computed at earlier decoding steps, so that
     each step of autoregressive decoding feeds only the newest token through the decoder:
     cross-attention projects the memory once, self-attention appends one key and value per
-    token. Both are (B, heads, tokens, head_dim)."""
+    token. Keys are (B, heads, tokens, dim_k), values (B, heads, tokens, dim_v)."""
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None
@@ -351,14 +361,19 @@ class DecoderCache:
 class MultiHeadAttention(nn.Module):
     """Self-attention when context is None, cross-attention to `context` otherwise. With a
     cache, self-attention adds x's keys and values to the earlier tokens' and cross-attention
-    reuses the context's once computed."""
+    reuses the context's once computed.
 
-    def __init__(self, *, d_model: int, n_heads: int):
+    Each head compares queries and keys of dim_k channels and mixes values of dim_v channels;
+    the heads' values, side by side, are projected back to d_model. dim_k sets how finely a head
+    can tell positions and contents apart (and the cost of the scores), dim_v how much each head
+    carries; the usual choice, and the default, is d_model / n_heads for both."""
+
+    def __init__(self, *, d_model: int, n_heads: int, dim_k: int, dim_v: int):
         super().__init__()
-        self.n_heads = n_heads
-        self.query = nn.Linear(d_model, d_model)
-        self.key_value = nn.Linear(d_model, 2 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.n_heads, self.dim_k, self.dim_v = n_heads, dim_k, dim_v
+        self.query = nn.Linear(d_model, n_heads * dim_k)
+        self.key_value = nn.Linear(d_model, n_heads * (dim_k + dim_v))  # keys, then values
+        self.out = nn.Linear(n_heads * dim_v, d_model)
 
     def forward(
         self,
@@ -369,13 +384,14 @@ class MultiHeadAttention(nn.Module):
         return_attention: bool = False,
         cache: KeyValueCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b, t, d = x.shape
-        heads = lambda z: z.view(b, z.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)
+        b, t, _ = x.shape
+        heads = lambda z: z.view(b, z.shape[1], self.n_heads, -1).transpose(1, 2)  # (B, heads, tokens, width)
         q = heads(self.query(x))
         if cache is not None and cache.keys is not None and context is not None:
             k, v = cache.keys, cache.values  # cross-attention: the memory was projected at the first step
         else:
-            k, v = (heads(z) for z in self.key_value(x if context is None else context).chunk(2, dim=-1))
+            keys_values = self.key_value(x if context is None else context)
+            k, v = (heads(z) for z in keys_values.split([self.n_heads * self.dim_k, self.n_heads * self.dim_v], dim=-1))
             if cache is not None:
                 if cache.keys is not None:  # self-attention: the earlier tokens' keys and values, then x's
                     k, v = torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2)
@@ -395,7 +411,7 @@ class MultiHeadAttention(nn.Module):
         else:
             attention = None
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out(y.transpose(1, 2).reshape(b, t, d)), attention
+        return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * self.dim_v)), attention
 
 
 class FeedForward(nn.Sequential):
@@ -409,10 +425,10 @@ class FeedForward(nn.Sequential):
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, *, d_model: int, n_heads: int, ff_mult: int, dropout: float):
+    def __init__(self, *, d_model: int, n_heads: int, dim_k: int, dim_v: int, ff_mult: int, dropout: float):
         super().__init__()
         self.norm_attn = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads)
+        self.attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dim_k=dim_k, dim_v=dim_v)
         self.norm_ff = nn.LayerNorm(d_model)
         self.ff = FeedForward(d_model=d_model, ff_mult=ff_mult, dropout=dropout)
         self.drop = nn.Dropout(dropout)
@@ -424,12 +440,12 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, *, d_model: int, n_heads: int, ff_mult: int, dropout: float):
+    def __init__(self, *, d_model: int, n_heads: int, dim_k: int, dim_v: int, ff_mult: int, dropout: float):
         super().__init__()
         self.norm_self = nn.LayerNorm(d_model)
-        self.self_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads)
+        self.self_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dim_k=dim_k, dim_v=dim_v)
         self.norm_cross = nn.LayerNorm(d_model)
-        self.cross_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads)
+        self.cross_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dim_k=dim_k, dim_v=dim_v)
         self.norm_ff = nn.LayerNorm(d_model)
         self.ff = FeedForward(d_model=d_model, ff_mult=ff_mult, dropout=dropout)
         self.drop = nn.Dropout(dropout)
@@ -485,7 +501,14 @@ class DigitSequenceTransformer(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        block = dict(d_model=c.d_model, n_heads=c.n_heads, ff_mult=c.ff_mult, dropout=c.dropout)
+        block = dict(
+            d_model=c.d_model,
+            n_heads=c.n_heads,
+            dim_k=c.head_dim_k,
+            dim_v=c.head_dim_v,
+            ff_mult=c.ff_mult,
+            dropout=c.dropout,
+        )
         patches = dict(image_size=c.image_size, patch_size=c.patch_size, d_model=c.d_model)
         if c.stem == "conv":
             self.patch_embed = ConvPatchEmbedding(

@@ -30,6 +30,7 @@ SWEEP = {
         "encoder_layers": {"values": [2, 3, 4]},
         "decoder_layers": {"values": [1, 2]},
         "n_heads": {"values": [2, 4]},
+        "dim_k": {"values": [0, 16, 32]},  # query/key width per head; 0: d_model / n_heads
         "patch_size": {"values": [8, 12]},
         "dropout": {"values": [0.0, 0.1]},
         "label_smoothing": {"values": [0.0, 0.1]},

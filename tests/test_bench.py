@@ -107,3 +107,37 @@ def test_absurd_arguments_and_a_missing_checkpoint_are_refused(capsys):
     assert "--batch-size >= 1" in capsys.readouterr().err
     assert main(["--checkpoint", "missing.pt"]) == 2
     assert "error: no checkpoint at missing.pt" in capsys.readouterr().err
+
+
+def test_a_model_nn_transformer_cannot_express_is_timed_alone(tmp_path, mnist_root, capsys):
+    from model import save_checkpoint
+
+    config = ModelConfig(**{**CONFIG.__dict__, "image_size": 96, "patch_size": 12, "dim_k": 4})
+    assert ReferenceTransformer.expresses(CONFIG) and not ReferenceTransformer.expresses(config)
+    save_checkpoint(tmp_path / "narrow.pt", config, DigitSequenceTransformer(config).state_dict())
+    assert (
+        main(
+            [
+                "--device",
+                "cpu",
+                "--mnist-root",
+                str(mnist_root),
+                "--batch-size",
+                "4",
+                "--seconds",
+                "0.1",
+                "--latency-runs",
+                "2",
+                "--rounds",
+                "1",
+                "--precision",
+                "fp32",
+                "--checkpoint",
+                str(tmp_path / "narrow.pt"),
+            ]
+        )
+        == 0
+    )
+    out, err = capsys.readouterr()
+    assert "nn.Transformer cannot express heads of dim_k or dim_v" in err
+    assert "| training img/s |" in out and "| - | - |" in out and "no reference for this model" in out

@@ -325,3 +325,45 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(model, tmp_path):
         save_checkpoint(path, CONFIG, model.state_dict(), unpicklable=lambda: None)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
     load_model(path, "cpu")
+
+
+def test_attention_widths_dim_k_and_dim_v_shape_the_projections_and_decode_alike():
+    narrow = ModelConfig(**{**CONFIG.__dict__, "dim_k": 8, "dim_v": 24})  # d_model 32, 4 heads: 8 would be the default
+    torch.manual_seed(4)
+    model = DigitSequenceTransformer(narrow).eval()
+    attention = model.decoder[0].cross_attn
+    assert attention.query.weight.shape == (4 * 8, 32) and attention.key_value.weight.shape == (4 * (8 + 24), 32)
+    assert attention.out.weight.shape == (32, 4 * 24)
+    per_attention_change = (4 * 8 * 33 + 4 * 32 * 33 + 32 * (4 * 24 + 1)) - (32 * 33 + 64 * 33 + 32 * 33)
+    attentions = CONFIG.encoder_layers + 2 * CONFIG.decoder_layers
+    default = DigitSequenceTransformer(CONFIG).num_parameters()
+    assert model.num_parameters() == default + attentions * per_attention_change
+    images = torch.rand(3, 1, 48, 48)
+    inputs, _ = encode_labels(["1234", "56", ""], max_digits=4)
+    memory = model.encode(images)
+    whole = model.decode(memory, inputs)
+    assert whole.shape == (3, 5, VOCAB_SIZE)
+    cache = DecoderCache(narrow.decoder_layers)
+    stepwise = torch.cat([model.decode(memory, inputs[:, t : t + 1], cache=cache) for t in range(5)], dim=1)
+    torch.testing.assert_close(stepwise, whole, atol=1e-5, rtol=1e-5)
+    self_cache, cross_cache = cache.layers[0]
+    assert self_cache.keys.shape == (3, 4, 5, 8) and self_cache.values.shape == (3, 4, 5, 24)
+    assert cross_cache.keys.shape == (3, 4, 36, 8)
+    logits, weights = model(images, inputs, return_attention=True)  # the written-out attention agrees too
+    torch.testing.assert_close(logits, whole, atol=1e-5, rtol=1e-5)
+    assert weights["decoder.0.cross"].shape == (3, 4, 5, 36)
+
+
+def test_a_checkpoint_saved_without_dim_k_and_dim_v_loads_and_reads_as_before(model, tmp_path):
+    from model import load_model, save_checkpoint
+
+    save_checkpoint(tmp_path / "old.pt", CONFIG, model.state_dict())
+    checkpoint = torch.load(tmp_path / "old.pt", weights_only=True)
+    for name in ("dim_k", "dim_v"):  # as checkpoints written before the fields existed
+        del checkpoint["model_config"][name]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    loaded = load_model(tmp_path / "old.pt", "cpu")
+    assert loaded.config.head_dim_k == loaded.config.head_dim_v == CONFIG.d_model // CONFIG.n_heads
+    canvases = (torch.rand(6, 48, 48) * 255).to(torch.uint8)
+    before, after = model.read(canvases), loaded.read(canvases)
+    assert after.strings() == before.strings() and torch.equal(after.token_probs, before.token_probs)
