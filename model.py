@@ -873,4 +873,6 @@ def load_model(path: str | Path, device: str | torch.device = "auto") -> DigitSe
         raise CheckpointError(
             f"{path}: the weights do not fit its model_config ({str(error).splitlines()[0]})"
         ) from error
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise CheckpointError(f"{path} holds weights that are NaN or infinite: the run that wrote it diverged")
     return model.to(device).eval()

@@ -32,16 +32,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import math
 import netrc
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop (and save last.pt) after this many steps, the schedule unchanged; 0: run all epochs",
     )
     run.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also save last.pt every STEPS steps, so that a crash loses at most that many (default 0: at each "
+        "epoch's end only)",
+    )
+    run.add_argument(
         "--data-dir", help="holds splits.json, val/ and test/; made on first use (default: data, or the resumed run's)"
     )
     run.add_argument(
@@ -293,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in SETTINGS}
     options = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in SETTINGS})
-    for name in ("max_steps", "num_workers", "log_every"):
+    for name in ("max_steps", "num_workers", "log_every", "save_every"):
         if (getattr(options, name) or 0) < (1 if name == "log_every" else 0):
             parser.error(f"--{name.replace('_', '-')} must be at least {1 if name == 'log_every' else 0}")
     if options.count is not None and (options.count < 1 or options.run_type != "sweep"):
@@ -397,13 +407,10 @@ class Job:
 
 
 def start_job(options: argparse.Namespace, model_config: ModelConfig, train_config: TrainConfig) -> Job:
-    """Start the processes, pick the precision and the data workers, write OUT_DIR/config.json."""
+    """Start the processes, pick the precision and the data workers."""
     procs = start_processes(options.device)
     options.data_dir = options.data_dir or "data"
     out_dir = Path(options.out_dir or "runs/default")
-    if procs.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(all_settings(model_config, train_config), indent=2) + "\n")
     # On a CPU, composing in this process beats worker processes, which would stall PyTorch's
     # threads on the cores they share; on a GPU the composing is what limits, so workers pay
     # (docs/performance.md). Each process on a machine takes its share of the cores.
@@ -413,6 +420,62 @@ def start_job(options: argparse.Namespace, model_config: ModelConfig, train_conf
         num_workers = 0 if procs.device.type == "cpu" else min(8, max(1, cores_per_process - 1))
     return Job(
         options, model_config, train_config, procs, out_dir, use_bf16(options.precision, procs.device), num_workers
+    )
+
+
+class RunFolderBusyError(RuntimeError):
+    """Another training run holds the run folder."""
+
+
+class RunLock:
+    """One training run per folder: rank 0 holds an exclusive lock on OUT_DIR/.lock while it trains,
+    so that a second run into the same folder stops at once, naming the first, instead of the two
+    overwriting each other's checkpoints. The operating system drops the lock when its process
+    ends, however it ends, so a crashed run leaves nothing stale behind."""
+
+    def __init__(self, folder: Path, procs: Processes):
+        self.path, self.procs, self.file = folder / ".lock", procs, None
+
+    def __enter__(self) -> RunLock:
+        if not self.procs.is_main:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")  # held open for the whole run
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise RunFolderBusyError(
+                f"{self.path.parent} is in use by another training run ({holder}): wait for it to "
+                "finish, stop it, or give this run another --out-dir"
+            ) from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        if self.file is not None:
+            self.file.close()  # closing releases the lock
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the weights stopped being finite numbers."""
+
+
+def check_finite(training: Training, loss: torch.Tensor | None, kept: str) -> None:
+    """Stop a run whose loss or weights became NaN or infinite before anything is saved from it:
+    raise TrainingDivergedError saying where, what is kept, and what to try."""
+    weights_ok = all(torch.isfinite(p).all() for p in training.model.parameters())
+    if weights_ok and (loss is None or torch.isfinite(loss).all()):
+        return
+    what = "the weights" if not weights_ok else "the loss"
+    raise TrainingDivergedError(
+        f"training diverged: {what} became NaN or infinite by step {training.step}; nothing was "
+        f"saved from it, and {kept} keeps the last good state. Try a lower --lr, a --grad-clip, "
+        "or --precision fp32, then --resume or start again"
     )
 
 
@@ -541,6 +604,7 @@ class Training:
     step: int = 0
     best_score: float = -1.0
     wandb_id: str | None = None
+    val_metrics: dict = field(default_factory=dict)  # the last validation's, as logged
 
     @property
     def evaluated(self) -> DigitSequenceTransformer:
@@ -591,6 +655,7 @@ def restore(training: Training, checkpoint: dict, procs: Processes) -> None:
         training.ema.load_state_dict(checkpoint["model"])
     training.optimizer.load_state_dict(state["optimizer"])
     training.step, training.best_score, training.wandb_id = checkpoint["step"], state["best_score"], state["wandb_id"]
+    training.val_metrics = checkpoint["metrics"]["val"]
     saved = state["random_states"]
     if len(saved) == procs.world_size:
         torch.set_rng_state(saved[procs.rank][0])
@@ -600,10 +665,11 @@ def restore(training: Training, checkpoint: dict, procs: Processes) -> None:
         torch.manual_seed(checkpoint["train_config"]["seed"] + procs.rank + procs.world_size * training.step)
 
 
-def save_run_checkpoint(name: str, job: Job, training: Training, metrics: dict) -> None:
+def save_run_checkpoint(name: str, job: Job, training: Training) -> None:
     """OUT_DIR/name (last.pt, best.pt): the model_config, train_config and weights to read with, as
     every checkpoint has them, plus what --resume needs. Every rank calls it (the random states
-    are gathered); rank 0 writes."""
+    are gathered); rank 0 writes. Weights that are no longer finite are never written."""
+    check_finite(training, None, kept=str(job.out_dir / name))
     random_states = gather(random_state(job.procs.device), job.procs)
     if job.procs.is_main:
         save_checkpoint(
@@ -612,7 +678,7 @@ def save_run_checkpoint(name: str, job: Job, training: Training, metrics: dict) 
             training.evaluated.state_dict(),
             train_config=asdict(job.train_config),
             step=training.step,
-            metrics=metrics,
+            metrics={"val": training.val_metrics},
             training={
                 "weights": training.model.state_dict(),
                 "optimizer": training.optimizer.state_dict(),
@@ -707,62 +773,73 @@ def epoch_loader(
 
 
 def train_one_epoch(job: Job, training: Training, data: Data, epoch: int, stop: StopSignal) -> bool:
-    """Train on the rest of the epoch's batches; True if a stop was asked for or --max-steps reached."""
-    config, procs, max_steps = job.train_config, job.procs, job.options.max_steps
-    loader = epoch_loader(data, epoch, training, config.batch_size, procs, job.num_workers)
+    """Train on the rest of the epoch's batches; True if a stop was asked for or --max-steps reached.
+    Every --log-every steps the loss is logged and checked; every --save-every steps last.pt is saved."""
+    procs, options = job.procs, job.options
+    loader = epoch_loader(data, epoch, training, job.train_config.batch_size, procs, job.num_workers)
     training.model.train()
-    device, image_size = procs.device, training.model.config.image_size
     bar = tqdm(
         loader,
-        desc=f"epoch {epoch + 1}/{config.epochs}",
+        desc=f"epoch {epoch + 1}/{job.train_config.epochs}",
         unit="batch",
         disable=not procs.is_main,
         initial=training.step - epoch * data.steps_per_epoch,
         total=data.steps_per_epoch,
     )
-    for images, labels, _, boxes in bar:
-        lr = learning_rate(
-            training.step,
-            total_steps=data.total_steps,
-            warmup_steps=config.warmup_steps,
-            lr=config.lr,
-            min_lr_ratio=config.min_lr_ratio,
-        )
-        for group in training.optimizer.param_groups:
-            group["lr"] = lr
-        labels = list(labels)
-        inputs, targets = (t.to(device) for t in encode_labels(labels, training.model.config.max_digits))
-        patch_classes = (
-            patch_targets(boxes.to(device), labels, image_size=image_size, patch_size=training.model.config.patch_size)
-            if config.patch_loss_weight > 0
-            else None
-        )
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16):
-            loss = training.objective(
-                uint8_to_input(images.to(device)), inputs, targets, patch_classes, labels if config.order_free else None
-            )  # strings would make torch.compile recompile
-        training.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(training.model.parameters(), config.grad_clip)
-        training.optimizer.step()
-        if training.ema is not None:
-            update_ema(training.ema, training.model, step=training.step, decay=config.ema_decay)
-        training.step += 1
-        if training.step % job.options.log_every == 0:
+    for batch in bar:
+        loss, lr = training_step(job, training, data, batch)
+        if training.step % options.log_every == 0:
             logged_loss = loss.detach()
             if procs.world_size > 1:
                 dist.all_reduce(logged_loss, op=dist.ReduceOp.AVG)  # the mean over ranks, not rank 0's share
+            check_finite(training, logged_loss, kept=str(job.out_dir / "last.pt"))
             bar.set_postfix(loss=f"{logged_loss.item():.4f}", lr=f"{lr:.2e}")
-            job.log.log(
-                {"train/loss": logged_loss.item(), "train/lr": lr, "epoch": training.step / data.steps_per_epoch},
-                step=training.step,
-            )
-        if stop.agreed() or 0 < max_steps <= training.step:
+            epochs_done = training.step / data.steps_per_epoch
+            job.log.log({"train/loss": logged_loss.item(), "train/lr": lr, "epoch": epochs_done}, step=training.step)
+        if stop.agreed() or 0 < options.max_steps <= training.step:
             bar.close()
             return True
+        if options.save_every and training.step % options.save_every == 0:
+            if procs.world_size > 1:
+                align_replicas(*training.replicas)
+            save_run_checkpoint("last.pt", job, training)
     bar.close()
     return False
+
+
+def training_step(job: Job, training: Training, data: Data, batch: tuple) -> tuple[torch.Tensor, float]:
+    """One optimiser step on a batch of (images, labels, layouts, ink boxes); (loss, learning rate)."""
+    config, device, model_config = job.train_config, job.procs.device, job.model_config
+    images, labels, _, boxes = batch
+    lr = learning_rate(
+        training.step,
+        total_steps=data.total_steps,
+        warmup_steps=config.warmup_steps,
+        lr=config.lr,
+        min_lr_ratio=config.min_lr_ratio,
+    )
+    for group in training.optimizer.param_groups:
+        group["lr"] = lr
+    labels = list(labels)
+    inputs, targets = (t.to(device) for t in encode_labels(labels, model_config.max_digits))
+    patch_classes = None
+    if config.patch_loss_weight > 0:
+        patch_classes = patch_targets(
+            boxes.to(device), labels, image_size=model_config.image_size, patch_size=model_config.patch_size
+        )
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16):
+        loss = training.objective(
+            uint8_to_input(images.to(device)), inputs, targets, patch_classes, labels if config.order_free else None
+        )  # strings would make torch.compile recompile
+    training.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(training.model.parameters(), config.grad_clip)
+    training.optimizer.step()
+    if training.ema is not None:
+        update_ema(training.ema, training.model, step=training.step, decay=config.ema_decay)
+    training.step += 1
+    return loss, lr
 
 
 @torch.no_grad()
@@ -838,21 +915,23 @@ def train(
     last validation metrics under "val" by the names they are logged with. checkpoint: the
     last.pt to resume; run: a wandb run already started (by a sweep agent)."""
     job = start_job(options, model_config, train_config)
-    data = build_data(job)
-    training = build_training(job)
-    if checkpoint is not None:
-        restore(training, checkpoint, job.procs)
-        job.procs.say(
-            f"resumed from {options.resume} at step {training.step} (epoch {training.step // data.steps_per_epoch})"
-        )
-    started = time.time()
-    with StopSignal(job.procs) as stop:  # from here on, Ctrl-C stops after a step and saves
-        job.procs.say(describe(job, training, data), flush=True)
-        job.log = start_wandb(job, training, run)
-        finished, val_metrics = run_epochs(job, training, data, stop)
-        result = export(job, training, data, wall=time.time() - started) if finished else {}
-    job.log.finish()
-    return {**result, "finished": finished, "step": training.step, "val": val_metrics}
+    with RunLock(job.out_dir, job.procs):  # one run per folder, from before anything is written
+        if job.procs.is_main:
+            (job.out_dir / "config.json").write_text(json.dumps(job.settings, indent=2) + "\n")
+        data = build_data(job)
+        training = build_training(job)
+        if checkpoint is not None:
+            restore(training, checkpoint, job.procs)
+            epoch = training.step // data.steps_per_epoch
+            job.procs.say(f"resumed from {options.resume} at step {training.step} (epoch {epoch})")
+        started = time.time()
+        with StopSignal(job.procs) as stop:  # from here on, Ctrl-C stops after a step and saves
+            job.procs.say(describe(job, training, data), flush=True)
+            job.log = start_wandb(job, training, run)
+            finished = run_epochs(job, training, data, stop)
+            result = export(job, training, data, wall=time.time() - started) if finished else {}
+        job.log.finish()
+    return {**result, "finished": finished, "step": training.step, "val": training.val_metrics}
 
 
 def describe(job: Job, training: Training, data: Data) -> str:
@@ -867,11 +946,9 @@ def describe(job: Job, training: Training, data: Data) -> str:
     )
 
 
-def run_epochs(job: Job, training: Training, data: Data, stop: StopSignal) -> tuple[bool, dict]:
-    """Train and validate epoch after epoch; (whether every epoch ran, the last validation's
-    metrics as logged). Saves last.pt (and best.pt when validation improves) at every epoch's end
-    and last.pt when stopped."""
-    val_metrics: dict = {}
+def run_epochs(job: Job, training: Training, data: Data, stop: StopSignal) -> bool:
+    """Train and validate epoch after epoch; whether every epoch ran. Saves last.pt (and best.pt
+    when validation improves) at every epoch's end and last.pt when stopped."""
     max_steps = job.options.max_steps
     while training.step < data.total_steps and not 0 < max_steps <= training.step:
         epoch = training.step // data.steps_per_epoch
@@ -879,22 +956,22 @@ def run_epochs(job: Job, training: Training, data: Data, stop: StopSignal) -> tu
         if job.procs.world_size > 1:
             align_replicas(*training.replicas)  # what rank 0 validates and writes is what every rank trained
         if stopped:
-            save_run_checkpoint("last.pt", job, training, {"val": val_metrics})
+            save_run_checkpoint("last.pt", job, training)
             job.procs.say(f"stopped at step {training.step}; saved {job.out_dir / 'last.pt'} (continue with --resume)")
-            return False, val_metrics
-        val_metrics = end_of_epoch(job, training, data, epoch)
+            return False
+        end_of_epoch(job, training, data, epoch)
     if training.step < data.total_steps:
         job.procs.say(f"at step {training.step}, which --max-steps {max_steps} does not go past: nothing to train")
-    return training.step >= data.total_steps, val_metrics
+    return training.step >= data.total_steps
 
 
-def end_of_epoch(job: Job, training: Training, data: Data, epoch: int) -> dict:
-    """Validate, log (with a table of sample readings) and save; the metrics as logged."""
+def end_of_epoch(job: Job, training: Training, data: Data, epoch: int) -> None:
+    """Validate, log (with a table of sample readings) and save."""
     import wandb
 
     metrics, samples = validate(training.evaluated, data.val_set, job.procs, bf16=job.bf16, desc="validating")
     job.procs.say(f"epoch {epoch + 1}: " + format_metrics("val", metrics))
-    val_metrics = {f"val/{k}": v for k, v in metrics.items()}  # as wandb, the sweep and the result name them
+    training.val_metrics = val_metrics = {f"val/{k}": v for k, v in metrics.items()}  # as wandb and sweeps name them
     if job.procs.is_main:
         table = wandb.Table(columns=["image", "truth", "prediction", "correct"])
         for image, label, prediction in samples:
@@ -904,9 +981,8 @@ def end_of_epoch(job: Job, training: Training, data: Data, epoch: int) -> dict:
     score = metrics["order_free_accuracy" if job.train_config.order_free else "sequence_accuracy"]
     if score > training.best_score:  # the same on every rank: the metrics are gathered
         training.best_score = score
-        save_run_checkpoint("best.pt", job, training, {"val": val_metrics})
-    save_run_checkpoint("last.pt", job, training, {"val": val_metrics})
-    return val_metrics
+        save_run_checkpoint("best.pt", job, training)
+    save_run_checkpoint("last.pt", job, training)
 
 
 def export(job: Job, training: Training, data: Data, *, wall: float) -> dict:
@@ -919,6 +995,7 @@ def export(job: Job, training: Training, data: Data, *, wall: float) -> dict:
         procs.say(
             f"replicas identical: the weights and buffers of all {procs.world_size} ranks agreed at every checkpoint"
         )
+    check_finite(training, None, kept=str(out_dir / "last.pt"))
     test_metrics = None
     if job.options.run_type != "sweep":
         test_metrics, _ = validate(training.evaluated, data.test_set, procs, bf16=job.bf16, desc="testing")
@@ -1067,6 +1144,9 @@ def summarise_sweep(rows: list[dict], sweep_dir: Path, metric: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done (or stopped and saved), 2 a usage error (flags, settings, a checkpoint or
+    data that cannot be used), 1 failed work (a busy run folder, divergence, a write that failed),
+    130 aborted by a second Ctrl-C without saving."""
     argv = sys.argv[1:] if argv is None else argv
     options, model_config, train_config = parse_args(argv)
     try:
@@ -1079,6 +1159,18 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, MnistUnavailableError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (RunFolderBusyError, TrainingDivergedError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a full disk, a read-only folder, an --out-dir that is a file
+        print(
+            f"error: {error.strerror or error}: {error.filename or ''} (files already saved are intact)",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("aborted without saving", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

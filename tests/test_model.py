@@ -311,6 +311,9 @@ def test_checkpoints_round_trip_and_refuse_what_is_not_ours(model, tmp_path):
     )
     refused({**good, "model_config": {**good["model_config"], "colour": "red"}}, "not model settings: colour")
     refused({**good, "model_config": {**good["model_config"], "d_model": 64}}, "do not fit its model_config")
+    poisoned = {k: v.clone() for k, v in good["model"].items()}
+    poisoned["head.bias"][0] = float("nan")
+    refused({**good, "model": poisoned}, "NaN or infinite: the run that wrote it diverged")
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_model(tmp_path / "missing.pt", "cpu")
 

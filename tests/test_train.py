@@ -214,3 +214,91 @@ def test_absurd_arguments_are_refused_naming_the_flag(flag, value, message, caps
     with pytest.raises(SystemExit) as exited:
         train_main([flag, value])
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_second_run_into_a_busy_folder_stops_naming_the_first_and_a_stale_lock_is_no_obstacle(
+    tmp_path, tiny_data_dir, mnist_root, capsys
+):
+    import train_encoder_decoder as training
+
+    folder = tmp_path / "run"
+    with training.RunLock(folder, training.Processes(torch.device("cpu"))):  # a run that is still going
+        assert train_main(train_args(tiny_data_dir, mnist_root, folder, "--max-steps", "1")) == 1
+        err = capsys.readouterr().err
+        assert f"{folder} is in use by another training run (pid {os.getpid()} on " in err
+        assert not (folder / "last.pt").exists() and not (folder / "config.json").exists()
+    # The holder is gone (as after a crash: its .lock file is still there, but no lock on it).
+    assert (folder / ".lock").is_file()
+    assert train_main(train_args(tiny_data_dir, mnist_root, folder, "--max-steps", "1")) == 0
+    assert load_checkpoint(folder / "last.pt")["step"] == 1
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_data_dir, mnist_root, monkeypatch, capsys
+):
+    import train_encoder_decoder as training
+
+    real_step = training.training_step
+
+    def poisoned_step(job, state, data, batch):  # as an exploding learning rate would leave the weights
+        result = real_step(job, state, data, batch)
+        if state.step == 5:
+            next(state.model.parameters()).data.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(training, "training_step", poisoned_step)
+    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path, "--log-every", "1")) == 1
+    err = capsys.readouterr().err
+    assert "training diverged: the weights became NaN or infinite by step 5" in err and "--lr" in err
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["step"] == 3 and load_model(tmp_path / "last.pt")  # the end of epoch 1, whole and finite
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "test_metrics.json").exists()
+
+
+def test_save_every_bounds_what_a_crash_can_lose(tmp_path, tiny_data_dir, mnist_root, monkeypatch):
+    import train_encoder_decoder as training
+
+    saved = []
+    real_save = training.save_checkpoint
+    monkeypatch.setattr(
+        training,
+        "save_checkpoint",
+        lambda path, *a, **k: (saved.append((path.name, k["step"])), real_save(path, *a, **k)),
+    )
+    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path, "--save-every", "2")) == 0
+    last_steps = [step for name, step in saved if name == "last.pt"]
+    assert last_steps == [2, 3, 4, 6, 6, 8, 9]  # every 2 steps, and every epoch's end (3 steps)
+
+
+def test_write_faults_are_one_line_and_leave_saved_files_whole(
+    tmp_path, tiny_data_dir, mnist_root, monkeypatch, capsys
+):
+    import model
+
+    (tmp_path / "a_file").write_text("not a folder")
+    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path / "a_file")) == 1
+    assert "error: File exists" in capsys.readouterr().err
+    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path / "run", "--max-steps", "1")) == 0
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+
+    def full_disk(state, file):
+        file.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model.torch, "save", full_disk)
+    assert train_main(["--resume", str(tmp_path / "run" / "last.pt"), "--max-steps", "2", "--wandb", "disabled"]) == 1
+    err = capsys.readouterr().err
+    assert "error: No space left on device" in err and "files already saved are intact" in err
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "config.json", "last.pt"]
+
+
+def test_a_second_ctrl_c_aborts_without_a_traceback(tmp_path, tiny_data_dir, mnist_root, monkeypatch, capsys):
+    import train_encoder_decoder as training
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "training_step", interrupted)
+    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path)) == 130
+    assert "aborted without saving" in capsys.readouterr().err and not (tmp_path / "last.pt").exists()
