@@ -149,7 +149,12 @@ def make_configs(settings: dict) -> tuple[ModelConfig, TrainConfig]:
     model_config = ModelConfig(
         **{k: v for k, v in settings.items() if k in MODEL_SETTINGS}, patch_head=train_config.patch_loss_weight > 0
     )
-    check_composer_settings(**composer_settings(model_config, train_config))
+    try:
+        check_composer_settings(**composer_settings(model_config, train_config))
+    except ValueError as error:  # said in the composer's words: its canvas is the model's image
+        raise ValueError(
+            str(error).replace("canvas_size", "image_size").replace("--canvas-size", "--image-size")
+        ) from None
     return model_config, train_config
 
 

@@ -1,18 +1,25 @@
+import contextlib
+import io
 import json
+import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import typing
+from dataclasses import fields
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import REPO, TINY_MODEL
-from model import load_checkpoint, load_model
+from model import ModelConfig, load_checkpoint, load_model
 from predict import main as predict_main
-from train_encoder_decoder import TrainConfig
+from train_encoder_decoder import SETTINGS, TrainConfig, all_settings, parse_args
 from train_encoder_decoder import main as train_main
 
 
@@ -96,7 +103,7 @@ def test_interrupted_training_resumes_exactly(tmp_path, tiny_data_dir, mnist_roo
     assert (tmp_path / "copy" / "best.pt").is_file()  # the epoch that ended after resuming was validated
 
 
-def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_dir, mnist_root):
+def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_dir, mnist_root, capsys):
     process = subprocess.Popen(
         [sys.executable, "train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path)],
         cwd=REPO,
@@ -114,6 +121,10 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_d
     assert "stopped at step 1" in out and "continue with --resume" in out
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 1
     assert train_main(["--resume", str(tmp_path / "last.pt"), "--max-steps", "2", "--wandb", "disabled"]) == 0
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
+    # A run already at or past --max-steps trains no further (and exports nothing).
+    assert train_main(["--resume", str(tmp_path / "last.pt"), "--max-steps", "1", "--wandb", "disabled"]) == 0
+    assert "at step 2, which --max-steps 1 does not go past: nothing to train" in capsys.readouterr().out
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
 
 
@@ -302,3 +313,36 @@ def test_a_second_ctrl_c_aborts_without_a_traceback(tmp_path, tiny_data_dir, mni
     monkeypatch.setattr(training, "training_step", interrupted)
     assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path)) == 130
     assert "aborted without saving" in capsys.readouterr().err and not (tmp_path / "last.pt").exists()
+
+
+NUMERIC_SETTINGS = [
+    (name, kind)
+    for config in (ModelConfig, TrainConfig)
+    for name, kind in typing.get_type_hints(config).items()
+    if kind in (int, float) and name in SETTINGS
+]
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    setting=st.sampled_from(NUMERIC_SETTINGS),
+    value=st.one_of(
+        st.integers(-(10**12), 10**12), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6)
+    ),
+)
+def test_any_value_of_a_numeric_flag_is_taken_within_bounds_or_refused_naming_the_flag(setting, value):
+    name, kind = setting
+    flag = "--" + name.replace("_", "-")
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            _, model_config, train_config = parse_args([flag, str(value)])
+    except SystemExit as exited:
+        assert exited.code == 2
+        message = err.getvalue().strip().splitlines()[-1]
+        assert ": error: " in message and flag in message, message
+    else:
+        taken = all_settings(model_config, train_config)[name]
+        field = next(f for config in (ModelConfig, TrainConfig) for f in fields(config) if f.name == name)
+        assert isinstance(taken, kind) and math.isfinite(taken)
+        assert field.metadata["low"] <= taken <= field.metadata["high"]
