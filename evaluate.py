@@ -12,8 +12,9 @@ OUT/<folder name>/ gets
   failures.png          the misread images, most confident first
 and a summary table is printed. The model itself is scored, as training does: unlike
 predict.py, a blank canvas is read by the model too rather than answered "" without it.
-A folder that is not a dataset is reported and skipped (exit code 1); a missing or unusable
-checkpoint stops everything (exit code 2).
+A folder that is not a dataset, or whose report cannot be written, is reported and skipped
+(exit code 1); a missing or unusable checkpoint, or a report folder that holds other files,
+stops everything before any work (exit code 2).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from model import DEFAULT_CHECKPOINT, CheckpointError, DigitSequenceTransformer, load_model, pick_device
-from multidigit_generator import LAYOUTS, preview_sheet, read_dataset
+from multidigit_generator import LAYOUTS, Staging, check_destination, preview_sheet, read_dataset
 
 NONE = 10  # index of the "none" row (extra digits) and column (missed digits) of the confusion matrix
 MATRIX_LABELS = [str(d) for d in range(10)] + ["none"]
 # PIL's built-in font has no arrow glyph, so pictures say "->" where text says "→".
 IMAGE_ARROW = "->"
+REPORT_FILES = ("report.json", "report.md", "confusion_matrix.png", "failures.png")  # a report folder, as written
 
 
 class SequenceAccuracy:
@@ -252,7 +254,8 @@ def evaluate_folder(
     confusion_matrix.png and failures.png into out_dir, and return the report.
 
     Raises FileNotFoundError or ValueError (naming the folder) for a folder that is not a
-    dataset or that does not fit the model."""
+    dataset or that does not fit the model, and OSError if the report cannot be written: it is
+    written whole or not at all (see multidigit_generator.Staging)."""
     folder, out_dir = Path(folder), Path(out_dir)
     images, records, metadata = read_dataset(folder)
     size, max_digits = model.config.image_size, model.config.max_digits
@@ -279,9 +282,6 @@ def evaluate_folder(
         "images_per_second": len(records) / seconds,
         **score(predictions, labels, layouts),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(report_markdown(report))
     confused = report["most_confused"]
     confused_text = (
         f"most confused: {confused['true']}{IMAGE_ARROW}{confused['read']} ({confused['count']})"
@@ -289,9 +289,13 @@ def evaluate_folder(
         else "no digit read as another"
     )
     matrix = np.array(report["confusion_matrix"]["rows_true_columns_read"])
-    confusion_matrix_image(matrix, f"{folder.name}: {confused_text}").save(out_dir / "confusion_matrix.png")
     gallery = failure_gallery(images, predictions, labels, confidences, limit=gallery_size, title=folder.name)
-    gallery.save(out_dir / "failures.png")
+    with Staging() as staging:  # a report is written whole or not at all, an older one replaced only then
+        written = staging.folder(out_dir, REPORT_FILES)
+        (written / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (written / "report.md").write_text(report_markdown(report))
+        confusion_matrix_image(matrix, f"{folder.name}: {confused_text}").save(written / "confusion_matrix.png")
+        gallery.save(written / "failures.png")
     return report
 
 
@@ -385,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
             f"got {', '.join(args.datasets)}"
         )
     try:
+        for name in names:
+            check_destination(Path(args.out) / name, REPORT_FILES)
+    except ValueError as error:
+        parser.error(f"--out: {error}")
+    try:
         model = load_model(args.checkpoint, args.device)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -405,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         except (FileNotFoundError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
+            continue
+        except OSError as error:  # an unreadable dataset file, a full disk, ...: no report is left half-written
+            print(f"error: evaluating {folder} failed ({error}); no report written to {out_dir}", file=sys.stderr)
             continue
         reports[name] = report
         print(

@@ -25,14 +25,21 @@ composites every epoch (FreshComposites), so it never sees the same composite tw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
 import os
+import reprlib
+import shutil
+import string
+import struct
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,31 +54,98 @@ from tqdm import tqdm
 # the module after the first import, so composing pays it once per process.
 DIGIT_SIZE = 28  # MNIST digits are 28x28
 LAYOUTS = ("scatter", "row", "mixed")
+DATASET_FILES = ("images.npy", "labels.json", "metadata.json", "preview.png")  # a dataset folder, as written
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DIGIT_HEIGHT_RANGE = (18, 28)  # default ink height of a composed digit, in pixels
 MIN_DIGIT_WIDTH = 6  # narrowest ink a digit is squeezed to (a thin "1")
 DIGIT_SPACING = 1  # least empty pixels between two digits' ink boxes, so that digits never touch
 ROW_JITTER = 3  # most pixels a row digit moves up or down from the row's centre line
+MNIST_COUNTS = {"train": 60_000, "test": 10_000}  # digits in each MNIST split
+IDX_MAGIC = {"images": 2051, "labels": 2049}  # idx headers: unsigned bytes in 3 and in 1 dimensions
+MAX_CANVAS_SIZE = 1024  # composites and their preview (4 times the area, in colour) are held in memory whole
+MAX_AUGMENT_STRENGTH = 5.0  # the training script's bound; far larger strengths overflow the random scale factor
+MAX_ASPECT_STRETCH = 4.0  # stretched crops are made before scatter and row cap their widths: this keeps them small
 
 
 class MnistUnavailableError(RuntimeError):
-    """MNIST is neither on disk nor downloadable."""
+    """MNIST is neither on disk nor downloadable, or its files on disk are not MNIST's."""
 
 
 def default_mnist_root() -> str:
     return os.environ.get("MNIST_ROOT", "data")
 
 
+def mnist_files(root: str | Path, *, train: bool) -> dict[str, Path]:
+    """The raw images and labels files of one MNIST split under root, by kind."""
+    raw, prefix = Path(root) / "MNIST" / "raw", "train" if train else "t10k"
+    return {"images": raw / f"{prefix}-images-idx3-ubyte", "labels": raw / f"{prefix}-labels-idx1-ubyte"}
+
+
+def idx_count(path: Path, kind: str) -> int:
+    """How many images or labels (kind) an MNIST idx file holds, read from its header after
+    checking that the header is one of that kind and that the file is as long as it says."""
+    dims = 3 if kind == "images" else 1
+    try:
+        with open(path, "rb") as file:
+            header = file.read(4 * (dims + 1))
+        size = path.stat().st_size
+    except OSError as error:
+        raise MnistUnavailableError(f"{path} cannot be read ({error})") from error
+    if len(header) < 4 * (dims + 1):
+        raise MnistUnavailableError(f"{path} is too short for an MNIST {kind} file: restore the original file")
+    magic, count, *shape = struct.unpack(f">{dims + 1}I", header)
+    if magic != IDX_MAGIC[kind]:
+        raise MnistUnavailableError(
+            f"{path} is not an MNIST {kind} file (idx magic number {magic}, not {IDX_MAGIC[kind]}): "
+            "restore the original file"
+        )
+    if shape and shape != [DIGIT_SIZE, DIGIT_SIZE]:
+        raise MnistUnavailableError(
+            f"{path} holds {shape[0]}x{shape[1]} images, MNIST's are {DIGIT_SIZE}x{DIGIT_SIZE}: "
+            "restore the original file"
+        )
+    if size != len(header) + count * math.prod(shape):
+        raise MnistUnavailableError(
+            f"{path} is {size} bytes, its header promises {len(header) + count * math.prod(shape)}: "
+            "the file is cut short or damaged; restore the original file"
+        )
+    return count
+
+
+def check_mnist_files(root: str | Path, *, train: bool) -> None:
+    """Raise MnistUnavailableError naming the file unless the raw files of one split are MNIST's:
+    idx files of the right kinds, and both holding that split's number of digits."""
+    split = "train" if train else "test"
+    files = mnist_files(root, train=train)
+    counts = {kind: idx_count(path, kind) for kind, path in files.items()}
+    for kind, other in (("images", "labels"), ("labels", "images")):
+        if counts[kind] != MNIST_COUNTS[split]:
+            found = (
+                f"the {split} {other} {counts[other]}"
+                if counts[other] == MNIST_COUNTS[split]
+                else f"MNIST's {split} split has {MNIST_COUNTS[split]}"
+            )
+            raise MnistUnavailableError(
+                f"{files[kind]} holds {counts[kind]} {kind}, {found}: the files are from different MNIST splits; "
+                "restore the original files"
+            )
+
+
 def load_mnist(root: str | Path, *, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """MNIST images (N, 28, 28) uint8 and labels (N,) int64 from root/MNIST/raw.
 
     Uses torchvision, which downloads the files if they are missing and finds them
-    (downloading nothing) if they are there."""
+    (downloading nothing) if they are there. Files that are not one MNIST split (a file of the
+    other split, a labels file in the place of an images file, a cut-short file) are refused,
+    naming the file, rather than giving digits wrong labels."""
     import torchvision  # imported here: it is slow to import and only needed for loading
 
+    split, files = "train" if train else "test", mnist_files(root, train=train)
     try:
         mnist = torchvision.datasets.MNIST(root=str(root), train=train, download=True)
     except Exception as error:  # no network, a refused mirror, a corrupt file, ...
+        if all(path.is_file() for path in files.values()):
+            check_mnist_files(root, train=train)  # a damaged or misplaced file is named, not called missing
         raw = Path(root) / "MNIST" / "raw"
         raise MnistUnavailableError(
             f"MNIST is not in {raw} and could not be downloaded ({type(error).__name__}: {error}).\n"
@@ -79,7 +153,18 @@ def load_mnist(root: str | Path, *, train: bool) -> tuple[np.ndarray, np.ndarray
             "or point --mnist-root or the MNIST_ROOT environment variable at a folder that has "
             "MNIST/raw/ with them."
         ) from error
-    return mnist.data.numpy(), mnist.targets.numpy().astype(np.int64)
+    # torchvision reads the raw files (extracting the .gz ones first), or an old processed/ copy before them.
+    if all(path.is_file() for path in files.values()):
+        check_mnist_files(root, train=train)
+    images, labels = mnist.data.numpy(), mnist.targets.numpy().astype(np.int64)
+    count = MNIST_COUNTS[split]
+    if images.shape != (count, DIGIT_SIZE, DIGIT_SIZE) or len(labels) != count or labels.max() > 9:
+        raise MnistUnavailableError(
+            f"MNIST in {Path(root) / 'MNIST'} is not MNIST's {split} split of {count} {DIGIT_SIZE}x{DIGIT_SIZE} "
+            f"digits labelled 0-9: torchvision read images of shape {tuple(images.shape)} and {len(labels)} labels "
+            f"up to {labels.max(initial=0)}; restore the original files"
+        )
+    return images, labels
 
 
 def augment_digit(
@@ -392,10 +477,11 @@ def compose_row(
 
 def check_length_weights(weights: list[float] | tuple[float, ...], max_digits: int) -> None:
     """Raise ValueError unless weights can be the relative frequencies of 0, 1, ..., max_digits digits."""
-    if len(weights) != max_digits + 1 or min(weights) < 0 or sum(weights) <= 0:
+    # Written so that NaN fails every comparison, and a finite sum keeps the frequencies finite.
+    if len(weights) != max_digits + 1 or not all(w >= 0 for w in weights) or not 0 < sum(weights) < math.inf:
         raise ValueError(
             f"length_weights must be {max_digits + 1} non-negative numbers (for 0 to {max_digits} digits) "
-            f"with a positive sum, got {list(weights)}"
+            f"with a positive, finite sum, got {list(weights)}"
         )
 
 
@@ -453,8 +539,8 @@ class MultiDigitComposer:
                 f"need a non-empty pool with one label per digit, got {len(self.images)} images "
                 f"and {len(self.labels)} labels"
             )
-        if self.canvas_size < DIGIT_SIZE:
-            raise ValueError(f"canvas_size must be at least {DIGIT_SIZE}, got {self.canvas_size}")
+        if not DIGIT_SIZE <= self.canvas_size <= MAX_CANVAS_SIZE:
+            raise ValueError(f"canvas_size must be {DIGIT_SIZE} to {MAX_CANVAS_SIZE} pixels, got {self.canvas_size}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if not 0 <= self.min_digits <= self.max_digits:
@@ -468,8 +554,8 @@ class MultiDigitComposer:
                 )
         if self.min_center_gap < 1:
             raise ValueError(f"min_center_gap must be at least 1 pixel, got {self.min_center_gap}")
-        if self.augment_strength < 0:
-            raise ValueError(f"augment_strength must be >= 0, got {self.augment_strength}")
+        if not 0 <= self.augment_strength <= MAX_AUGMENT_STRENGTH:  # false for NaN too
+            raise ValueError(f"augment_strength must be 0 to {MAX_AUGMENT_STRENGTH:g}, got {self.augment_strength}")
         tallest = self.canvas_size - 2 * ROW_JITTER - 3  # a row needs room for its jitter and a pixel margin
         if (
             len(self.digit_height) != 2
@@ -483,9 +569,13 @@ class MultiDigitComposer:
             raise ValueError(
                 f"stroke_width_change must be None (random) or -3 to 3 pixels, got {self.stroke_width_change}"
             )
-        if len(self.aspect_stretch) != 2 or not 0 < self.aspect_stretch[0] <= self.aspect_stretch[1]:
+        if (
+            len(self.aspect_stretch) != 2
+            or not 0 < self.aspect_stretch[0] <= self.aspect_stretch[1] <= MAX_ASPECT_STRETCH
+        ):
             raise ValueError(
-                f"aspect_stretch must be (min, max) factors with 0 < min <= max, got {tuple(self.aspect_stretch)}"
+                f"aspect_stretch must be (min, max) factors with 0 < min <= max <= {MAX_ASPECT_STRETCH:g}, "
+                f"got {tuple(self.aspect_stretch)}"
             )
         if not 0 <= self.row_tilt <= 20:  # steeper rows could swap the reading order of narrow digits
             raise ValueError(f"row_tilt must be 0 to 20 degrees, got {self.row_tilt}")
@@ -626,11 +716,157 @@ def check_composer_settings(**settings) -> None:
     MultiDigitComposer(np.zeros((1, DIGIT_SIZE, DIGIT_SIZE), np.uint8), np.zeros(1), **settings)
 
 
+def check_dataset_size(num_images: int, canvas_size: int, setting: str) -> None:
+    """Raise ValueError, naming the setting, for more images than this machine's memory holds: a
+    dataset is composed in memory, then stacked into one array to be written."""
+    if "SC_PHYS_PAGES" not in getattr(os, "sysconf_names", {}):  # Windows: no memory size to compare with
+        return
+    need, have = 2 * num_images * canvas_size**2, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(
+            f"{setting} {num_images}: composing that many {canvas_size}x{canvas_size} images needs about "
+            f"{need / 2**30:.0f} GiB of memory, this machine has {have / 2**30:.0f} GiB; write smaller datasets"
+        )
+
+
+def read_digit_indices(path: str | Path, split: str) -> np.ndarray:
+    """The MNIST indices that a --digit-indices JSON file lists, each checked against the split."""
+    count = MNIST_COUNTS[split]
+    try:
+        indices = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:  # missing, unreadable, not UTF-8 or not JSON
+        raise ValueError(f"--digit-indices {path} cannot be read as JSON ({error})") from error
+    # type() rather than isinstance: JSON's true is an int to Python, and 1.5 must not be cut to 1.
+    if not isinstance(indices, list) or not indices or not all(type(i) is int and 0 <= i < count for i in indices):
+        raise ValueError(
+            f"--digit-indices {path}: expected a non-empty JSON list of whole numbers from 0 to {count - 1}, "
+            f"indices into the {count} MNIST {split} digits"
+        )
+    return np.asarray(indices, dtype=np.int64)
+
+
+def check_destination(path: str | Path, files: tuple[str, ...] | None) -> None:
+    """Raise ValueError unless Staging may write path: nothing is there yet, or what it would replace
+    is (with files) a folder holding only those files or (without) a file, and no file stands in the
+    way of its parent folders. Scripts call it before any work, so that a bad --out fails at once."""
+    path = Path(path)
+    if path.name in ("", ".."):
+        raise ValueError(f"{path} names no folder or file to write: give a path such as data/demo")
+    nearest = next(parent for parent in path.parents if parent.exists())
+    if not nearest.is_dir():
+        raise ValueError(f"cannot write {path}: {nearest} is a file, not a folder")
+    if not os.path.lexists(path):
+        return
+    if files is None:
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, where a file is to be written: move it away")
+        return
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, where a folder is to be written: choose another path")
+    others = sorted(entry.name for entry in path.iterdir() if entry.name not in files)
+    if others:
+        raise ValueError(
+            f"{path} is replaced whole when written, and it holds {', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''} besides {', '.join(files)}: choose another folder or move them away"
+        )
+
+
+def remove(path: Path) -> None:
+    """Delete a file, a link or a folder with everything in it, as far as possible."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+class Staging:
+    """Writes folders and files beside their destinations, then moves them all into place together,
+    so that each is written whole or not at all. As a context manager, its block writes into the
+    temporary paths that folder() and file() hand out; when the block ends they are moved into
+    place, each replacing what was there (see check_destination) only then, and if the block raises,
+    they are removed with any parent folders made for them. If a move fails, those already made are
+    undone: what was there before is put back."""
+
+    def __init__(self) -> None:
+        self.staged: list[tuple[Path, Path]] = []  # (temporary path, destination)
+        self.made: list[Path] = []  # parent folders made for the destinations, outermost first
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+    def folder(self, path: str | Path, files: tuple[str, ...]) -> Path:
+        """A new empty folder in which to write the files (these only) of the folder path."""
+        return self._stage(Path(path), files)
+
+    def file(self, path: str | Path) -> Path:
+        """A new empty file in which to write the file path."""
+        return self._stage(Path(path), None)
+
+    def _stage(self, path: Path, files: tuple[str, ...] | None) -> Path:
+        check_destination(path, files)
+        for parent in reversed(path.parents):
+            if not parent.exists():
+                parent.mkdir()
+                self.made.append(parent)
+        place = dict(prefix=f".{path.name}.partial-", dir=path.parent)
+        if files is None:
+            handle, name = tempfile.mkstemp(**place)
+            os.close(handle)
+        else:
+            name = tempfile.mkdtemp(**place)
+        self.staged.append((Path(name), path))
+        return Path(name)
+
+    def commit(self) -> None:
+        """Move everything staged into place (what the block's end does)."""
+        renames: list[tuple[Path, Path]] = []  # (from, to) made so far, undone in reverse order if one fails
+        older: list[Path] = []  # where what was at the destinations went
+        try:
+            for temporary, path in self.staged:
+                if os.path.lexists(path):
+                    older.append(temporary.with_name(temporary.name + ".older"))
+                    os.rename(path, older[-1])
+                    renames.append((path, older[-1]))
+                os.rename(temporary, path)
+                renames.append((temporary, path))
+        except BaseException:
+            for source, target in reversed(renames):
+                os.rename(target, source)
+            self.discard()
+            raise
+        for path in older:
+            remove(path)
+        self.staged, self.made = [], []
+
+    def discard(self) -> None:
+        """Remove everything staged and the parent folders made for it (what an exception does)."""
+        for temporary, _ in self.staged:
+            remove(temporary)
+        for folder in reversed(self.made):
+            with contextlib.suppress(OSError):  # not empty: something else was written there meanwhile
+                folder.rmdir()
+        self.staged, self.made = [], []
+
+
 def write_dataset(folder: str | Path, composites: list[Composite], metadata: dict) -> Path:
     """Write images.npy (N, H, W) uint8, labels.json (one record per image), metadata.json
-    (generation parameters and counts) and preview.png (the first images with their labels)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    (generation parameters and counts) and preview.png (the first images with their labels), whole
+    or not at all (see Staging): an older dataset folder there is replaced only once the new one is
+    written. Raises ValueError when something else is in the way (see check_destination)."""
+    with Staging() as staging:
+        write_dataset_files(staging.folder(folder, DATASET_FILES), composites, metadata)
+    return Path(folder)
+
+
+def write_dataset_files(folder: Path, composites: list[Composite], metadata: dict) -> None:
+    """write_dataset's files, into an existing folder (one that Staging hands out)."""
     size = metadata.get("canvas_size", 96)
     images = np.stack([c.image for c in composites]) if composites else np.zeros((0, size, size), np.uint8)
     np.save(folder / "images.npy", images)
@@ -643,22 +879,62 @@ def write_dataset(folder: str | Path, composites: list[Composite], metadata: dic
     )
     (folder / "metadata.json").write_text(json.dumps({**metadata, **counts}, indent=2) + "\n")
     preview_sheet([c.image for c in composites[:32]], [c.label for c in composites[:32]]).save(folder / "preview.png")
-    return folder
 
 
 def read_dataset(folder: str | Path) -> tuple[np.ndarray, list[dict], dict]:
+    """The images (N, H, W) uint8, memory-mapped, the N records of labels.json and the metadata of a
+    dataset folder. Raises FileNotFoundError for a missing file, and ValueError naming the file for
+    one unlike what write_dataset writes (naming the first bad record by its index)."""
     folder = Path(folder)
-    missing = [name for name in ("images.npy", "labels.json", "metadata.json") if not (folder / name).is_file()]
+    missing = [name for name in DATASET_FILES[:3] if not (folder / name).is_file()]  # all but the preview
     if missing:
         raise FileNotFoundError(
             f"{folder} is not a dataset folder: missing {', '.join(missing)} (write one with multidigit_generator.py)"
         )
-    images = np.load(folder / "images.npy", mmap_mode="r")
-    records = json.loads((folder / "labels.json").read_text())
-    metadata = json.loads((folder / "metadata.json").read_text())
-    if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(records):
-        raise ValueError(f"{folder}: images.npy {images.shape} {images.dtype} does not match {len(records)} labels")
+    records = read_json(folder / "labels.json", list, "a JSON list of records")
+    for index, record in enumerate(records):
+        problem = record_problem(record)
+        if problem:
+            raise ValueError(f"{folder / 'labels.json'}: record {index} {problem}")
+    metadata = read_json(folder / "metadata.json", dict, "a JSON object")
+    try:
+        images = np.load(folder / "images.npy", mmap_mode="r")
+    except (ValueError, EOFError) as error:  # not an .npy file, one cut short, or one of Python objects
+        raise ValueError(f"{folder / 'images.npy'} is not a readable .npy array ({error}): write it again") from error
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(
+            f"{folder / 'images.npy'} holds a {images.dtype} array of shape {images.shape}, "
+            "not images (N, H, W) uint8: write it again"
+        )
+    if len(images) != len(records):
+        raise ValueError(f"{folder}: images.npy holds {len(images)} images, labels.json {len(records)} records")
     return images, records, metadata
+
+
+def read_json(path: Path, kind: type, description: str) -> Any:
+    """The JSON value in path, which must be of kind (list or dict); ValueError naming the file if not."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise ValueError(f"{path} is not valid JSON ({error})") from error
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} must hold {description}, not {reprlib.repr(value)}")
+    return value
+
+
+def record_problem(record: object) -> str | None:
+    """What is wrong with one labels.json record, or None: each is an object whose "label" is a
+    string of the digits 0-9 ("" for a blank canvas) and whose "layout" is "scatter" or "row"."""
+    if not isinstance(record, dict):
+        return f"is {reprlib.repr(record)}, not an object with a label and a layout"
+    if "label" not in record:
+        return 'has no "label"'
+    label, layout = record["label"], record.get("layout")
+    if not isinstance(label, str) or not set(label) <= set(string.digits):  # str.isdigit() would take "²"
+        return f'has the label {reprlib.repr(label)}, not a string of the digits 0-9 ("" for a blank canvas)'
+    if layout not in ("scatter", "row"):
+        return f'has the layout {reprlib.repr(layout)}, not "scatter" or "row"'
+    return None
 
 
 def preview_sheet(images: list[np.ndarray], captions: list[str], columns: int = 8, scale: int = 2) -> Image.Image:
@@ -719,17 +995,21 @@ def add_composer_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The composition flags add_composer_arguments defines, by their MultiDigitComposer names.
+COMPOSER_FLAGS = (
+    "canvas_size",
+    "min_digits",
+    "max_digits",
+    "length_weights",
+    "layout",
+    "augment_strength",
+    "min_center_gap",
+    "digit_height",
+)
+
+
 def composer_settings(args: argparse.Namespace) -> dict:
-    return dict(
-        canvas_size=args.canvas_size,
-        min_digits=args.min_digits,
-        max_digits=args.max_digits,
-        length_weights=args.length_weights,
-        layout=args.layout,
-        augment_strength=args.augment_strength,
-        min_center_gap=args.min_center_gap,
-        digit_height=args.digit_height,
-    )
+    return {name: getattr(args, name) for name in COMPOSER_FLAGS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -747,24 +1027,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_images < 0:
         parser.error(f"--num-images must be >= 0, got {args.num_images}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     try:
         check_composer_settings(**composer_settings(args))
+        check_dataset_size(args.num_images, args.canvas_size, "--num-images")
+        check_destination(args.out, DATASET_FILES)
+        indices = read_digit_indices(args.digit_indices, args.split) if args.digit_indices else None
         images, labels = load_mnist(args.mnist_root, train=args.split == "train")
-        indices = np.arange(len(images))
-        if args.digit_indices:
-            indices = np.asarray(json.loads(Path(args.digit_indices).read_text()), dtype=np.int64)
-            if indices.ndim != 1 or len(indices) == 0 or indices.min() < 0 or indices.max() >= len(images):
-                raise ValueError(
-                    f"{args.digit_indices}: expected a non-empty list of indices into the {len(images)} "
-                    f"MNIST {args.split} digits"
-                )
+        if indices is None:
+            indices = np.arange(len(images))
         composer = MultiDigitComposer(images[indices], labels[indices], **composer_settings(args))
     except (ValueError, OSError, MnistUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     composites = generate(composer, args.num_images, args.seed, pool_indices=indices)
     meta = dict(composer.settings(), seed=args.seed, mnist_split=args.split, digit_indices=args.digit_indices)
-    folder = write_dataset(args.out, composites, meta)
+    try:
+        folder = write_dataset(args.out, composites, meta)
+    except OSError as error:  # a full disk, a read-only folder, ...: write_dataset leaves nothing behind
+        print(f"error: writing {args.out} failed ({error}); nothing was written there", file=sys.stderr)
+        return 1
     print(f"wrote {len(composites)} images to {folder} (preview: {folder / 'preview.png'})")
     return 0
 

@@ -1,19 +1,31 @@
-"""Read the digits in image files with a trained checkpoint.
+r"""Read the digits in image files with a trained checkpoint.
 
     uv run python predict.py photo.png scans/            # path<TAB>digits per image
     uv run python predict.py --jsonl --beam-size 4 a.png  # {"path", "digits", "confidence", ...} per line
 
-Any PNG/JPEG/... of any size and mode works: it is turned into white digits on black (dark
-ink on light paper is inverted, transparent backgrounds handled), its digits are scaled to the
-height the model was trained on keeping their aspect ratio, and the ink is centred on the
-model's canvas (to_canvas, which the front end uses too). A file that cannot be read gets an
-error line, the others are still read, and the exit code is 1. A blank image reads as "".
+Any PNG/JPEG/... of any size and mode works, 16-bit and float greyscale included: it is turned
+into white digits on black (dark ink on light paper is inverted, transparent backgrounds
+handled), its digits are scaled to the height the model was trained on keeping their aspect
+ratio, and the ink is centred on the model's canvas (to_canvas, which the front end uses too).
+A file that cannot be read gets an error line, the others are still read, and the exit code is
+1; only regular files are opened (a named pipe or a device would block or never end). A blank
+image reads as "".
+
+Paths are printed so that every line stays `path<TAB>digits` (or `path: error: ...` on stderr)
+whatever the file is called: a backslash is doubled; tab, newline and carriage return become
+\t, \n and \r; any other control byte, and any byte that is not part of valid UTF-8, becomes
+\xNN (its value in hex); everything else is printed as it is, in UTF-8. Under --jsonl, "path"
+is the name as Python decodes it: JSON escapes what needs escaping, and a byte that is not
+UTF-8 appears as \udcNN, which os.fsencode turns back into the byte NN.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import stat
 import sys
 import warnings
 from dataclasses import dataclass
@@ -23,7 +35,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageChops, ImageOps
 
 from model import DEFAULT_CHECKPOINT, CheckpointError, DigitSequenceTransformer, load_model, pick_device
 from multidigit_generator import DIGIT_HEIGHT_RANGE, ink_box
@@ -32,54 +44,121 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 BLANK_INK_LEVEL = 48  # a canvas whose brightest pixel is dimmer than this has no ink
 MIN_CONTRAST = 32  # ink must stand this far above the background to count as ink
-# Larger images are shrunk to this (longer side) first: a 96-pixel canvas needs no more detail,
-# and measuring the ink costs time in proportion to the pixels.
+# Ink larger than this (longer side) is shrunk to it before it is measured: a 96-pixel canvas
+# needs no more detail, and measuring the ink costs time in proportion to the pixels.
 WORKING_SIZE = 512
 # A round dab of ink is as long as it is wide (1 stroke width). Digits are longer, though less
 # than one might think: a small thick-stroked digit, whose blur fills its loops, comes close
 # (docs/design.md has the ratios measured on the test and stress sets).
 DOT_STROKES = 1.2
 CANVAS_MARGIN = 2  # pixels kept clear around ink that had to be shrunk to fit the canvas
+# Greyscale modes deeper than 8 bits: 16-bit (in either byte order), 32-bit integer, float.
+DEEP_GREY_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
 
 def open_image(path: str | Path | BinaryIO) -> Image.Image:
-    """Open and fully decode an image file (or file object), refusing oversized ones; raises
-    ValueError with the reason."""
+    """Open and fully decode an image file (or file object), refusing oversized and empty ones;
+    raises ValueError with the reason."""
     try:
         with warnings.catch_warnings():
+            # Pillow warns of damaged metadata (EXIF, TIFF tags) that it skips: the image is read or
+            # refused all the same, and a warning would add lines of its own to the file's one line.
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise ValueError(
-                        f"image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit"
-                    )
-                image.load()
-                return ImageOps.exif_transpose(image)
+                width, height = image.size
+                if 0 < width * height <= MAX_IMAGE_PIXELS:
+                    image.load()
+                    ImageOps.exif_transpose(image, in_place=True)  # a copy would double a large image's memory
+                    return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # too big for Pillow itself
         raise ValueError(f"image is over the {MAX_IMAGE_PIXELS:,}-pixel limit ({error})") from error
-    except (OSError, SyntaxError) as error:
-        raise ValueError(f"cannot read image ({type(error).__name__}: {error})") from error
+    except Exception as error:  # on a malformed file Pillow's decoders raise all kinds of exception, not only OSError
+        raise ValueError(f"cannot read image ({type(error).__name__}: {' '.join(str(error).split())})") from error
+    if width * height == 0:
+        raise ValueError(f"image is {width}x{height}: it has no pixels")
+    raise ValueError(f"image is {width}x{height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit")
 
 
-def ink_image(image: Image.Image) -> np.ndarray:
-    """Any image -> float32 (H, W) ink map, 0 for background up to 255 for full ink."""
-    gray = np.asarray(image.convert("L"), dtype=np.float32)
-    alpha = np.asarray(image.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
-    if alpha.min() < 0.99:
+def eight_bit_grey(image: Image.Image) -> Image.Image:
+    """A greyscale image deeper than 8 bits (DEEP_GREY_MODES) as 8-bit grey levels ("L"), its
+    full range scaled to 0-255; Pillow's own conversion clips at 255 instead, which turns most
+    16-bit paper and ink alike white.
+
+    The 16-bit modes span 0-65535. "I" and "F" have no fixed range, so theirs is the narrowest
+    that holds the brightest pixel: 0-255, 0-65535 (16-bit data stored wider), else 0 up to that
+    pixel; for "F" first 0-1, the usual range of float images. Negative and non-finite values
+    count as 0."""
+    levels = np.array(image, dtype=np.float32)  # a writable copy, scaled in place
+    np.nan_to_num(levels, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(levels.max())
+    if image.mode.startswith("I;16"):
+        full_range = 65535.0
+    elif image.mode == "F" and top <= 1.0:
+        full_range = 1.0
+    else:
+        full_range = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+    levels *= 255.0 / full_range
+    np.clip(levels, 0, 255, out=levels)
+    return Image.fromarray(np.rint(levels, out=levels).astype(np.uint8))
+
+
+def grey_and_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """The image's 8-bit grey levels ("L") and its alpha ("L"), or None for alpha when every
+    pixel is (nearly) opaque."""
+    if image.mode in DEEP_GREY_MODES:
+        return eight_bit_grey(image), None
+    if image.mode in ("LA", "PA", "RGBA"):
+        alpha = image.getchannel("A")
+    elif "transparency" in image.info:  # a palette entry or a colour marked transparent
+        alpha = image.convert("RGBA").getchannel("A")
+    else:
+        alpha = None
+    if alpha is not None and alpha.getextrema()[0] >= 0.99 * 255:
+        alpha = None
+    # Pillow converts CIELab to RGB but not straight to grey; its L channel is the lightness.
+    return image.getchannel("L") if image.mode == "LAB" else image.convert("L"), alpha
+
+
+def ink_image(image: Image.Image) -> Image.Image:
+    """Any image -> its ink ("L", the image's size): 0 for background, the strongest ink
+    stretched to 255 (faint ink gets full contrast); all 0 if no ink stands MIN_CONTRAST above
+    the background.
+
+    Built from 8-bit planes and lookup tables from grey level to ink, never a float copy of the
+    image: a photo of tens of megapixels must not take gigabytes."""
+    grey, alpha = grey_and_alpha(image)
+    if alpha is not None:
         # Transparent background (a drawing pad): ink is wherever it is opaque. Strokes may be
         # dark or light; which one decides whether their grey level or its inverse is the ink.
-        dark_strokes = (gray * alpha).sum() / max(alpha.sum(), 1e-6) < 128
-        return alpha * ((255.0 - gray) if dark_strokes else gray)
-    # Opaque: the border is mostly background, so its median tells paper from ink.
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    paper = np.median(border)
-    if paper > 127:  # dark ink on light paper
-        gray, border, paper = 255.0 - gray, 255.0 - border, 255.0 - paper
-    # Paper grain, sensor noise and JPEG ringing sit a few levels around the background; three
-    # robust standard deviations of the border take them out. The model only ever saw exact
-    # black around its strokes, and read leftover speckles as strings of digits.
-    noise = 1.4826 * np.median(np.abs(border - paper))
-    return gray - paper - 3 * noise
+        # ImageChops.multiply is a * b / 255, so the sums below are of grey * alpha / 255 and of alpha.
+        dark_strokes = 255 * histogram_sum(ImageChops.multiply(grey, alpha)) < 128 * histogram_sum(alpha)
+        ink = ImageChops.multiply(alpha, ImageOps.invert(grey) if dark_strokes else grey)
+        ink_of_level = np.arange(256.0)
+    else:
+        # Opaque: the border is mostly background, so its median tells paper from ink.
+        width, height = grey.size
+        edges = [(0, 0, width, 1), (0, height - 1, width, height), (0, 0, 1, height), (width - 1, 0, width, height)]
+        border = np.concatenate([np.asarray(grey.crop(edge), dtype=np.float64).ravel() for edge in edges])
+        paper = np.median(border)
+        ink_of_level = np.arange(256.0)
+        if paper > 127:  # dark ink on light paper
+            ink_of_level, border, paper = 255.0 - ink_of_level, 255.0 - border, 255.0 - paper
+        # Paper grain, sensor noise and JPEG ringing sit a few levels around the background; three
+        # robust standard deviations of the border take them out. The model only ever saw exact
+        # black around its strokes, and read leftover speckles as strings of digits.
+        noise = 1.4826 * np.median(np.abs(border - paper))
+        ink, ink_of_level = grey, ink_of_level - paper - 3 * noise
+    darkest, brightest = ink.getextrema()
+    top = max(ink_of_level[darkest], ink_of_level[brightest])  # monotonic: the strongest ink is at one end
+    if top < MIN_CONTRAST:
+        return Image.new("L", ink.size)
+    return ink.point(np.rint(ink_of_level.clip(0, top) * (255.0 / top)).astype(np.uint8).tolist())
+
+
+def histogram_sum(image: Image.Image) -> int:
+    """The sum of an "L" image's pixel values, counted from its histogram (no copy of the pixels)."""
+    return sum(level * count for level, count in enumerate(image.histogram()))
 
 
 @dataclass
@@ -118,13 +197,18 @@ def to_canvas(image: Image.Image, canvas_size: int, digit_height: tuple[int, int
     with digits of a trained size reaches the model unchanged. No ink at all, or only a dot
     (ink no longer than DOT_STROKES stroke widths: a tap on a drawing pad, a speck), gives an empty canvas."""
     empty = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
-    ink = ink_image(image).clip(0, None)
-    top = float(ink.max())
-    if top < MIN_CONTRAST:
-        return empty
-    ink = Image.fromarray(np.round(ink * (255.0 / top)).astype(np.uint8))  # stretch faint ink to full range
-    if max(ink.size) > WORKING_SIZE:
-        ink.thumbnail((WORKING_SIZE, WORKING_SIZE), Image.LANCZOS)
+    ink = ink_image(image)
+    if max(ink.size) > canvas_size:
+        # Ink that does not fit the canvas is cropped to its box below anyway. Cropping here, at
+        # full resolution, before anything is shrunk, keeps the detail of small digits in a large
+        # image: a number written small along a long strip must not shrink with the whole strip.
+        box = ink.point(lambda level: 255 if level >= MIN_CONTRAST else 0).getbbox()
+        if box is None:
+            return empty
+        ink = ink.crop(box)
+        if max(ink.size) > WORKING_SIZE:
+            ink.thumbnail((WORKING_SIZE, WORKING_SIZE), Image.LANCZOS)
+        ink = ImageOps.expand(ink, border=1)  # background all round, from which measure_ink tells stroke widths
     measure = measure_ink(np.asarray(ink))
     if measure is None:
         return empty
@@ -178,11 +262,41 @@ def expand_paths(paths: list[str]) -> list[Path]:
     """Files as given; folders replaced by the image files directly inside them, sorted."""
     out = []
     for p in map(Path, paths):
-        if p.is_dir():
+        try:
+            folder = p.is_dir()
+        except OSError:  # a name too long to look up, say: reading it as a file says why
+            folder = False
+        if folder:
             out += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             out.append(p)
     return out
+
+
+def check_regular_file(path: Path) -> None:
+    """Raise ValueError unless path is a regular file (symbolic links followed): opening a named
+    pipe blocks until something writes to it, and a device such as /dev/zero never ends."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError("no such file") from None
+    except OSError as error:
+        raise ValueError(f"cannot read file ({error.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError("not a regular file")
+
+
+_UNPRINTABLE = re.compile(rb"[\x00-\x1f\x7f\\]")
+_NAMED_ESCAPES = {b"\\": b"\\\\", b"\t": b"\\t", b"\n": b"\\n", b"\r": b"\\r"}
+
+
+def printable(path: str | Path) -> str:
+    """The path as one line of text, escaped as the module's docstring says: its bytes (as the
+    file system has them) with control bytes and backslashes escaped first, then decoded as UTF-8
+    with every byte that is not part of valid UTF-8 written \\xNN. UTF-8 never uses bytes below
+    0x80 inside a multi-byte character, so the first step cannot split one."""
+    escaped = _UNPRINTABLE.sub(lambda m: _NAMED_ESCAPES.get(m[0], b"\\x%02x" % m[0][0]), os.fsencode(path))
+    return escaped.decode("utf-8", "backslashreplace")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = expand_paths(args.images)
     if not paths:
-        print("error: no image files found in " + ", ".join(args.images), file=sys.stderr)
+        print("error: no image files found in " + ", ".join(map(printable, args.images)), file=sys.stderr)
         return 1
     failed = False
     for start in range(0, len(paths), args.batch_size):
@@ -223,8 +337,7 @@ def read_files(model: DigitSequenceTransformer, paths: list[Path], *, beam_size:
     errors: dict[int, str] = {}
     for i, path in enumerate(paths):
         try:
-            if not path.exists():
-                raise ValueError("no such file")
+            check_regular_file(path)
             canvases[i] = to_canvas(open_image(path), model.config.image_size)
         except ValueError as error:
             errors[i] = str(error)
@@ -233,7 +346,7 @@ def read_files(model: DigitSequenceTransformer, paths: list[Path], *, beam_size:
         if i in errors:
             if jsonl:
                 print(json.dumps({"path": str(path), "error": errors[i]}), flush=True)
-            print(f"{path}: error: {errors[i]}", file=sys.stderr)
+            print(f"{printable(path)}: error: {errors[i]}", file=sys.stderr)
         elif jsonl:
             r = readings[i]
             probs = [round(p, 6) for p in r.digit_probs]
@@ -243,7 +356,7 @@ def read_files(model: DigitSequenceTransformer, paths: list[Path], *, beam_size:
                 )
             )
         else:
-            print(f"{path}\t{readings[i].digits}")
+            print(f"{printable(path)}\t{readings[i].digits}")
     return bool(errors)
 
 

@@ -12,7 +12,8 @@ height within the digit-height range and placed, but not rotated, sheared or giv
 measures it on its own.
 
 Writes data_dir/splits.json (the digit pools and every setting) and data_dir/val/ and
-data_dir/test/ dataset folders (see multidigit_generator.write_dataset). Splitting comes
+data_dir/test/ dataset folders (see multidigit_generator.write_dataset), all three moved into
+place together once all are written: a failed run leaves what was there before. Splitting comes
 before generating because composites cannot be split afterwards without sharing digits.
 
 With --stress it writes instead the stress sets, data_dir/stress/<name>/: held-out composites
@@ -34,14 +35,18 @@ from pathlib import Path
 import numpy as np
 
 from multidigit_generator import (
+    DATASET_FILES,
     MnistUnavailableError,
     MultiDigitComposer,
+    Staging,
     add_composer_arguments,
     check_composer_settings,
+    check_dataset_size,
+    check_destination,
     composer_settings,
     generate,
     load_mnist,
-    write_dataset,
+    write_dataset_files,
 )
 
 SPLITS_FILE = "splits.json"
@@ -99,7 +104,8 @@ def prepare_splits(
     seed: int = 0,
     composer: dict | None = None,
 ) -> dict:
-    """Write splits.json, val/ and test/ under data_dir and return the splits record."""
+    """Write splits.json, val/ and test/ under data_dir, whole or not at all, and return the splits
+    record. Settings and destinations are checked (ValueError) before MNIST is loaded."""
     if val_images < 1 or test_images < 1:
         raise ValueError(f"need at least one validation and one test image, got {val_images} and {test_images}")
     if not 0.0 < val_fraction < 1.0:
@@ -107,30 +113,34 @@ def prepare_splits(
     composer = {**EVAL_COMPOSER, **(composer or {})}
     check_composer_settings(**composer)
     data_dir = Path(data_dir)
+    for name, files in (("val", DATASET_FILES), ("test", DATASET_FILES), (SPLITS_FILE, None)):
+        check_destination(data_dir / name, files)
     train_images, train_labels = load_mnist(mnist_root, train=True)
     test_digits, test_labels = load_mnist(mnist_root, train=False)
     pools = split_digit_pools(len(train_images), val_fraction, seed)
     pools["test"] = list(range(len(test_digits)))
     sources = {"val": (train_images, train_labels, "train"), "test": (test_digits, test_labels, "test")}
     counts = {"val": val_images, "test": test_images}
-    for offset, split in enumerate(("val", "test"), start=1):
-        images, labels, mnist_split = sources[split]
-        pool = np.asarray(pools[split])
-        split_composer = MultiDigitComposer(images[pool], labels[pool], **composer)
-        # Different seeds per split, so val and test are not the same draws from different digits.
-        composites = generate(split_composer, counts[split], seed + offset, pool_indices=pool)
-        write_dataset(
-            data_dir / split, composites, dict(split_composer.settings(), seed=seed + offset, mnist_split=mnist_split)
+    # All three are moved into place together once written, splits.json last: it is there only with
+    # the val/ and test/ it describes.
+    with Staging() as staging:
+        for offset, split in enumerate(("val", "test"), start=1):
+            images, labels, mnist_split = sources[split]
+            pool = np.asarray(pools[split])
+            split_composer = MultiDigitComposer(images[pool], labels[pool], **composer)
+            # Different seeds per split, so val and test are not the same draws from different digits.
+            composites = generate(split_composer, counts[split], seed + offset, pool_indices=pool)
+            metadata = dict(split_composer.settings(), seed=seed + offset, mnist_split=mnist_split)
+            write_dataset_files(staging.folder(data_dir / split, DATASET_FILES), composites, metadata)
+        record = dict(
+            seed=seed,
+            val_fraction=val_fraction,
+            val_images=val_images,
+            test_images=test_images,
+            composer=split_composer.settings(),
+            pools=pools,
         )
-    record = dict(
-        seed=seed,
-        val_fraction=val_fraction,
-        val_images=val_images,
-        test_images=test_images,
-        composer=split_composer.settings(),
-        pools=pools,
-    )
-    (data_dir / SPLITS_FILE).write_text(json.dumps(record))
+        staging.file(data_dir / SPLITS_FILE).write_text(json.dumps(record))
     return record
 
 
@@ -146,7 +156,8 @@ def prepare_stress_sets(
 
     Only MNIST test digits are used. Every set is composed with seed + STRESS_SEED_OFFSET, unlike
     val's and test's draws; so image i holds the same digits in the same layout in every set, and
-    the sets differ only by their stress. composer holds the base settings the stresses change."""
+    the sets differ only by their stress. composer holds the base settings the stresses change.
+    The sets are moved into place together once all are written."""
     if images_per_set < 1:
         raise ValueError(f"need at least one image per stress set, got {images_per_set}")
     settings = {name: {**EVAL_COMPOSER, **(composer or {}), **stress} for name, (stress, _) in STRESS_SETS.items()}
@@ -155,19 +166,22 @@ def prepare_stress_sets(
             check_composer_settings(**stressed)
         except ValueError as error:
             raise ValueError(f"stress set {name}: {error}") from error
+    folders = {name: Path(data_dir) / STRESS_DIR / name for name in STRESS_SETS}
+    for folder in folders.values():
+        check_destination(folder, DATASET_FILES)
     images, labels = load_mnist(mnist_root, train=False)
-    folders = {}
-    for name, (_, description) in STRESS_SETS.items():
-        stressed = MultiDigitComposer(images, labels, **settings[name])
-        composites = generate(stressed, images_per_set, seed + STRESS_SEED_OFFSET)
-        metadata = dict(
-            stressed.settings(),
-            seed=seed + STRESS_SEED_OFFSET,
-            mnist_split="test",
-            stress=name,
-            stress_description=description,
-        )
-        folders[name] = write_dataset(Path(data_dir) / STRESS_DIR / name, composites, metadata)
+    with Staging() as staging:
+        for name, (_, description) in STRESS_SETS.items():
+            stressed = MultiDigitComposer(images, labels, **settings[name])
+            composites = generate(stressed, images_per_set, seed + STRESS_SEED_OFFSET)
+            metadata = dict(
+                stressed.settings(),
+                seed=seed + STRESS_SEED_OFFSET,
+                mnist_split="test",
+                stress=name,
+                stress_description=description,
+            )
+            write_dataset_files(staging.folder(folders[name], DATASET_FILES), composites, metadata)
     return folders
 
 
@@ -196,8 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     add_composer_arguments(parser)
     parser.set_defaults(**EVAL_COMPOSER)  # evaluation sets show the digits as written (see the module docstring)
     args = parser.parse_args(argv)
-    if args.stress:
-        try:
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    counts = (
+        {"--stress-images": args.stress_images}
+        if args.stress
+        else {"--val-images": args.val_images, "--test-images": args.test_images}
+    )
+    try:
+        for flag, count in counts.items():
+            check_dataset_size(count, args.canvas_size, flag)
+        if args.stress:
             folders = prepare_stress_sets(
                 args.data_dir,
                 mnist_root=args.mnist_root,
@@ -205,25 +228,26 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 composer=composer_settings(args),
             )
-        except (ValueError, OSError, MnistUnavailableError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        else:
+            record = prepare_splits(
+                args.data_dir,
+                mnist_root=args.mnist_root,
+                val_images=args.val_images,
+                test_images=args.test_images,
+                val_fraction=args.val_fraction,
+                seed=args.seed,
+                composer=composer_settings(args),
+            )
+    except (ValueError, MnistUnavailableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a read-only folder, ...: nothing is left half-written
+        print(f"error: writing to {args.data_dir} failed ({error}); nothing was written there", file=sys.stderr)
+        return 1
+    if args.stress:
         for name, folder in folders.items():
             print(f"wrote {folder} ({args.stress_images} images): {STRESS_SETS[name][1]}")
         return 0
-    try:
-        record = prepare_splits(
-            args.data_dir,
-            mnist_root=args.mnist_root,
-            val_images=args.val_images,
-            test_images=args.test_images,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            composer=composer_settings(args),
-        )
-    except (ValueError, OSError, MnistUnavailableError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     pools = record["pools"]
     print(
         f"digit pools: train {len(pools['train'])}, val {len(pools['val'])} (MNIST train), "

@@ -18,7 +18,7 @@ from evaluate import (
     worst_failures,
 )
 from model import load_model
-from multidigit_generator import Composite, MultiDigitFolder, write_dataset
+from multidigit_generator import Composite, MultiDigitFolder, read_dataset, write_dataset
 
 
 @pytest.mark.parametrize(
@@ -169,3 +169,122 @@ def test_training_metrics_include_order_free_accuracy(tiny_run):
     test = json.loads((tiny_run / "test_metrics.json").read_text())["test"]
     assert test["sequence_accuracy"] <= test["order_free_accuracy"] <= 1.0
     assert {"order_free_accuracy_row", "order_free_accuracy_scatter", "order_free_accuracy_len4"} <= set(test)
+
+
+# ---- malformed dataset folders: named, one line each, and the other folders still evaluated
+
+
+def edit_json(name, change):
+    def edit(folder):
+        path = folder / name
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+    return edit
+
+
+def set_record(index, **fields):
+    """An edit of labels.json: record index gets these fields, None removing one."""
+
+    def change(records):
+        records[index].update(fields)
+        records[index] = {k: v for k, v in records[index].items() if v is not None}
+        return records
+
+    return edit_json("labels.json", change)
+
+
+def save_images(images):
+    return lambda folder: np.save(folder / "images.npy", images)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (set_record(1, label=None), 'labels.json: record 1 has no "label"'),
+        (set_record(1, label=12), "labels.json: record 1 has the label 12, not a string of the digits 0-9"),
+        (set_record(2, label="12a"), "labels.json: record 2 has the label '12a', not a string of the digits 0-9"),
+        (set_record(2, label="1²"), "labels.json: record 2 has the label '1²'"),
+        (set_record(0, layout=None), 'labels.json: record 0 has the layout None, not "scatter" or "row"'),
+        (edit_json("labels.json", lambda records: [*records[:2], 5]), "labels.json: record 2 is 5, not an object"),
+        (edit_json("labels.json", lambda records: {"records": records}), "labels.json must hold a JSON list"),
+        (lambda folder: (folder / "labels.json").write_text("[{"), "labels.json is not valid JSON"),
+        (edit_json("metadata.json", lambda metadata: [metadata]), "metadata.json must hold a JSON object"),
+        (save_images(np.zeros((3, 96, 96), np.float32)), "images.npy holds a float32 array of shape (3, 96, 96)"),
+        (save_images(np.zeros((3, 96), np.uint8)), "images.npy holds a uint8 array of shape (3, 96), not images"),
+        (save_images(np.zeros((2, 96, 96), np.uint8)), "images.npy holds 2 images, labels.json 3 records"),
+        (save_images(np.array([None, 1, "x"], dtype=object)), "images.npy is not a readable .npy array"),
+        (lambda folder: (folder / "images.npy").write_bytes(b"not an array"), "images.npy is not a readable"),
+        (lambda folder: (folder / "images.npy").write_bytes(b""), "images.npy is not a readable .npy array"),
+        (
+            lambda folder: (folder / "images.npy").write_bytes((folder / "images.npy").read_bytes()[:500]),
+            "images.npy is not a readable .npy array",
+        ),
+    ],
+)
+def test_read_dataset_names_the_file_and_record_that_is_wrong(tmp_path, damage, message):
+    folder = dataset_with_labels(tmp_path / "set", ["12", "", "7"])
+    damage(folder)
+    with pytest.raises(ValueError) as error:
+        read_dataset(folder)
+    assert str(error.value).startswith(str(folder)) and message in str(error.value)
+
+
+def test_cli_skips_malformed_folders_and_still_summarises_the_good_ones(tmp_path, tiny_data_dir, tiny_run, capsys):
+    bad = {}
+    for name, damage in (
+        ("no_label", set_record(1, label=None)),
+        ("int_label", set_record(0, label=12)),
+        ("letter_label", set_record(1, label="12a")),
+        ("not_json", lambda folder: (folder / "labels.json").write_text("[{")),
+        ("metadata_list", edit_json("metadata.json", lambda metadata: [1, 2])),
+    ):
+        bad[name] = dataset_with_labels(tmp_path / name, ["12", "3", "45"])
+        damage(bad[name])
+    folders = [bad["no_label"], tiny_data_dir / "test", bad["int_label"], bad["letter_label"], tiny_data_dir / "val"]
+    folders += [bad["not_json"], bad["metadata_list"]]
+    out = tmp_path / "reports"
+    assert main([*map(str, folders), "--checkpoint", str(tiny_run / "best.pt"), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f'error: {bad["no_label"]}/labels.json: record 1 has no "label"',
+        f"error: {bad['int_label']}/labels.json: record 0 has the label 12, "
+        'not a string of the digits 0-9 ("" for a blank canvas)',
+        f"error: {bad['letter_label']}/labels.json: record 1 has the label '12a', "
+        'not a string of the digits 0-9 ("" for a blank canvas)',
+        f"error: {bad['not_json']}/labels.json is not valid JSON (Expecting property name enclosed in double quotes: "
+        "line 1 column 3 (char 2))",
+        f"error: {bad['metadata_list']}/metadata.json must hold a JSON object, not [1, 2]",
+    ]
+    assert "| dataset | n | exact % | order-free % | scatter % | row % |" in captured.out
+    assert "| test | 48 |" in captured.out and "| val | 48 |" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["test", "val"]
+
+
+def test_cli_report_write_failure_keeps_the_older_report(tmp_path, tiny_data_dir, tiny_run, monkeypatch, capsys):
+    out = tmp_path / "reports"
+    args = [str(tiny_data_dir / "test"), "--checkpoint", str(tiny_run / "best.pt"), "--out", str(out)]
+    assert main(args) == 0
+    kept = {p.name: p.read_bytes() for p in (out / "test").iterdir()}
+
+    def full_disk(self, path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    assert main([*args, "--beam-size", "2"]) == 1
+    assert capsys.readouterr().err.endswith(
+        f"error: evaluating {tiny_data_dir / 'test'} failed ([Errno 28] No space left on device); "
+        f"no report written to {out / 'test'}\n"
+    )
+    assert {p.name: p.read_bytes() for p in (out / "test").iterdir()} == kept
+    assert sorted(out.iterdir()) == [out / "test"], "no temporary folder left"
+
+
+def test_cli_refuses_a_report_folder_holding_other_files_before_any_work(tmp_path, tiny_data_dir, capsys):
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "notes.md").write_text("mine")
+    with pytest.raises(SystemExit) as exit:
+        main([str(tiny_data_dir / "test"), "--checkpoint", str(tmp_path / "nothing.pt"), "--out", str(tmp_path)])
+    assert exit.value.code == 2
+    assert "test is replaced whole when written, and it holds notes.md" in capsys.readouterr().err
+    assert (tmp_path / "test" / "notes.md").read_text() == "mine" and len(list(tmp_path.rglob("*"))) == 2

@@ -1,5 +1,10 @@
 import json
+import math
+import os
+import shutil
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,20 +12,25 @@ from PIL import Image
 
 from conftest import run_script
 from multidigit_generator import (
+    DATASET_FILES,
     DIGIT_SPACING,
     MIN_DIGIT_WIDTH,
     MNIST_FILES,
+    Composite,
     MnistUnavailableError,
     MultiDigitComposer,
+    Staging,
     augment_digit,
     compose_row,
     compose_scatter,
     degrade_like_a_scan,
     generate,
     load_mnist,
+    main,
     read_dataset,
     row_capacity,
     scatter_capacity,
+    write_dataset,
 )
 
 
@@ -193,6 +203,18 @@ def test_row_capacity_is_honest(canvas_size, digit_height, tilt):
         (dict(length_weights=[1, -1, 1, 1, 1]), "length_weights"),
         (dict(length_weights=[0, 0, 0, 0, 0]), "length_weights"),
         (dict(min_digits=2, length_weights=[1, 1, 1, 1, 1]), "fewer than min_digits"),
+        (dict(length_weights=[math.nan, 1, 1, 1, 1]), "length_weights"),
+        (dict(length_weights=[1, 1, math.inf, 1, 1]), "length_weights"),
+        (dict(length_weights=[1e308] * 5), "finite sum"),  # each finite, their sum not
+        (dict(augment_strength=math.nan), "augment_strength"),
+        (dict(augment_strength=math.inf), "augment_strength"),
+        (dict(augment_strength=1e6), "augment_strength"),
+        (dict(augment_strength=5.5), "augment_strength must be 0 to 5"),
+        (dict(augment_strength=-1), "augment_strength"),
+        (dict(aspect_stretch=(1.0, math.inf)), "aspect_stretch"),
+        (dict(aspect_stretch=(math.nan, 1.0)), "aspect_stretch"),
+        (dict(aspect_stretch=(1.0, 1e6)), "aspect_stretch"),
+        (dict(canvas_size=100_000), "canvas_size"),
     ],
 )
 def test_invalid_settings_fail_with_a_clear_message(settings, message):
@@ -393,3 +415,228 @@ def test_scan_degradation_blurs_edges():
         scan = degrade_like_a_scan(square, np.random.default_rng(seed)).astype(float)
         background, inside, just_outside = scan[:, :16].mean(), scan[36:60, 36:60].mean(), scan[36:60, 27].mean()
         assert just_outside - background > 0.05 * (inside - background), "ink bleeds past the edge"
+
+
+# ---- bad input and failed writes: one line, exit 2 for bad input and 1 for failed work, nothing left behind
+
+
+def copy_mnist(mnist_root: Path, root: Path) -> Path:
+    """The four raw MNIST files copied to root/MNIST/raw, free to be altered; returns that folder."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        shutil.copyfile(mnist_root / "MNIST" / "raw" / name, raw / name)
+    return raw
+
+
+def swap(a: Path, b: Path) -> None:
+    a.rename(a.with_name("swapping"))
+    b.rename(a)
+    a.with_name("swapping").rename(b)
+
+
+@pytest.mark.parametrize(
+    "alter, message",
+    [
+        (
+            lambda raw: shutil.copyfile(raw / "train-labels-idx1-ubyte", raw / "t10k-labels-idx1-ubyte"),
+            "{raw}/t10k-labels-idx1-ubyte holds 60000 labels, the test images 10000",
+        ),
+        (
+            lambda raw: swap(raw / "train-images-idx3-ubyte", raw / "t10k-images-idx3-ubyte"),
+            "{raw}/t10k-images-idx3-ubyte holds 60000 images, the test labels 10000",
+        ),
+    ],
+    ids=["train labels for test labels", "image files swapped"],
+)
+def test_cli_refuses_mnist_files_from_different_splits(tmp_path, mnist_root, capsys, alter, message):
+    raw = copy_mnist(mnist_root, tmp_path / "mnist")
+    alter(raw)
+    out = tmp_path / "set"
+    args = ["--out", str(out), "--split", "test", "--num-images", "2", "--mnist-root", str(tmp_path / "mnist")]
+    assert main(args) == 2
+    expected = message.format(raw=raw) + ": the files are from different MNIST splits; restore the original files"
+    assert capsys.readouterr().err == f"error: {expected}\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "alter, message",
+    [
+        (
+            lambda raw: shutil.copyfile(raw / "t10k-labels-idx1-ubyte", raw / "t10k-images-idx3-ubyte"),
+            "t10k-images-idx3-ubyte is not an MNIST images file (idx magic number 2049, not 2051)",
+        ),
+        (
+            lambda raw: os.truncate(raw / "t10k-images-idx3-ubyte", 5000),
+            "t10k-images-idx3-ubyte is 5000 bytes, its header promises 7840016",
+        ),
+        (lambda raw: os.truncate(raw / "t10k-labels-idx1-ubyte", 6), "t10k-labels-idx1-ubyte is too short"),
+        (
+            lambda raw: (raw / "t10k-labels-idx1-ubyte").write_bytes(
+                (raw / "t10k-labels-idx1-ubyte").read_bytes()[:8] + bytes([10]) * 10_000
+            ),
+            "10000 labels up to 10",
+        ),
+    ],
+    ids=["labels for images", "cut short", "no header", "labels over 9"],
+)
+def test_damaged_mnist_files_are_named(tmp_path, mnist_root, alter, message):
+    alter(copy_mnist(mnist_root, tmp_path))
+    with pytest.raises(MnistUnavailableError, match="restore the original file") as error:
+        load_mnist(tmp_path, train=False)
+    assert message in str(error.value) and "could not be downloaded" not in str(error.value)
+    load_mnist(tmp_path, train=True)  # the other split's files are fine
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--augment-strength", "nan"], "augment_strength must be 0 to 5, got nan"),
+        (["--augment-strength", "1e6"], "augment_strength must be 0 to 5, got 1000000.0"),
+        (["--length-weights", "nan,1,1,1,1"], "length_weights must be 5 non-negative numbers"),
+        (["--num-images", str(10**12)], "--num-images 1000000000000: composing that many 96x96 images needs about"),
+    ],
+)
+def test_cli_refuses_non_finite_and_huge_numbers_before_loading_mnist(tmp_path, capsys, flags, message):
+    out, no_mnist = tmp_path / "set", tmp_path / "no-mnist-here"
+    assert main(["--out", str(out), "--mnist-root", str(no_mnist), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not out.exists() and not no_mnist.exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{nope", "cannot be read as JSON"),
+        ("[1.5, 2]", "expected a non-empty JSON list of whole numbers from 0 to 9999"),
+        ('{"a": 1}', "expected a non-empty JSON list"),
+        ("[99999999999999999999999]", "expected a non-empty JSON list"),
+        ("[true]", "expected a non-empty JSON list"),
+        ("[10000]", "indices into the 10000 MNIST test digits"),
+        ("[]", "expected a non-empty JSON list"),
+        (None, "cannot be read as JSON"),  # no such file
+    ],
+)
+def test_cli_refuses_bad_digit_indices_naming_the_file(tmp_path, capsys, content, message):
+    indices = tmp_path / "indices.json"
+    if content is not None:
+        indices.write_text(content)
+    args = ["--out", str(tmp_path / "set"), "--split", "test", "--digit-indices", str(indices)]
+    assert main([*args, "--mnist-root", str(tmp_path / "no-mnist-here")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --digit-indices {indices}") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "set").exists() and not (tmp_path / "no-mnist-here").exists()
+
+
+def test_cli_refuses_a_negative_seed(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--out", str(tmp_path / "set"), "--seed", "-1", "--mnist-root", str(tmp_path)])
+    assert exit.value.code == 2 and "--seed must be >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "set").exists()
+
+
+def tiny_composites(count: int, label: str = "7") -> list[Composite]:
+    return [Composite(image=np.full((96, 96), i, np.uint8), label=label, layout="row") for i in range(count)]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under folder, by path relative to it, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cli_refuses_an_out_it_would_damage_before_any_work(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("keep me")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me too")
+    write_dataset(tmp_path / "notes_and_data", tiny_composites(2), {})
+    (tmp_path / "notes_and_data" / "README").write_text("mine")
+    before = snapshot(tmp_path)
+    for out, message in (
+        ("a_file", "a_file is a file, where a folder is to be written"),
+        ("a_file/set", "a_file is a file, not a folder"),
+        ("notes", "notes is replaced whole when written, and it holds todo.txt besides images.npy"),
+        ("notes_and_data", "notes_and_data is replaced whole when written, and it holds README besides"),
+    ):
+        args = ["--out", str(tmp_path / out), "--mnist-root", str(tmp_path / "no-mnist-here")]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert snapshot(tmp_path) == before and not (tmp_path / "no-mnist-here").exists()
+
+
+def full_disk_after(monkeypatch, target, name: str, calls: int) -> None:
+    """From its calls-th call on, target.name writes part of its output and fails as a full disk does."""
+    real, count = getattr(target, name), [0]
+
+    def failing(*args, **kwargs):
+        count[0] += 1
+        if count[0] < calls:
+            return real(*args, **kwargs)
+        destination = next(a for a in args if isinstance(a, (str, Path)))
+        Path(destination).write_bytes(b"\x93NUMPY partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(target, name, failing)
+
+
+@pytest.mark.parametrize("failing", ["images.npy", "preview.png"])
+def test_write_dataset_is_whole_or_nothing_and_keeps_the_older_dataset(tmp_path, monkeypatch, failing):
+    older = write_dataset(tmp_path / "set", tiny_composites(3, "12"), {"seed": 1})
+    kept = snapshot(tmp_path)
+    with monkeypatch.context() as patch:
+        if failing == "images.npy":
+            full_disk_after(patch, np, "save", 1)
+        else:
+            full_disk_after(patch, Image.Image, "save", 1)
+        for folder in (older, tmp_path / "new" / "deeper" / "set"):
+            with pytest.raises(OSError, match="No space left on device"):
+                write_dataset(folder, tiny_composites(2), {"seed": 2})
+    assert snapshot(tmp_path) == kept and sorted(os.listdir(tmp_path)) == ["set"], "no partial folder left"
+    write_dataset(older, tiny_composites(2), {"seed": 2})  # once there is room, the new one replaces it
+    images, _, metadata = read_dataset(older)
+    assert len(images) == 2 and metadata["seed"] == 2 and sorted(os.listdir(tmp_path)) == ["set"]
+
+
+@pytest.mark.parametrize("fault", ["disk full", "read-only folder"])
+def test_cli_write_failure_is_one_line_exit_1_and_keeps_the_older_dataset(
+    tmp_path, mnist_root, monkeypatch, capsys, fault
+):
+    out = write_dataset(tmp_path / "set", tiny_composites(3, "12"), {"seed": 1})
+    kept = snapshot(tmp_path)
+    if fault == "disk full":
+        full_disk_after(monkeypatch, np, "save", 1)
+        reason = "[Errno 28] No space left on device"
+    else:
+
+        def read_only(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkdtemp", read_only)  # how making the temporary folder fails there
+        reason = "[Errno 13] Permission denied"
+    args = ["--out", str(out), "--split", "test", "--num-images", "3", "--mnist-root", str(mnist_root)]
+    assert main(args) == 1
+    assert capsys.readouterr().err.endswith(f"error: writing {out} failed ({reason}); nothing was written there\n")
+    assert snapshot(tmp_path) == kept and sorted(os.listdir(tmp_path)) == ["set"]
+
+
+def test_staging_puts_everything_back_when_a_move_fails(tmp_path, monkeypatch):
+    for name in ("a", "b"):
+        write_dataset(tmp_path / name, tiny_composites(1), {"seed": 1})
+    (tmp_path / "record.json").write_text("old")
+    kept = snapshot(tmp_path)
+    real_rename, renames = os.rename, []
+
+    def rename(source, target):
+        renames.append(source)
+        if len(renames) == 4:  # a moved aside, the new a moved in, b moved aside: the new b fails to move in
+            raise OSError(28, "No space left on device")
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="No space left"), Staging() as staging:
+        for name in ("a", "b"):
+            (staging.folder(tmp_path / name, DATASET_FILES) / "images.npy").write_text("new")
+        staging.file(tmp_path / "record.json").write_text("new")
+    assert snapshot(tmp_path) == kept and sorted(os.listdir(tmp_path)) == ["a", "b", "record.json"]

@@ -1,13 +1,27 @@
+import io
 import json
+import os
 import re
+import threading
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 import predict
 from drawing import draw_on_pad, number_strokes
-from model import DEFAULT_CHECKPOINT, load_checkpoint, load_model
+from model import (
+    DEFAULT_CHECKPOINT,
+    DigitSequenceTransformer,
+    ModelConfig,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from multidigit_generator import MultiDigitComposer, generate
 from predict import main, open_image, to_canvas
 
@@ -15,6 +29,16 @@ from predict import main, open_image, to_canvas
 @pytest.fixture(scope="module")
 def shipped_model():
     return load_model(DEFAULT_CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
+def untrained_checkpoint(tmp_path_factory) -> str:
+    """A tiny model with its initial weights, made in-process: for tests of predict.py's file
+    handling, where what the model reads does not matter."""
+    config = ModelConfig(d_model=32, n_heads=2, encoder_layers=1, decoder_layers=1, stem_width=16, ff_mult=2)
+    path = tmp_path_factory.mktemp("untrained") / "model.pt"
+    save_checkpoint(path, config, DigitSequenceTransformer(config).state_dict())
+    return str(path)
 
 
 def test_a_dataset_image_reaches_the_model_unchanged(composite):
@@ -102,8 +126,7 @@ def test_scanned_pages_lose_their_noise_and_are_read(mnist_test, shipped_model):
     composer = MultiDigitComposer(images, labels, augment_strength=0.0, scan_degradation=True)
     composites = generate(composer, 200, seed=4242, progress=False)
     for c in composites:
-        ink = predict.ink_image(Image.fromarray(c.image)).clip(0, None)
-        ink = ink * (255 / ink.max()) if ink.max() >= predict.MIN_CONTRAST else 0 * ink  # as to_canvas stretches it
+        ink = np.asarray(predict.ink_image(Image.fromarray(c.image)))
         far_from_ink = np.ones((96, 96), dtype=bool)
         for x0, y0, x1, y1 in c.boxes:
             far_from_ink[max(0, y0 - 4) : y1 + 4, max(0, x0 - 4) : x1 + 4] = False
@@ -122,6 +145,46 @@ def test_strokes_on_a_transparent_pad_become_white_ink(stroke):
     ImageDraw.Draw(pad).line([(150, 60), (150, 240)], fill=stroke, width=20)
     canvas = to_canvas(pad, 96)
     assert canvas[48, 48] > 200 and canvas[48, 10] == 0 and canvas[5, 48] == 0
+
+
+@pytest.mark.parametrize("paper", [0, 255], ids=["white_on_black", "black_on_white"])
+@pytest.mark.parametrize(
+    "mode, scale",
+    [("I;16", 257), ("I;16B", 257), ("I", 257), ("F", 257), ("F", 1 / 255)],
+    ids=["16-bit_png", "16-bit_big_endian", "32-bit_integer", "float_0-65535", "float_0-1"],
+)
+def test_deep_greyscale_images_are_scaled_to_8_bits_not_clipped(tmp_path, composite, mode, scale, paper):
+    # Pillow's own conversion to 8 bits clips at 255: 16-bit paper and ink alike turned white, so
+    # white-on-black digits lost their grey edges and black-on-white ones read as blank.
+    levels = np.abs(paper - composite.image.astype(np.float64)) * scale
+    dtype = {"I;16": np.uint16, "I;16B": ">u2", "I": np.int32, "F": np.float32}[mode]
+    image = Image.fromarray(np.rint(levels).astype(dtype) if mode != "F" else levels.astype(dtype))
+    if mode == "I;16":  # as a file, the way a 16-bit image usually arrives
+        image.save(tmp_path / "deep.png")
+        image = open_image(tmp_path / "deep.png")
+    assert image.mode == mode
+    assert np.abs(to_canvas(image, 96).astype(int) - composite.image).max() <= 1
+
+
+def test_a_few_small_digits_along_a_very_long_strip_keep_their_detail(composite, shipped_model):
+    # The ink is cropped at full resolution before anything is shrunk: shrunk whole to
+    # WORKING_SIZE first, a 10000x50 strip kept its digits 2 or 3 pixels high.
+    x0, y0, x1, y1 = predict.measure_ink(composite.image).box
+    digits = Image.fromarray(255 - composite.image[y0:y1, x0:x1])
+    digits = digits.resize((round(digits.width * 40 / digits.height), 40), Image.BILINEAR)
+    strip = Image.new("L", (10_000, 50), "white")
+    strip.paste(digits, (6_000, 5))
+    canvas = to_canvas(strip, 96)
+    assert 18 <= predict.measure_ink(canvas).digit_height <= 28
+    assert predict.read_canvases(shipped_model, [canvas])[0].digits == composite.label
+
+
+def test_the_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to display
+    Image.new("L", (60, 20)).save(tmp_path / "turned.jpg", exif=exif)
+    image = open_image(tmp_path / "turned.jpg")
+    assert image.size == (20, 60) and 0x0112 not in image.getexif()
 
 
 def test_unreadable_and_oversized_files_raise_clear_errors(tmp_path, monkeypatch):
@@ -180,6 +243,73 @@ def test_predict_cli_jsonl(tmp_path, tiny_run, composite, capsys):
     assert rows[1] == {"path": str(tmp_path / "blank.png"), "digits": "", "confidence": 1.0, "digit_probs": []}
 
 
+def test_any_file_name_gives_one_line_escaped_in_plain_output_and_exact_in_jsonl(
+    tmp_path, untrained_checkpoint, composite, capsys
+):
+    # A name that is not UTF-8 made printing raise UnicodeEncodeError, losing the rest of the
+    # batch; a tab or a newline in a name broke the path<TAB>digits lines.
+    png = io.BytesIO()
+    Image.fromarray(composite.image).save(png, "PNG")
+    folder = os.fsencode(tmp_path)
+    names = {  # a file's name -> how plain output and error lines write it
+        b"\xff.png": r"\xff.png",
+        b"tab\there.png": r"tab\there.png",
+        b"new\nline.png": r"new\nline.png",
+        b"carriage\rreturn.png": r"carriage\rreturn.png",
+        b"back\\slash.png": r"back\\slash.png",
+        b"bell\x07.png": r"bell\x07.png",
+        "café.png".encode(): "café.png",
+    }
+    for name in names:
+        with open(os.path.join(folder, name), "wb") as file:
+            file.write(png.getvalue())
+    missing = os.path.join(folder, b"gone\xfe\n.png")
+
+    assert main(["--checkpoint", untrained_checkpoint, str(tmp_path), os.fsdecode(missing)]) == 1
+    out, err = capsys.readouterr()
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert all(len(line) == 2 and re.fullmatch(r"\d*", line[1]) for line in lines)
+    assert sorted(path for path, _ in lines) == sorted(f"{tmp_path}/{shown}" for shown in names.values())
+    assert err == f"{tmp_path}/gone\\xfe\\n.png: error: no such file\n"
+
+    assert main(["--checkpoint", untrained_checkpoint, "--jsonl", str(tmp_path), os.fsdecode(missing)]) == 1
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(os.fsencode(row["path"]) for row in rows) == sorted(
+        [os.path.join(folder, name) for name in names] + [missing]
+    )
+    assert rows[-1] == {"path": os.fsdecode(missing), "error": "no such file"}
+
+
+def test_only_regular_files_are_opened(tmp_path, untrained_checkpoint, composite, capsys):
+    # Opening a named pipe waits for a writer: predict.py hung. Should it open one again, the
+    # watchdog writes nothing and closes it, so that the test fails instead of hanging.
+    pipe = tmp_path / "x.png"
+    os.mkfifo(pipe)
+    Image.fromarray(composite.image).save(tmp_path / "y.png")
+    watchdog_fired = threading.Event()
+
+    def unblock() -> None:
+        watchdog_fired.set()
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+
+    watchdog = threading.Timer(5.0, unblock)
+    watchdog.start()
+    try:
+        code = main(["--checkpoint", untrained_checkpoint, str(pipe), "/dev/null", str(tmp_path / "y.png")])
+    finally:
+        watchdog.cancel()
+    assert not watchdog_fired.is_set(), "predict.py opened the named pipe and waited on it"
+    out, err = capsys.readouterr()
+    assert code == 1 and out.startswith(f"{tmp_path / 'y.png'}\t")
+    assert err == f"{pipe}: error: not a regular file\n/dev/null: error: not a regular file\n"
+
+
+def test_a_name_too_long_for_the_file_system_gets_an_error_line(tmp_path, untrained_checkpoint, capsys):
+    too_long = tmp_path / ("9" * 300 + ".png")  # raised OSError from the check whether it is a folder
+    assert main(["--checkpoint", untrained_checkpoint, str(too_long)]) == 1
+    assert capsys.readouterr().err == f"{too_long}: error: cannot read file (File name too long)\n"
+
+
 def test_a_device_this_machine_lacks_is_refused_before_anything_is_read(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--device", "tpu", str(tmp_path / "x.png")])
@@ -211,3 +341,120 @@ def test_model_card_the_shipped_model_reads_fresh_test_composites_as_its_recorde
         recorded - 4 * (recorded * (1 - recorded) / len(composites)) ** 0.5 - 0.01
     )  # 4 sd of 500 images, and a point
     assert correct / len(composites) >= floor, f"{correct} of {len(composites)} read exactly; recorded {recorded:.2%}"
+
+
+# Property-based tests: whatever the file holds, and whatever the image's mode and size.
+
+
+def encoded(image: Image.Image, image_format: str) -> bytes:
+    file = io.BytesIO()
+    image.save(file, image_format)
+    return file.getvalue()
+
+
+def _sample_files() -> list[bytes]:
+    """Small valid image files of several formats and modes, for the fuzzer to damage."""
+    image = Image.new("L", (48, 32))
+    ImageDraw.Draw(image).line([(8, 4), (24, 28), (40, 6)], fill=255, width=4)
+    levels = np.asarray(image, dtype=np.uint16) * 257
+    return [
+        encoded(image, "PNG"),
+        encoded(image.convert("RGB"), "JPEG"),
+        encoded(image.convert("P"), "GIF"),
+        encoded(image.convert("LA"), "PNG"),
+        encoded(Image.fromarray(levels), "PNG"),
+        encoded(Image.fromarray(levels), "TIFF"),
+        encoded(image, "BMP"),
+    ]
+
+
+SAMPLE_FILES = _sample_files()
+
+
+@st.composite
+def damaged_files(draw) -> bytes:
+    """Any bytes at all, or a small valid image file with some bytes changed and perhaps cut short."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=600))
+    data = bytearray(draw(st.sampled_from(SAMPLE_FILES)))
+    for _ in range(draw(st.integers(0, 6))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return bytes(data[: draw(st.integers(0, len(data)))] if draw(st.booleans()) else data)
+
+
+@pytest.fixture(scope="module")
+def fuzz_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(data=damaged_files(), name=st.sampled_from(["x.png", "x.jpg"]))
+def test_any_bytes_in_an_image_file_give_a_reading_or_one_error_line(fuzz_folder, untrained_checkpoint, data, name):
+    path = fuzz_folder / name
+    path.write_bytes(data)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["--checkpoint", untrained_checkpoint, "--jsonl", str(path)])
+    assert not caught, "a warning adds lines of its own to stderr"
+    [row] = [json.loads(line) for line in out.getvalue().splitlines()]
+    if code == 0:
+        assert re.fullmatch(r"\d*", row["digits"]) and err.getvalue() == ""
+    else:
+        assert code == 1 and set(row) == {"path", "error"} and "\n" not in row["error"]
+        assert err.getvalue() == f"{path}: error: {row['error']}\n"
+
+
+# The modes image files open as, with the numpy type that holds each one's pixels.
+MODE_DTYPES = {
+    "1": np.bool_,
+    "L": np.uint8,
+    "LA": np.uint8,
+    "P": np.uint8,
+    "RGB": np.uint8,
+    "RGBA": np.uint8,
+    "I;16": np.uint16,
+    "I": np.int32,
+    "F": np.float32,
+}
+CHANNELS = {"LA": 2, "RGB": 3, "RGBA": 4}
+
+
+@st.composite
+def small_images(draw) -> Image.Image:
+    """An image of any mode of MODE_DTYPES, 1x1 to 300x300: a box of one value on another, perhaps
+    with noise; values from the whole of the mode's range (NaN and infinities too for "F"); a
+    palette image gets a random palette and perhaps a transparent entry."""
+    mode = draw(st.sampled_from(list(MODE_DTYPES)))
+    width, height = draw(st.integers(1, 300)), draw(st.integers(1, 300))
+    dtype = np.dtype(MODE_DTYPES[mode])
+    if dtype.kind == "b":
+        values = st.booleans()
+    elif dtype.kind == "f":
+        values = st.floats(width=32)
+    else:
+        values = st.integers(int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+    pixels = np.full((height, width, CHANNELS[mode]) if mode in CHANNELS else (height, width), draw(values), dtype)
+    x0, x1 = sorted(draw(st.integers(0, width)) for _ in range(2))
+    y0, y1 = sorted(draw(st.integers(0, height)) for _ in range(2))
+    pixels[y0:y1, x0:x1] = draw(values)
+    if draw(st.booleans()):  # random bits over some of the pixels
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+        noise = np.frombuffer(rng.bytes(pixels.nbytes), dtype=np.uint8)
+        noise = (noise & 1).astype(bool) if dtype.kind == "b" else noise.view(dtype)
+        noisy = rng.random((height, width)) < draw(st.floats(0, 1))
+        pixels[noisy] = noise.reshape(pixels.shape)[noisy]
+    if mode != "P":
+        return Image.fromarray(pixels)
+    image = Image.frombytes("P", (width, height), pixels.tobytes())
+    image.putpalette(draw(st.binary(min_size=768, max_size=768)))
+    if draw(st.booleans()):
+        image.info["transparency"] = draw(st.integers(0, 255))
+    return image
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(image=small_images())
+def test_any_small_image_of_any_mode_becomes_a_canvas(image):
+    canvas = to_canvas(image, 96)
+    assert canvas.shape == (96, 96) and canvas.dtype == np.uint8

@@ -1,10 +1,21 @@
 import json
+import os
+import shutil
 
+import numpy as np
 import pytest
+from test_generator import copy_mnist, full_disk_after, snapshot
 
 from conftest import run_script
 from multidigit_generator import crop_to_ink, read_dataset, resize
-from split_multidigit_dataset import STRESS_SETS, load_splits, main, prepare_stress_sets, split_digit_pools
+from split_multidigit_dataset import (
+    STRESS_SETS,
+    load_splits,
+    main,
+    prepare_splits,
+    prepare_stress_sets,
+    split_digit_pools,
+)
 
 
 def test_digit_pools_are_disjoint_cover_everything_and_follow_the_seed():
@@ -140,3 +151,70 @@ def test_stress_cli_refuses_bad_arguments_before_work(tmp_path, capsys):
         )
         assert message in capsys.readouterr().err
     assert not (tmp_path / "d").exists() and not (tmp_path / "no-mnist-here").exists()
+
+
+# ---- bad input and failed writes: one line, exit 2 for bad input and 1 for failed work, nothing left behind
+
+
+def test_split_cli_refuses_mnist_files_from_different_splits(tmp_path, mnist_root, capsys):
+    raw = copy_mnist(mnist_root, tmp_path / "mnist")
+    shutil.copyfile(raw / "train-labels-idx1-ubyte", raw / "t10k-labels-idx1-ubyte")
+    data = tmp_path / "data"
+    args = ["--data-dir", str(data), "--mnist-root", str(tmp_path / "mnist"), "--val-images", "2", "--test-images", "2"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: {raw}/t10k-labels-idx1-ubyte holds 60000 labels, the test images 10000: "
+        "the files are from different MNIST splits; restore the original files\n"
+    )
+    assert not data.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--augment-strength", "nan"], "augment_strength must be 0 to 5, got nan"),
+        (["--length-weights", "nan,1,1,1,1"], "length_weights must be 5 non-negative numbers"),
+        (["--val-images", str(10**12)], "--val-images 1000000000000: composing that many"),
+        (["--stress", "--stress-images", str(10**12)], "--stress-images 1000000000000: composing that many"),
+    ],
+)
+def test_split_cli_refuses_non_finite_and_huge_numbers_before_loading_mnist(tmp_path, capsys, flags, message):
+    assert main(["--data-dir", str(tmp_path / "d"), "--mnist-root", str(tmp_path / "no-mnist-here"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "d").exists() and not (tmp_path / "no-mnist-here").exists()
+
+
+def test_split_cli_refuses_a_negative_seed_and_a_data_dir_it_would_damage(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--data-dir", str(tmp_path / "d"), "--seed", "-1", "--mnist-root", str(tmp_path)])
+    assert exit.value.code == 2 and "--seed must be >= 0, got -1" in capsys.readouterr().err
+    (tmp_path / "d" / "val").mkdir(parents=True)
+    (tmp_path / "d" / "val" / "notes.txt").write_text("keep me")
+    assert main(["--data-dir", str(tmp_path / "d"), "--mnist-root", str(tmp_path / "no-mnist-here")]) == 2
+    assert "val is replaced whole when written, and it holds notes.txt" in capsys.readouterr().err
+    assert snapshot(tmp_path) == {"d/val/notes.txt": b"keep me"}
+
+
+def test_split_cli_failing_midway_keeps_the_older_data_whole(tmp_path, mnist_root, monkeypatch, capsys):
+    data = tmp_path / "data"
+    prepare_splits(data, mnist_root=mnist_root, val_images=3, test_images=3, seed=1)
+    kept = snapshot(tmp_path)
+    full_disk_after(monkeypatch, np, "save", 2)  # val's images are written, test's are not
+    for folder in (data, tmp_path / "new"):
+        args = ["--data-dir", str(folder), "--mnist-root", str(mnist_root), "--val-images", "2", "--test-images", "2"]
+        assert main([*args, "--seed", "2"]) == 1
+        assert capsys.readouterr().err.endswith(
+            f"error: writing to {folder} failed ([Errno 28] No space left on device); nothing was written there\n"
+        )
+    # The older val/, test/ and splits.json untouched, and no temporary files beside them.
+    assert snapshot(tmp_path) == kept and os.listdir(tmp_path) == ["data"]
+    assert sorted(os.listdir(data)) == ["splits.json", "test", "val"]
+
+
+def test_stress_sets_are_written_all_or_none(tmp_path, mnist_root, monkeypatch, capsys):
+    full_disk_after(monkeypatch, np, "save", 5)
+    args = ["--data-dir", str(tmp_path / "d"), "--mnist-root", str(mnist_root), "--stress", "--stress-images", "2"]
+    assert main(args) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
