@@ -579,6 +579,10 @@ class MultiDigitComposer:
             )
         if not 0 <= self.row_tilt <= 20:  # steeper rows could swap the reading order of narrow digits
             raise ValueError(f"row_tilt must be 0 to 20 degrees, got {self.row_tilt}")
+        self.check_capacity()
+
+    def check_capacity(self) -> None:
+        """Raise ValueError if max_digits of the largest size cannot always be placed."""
         fits = {
             "scatter": scatter_capacity(self.canvas_size, self.min_center_gap, self.digit_height[1]),
             "row": row_capacity(self.canvas_size, self.digit_height[1], tilted=self.row_tilt > 0),

@@ -192,7 +192,7 @@ def load_splits(data_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--val-images", type=int, default=2000)
@@ -212,31 +212,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     counts = (
         {"--stress-images": args.stress_images}
         if args.stress
         else {"--val-images": args.val_images, "--test-images": args.test_images}
     )
+    settings = dict(mnist_root=args.mnist_root, seed=args.seed, composer=composer_settings(args))
     try:
         for flag, count in counts.items():
             check_dataset_size(count, args.canvas_size, flag)
         if args.stress:
-            folders = prepare_stress_sets(
-                args.data_dir,
-                mnist_root=args.mnist_root,
-                images_per_set=args.stress_images,
-                seed=args.seed,
-                composer=composer_settings(args),
-            )
+            folders = prepare_stress_sets(args.data_dir, images_per_set=args.stress_images, **settings)
         else:
             record = prepare_splits(
                 args.data_dir,
-                mnist_root=args.mnist_root,
                 val_images=args.val_images,
                 test_images=args.test_images,
                 val_fraction=args.val_fraction,
-                seed=args.seed,
-                composer=composer_settings(args),
+                **settings,
             )
     except (ValueError, MnistUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
