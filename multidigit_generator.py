@@ -254,9 +254,8 @@ def degrade_like_a_scan(image: np.ndarray, rng: np.random.Generator) -> np.ndarr
         torch.from_numpy(image)[None].float(), kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma
     )
     background = rng.uniform(0, 60)
-    ink = rng.uniform(
-        max(120, background + 100), 255
-    )  # less contrast than 100 levels makes blurred thin digits unreadable
+    # Less contrast than 100 levels makes blurred thin digits unreadable.
+    ink = rng.uniform(max(120, background + 100), 255)
     scanned = (
         background + blurred[0].numpy() * ((ink - background) / 255) + rng.normal(0, rng.uniform(2, 8), image.shape)
     )
@@ -272,9 +271,8 @@ class Composite:
     image: np.ndarray  # (canvas, canvas) uint8, white on black
     label: str  # the digits in reading order, "" for a blank canvas
     layout: str  # "scatter" or "row"
-    boxes: list[tuple[int, int, int, int]] = field(
-        default_factory=list
-    )  # (x0, y0, x1, y1) ink box per digit, label order
+    # (x0, y0, x1, y1) ink box per digit, in label order
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
     sources: list[int] = field(default_factory=list)  # index of each digit in the MNIST split, label order
 
 
