@@ -346,3 +346,16 @@ def test_any_value_of_a_numeric_flag_is_taken_within_bounds_or_refused_naming_th
         field = next(f for config in (ModelConfig, TrainConfig) for f in fields(config) if f.name == name)
         assert isinstance(taken, kind) and math.isfinite(taken)
         assert field.metadata["low"] <= taken <= field.metadata["high"]
+
+
+def test_model_card_the_defaults_are_the_shipped_recipe():
+    # The default command trains the shipped model: ModelConfig's and TrainConfig's defaults are
+    # the settings checkpoints/digit_transformer.pt was trained with (its lengths weighted 2n + 1).
+    from dataclasses import asdict
+
+    from model import DEFAULT_CHECKPOINT
+
+    shipped = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert shipped["model_config"] == ModelConfig()
+    weights = [2.0 * n + 1 for n in range(ModelConfig().max_digits + 1)]
+    assert shipped["train_config"] == {**asdict(TrainConfig()), "length_weights": weights}
