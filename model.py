@@ -848,7 +848,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # not a zip, a truncated file, a pickle needing code: all mean "not ours"
-        raise CheckpointError(f"{path} is not a digit-sequence checkpoint ({type(error).__name__}: {error})") from error
+        # torch's first sentence says what failed; the rest (for a pickle that needs code to load,
+        # the advice to load it unsafely) is not for our users.
+        reason = str(error).strip().split("\n")[0].split(". ")[0][:160]
+        raise CheckpointError(
+            f"{path} is not a digit-sequence checkpoint ({type(error).__name__}: {reason})"
+        ) from error
     version = checkpoint.get("checkpoint_version") if isinstance(checkpoint, dict) else None
     if version != CHECKPOINT_VERSION:
         raise CheckpointError(
