@@ -50,31 +50,9 @@ def test_the_reference_built_from_nn_transformer_computes_what_our_model_does():
 def test_a_short_run_prints_the_comparison_and_writes_json(tmp_path, mnist_root, tiny_run, capsys, precision, other):
     out = tmp_path / "bench.json"
     checkpoint = DEFAULT_CHECKPOINT if precision == "fp32" else tiny_run / "model.pt"
-    assert (
-        main(
-            [
-                "--device",
-                "cpu",
-                "--mnist-root",
-                str(mnist_root),
-                "--batch-size",
-                "8",
-                "--seconds",
-                "0.2",
-                "--latency-runs",
-                "4",
-                "--rounds",
-                "1",
-                "--precision",
-                precision,
-                "--checkpoint",
-                str(checkpoint),
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    short = "--device cpu --batch-size 8 --seconds 0.2 --latency-runs 4 --rounds 1".split()
+    paths = ["--mnist-root", str(mnist_root), "--checkpoint", str(checkpoint), "--json", str(out)]
+    assert main([*short, *paths, "--precision", precision]) == 0
     printed = capsys.readouterr().out
     for row in (
         "training img/s",
@@ -115,29 +93,8 @@ def test_a_model_nn_transformer_cannot_express_is_timed_alone(tmp_path, mnist_ro
     config = ModelConfig(**{**CONFIG.__dict__, "image_size": 96, "patch_size": 12, "dim_k": 4})
     assert ReferenceTransformer.expresses(CONFIG) and not ReferenceTransformer.expresses(config)
     save_checkpoint(tmp_path / "narrow.pt", config, DigitSequenceTransformer(config).state_dict())
-    assert (
-        main(
-            [
-                "--device",
-                "cpu",
-                "--mnist-root",
-                str(mnist_root),
-                "--batch-size",
-                "4",
-                "--seconds",
-                "0.1",
-                "--latency-runs",
-                "2",
-                "--rounds",
-                "1",
-                "--precision",
-                "fp32",
-                "--checkpoint",
-                str(tmp_path / "narrow.pt"),
-            ]
-        )
-        == 0
-    )
+    short = "--device cpu --batch-size 4 --seconds 0.1 --latency-runs 2 --rounds 1 --precision fp32".split()
+    assert main([*short, "--mnist-root", str(mnist_root), "--checkpoint", str(tmp_path / "narrow.pt")]) == 0
     out, err = capsys.readouterr()
     assert "nn.Transformer cannot express heads of dim_k or dim_v" in err
     assert "| training img/s |" in out and "| - | - |" in out and "no reference for this model" in out
