@@ -929,12 +929,13 @@ def train(
             restore(training, checkpoint, job.procs)
             epoch = training.step // data.steps_per_epoch
             job.procs.say(f"resumed from {options.resume} at step {training.step} (epoch {epoch})")
-        started = time.time()
+        started, first_step = time.time(), training.step
         with StopSignal(job.procs) as stop:  # from here on, Ctrl-C stops after a step and saves
             job.procs.say(describe(job, training, data), flush=True)
             job.log = start_wandb(job, training, run)
             finished = run_epochs(job, training, data, stop)
-            result = export(job, training, data, wall=time.time() - started) if finished else {}
+            wall = time.time() - started
+            result = export(job, training, data, wall=wall, steps=training.step - first_step) if finished else {}
         job.log.finish()
     return {**result, "finished": finished, "step": training.step, "val": training.val_metrics}
 
@@ -990,7 +991,7 @@ def end_of_epoch(job: Job, training: Training, data: Data, epoch: int) -> None:
     save_run_checkpoint("last.pt", job, training)
 
 
-def export(job: Job, training: Training, data: Data, *, wall: float) -> dict:
+def export(job: Job, training: Training, data: Data, *, wall: float, steps: int) -> dict:
     """The final weights (averaged, at the end of the cosine decay) on the test set, written to
     test_metrics.json and model.pt. They are what ships, not best.pt's: on a few thousand
     validation images the last epochs differ by a few images, and picking among them picks noise
@@ -1008,7 +1009,7 @@ def export(job: Job, training: Training, data: Data, *, wall: float) -> dict:
     result = {
         "test": test_metrics,
         "train_wall_seconds": wall,
-        "train_images_per_second": data.total_steps * job.train_config.batch_size / wall,
+        "train_images_per_second": steps * job.train_config.batch_size / wall,  # this process's steps, if resumed
         "parameters": training.model.num_parameters(),
         "device": str(procs.device),
         "world_size": procs.world_size,
