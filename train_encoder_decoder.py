@@ -956,6 +956,8 @@ def run_epochs(job: Job, training: Training, data: Data, stop: StopSignal) -> bo
     """Train and validate epoch after epoch; whether every epoch ran. Saves last.pt (and best.pt
     when validation improves) at every epoch's end and last.pt when stopped."""
     max_steps = job.options.max_steps
+    if training.step >= data.total_steps:  # resumed after the last epoch: its export may not have finished
+        job.procs.say(f"all {data.total_steps} steps were trained already: scoring and exporting the final weights")
     while training.step < data.total_steps and not 0 < max_steps <= training.step:
         epoch = training.step // data.steps_per_epoch
         stopped = train_one_epoch(job, training, data, epoch, stop)

@@ -359,3 +359,16 @@ def test_model_card_the_defaults_are_the_shipped_recipe():
     assert shipped["model_config"] == ModelConfig()
     weights = [2.0 * n + 1 for n in range(ModelConfig().max_digits + 1)]
     assert shipped["train_config"] == {**asdict(TrainConfig()), "length_weights": weights}
+
+
+def test_resuming_a_finished_run_says_so_and_exports_its_final_weights_again(
+    tmp_path, tiny_data_dir, mnist_root, capsys
+):
+    # A run whose export did not finish (a crash while testing) is completed by --resume.
+    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path, "--epochs", "1", "--train-images", "32")) == 0
+    (tmp_path / "model.pt").unlink()
+    capsys.readouterr()
+    assert train_main(["--resume", str(tmp_path / "last.pt"), "--wandb", "disabled"]) == 0
+    out = capsys.readouterr().out
+    assert "all 1 steps were trained already: scoring and exporting the final weights" in out
+    assert "test: sequence accuracy" in out and load_checkpoint(tmp_path / "model.pt")["step"] == 1
