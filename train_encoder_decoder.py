@@ -150,7 +150,7 @@ def make_configs(settings: dict) -> tuple[ModelConfig, TrainConfig]:
         **{k: v for k, v in settings.items() if k in MODEL_SETTINGS}, patch_head=train_config.patch_loss_weight > 0
     )
     try:
-        check_composer_settings(**composer_settings(model_config, train_config))
+        check_composer_settings(**training_composer(model_config, train_config))
     except ValueError as error:  # said in the composer's words: its canvas is the model's image
         raise ValueError(
             str(error).replace("canvas_size", "image_size").replace("--canvas-size", "--image-size")
@@ -163,7 +163,7 @@ def all_settings(model_config: ModelConfig, train_config: TrainConfig) -> dict:
     return {**{k: getattr(model_config, k) for k in MODEL_SETTINGS}, **asdict(train_config)}
 
 
-def composer_settings(model_config: ModelConfig, train_config: TrainConfig) -> dict:
+def training_composer(model_config: ModelConfig, train_config: TrainConfig) -> dict:
     """How training composes its images (the evaluation sets' own settings are in splits.json)."""
     weights = train_config.length_weights or [2.0 * n + 1 for n in range(model_config.max_digits + 1)]
     return dict(
@@ -585,7 +585,7 @@ def build_data(job: Job) -> Data:
     mnist_images, mnist_labels = load_mnist(options.mnist_root, train=True)
     pool = np.asarray(splits["pools"]["train"])
     composer = MultiDigitComposer(
-        mnist_images[pool], mnist_labels[pool], **composer_settings(model_config, train_config)
+        mnist_images[pool], mnist_labels[pool], **training_composer(model_config, train_config)
     )
     steps_per_epoch = math.ceil(train_config.train_images / train_config.batch_size)
     return Data(
