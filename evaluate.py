@@ -222,19 +222,14 @@ def read_images(
     *,
     beam_size: int = 1,
     batch_size: int = 256,
-    bf16: bool = False,
     desc: str = "reading",
-    progress: bool = True,
 ) -> tuple[list[str], list[float], float]:
-    """Read (N, H, W) uint8 canvases in batches -> (readings, sequence confidences, seconds spent).
-    Evaluation and the training script's validation both read through it."""
-    device = next(model.parameters()).device
+    """Read (N, H, W) uint8 canvases in batches -> (readings, sequence confidences, seconds spent)."""
     predictions: list[str] = []
     confidences: list[float] = []
     started = time.perf_counter()
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            decoded = model.read(torch.from_numpy(np.array(images[start : start + batch_size])), beam_size=beam_size)
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+        decoded = model.read(torch.from_numpy(np.array(images[start : start + batch_size])), beam_size=beam_size)
         predictions += decoded.strings()
         confidences += decoded.confidence().tolist()
     return predictions, confidences, time.perf_counter() - started

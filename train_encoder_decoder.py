@@ -55,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from evaluate import SequenceAccuracy, read_images
+from evaluate import SequenceAccuracy
 from model import (
     PAD,
     CheckpointError,
@@ -860,16 +860,19 @@ def validate(
     images = np.array(dataset.images[procs.rank :: procs.world_size])  # a copy: the memory map is read-only
     labels = [dataset.records[i]["label"] for i in shard]
     layouts = [dataset.records[i]["layout"] for i in shard]
-    predictions, _, _ = read_images(model, images, bf16=bf16, desc=desc, progress=procs.is_main)
+    predictions: list[str] = []
     loss_sum, token_correct, token_total = 0.0, 0, 0
-    for start in range(0, len(images), 256):
+    for start in tqdm(range(0, len(images), 256), desc=desc, unit="batch", leave=False, disable=not procs.is_main):
+        batch = torch.from_numpy(images[start : start + 256]).to(procs.device)
+        inputs, targets = (
+            t.to(procs.device) for t in encode_labels(labels[start : start + 256], model.config.max_digits)
+        )
         with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=bf16):
-            inputs, targets = (
-                t.to(procs.device) for t in encode_labels(labels[start : start + 256], model.config.max_digits)
-            )
-            logits = model(
-                uint8_to_input(torch.from_numpy(images[start : start + 256]).to(procs.device)), inputs
-            ).float()
+            # What model.read does (encode, then greedy decoding), with the memory encoded once
+            # for both the reading and the teacher-forced loss.
+            memory = model.encode(uint8_to_input(batch))
+            logits = model.decode(memory, inputs).float()
+            predictions += model.greedy_decode(memory).strings()
         loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD, reduction="sum").item()
         real = targets != PAD
         token_correct += ((logits.argmax(-1) == targets) & real).sum().item()
