@@ -6,12 +6,18 @@
 For each dataset folder (written by multidigit_generator.py or split_multidigit_dataset.py),
 OUT/<folder name>/ gets
   report.json           exact and order-free accuracy overall, per layout and per length,
-                        digit-level error counts, the confusion matrix, images/s
+                        digit-level error counts, the confusion matrix, images/s, and the
+                        confidence's calibration: expected calibration error, coverage and
+                        accuracy at the checkpoint's unsure threshold
+An image holding more digits than the model reads counts as right when the model says so
+(too_many); its digits are not scored.
   report.md             the same as tables
   confusion_matrix.png  true digit against read digit, from an edit-distance alignment
   failures.png          the misread images, most confident first
+  calibration.png       reliability diagram: accuracy against confidence
 and a summary table is printed. The model itself is scored, as training does: unlike
-predict.py, a blank canvas is read by the model too rather than answered "" without it.
+predict.py, a blank canvas is read by the model too rather than answered "" without it, and
+the images go straight into the model; --as-files reads them as predict.py reads a file.
 A folder that is not a dataset, or whose report cannot be written, is reported and skipped
 (exit code 1); a missing or unusable checkpoint, or a report folder that holds other files,
 stops everything before any work (exit code 2).
@@ -24,21 +30,43 @@ import json
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from model import DEFAULT_CHECKPOINT, CheckpointError, DigitSequenceTransformer, load_model, pick_device
-from multidigit_generator import LAYOUTS, Staging, check_destination, preview_sheet, read_dataset
+from model import (
+    DEFAULT_CHECKPOINT,
+    PAD,
+    SOS,
+    VOCAB_SIZE,
+    Calibration,
+    CheckpointError,
+    DigitSequenceTransformer,
+    load_model,
+    pick_device,
+    uint8_to_input,
+)
+from multidigit_generator import (
+    BLANK_INK_LEVEL,
+    LAYOUTS,
+    Staging,
+    check_destination,
+    preview_sheet,
+    read_dataset,
+    to_canvas,
+)
 
 NONE = 10  # index of the "none" row (extra digits) and column (missed digits) of the confusion matrix
 MATRIX_LABELS = [str(d) for d in range(10)] + ["none"]
 # PIL's built-in font has no arrow glyph, so pictures say "->" where text says "→".
 IMAGE_ARROW = "->"
-REPORT_FILES = ("report.json", "report.md", "confusion_matrix.png", "failures.png")  # a report folder, as written
+# a report folder, as written
+REPORT_FILES = ("report.json", "report.md", "confusion_matrix.png", "failures.png", "calibration.png")
 
 
 class SequenceAccuracy:
@@ -216,6 +244,34 @@ def failure_gallery(
     )
 
 
+TOO_MANY = "+"  # how scores write "more digits than the model reads", on both sides: see as_read, as_expected
+CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error and its picture
+TARGET_ACCEPTED_ACCURACY = 0.998  # the unsure threshold keeps at least this share of accepted readings right
+TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))  # the grid fit_calibration searches
+
+
+def as_read(digits: str, too_many: bool) -> str:
+    """A reading as scored: its digits, or TOO_MANY when it said there are more than it reads."""
+    return TOO_MANY if too_many else digits
+
+
+def as_expected(label: str, max_digits: int) -> str:
+    """The reading a label asks for: the label, or TOO_MANY when it holds more than max_digits."""
+    return TOO_MANY if len(label) > max_digits else label
+
+
+@dataclass
+class Readings:
+    digits: list[str]
+    too_many: list[bool]
+    confidences: list[float]  # calibrated probability of each whole reading
+    seconds: float
+
+    @property
+    def scored(self) -> list[str]:
+        return [as_read(d, t) for d, t in zip(self.digits, self.too_many)]
+
+
 def read_images(
     model: DigitSequenceTransformer,
     images: np.ndarray,
@@ -223,16 +279,129 @@ def read_images(
     beam_size: int = 1,
     batch_size: int = 256,
     desc: str = "reading",
-) -> tuple[list[str], list[float], float]:
-    """Read (N, H, W) uint8 canvases in batches -> (readings, sequence confidences, seconds spent)."""
-    predictions: list[str] = []
-    confidences: list[float] = []
+    as_files: bool = False,
+) -> Readings:
+    """Read (N, H, W) uint8 canvases in batches. as_files reads them as predict.py and the front
+    end read an image file: through to_canvas (ink found, paper and noise removed, digits scaled
+    to the trained height, centred), and a canvas left with no ink is "" without the model."""
+    readings = Readings([], [], [], 0.0)
     started = time.perf_counter()
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        decoded = model.read(torch.from_numpy(np.array(images[start : start + batch_size])), beam_size=beam_size)
-        predictions += decoded.strings()
-        confidences += decoded.confidence().tolist()
-    return predictions, confidences, time.perf_counter() - started
+        batch = np.array(images[start : start + batch_size])
+        if as_files:
+            batch = np.stack([to_canvas(Image.fromarray(image), model.config.image_size) for image in batch])
+        decoded = model.read(torch.from_numpy(batch), beam_size=beam_size)
+        blank = [bool(image.max() < BLANK_INK_LEVEL) and as_files for image in batch]
+        readings.digits += ["" if b else d for b, d in zip(blank, decoded.strings())]
+        readings.too_many += [t and not b for b, t in zip(blank, decoded.too_many())]
+        readings.confidences += [1.0 if b else c for b, c in zip(blank, decoded.confidence().tolist())]
+    readings.seconds = time.perf_counter() - started
+    return readings
+
+
+def expected_calibration_error(confidences: list[float], correct: list[bool], bins: int = CALIBRATION_BINS) -> float:
+    """The mean gap between confidence and accuracy over equal-width confidence bins, each bin
+    weighted by its share of the readings: 0 when a reading said to be p sure is right p of the time."""
+    conf, right = np.asarray(confidences, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    gaps = [
+        abs(conf[which == b].mean() - right[which == b].mean()) * (which == b).mean()
+        for b in range(bins)
+        if (which == b).any()
+    ]
+    return float(sum(gaps))
+
+
+def accepted_readings(confidences: list[float], correct: list[bool], threshold: float) -> dict:
+    """Coverage (share of readings at or above threshold) and the accuracy of those accepted."""
+    conf, right = np.asarray(confidences), np.asarray(correct, dtype=bool)
+    accepted = conf >= threshold
+    return {
+        "threshold": threshold,
+        "coverage": float(accepted.mean()),
+        "accepted_accuracy": float(right[accepted].mean()) if accepted.any() else None,
+    }
+
+
+@torch.inference_mode()
+def fit_calibration(
+    model: DigitSequenceTransformer,
+    images: np.ndarray,
+    labels: list[str],
+    *,
+    batch_size: int = 256,
+    target: float = TARGET_ACCEPTED_ACCURACY,
+) -> Calibration:
+    """The temperature and unsure threshold for a trained model, from its readings of held-out
+    images (validation). Greedy readings do not depend on the temperature (dividing the logits
+    keeps their order), so the images are read once and only the readings' probabilities are
+    recomputed for each temperature of a grid: the one that best predicts which readings are
+    right (least log-loss of confidence against correctness) is kept. The threshold is the
+    lowest confidence at which the readings at or above it are still `target` right."""
+    model.calibration = Calibration()
+    logits, tokens, correct = [], [], []
+    for start in tqdm(range(0, len(images), batch_size), desc="calibrating", unit="batch", leave=False):
+        batch = torch.from_numpy(np.array(images[start : start + batch_size])).to(next(model.parameters()).device)
+        memory = model.encode(uint8_to_input(batch))
+        decoded = model.greedy_decode(memory)
+        read = [as_read(d, t) for d, t in zip(decoded.strings(), decoded.too_many())]
+        expected = [as_expected(label, model.config.max_digits) for label in labels[start : start + batch_size]]
+        correct += [r == e for r, e in zip(read, expected)]
+        # Teacher forcing on SOS + the reading repeats the steps that chose it.
+        inputs = torch.cat([torch.full_like(decoded.tokens[:, :1], SOS), decoded.tokens[:, :-1]], dim=1)
+        logits.append(F.pad(model.decode(memory, inputs).float(), (0, 0, 0, model.config.max_tokens - inputs.shape[1])))
+        tokens.append(F.pad(decoded.tokens, (0, model.config.max_tokens - inputs.shape[1]), value=PAD))
+    all_logits, all_tokens = torch.cat(logits), torch.cat(tokens)
+    right = torch.tensor(correct, dtype=torch.float64)
+    real = all_tokens != PAD
+
+    def confidences(temperature: float) -> torch.Tensor:
+        model.calibration = Calibration(temperature=temperature)
+        log_probs = model.token_log_probs(all_logits).gather(2, all_tokens.clamp(max=VOCAB_SIZE - 1)[..., None])[..., 0]
+        return log_probs.masked_fill(~real, 0.0).sum(dim=1).double().exp()
+
+    def log_loss(temperature: float) -> float:
+        p = confidences(temperature).clamp(1e-9, 1 - 1e-9)
+        return float(-(right * p.log() + (1 - right) * (1 - p).log()).mean())
+
+    temperature = float(min(TEMPERATURES, key=log_loss))
+    conf = confidences(temperature)
+    order = torch.argsort(conf, descending=True)
+    accuracy_of_top = right[order].cumsum(0) / torch.arange(1, len(order) + 1)
+    good = (accuracy_of_top >= target).nonzero()
+    # The most readings that can be accepted at the target; none if even the surest one is wrong.
+    threshold = float(conf[order[int(good.max())]]) if len(good) else 1.0
+    model.calibration = Calibration(temperature=temperature, min_confidence=min(1.0, threshold))
+    return model.calibration
+
+
+def calibration_image(
+    confidences: list[float], correct: list[bool], title: str, bins: int = CALIBRATION_BINS
+) -> Image.Image:
+    """A reliability diagram: for each confidence bin, a bar as high as the accuracy of the
+    readings in it (its width shaded by how many there are), against the diagonal of a model
+    whose confidence is exactly its accuracy."""
+    size, margin = 360, 40
+    out = Image.new("RGB", (size + 2 * margin, size + 2 * margin), "white")
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=13)
+    conf, right = np.asarray(confidences), np.asarray(correct, dtype=np.float64)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    width = size / bins
+    for b in range(bins):
+        members = which == b
+        if not members.any():
+            continue
+        share = members.mean()
+        top = margin + size * (1 - right[members].mean())
+        shade = _mix((31, 119, 180), 0.25 + 0.75 * min(1.0, share * bins))
+        draw.rectangle((margin + b * width + 1, top, margin + (b + 1) * width - 1, margin + size), fill=shade)
+    draw.line((margin, margin + size, margin + size, margin), fill=(200, 60, 60), width=2)
+    draw.rectangle((margin, margin, margin + size, margin + size), outline="black")
+    draw.text((margin + size / 2, margin + size + 22), "confidence", fill="black", font=font, anchor="mm")
+    draw.text((margin - 8, margin + size / 2), "accuracy", fill="black", font=font, anchor="rm")
+    draw.text((margin, margin - 20), title, fill="black", font=font, anchor="lm")
+    return out
 
 
 def evaluate_folder(
@@ -244,6 +413,7 @@ def evaluate_folder(
     beam_size: int = 1,
     batch_size: int = 256,
     gallery_size: int = 48,
+    as_files: bool = False,
 ) -> dict:
     """Read every image of a dataset folder, write report.json, report.md,
     confusion_matrix.png and failures.png into out_dir, and return the report.
@@ -258,24 +428,21 @@ def evaluate_folder(
         raise ValueError(f"{folder} holds {images.shape[1]}x{images.shape[2]} images, the model reads {size}x{size}")
     if not records:
         raise ValueError(f"{folder} holds no images")
-    longest = max(len(r["label"]) for r in records)
-    if longest > max_digits:
-        raise ValueError(
-            f"{folder} has labels of up to {longest} digits, more than the model's max_digits {max_digits}"
-        )
     labels, layouts = [r["label"] for r in records], [r["layout"] for r in records]
-    predictions, confidences, seconds = read_images(
-        model, images, beam_size=beam_size, batch_size=batch_size, desc=folder.name
+    readings = read_images(
+        model, images, beam_size=beam_size, batch_size=batch_size, desc=folder.name, as_files=as_files
     )
+    expected = [as_expected(label, max_digits) for label in labels]
     report = {
         "checkpoint": str(checkpoint),
         "dataset": str(folder),
         "metadata": metadata,
         "num_images": len(records),
         "decoding": "greedy" if beam_size == 1 else f"beam {beam_size}",
+        "read_as": "files, through to_canvas" if as_files else "canvases, straight into the model",
         "device": str(next(model.parameters()).device),
-        "images_per_second": len(records) / seconds,
-        **score(predictions, labels, layouts),
+        "images_per_second": len(records) / readings.seconds,
+        **score(readings, expected, layouts, min_confidence=model.calibration.min_confidence),
     }
     confused = report["most_confused"]
     confused_text = (
@@ -284,24 +451,41 @@ def evaluate_folder(
         else "no digit read as another"
     )
     matrix = np.array(report["confusion_matrix"]["rows_true_columns_read"])
-    gallery = failure_gallery(images, predictions, labels, confidences, limit=gallery_size, title=folder.name)
+    gallery = failure_gallery(
+        images, readings.scored, expected, readings.confidences, limit=gallery_size, title=folder.name
+    )
+    correct = [r == e for r, e in zip(readings.scored, expected)]
+    calibration = report["calibration"]
+    reliability = calibration_image(
+        readings.confidences,
+        correct,
+        f"{folder.name}: expected calibration error {100 * calibration['expected_calibration_error']:.2f} %",
+    )
     with Staging() as staging:  # a report is written whole or not at all, an older one replaced only then
         written = staging.folder(out_dir, REPORT_FILES)
         (written / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (written / "report.md").write_text(report_markdown(report))
         confusion_matrix_image(matrix, f"{folder.name}: {confused_text}").save(written / "confusion_matrix.png")
         gallery.save(written / "failures.png")
+        reliability.save(written / "calibration.png")
     return report
 
 
-def score(predictions: list[str], labels: list[str], layouts: list[str]) -> dict:
-    """The report's numbers: exact and order-free accuracy per subset, digit counts, confusions."""
+def score(readings: Readings, expected: list[str], layouts: list[str], *, min_confidence: float = 0.0) -> dict:
+    """The report's numbers: exact and order-free accuracy per subset, digit counts and confusions
+    (over the images that do not hold too many digits), and how well the confidence is calibrated
+    (expected calibration error; coverage and accuracy of the readings at or above min_confidence,
+    the rest being unsure; the share read as nothing or unsure, what non-digit marks should get)."""
+    read = readings.scored
     accuracy = SequenceAccuracy()
-    accuracy.update(predictions, labels, layouts)
-    matrix = confusion_matrix(predictions, labels)
+    accuracy.update(read, expected, layouts)
+    countable = [i for i, e in enumerate(expected) if e != TOO_MANY]
+    matrix = confusion_matrix([readings.digits[i] for i in countable], [expected[i] for i in countable])
     confused = most_confused(matrix)
     keys = report_keys(accuracy.total)
     exact, order_free = accuracy.compute(), accuracy.compute(order_free=True)
+    correct = [r == e for r, e in zip(read, expected)]
+    unsure = [c < min_confidence for c in readings.confidences]
     return {
         "count": {key: accuracy.total[key] for key in keys},
         "exact_accuracy": {key: exact[key] for key in keys},
@@ -309,6 +493,13 @@ def score(predictions: list[str], labels: list[str], layouts: list[str]) -> dict
         "digits": digit_counts(matrix),
         "most_confused": dict(zip(("true", "read", "count"), confused)) if confused else None,
         "confusion_matrix": {"labels": MATRIX_LABELS, "rows_true_columns_read": matrix.tolist()},
+        "calibration": {
+            "expected_calibration_error": expected_calibration_error(readings.confidences, correct),
+            "mean_confidence": float(np.mean(readings.confidences)),
+            **accepted_readings(readings.confidences, correct, min_confidence),
+            "read_nothing_or_unsure": float(np.mean([r == "" or u for r, u in zip(read, unsure)])),
+            "too_many": float(np.mean(readings.too_many)),
+        },
     }
 
 
@@ -341,22 +532,44 @@ def report_markdown(report: dict) -> str:
         f"{d['missed']} missed, {d['extra']} extra (aligned by edit distance)."
         + (f" Most confused: {confused['true']} → {confused['read']} ({confused['count']})." if confused else ""),
         "",
+        calibration_line(report),
+        "",
         "![confusion matrix](confusion_matrix.png)",
         "",
         "![misread images, most confident first](failures.png)",
+        "",
+        "![reliability diagram: accuracy against confidence](calibration.png)",
         "",
     ]
     return "\n".join(lines)
 
 
+def calibration_line(report: dict) -> str:
+    c = report["calibration"]
+    return (
+        f"Confidence: expected calibration error {percent(c['expected_calibration_error'])} %; "
+        f"at the unsure threshold {c['threshold']:.3f}, {percent(c['coverage'])} % of readings are accepted and "
+        f"{percent(c['accepted_accuracy'])} % of those are right; {percent(c['read_nothing_or_unsure'])} % are read "
+        f"as nothing or unsure, {percent(c['too_many'])} % as more digits than the model reads."
+    )
+
+
 def summary_table(reports: dict[str, dict]) -> str:
-    """Markdown table across datasets: dataset, n, exact %, order-free %, scatter %, row % (exact)."""
-    lines = ["| dataset | n | exact % | order-free % | scatter % | row % |", "|---|---:|---:|---:|---:|---:|"]
+    """Markdown table across datasets: exact accuracy (all, scatter, row), order-free accuracy, and
+    the confidence: calibration error, coverage and accuracy of the accepted readings, and the
+    share read as nothing or unsure."""
+    lines = [
+        "| dataset | n | exact % | order-free % | scatter % | row % | ECE % | accepted % | accepted right % "
+        "| nothing or unsure % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in reports.items():
-        exact = r["exact_accuracy"]
+        exact, c = r["exact_accuracy"], r["calibration"]
         lines.append(
             f"| {name} | {r['num_images']} | {percent(exact['all'])} | {percent(r['order_free_accuracy']['all'])} "
-            f"| {percent(exact.get('scatter'))} | {percent(exact.get('row'))} |"
+            f"| {percent(exact.get('scatter'))} | {percent(exact.get('row'))} "
+            f"| {percent(c['expected_calibration_error'])} | {percent(c['coverage'])} "
+            f"| {percent(c['accepted_accuracy'])} | {percent(c['read_nothing_or_unsure'])} |"
         )
     return "\n".join(lines)
 
@@ -370,6 +583,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ...")
     parser.add_argument("--gallery-size", type=int, default=48, help="most misread images shown in failures.png")
+    parser.add_argument(
+        "--as-files",
+        action="store_true",
+        help="read each image as predict.py and the front end read a file (to_canvas first), not straight to the model",
+    )
     args = parser.parse_args(argv)
     if args.beam_size < 1 or args.batch_size < 1 or args.gallery_size < 0:
         parser.error("--beam-size and --batch-size must be at least 1, --gallery-size at least 0")
@@ -406,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
                 beam_size=args.beam_size,
                 batch_size=args.batch_size,
                 gallery_size=args.gallery_size,
+                as_files=args.as_files,
             )
         except (FileNotFoundError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Vocabulary: digits are their own token ids 0-9, then three special tokens.
+# Vocabulary: digits are their own token ids 0-9, then four special tokens.
 # Canvases are mostly black; standardising pixels with these statistics of the composites
 # makes the patch content as loud as the position code from the first step.
 PIXEL_MEAN, PIXEL_STD = 0.03, 0.14
@@ -43,7 +43,11 @@ PIXEL_MEAN, PIXEL_STD = 0.03, 0.14
 SOS = 10  # start of sequence: the first decoder input
 EOS = 11  # end of sequence: the model emits it after the last digit (or at once for a blank image)
 PAD = 12  # fills sequences up to a fixed length; ignored by the loss
-VOCAB_SIZE = 13
+# Ends a sequence in EOS's place when the image holds more digits than max_digits: the model reads
+# the first max_digits and then says there are more, rather than stopping as if that were all.
+MANY = 13
+VOCAB_SIZE = 14
+ENDS = (EOS, MANY)  # the tokens that end a reading
 
 # Classes of the optional per-patch head: the digit written over a patch, or none.
 NO_DIGIT = 10
@@ -56,7 +60,7 @@ MAX_GRID = 64  # most patches per side of the image
 DEFAULT_CHECKPOINT = Path("checkpoints/digit_transformer.pt")  # the shipped model (docs/results.md is its card)
 # Version of the checkpoint layout that save_checkpoint writes (see its docstring); load_checkpoint
 # refuses any other, so that a file is never half-understood.
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 
 
 def uint8_to_input(images: torch.Tensor) -> torch.Tensor:
@@ -71,24 +75,28 @@ def encode_labels(labels: list[str], max_digits: int) -> tuple[torch.Tensor, tor
         inputs  [SOS, 4, 2, PAD, PAD]
         targets [4, 2, EOS, PAD, PAD]
     so position t of the output is trained to predict targets[t] having seen inputs[: t + 1].
+    A label longer than max_digits ("123456") is read as its first max_digits digits, then MANY:
+        inputs  [SOS, 1, 2, 3, 4]
+        targets [1, 2, 3, 4, MANY]
     """
     length = max_digits + 1
     inputs = torch.full((len(labels), length), PAD, dtype=torch.long)
     targets = torch.full((len(labels), length), PAD, dtype=torch.long)
     for row, label in enumerate(labels):
-        if len(label) > max_digits or any(ch not in "0123456789" for ch in label):
-            raise ValueError(f"label {label!r} is not a string of at most {max_digits} digits")
-        digits = [int(c) for c in label]
+        if not label.isascii() or not (label.isdigit() or label == ""):
+            raise ValueError(f"label {label!r} is not a string of digits")
+        digits = [int(c) for c in label[:max_digits]]
+        end = MANY if len(label) > max_digits else EOS
         inputs[row, : len(digits) + 1] = torch.tensor([SOS, *digits])
-        targets[row, : len(digits) + 1] = torch.tensor([*digits, EOS])
+        targets[row, : len(digits) + 1] = torch.tensor([*digits, end])
     return inputs, targets
 
 
 def tokens_to_string(tokens: list[int] | torch.Tensor) -> str:
-    """Digits up to the first EOS (or PAD); a leading SOS is skipped."""
+    """Digits up to the first EOS, MANY or PAD; a leading SOS is skipped."""
     out = []
     for token in tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens:
-        if token in (EOS, PAD):
+        if token in (EOS, MANY, PAD):
             break
         if token != SOS:
             out.append(str(token))
@@ -477,29 +485,55 @@ class DecoderBlock(nn.Module):
 class Decoded:
     """Result of greedy or beam decoding for a batch.
 
-    tokens: (B, L) the emitted tokens after SOS (digits, then EOS, then PAD).
+    tokens: (B, L) the emitted tokens after SOS (digits, then EOS or MANY, then PAD).
     token_probs: (B, L) the model's probability for each emitted token (1.0 on PAD).
+    beams: with beam search, each image's finished beams, most probable first, as
+        (digits, too_many, probability) tuples: the alternative readings.
     """
 
     tokens: torch.Tensor
     token_probs: torch.Tensor
     attention: torch.Tensor | None = None  # (B, L, grid, grid) with read(attention=True): see token_attention
+    beams: list[list[tuple[str, bool, float]]] | None = None
 
     def strings(self) -> list[str]:
         return [tokens_to_string(row) for row in self.tokens]
+
+    def too_many(self) -> list[bool]:
+        """Whether each reading ended in MANY: the image holds more digits than the model reads."""
+        return (self.tokens == MANY).any(dim=1).tolist()
 
     def digit_probs(self) -> list[list[float]]:
         return [probs[: len(s)].tolist() for s, probs in zip(self.strings(), self.token_probs)]
 
     def confidence(self) -> torch.Tensor:
-        """Probability of the whole sequence, EOS included: (B,)."""
+        """Probability of the whole reading, its end (EOS or MANY) included: (B,). It is the product
+        of the digits' probabilities and the probability that nothing else is written."""
         return self.token_probs.prod(dim=1)
+
+
+@dataclass
+class Calibration:
+    """How a trained model's probabilities are read. temperature divides the logits (fitted on
+    validation so that confidences match accuracy); a reading whose confidence is below
+    min_confidence is reported as unsure (the threshold chosen on validation)."""
+
+    temperature: float = 1.0
+    min_confidence: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Written so that NaN fails both comparisons.
+        if not (0.05 <= self.temperature <= 20):
+            raise ValueError(f"temperature must be 0.05 to 20, got {self.temperature!r}")
+        if not (0.0 <= self.min_confidence <= 1.0):
+            raise ValueError(f"min_confidence must be 0 to 1, got {self.min_confidence!r}")
 
 
 class DigitSequenceTransformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.calibration = Calibration()  # load_model sets the checkpoint's
         c = config
         block = dict(
             d_model=c.d_model,
@@ -590,14 +624,21 @@ class DigitSequenceTransformer(nn.Module):
         logits = self.decode(self.encode(images, attention=attention), tokens, attention=attention)
         return (logits, attention) if return_attention else logits
 
-    @staticmethod
-    def _next_token_log_probs(logits: torch.Tensor, step: int, max_digits: int) -> torch.Tensor:
-        # SOS and PAD are never predictions; after max_digits digits only EOS is allowed.
-        logits = logits.float().clone()
-        logits[:, [SOS, PAD]] = float("-inf")
-        if step == max_digits:
-            logits[:, :EOS] = float("-inf")
-        return logits.log_softmax(dim=-1)
+    def token_log_probs(self, logits: torch.Tensor, first_step: int = 0) -> torch.Tensor:
+        """(B, T, V) decoder logits for steps first_step, first_step + 1, ... -> the log-probabilities
+        decoding chooses from: divided by the calibrated temperature, and only the tokens a reading
+        may hold at each step. SOS and PAD are never predictions. MANY can only follow max_digits
+        digits, where no further digit is allowed: the reading either ends there (EOS) or says
+        there are more."""
+        logits = logits.float() / self.calibration.temperature
+        steps = torch.arange(first_step, first_step + logits.shape[1], device=logits.device)[None, :, None]
+        tokens = torch.arange(VOCAB_SIZE, device=logits.device)
+        allowed = (
+            (tokens != SOS)
+            & (tokens != PAD)
+            & torch.where(steps < self.config.max_digits, tokens != MANY, tokens >= EOS)
+        )
+        return logits.masked_fill(~allowed, float("-inf")).log_softmax(dim=-1)
 
     # Decoding runs under inference_mode rather than no_grad: it also skips autograd's
     # bookkeeping of tensor versions and views, a large share of the time at one image per call.
@@ -639,15 +680,13 @@ class DigitSequenceTransformer(nn.Module):
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         cache = DecoderCache(self.config.decoder_layers)  # each step feeds only the token chosen last
         for step in range(max_digits + 1):
-            log_probs = self._next_token_log_probs(
-                self.decode(memory, tokens[:, -1:], cache=cache)[:, -1], step, max_digits
-            )
+            log_probs = self.token_log_probs(self.decode(memory, tokens[:, -1:], cache=cache), step)[:, -1]
             best_log_prob, next_token = log_probs.max(dim=-1)
             next_token = next_token.masked_fill(finished, PAD)
             best_prob = best_log_prob.exp().masked_fill(finished, 1.0)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             probs = torch.cat([probs, best_prob[:, None]], dim=1)
-            finished |= next_token == EOS
+            finished |= (next_token == EOS) | (next_token == MANY)
             if finished.all():
                 break
         return Decoded(tokens=tokens[:, 1:], token_probs=probs)
@@ -655,7 +694,8 @@ class DigitSequenceTransformer(nn.Module):
     @torch.inference_mode()
     def beam_search(self, memory: torch.Tensor, beam_size: int = 4) -> Decoded:
         """Keep the beam_size most probable partial sequences per image of (B, N, D) memory;
-        return the most probable complete one. Sequences are compared by total log-probability."""
+        return the most probable complete one, and all the finished beams as alternatives
+        (Decoded.beams). Sequences are compared by total log-probability."""
         if beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {beam_size}")
         max_digits = self.config.max_digits
@@ -669,9 +709,7 @@ class DigitSequenceTransformer(nn.Module):
         finished = torch.zeros(b * k, dtype=torch.bool, device=device)
         cache = DecoderCache(self.config.decoder_layers)
         for step in range(max_digits + 1):
-            log_probs = self._next_token_log_probs(
-                self.decode(memory, tokens[:, -1:], cache=cache)[:, -1], step, max_digits
-            )
+            log_probs = self.token_log_probs(self.decode(memory, tokens[:, -1:], cache=cache), step)[:, -1]
             # A finished beam can only be extended by PAD, at no cost, so it keeps its score.
             log_probs[finished] = float("-inf")
             log_probs[finished, PAD] = 0.0
@@ -683,11 +721,21 @@ class DigitSequenceTransformer(nn.Module):
             cache.reorder(parent)
             step_log_prob = log_probs[parent, next_token]
             token_log_probs = torch.cat([token_log_probs[parent], step_log_prob[:, None]], dim=1)
-            finished = finished[parent] | (next_token == EOS)
+            finished = finished[parent] | (next_token == EOS) | (next_token == MANY)
             if finished.all():
                 break
-        best = scores.argmax(dim=1) + torch.arange(b, device=device) * k
-        return Decoded(tokens=tokens[best, 1:], token_probs=token_log_probs[best].exp())
+        # topk leaves each image's beams sorted, most probable first; -inf marks a slot no
+        # sequence could fill (fewer possible readings than beams).
+        beams = [
+            [
+                (tokens_to_string(tokens[i * k + j]), bool((tokens[i * k + j] == MANY).any()), math.exp(score))
+                for j, score in enumerate(scores[i].tolist())
+                if score > float("-inf")
+            ]
+            for i in range(b)
+        ]
+        best = torch.arange(b, device=device) * k
+        return Decoded(tokens=tokens[best, 1:], token_probs=token_log_probs[best].exp(), beams=beams)
 
 
 def sequence_losses(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -705,17 +753,20 @@ def order_free_loss(
     its digits (at most 4! = 24) and only the cheapest ordering counts, so the decoder may read
     the digits in any order it finds easy. The encoder runs once; the decoder runs over all the
     orderings of the batch at once."""
+    max_digits = model.config.max_digits
     orderings: list[str] = []
     owner: list[int] = []
     for i, label in enumerate(labels):
-        distinct = sorted({"".join(p) for p in itertools.permutations(label)})  # "" has one: ""
+        # A label longer than the model reads is taught in its own order: which max_digits digits
+        # come before MANY is then fixed.
+        distinct = [label] if len(label) > max_digits else sorted({"".join(p) for p in itertools.permutations(label)})
         orderings += distinct
         owner += [i] * len(distinct)
     owner_index = torch.tensor(owner, device=memory.device)
-    inputs, targets = (t.to(memory.device) for t in encode_labels(orderings, model.config.max_digits))
+    inputs, targets = (t.to(memory.device) for t in encode_labels(orderings, max_digits))
     losses = sequence_losses(model.decode(memory[owner_index], inputs), targets, label_smoothing=label_smoothing)
     best = torch.full((len(labels),), float("inf"), device=memory.device).scatter_reduce(0, owner_index, losses, "amin")
-    num_tokens = sum(len(label) + 1 for label in labels)  # digits + EOS, the same for every ordering
+    num_tokens = sum(min(len(label), max_digits) + 1 for label in labels)  # digits + end, for every ordering
     return best.sum() / num_tokens
 
 
@@ -812,11 +863,12 @@ def save_checkpoint(path: str | Path, config: ModelConfig, weights: dict, **extr
     rename, so an interruption (or a second writer) never leaves half a file under `path`, and
     whatever was at `path` before stays whole until the new file replaces it.
 
-    The layout (CHECKPOINT_VERSION 2), a dict of tensors and plain values only, so that
+    The layout (CHECKPOINT_VERSION 3), a dict of tensors and plain values only, so that
     torch.load(weights_only=True) reads it without running any pickled code:
-        checkpoint_version  2
+        checkpoint_version  3
         model_config        asdict(ModelConfig): the model's shape
         model               state_dict of the weights to read with (the averaged ones, if any)
+        calibration         asdict(Calibration), optional: the temperature and the unsure threshold
     and what the training script adds (see train_encoder_decoder.py): train_config, step,
     metrics and, in a run's last.pt / best.pt, training (the optimiser and the rest of the state
     that --resume needs)."""
@@ -880,4 +932,8 @@ def load_model(path: str | Path, device: str | torch.device = "auto") -> DigitSe
         ) from error
     if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         raise CheckpointError(f"{path} holds weights that are NaN or infinite: the run that wrote it diverged")
+    try:
+        model.calibration = Calibration(**checkpoint.get("calibration", {}))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: unusable calibration ({error})") from error
     return model.to(device).eval()

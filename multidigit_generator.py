@@ -12,7 +12,13 @@ default) in both layouts, so that nothing the model sees keeps MNIST's own norma
 (every digit in a 20x20 box, centred by mass).
 
 Stress options (used by split_multidigit_dataset.py --stress, off by default) change the
-strokes, the digit proportions or the placement, or degrade the image like a scan.
+strokes, the digit proportions or the placement, or degrade the image like a scan. The wider
+world training draws from (also off by default, so that evaluation sets hold digits as
+written) redraws digits with a round pen, lays composites on imperfect paper, writes touching
+rows, composes marks that are not digits (label "") and more digits than the model reads.
+
+to_canvas, at the end, turns any image into the model's canvas: the one transform with which
+predict.py, the front end and evaluate.py --as-files read images.
 
 All randomness comes from one seed: image i of a dataset is drawn with
 numpy.random.default_rng([seed, i]), so the same seed gives the same bytes whatever the
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -44,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -54,6 +61,7 @@ from tqdm import tqdm
 # the module after the first import, so composing pays it once per process.
 DIGIT_SIZE = 28  # MNIST digits are 28x28
 LAYOUTS = ("scatter", "row", "mixed")
+COMPOSITE_LAYOUTS = ("scatter", "row", "marks")  # what a composite is: "marks" holds no digits, only other marks
 DATASET_FILES = ("images.npy", "labels.json", "metadata.json", "preview.png")  # a dataset folder, as written
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DIGIT_HEIGHT_RANGE = (18, 28)  # default ink height of a composed digit, in pixels
@@ -64,6 +72,8 @@ MNIST_COUNTS = {"train": 60_000, "test": 10_000}  # digits in each MNIST split
 IDX_MAGIC = {"images": 2051, "labels": 2049}  # idx headers: unsigned bytes in 3 and in 1 dimensions
 MAX_CANVAS_SIZE = 1024  # composites and their preview (4 times the area, in colour) are held in memory whole
 MAX_AUGMENT_STRENGTH = 5.0  # the training script's bound; far larger strengths overflow the random scale factor
+OVERFLOW_EXTRA = 2  # an overflow composite holds up to this many digits more than the model reads
+ROW_DIGIT_ASPECT = 0.75  # a row digit's width, as a share of its height, that height_limit plans for
 MAX_ASPECT_STRETCH = 4.0  # stretched crops are made before scatter and row cap their widths: this keeps them small
 
 
@@ -168,7 +178,7 @@ def load_mnist(root: str | Path, *, train: bool) -> tuple[np.ndarray, np.ndarray
 
 
 def augment_digit(
-    digit: np.ndarray, rng: np.random.Generator, strength: float = 1.0, stroke: int | None = None
+    digit: np.ndarray, rng: np.random.Generator, strength: float = 1.0, stroke: int | None = None, thickest: int = 1
 ) -> np.ndarray:
     """Small random rotation, shear and scale, then thinner or thicker strokes.
 
@@ -177,7 +187,8 @@ def augment_digit(
     40 % of digits, where thinner strokes are blended with the original so that they fade
     instead of vanishing. stroke, when given, replaces that random change: every stroke
     grows (> 0) or shrinks (< 0) by exactly that many pixels (the stress sets), thinner
-    strokes brightened back to the digit's brightest ink, as a thinner pen would draw them."""
+    strokes brightened back to the digit's brightest ink, as a thinner pen would draw them.
+    thickest > 1 spreads the random thickening over 1 to thickest pixels."""
     if strength <= 0 and not stroke:
         return digit
     import torchvision.transforms.v2.functional as TF  # see TORCHVISION_NOTE
@@ -188,7 +199,10 @@ def augment_digit(
         scale = math.exp(rng.uniform(-0.1, 0.1) * strength)
         if stroke is None:
             p_change = 0.2 * min(strength, 2.5)
-            stroke = int(rng.choice([-1, 0, 1], p=[p_change, 1 - 2 * p_change, p_change]))
+            thicker = list(range(1, thickest + 1))
+            stroke = int(
+                rng.choice([-1, 0, *thicker], p=[p_change, 1 - 2 * p_change, *[p_change / len(thicker)] * len(thicker)])
+            )
         # On a PIL image: three times faster than on a tensor, and training composes every digit afresh.
         digit = np.asarray(
             TF.affine(
@@ -266,11 +280,161 @@ def degrade_like_a_scan(image: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return np.array(Image.open(jpeg))
 
 
+def redraw_with_pen(digit: np.ndarray, radius: int) -> np.ndarray:
+    """The digit as a drawing pad would make it: its strokes thinned to their centre lines, then
+    drawn again with a round pen of the given radius (1-4, in half pixels of the 28x28 digit) at
+    full brightness. Works at twice the resolution, so that thin pens stay smooth."""
+    x = F.pad(torch.from_numpy(digit).float()[None, None] / 255, (2, 2, 2, 2))
+    ink = (F.interpolate(x, scale_factor=2, mode="bilinear") > 0.45).float()
+    centre_lines = morphological_skeleton(ink)
+    y, x = torch.meshgrid(torch.arange(-radius, radius + 1), torch.arange(-radius, radius + 1), indexing="ij")
+    pen = ((x**2 + y**2) <= radius * radius + radius).float()[None, None]
+    drawn = (F.conv2d(centre_lines, pen, padding=radius) > 0).float()
+    return (F.avg_pool2d(drawn, 2)[0, 0] * 255).round().to(torch.uint8).numpy()
+
+
+def morphological_skeleton(ink: torch.Tensor) -> torch.Tensor:
+    """Centre lines of a binary (1, 1, H, W) image: the union, over repeated 3x3 erosions, of what
+    an opening removes (Lantuejoul's skeleton). It can leave one-pixel gaps, which any pen closes."""
+
+    def erode(z: torch.Tensor) -> torch.Tensor:
+        return -F.max_pool2d(-z, 3, stride=1, padding=1)
+
+    skeleton, eroded = torch.zeros_like(ink), ink
+    while eroded.any():
+        skeleton = torch.maximum(skeleton, eroded - F.max_pool2d(erode(eroded), 3, stride=1, padding=1))
+        eroded = erode(eroded)
+    return skeleton
+
+
+def add_paper_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The composite on imperfect paper, each defect with its own chance: grey paper, ruled lines,
+    speckles, dust, and then, half the time, a poor scan (degrade_like_a_scan). White ink on
+    black, uint8, like every canvas."""
+    size = image.shape[0]
+    paper = np.zeros(image.shape, np.float32)
+    if rng.random() < 0.5:  # grey paper, a little uneven
+        ramp = np.linspace(0, 1, size, dtype=np.float32)
+        paper += rng.uniform(5, 45) + rng.uniform(-10, 10) * (ramp[None, :] if rng.random() < 0.5 else ramp[:, None])
+    if rng.random() < 0.3:  # ruled lines, one pixel, faint, nearly level
+        pitch, slope = int(rng.integers(14, 33)), rng.uniform(-0.03, 0.03)
+        xs = np.arange(size)
+        for y0 in range(int(rng.integers(0, pitch)), size, pitch):
+            ys = np.clip(np.round(y0 + slope * xs).astype(int), 0, size - 1)
+            paper[ys, xs] = np.maximum(paper[ys, xs], rng.uniform(30, 90))
+    if rng.random() < 0.6:  # speckles: single pixels
+        count = int(rng.integers(3, 60))
+        ys, xs = rng.integers(0, size, count), rng.integers(0, size, count)
+        paper[ys, xs] = np.maximum(paper[ys, xs], rng.uniform(40, 230, count))
+    if rng.random() < 0.3:  # dust: a few specks of two or three pixels across
+        for _ in range(int(rng.integers(1, 5))):
+            y, x, r = int(rng.integers(0, size - 3)), int(rng.integers(0, size - 3)), int(rng.integers(2, 4))
+            paper[y : y + r, x : x + r] = np.maximum(paper[y : y + r, x : x + r], rng.uniform(60, 200))
+    noisy = np.clip(np.maximum(paper, image.astype(np.float32)), 0, 255).round().astype(np.uint8)
+    return degrade_like_a_scan(noisy, rng) if rng.random() < 0.5 else noisy
+
+
+# Marks that are not digits, for the model to learn to read as nothing. No plain rings (a "0"),
+# vertical strokes (a "1") or letters that pass for digits (O, l, S, Z, B, g, q, ...).
+MARK_KINDS = ("blob", "cross", "hatching", "star", "spiral", "face", "scribble", "rule", "letter")
+MARK_LETTERS = "ACEFHKMNRWXcekmnwx#@&%"
+
+
+@functools.lru_cache(maxsize=64)
+def mark_font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def draw_mark(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator, box: tuple, width: int) -> None:
+    """One mark of the given kind inside box (x0, y0, x1, y1) with a pen of that width."""
+    x0, y0, x1, y1 = box
+    cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    turn = rng.uniform(0, 2 * math.pi)
+
+    def at(angle: float, radius: float) -> tuple[float, float]:
+        return cx + radius * rx * math.cos(angle + turn), cy + radius * ry * math.sin(angle + turn)
+
+    if kind == "blob":
+        draw.polygon([at(a, rng.uniform(0.6, 1.0)) for a in np.linspace(0, 2 * math.pi, 12, endpoint=False)], fill=255)
+    elif kind == "cross":
+        for a in (0, math.pi / 2):
+            draw.line([at(a, 1), at(a + math.pi, 1)], fill=255, width=width)
+    elif kind == "hatching":  # dense and never upright, unlike a row of "1"s
+        angle, lines = rng.uniform(-1.0, 1.0), int(rng.integers(5, 10))
+        along, across = (math.cos(angle), math.sin(angle)), (-math.sin(angle), math.cos(angle))
+        length, spacing = min(rx, ry) * 2, min(rx, ry) * 2 / lines * 0.8
+        for i in range(lines):
+            mx, my = cx + (i - (lines - 1) / 2) * spacing * across[0], cy + (i - (lines - 1) / 2) * spacing * across[1]
+            half = (along[0] * length / 2, along[1] * length / 2)
+            draw.line([(mx - half[0], my - half[1]), (mx + half[0], my + half[1])], fill=255, width=width)
+    elif kind == "star":
+        arms = int(rng.integers(5, 9))
+        if rng.random() < 0.5:  # an asterisk
+            for a in np.linspace(0, math.pi, arms // 2 + 1, endpoint=False):
+                draw.line([at(a, 1), at(a + math.pi, 1)], fill=255, width=width)
+        else:  # a star outline
+            points = [
+                at(a, 1.0 if i % 2 == 0 else 0.45) for i, a in enumerate(np.linspace(0, 2 * math.pi, 2 * arms + 1))
+            ]
+            draw.line(points, fill=255, width=width, joint="curve")
+    elif kind == "spiral":
+        turns = rng.uniform(2, 4)
+        angles = np.linspace(0, 2 * math.pi * turns, 80)
+        draw.line([at(a, 0.1 + 0.9 * a / angles[-1]) for a in angles], fill=255, width=width, joint="curve")
+    elif kind == "face":
+        draw.ellipse(box, outline=255, width=width)
+        for side in (-1, 1):
+            ex, ey = cx + side * 0.35 * rx, cy - 0.3 * ry
+            draw.ellipse((ex - 0.1 * rx - 1, ey - 0.1 * ry - 1, ex + 0.1 * rx + 1, ey + 0.1 * ry + 1), fill=255)
+        mouth = (cx - 0.5 * rx, cy - 0.2 * ry, cx + 0.5 * rx, cy + 0.6 * ry)
+        draw.arc(mouth, 20, 160, fill=255, width=width)
+    elif kind == "scribble":  # a tangle: many sharp turns, crossing itself
+        heading, point, points = turn, (cx, cy), []
+        for _ in range(int(rng.integers(25, 50))):
+            heading += rng.uniform(-2.5, 2.5)
+            step = rng.uniform(0.2, 0.5)
+            point = (
+                float(np.clip(point[0] + step * rx * math.cos(heading), x0, x1)),
+                float(np.clip(point[1] + step * ry * math.sin(heading), y0, y1)),
+            )
+            points.append(point)
+        draw.line(points, fill=255, width=width, joint="curve")
+    elif kind == "rule":  # a level line or a box: never upright alone, which would be a "1"
+        if rng.random() < 0.5:
+            tilt = rng.uniform(-0.1, 0.1) * rx
+            draw.line([(x0, cy - tilt), (x1, cy + tilt)], fill=255, width=width)
+        else:  # wider than high: a tall narrow box would pass for a "0"
+            draw.rectangle((x0, cy - min(ry, rx * 0.8), x1, cy + min(ry, rx * 0.8)), outline=255, width=width)
+    else:  # a letter or sign that no one reads as a digit
+        letter = MARK_LETTERS[int(rng.integers(len(MARK_LETTERS)))]
+        draw.text(
+            (cx, cy), letter, fill=255, font=mark_font(max(8, int(y1 - y0))), anchor="mm", stroke_width=width // 3
+        )
+
+
+def draw_marks(rng: np.random.Generator, canvas_size: int) -> np.ndarray:
+    """A canvas of one to three marks that are not digits (MARK_KINDS), 10 to 70 px across, pens
+    from a hairline to a marker. Drawn at twice the size and shrunk, for smooth edges."""
+    scale = 2
+    image = Image.new("L", (canvas_size * scale, canvas_size * scale), 0)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))):
+        w, h = rng.uniform(10, min(70, canvas_size - 4), size=2) * scale
+        if rng.random() < 0.5:  # most marks are about as wide as high
+            h = w * rng.uniform(0.7, 1.4)
+        w, h = min(w, (canvas_size - 4) * scale), min(h, (canvas_size - 4) * scale)
+        x0 = rng.uniform(2 * scale, canvas_size * scale - w - 2 * scale)
+        y0 = rng.uniform(2 * scale, canvas_size * scale - h - 2 * scale)
+        kind = MARK_KINDS[int(rng.integers(len(MARK_KINDS)))]
+        draw_mark(draw, kind, rng, (x0, y0, x0 + w, y0 + h), width=int(rng.integers(1, 5)) * scale)
+    return np.array(image.resize((canvas_size, canvas_size), Image.Resampling.BOX))
+
+
 @dataclass
 class Composite:
     image: np.ndarray  # (canvas, canvas) uint8, white on black
     label: str  # the digits in reading order, "" for a blank canvas
-    layout: str  # "scatter" or "row"
+    layout: str  # one of COMPOSITE_LAYOUTS
     # (x0, y0, x1, y1) ink box per digit, in label order
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
     sources: list[int] = field(default_factory=list)  # index of each digit in the MNIST split, label order
@@ -411,7 +575,7 @@ def tilt_row(
         turned = TF.rotate(
             torch.from_numpy(patch)[None], angle, interpolation=TF.InterpolationMode.BILINEAR, expand=True
         )[0].numpy()
-        x0, y0, x1, y1 = ink_box(turned, threshold=0)
+        x0, y0, x1, y1 = ink_box(turned, threshold=0) or (0, 0, *turned.shape[::-1])  # an inkless patch stays whole
         # Counter-clockwise on screen, where y points down.
         new_x, new_y = cx + dx * cos + dy * sin - turned.shape[1] / 2, cy - dx * sin + dy * cos - turned.shape[0] / 2
         turned_patches.append(turned[y0:y1, x0:x1])
@@ -427,11 +591,13 @@ def compose_row(
     *,
     tilt: float = 0.0,
     hug_borders: bool = False,
+    touching: bool = False,
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """Write the ink crops left to right like a handwritten number, all about one height within
     digit_height; returns the canvas and the ink box of each digit. The number stays a pixel clear
     of every edge, unless hug_borders lets it touch them; tilt rotates it by up to that many
-    degrees (both for the anywhere stress set)."""
+    degrees (both for the anywhere stress set); touching writes neighbours' ink boxes 0-3 px into
+    each other, so that strokes may meet."""
     canvas = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
     if not crops:
         return canvas, []
@@ -439,7 +605,7 @@ def compose_row(
     height = rng.uniform(low, high)
     heights = [round(min(high, max(low, height * rng.uniform(0.9, 1.1)))) for _ in crops]
     widths = [max(MIN_DIGIT_WIDTH, crop.shape[1] * h / crop.shape[0]) for crop, h in zip(crops, heights)]
-    gaps = rng.uniform(1, 6, size=len(crops) - 1)
+    gaps = rng.uniform(-3, 0, size=len(crops) - 1) if touching else rng.uniform(1, 6, size=len(crops) - 1)
     angle = rng.uniform(-tilt, tilt) if tilt else 0.0
     # A number too wide for the canvas (only with many or tall digits) is written narrower, keeping
     # its height. Rounding and the minimum widths can overshoot by a pixel or two, which the widest
@@ -447,9 +613,9 @@ def compose_row(
     budget = row_width_budget(canvas_size, max(heights) + 2 * ROW_JITTER + 1, tilted=bool(tilt))
     squeeze = min(1.0, budget / (sum(widths) + gaps.sum()))
     widths = [max(MIN_DIGIT_WIDTH, round(w * squeeze)) for w in widths]
-    spaces = [max(1, round(g * squeeze)) for g in gaps]
+    spaces = [round(g * squeeze) if touching else max(1, round(g * squeeze)) for g in gaps]
     while sum(widths) + sum(spaces) > budget:
-        shrinking = widths if max(widths) > MIN_DIGIT_WIDTH else spaces
+        shrinking = widths if max(widths) > MIN_DIGIT_WIDTH or touching else spaces
         shrinking[int(np.argmax(shrinking))] -= 1
     patches, corners, x = [], [], 0
     for crop, h, w, space in zip(crops, heights, widths, [*spaces, 0]):
@@ -473,6 +639,170 @@ def compose_row(
     return canvas, boxes
 
 
+# ---- any image as a canvas: the one transform predict.py, the front end and evaluate.py --as-files
+# read images with, so that what is measured is what users get.
+
+BLANK_INK_LEVEL = 48  # a canvas whose brightest pixel is dimmer than this has no ink
+MIN_CONTRAST = 32  # ink must stand this far above the background to count as ink
+# Ink larger than this (longer side) is shrunk to it before it is measured: a 96-pixel canvas
+# needs no more detail, and measuring the ink costs time in proportion to the pixels.
+WORKING_SIZE = 512
+# A round dab of ink is as long as it is wide (1 stroke width). Digits are longer, though less
+# than one might think: a small thick-stroked digit, whose blur fills its loops, comes close
+# (docs/design.md has the ratios measured on the test and stress sets).
+DOT_STROKES = 1.2
+CANVAS_MARGIN = 2  # pixels kept clear around ink that had to be shrunk to fit the canvas
+# Greyscale modes deeper than 8 bits: 16-bit (in either byte order), 32-bit integer, float.
+DEEP_GREY_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+
+
+def eight_bit_grey(image: Image.Image) -> Image.Image:
+    """A greyscale image deeper than 8 bits (DEEP_GREY_MODES) as 8-bit grey levels ("L"), its
+    full range scaled to 0-255; Pillow's own conversion clips at 255 instead, which turns most
+    16-bit paper and ink alike white.
+
+    The 16-bit modes span 0-65535. "I" and "F" have no fixed range, so theirs is the narrowest
+    that holds the brightest pixel: 0-255, 0-65535 (16-bit data stored wider), else 0 up to that
+    pixel; for "F" first 0-1, the usual range of float images. Negative and non-finite values
+    count as 0."""
+    levels = np.array(image, dtype=np.float32)  # a writable copy, scaled in place
+    np.nan_to_num(levels, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(levels.max())
+    if image.mode.startswith("I;16"):
+        full_range = 65535.0
+    elif image.mode == "F" and top <= 1.0:
+        full_range = 1.0
+    else:
+        full_range = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+    levels *= 255.0 / full_range
+    np.clip(levels, 0, 255, out=levels)
+    return Image.fromarray(np.rint(levels, out=levels).astype(np.uint8))
+
+
+def grey_and_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """The image's 8-bit grey levels ("L") and its alpha ("L"), or None for alpha when every
+    pixel is (nearly) opaque."""
+    if image.mode in DEEP_GREY_MODES:
+        return eight_bit_grey(image), None
+    if image.mode in ("LA", "PA", "RGBA"):
+        alpha = image.getchannel("A")
+    elif "transparency" in image.info:  # a palette entry or a colour marked transparent
+        alpha = image.convert("RGBA").getchannel("A")
+    else:
+        alpha = None
+    if alpha is not None and alpha.getextrema()[0] >= 0.99 * 255:
+        alpha = None
+    # Pillow converts CIELab to RGB but not straight to grey; its L channel is the lightness.
+    return image.getchannel("L") if image.mode == "LAB" else image.convert("L"), alpha
+
+
+def ink_image(image: Image.Image) -> Image.Image:
+    """Any image -> its ink ("L", the image's size): 0 for background, the strongest ink
+    stretched to 255 (faint ink gets full contrast); all 0 if no ink stands MIN_CONTRAST above
+    the background.
+
+    Built from 8-bit planes and lookup tables from grey level to ink, never a float copy of the
+    image: a photo of tens of megapixels must not take gigabytes."""
+    grey, alpha = grey_and_alpha(image)
+    if alpha is not None:
+        # Transparent background (a drawing pad): ink is wherever it is opaque. Strokes may be
+        # dark or light; which one decides whether their grey level or its inverse is the ink.
+        # ImageChops.multiply is a * b / 255, so the sums below are of grey * alpha / 255 and of alpha.
+        dark_strokes = 255 * histogram_sum(ImageChops.multiply(grey, alpha)) < 128 * histogram_sum(alpha)
+        ink = ImageChops.multiply(alpha, ImageOps.invert(grey) if dark_strokes else grey)
+        ink_of_level = np.arange(256.0)
+    else:
+        # Opaque: the border is mostly background, so its median tells paper from ink.
+        width, height = grey.size
+        edges = [(0, 0, width, 1), (0, height - 1, width, height), (0, 0, 1, height), (width - 1, 0, width, height)]
+        border = np.concatenate([np.asarray(grey.crop(edge), dtype=np.float64).ravel() for edge in edges])
+        paper = np.median(border)
+        ink_of_level = np.arange(256.0)
+        if paper > 127:  # dark ink on light paper
+            ink_of_level, border, paper = 255.0 - ink_of_level, 255.0 - border, 255.0 - paper
+        # Paper grain, sensor noise and JPEG ringing sit a few levels around the background; three
+        # robust standard deviations of the border take them out. The model only ever saw exact
+        # black around its strokes, and read leftover speckles as strings of digits.
+        noise = 1.4826 * np.median(np.abs(border - paper))
+        ink, ink_of_level = grey, ink_of_level - paper - 3 * noise
+    darkest, brightest = ink.getextrema()
+    top = max(ink_of_level[darkest], ink_of_level[brightest])  # monotonic: the strongest ink is at one end
+    if top < MIN_CONTRAST:
+        return Image.new("L", ink.size)
+    return ink.point(np.rint(ink_of_level.clip(0, top) * (255.0 / top)).astype(np.uint8).tolist())
+
+
+def histogram_sum(image: Image.Image) -> int:
+    """The sum of an "L" image's pixel values, counted from its histogram (no copy of the pixels)."""
+    return sum(level * count for level, count in enumerate(image.histogram()))
+
+
+@dataclass
+class InkMeasure:
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1), exclusive ends
+    digit_height: float
+    stroke_width: float
+
+
+def measure_ink(ink: np.ndarray) -> InkMeasure | None:
+    """Where the ink is and how big its digits and strokes are; None if there is no ink.
+
+    The digit height is the median height of the ink's connected pieces, counting only pieces
+    at least a third as tall as the tallest: a digit drawn in one stroke is one piece, and the
+    small bar of a 5 or a speck must not drag the median down."""
+    from scipy import ndimage  # imported here: a slow import that only measuring needs
+
+    mask = ink >= MIN_CONTRAST
+    pieces, count = ndimage.label(mask)
+    if count == 0:
+        return None
+    heights = np.array([s[0].stop - s[0].start for s in ndimage.find_objects(pieces)])
+    box = ink_box(ink, threshold=MIN_CONTRAST - 1)  # the mask's pixels: brighter than MIN_CONTRAST - 1
+    # Twice the largest distance from a pixel of ink to the nearest background: the widest stroke.
+    stroke_width = 2.0 * float(ndimage.distance_transform_edt(mask).max())
+    return InkMeasure(box, float(np.median(heights[heights * 3 >= heights.max()])), stroke_width)
+
+
+def to_canvas(image: Image.Image, canvas_size: int, digit_height: tuple[int, int] = DIGIT_HEIGHT_RANGE) -> np.ndarray:
+    """The model's view of an image: (canvas_size, canvas_size) uint8, white ink on black.
+
+    Digits are brought to the size the model was trained on. When their height (see measure_ink)
+    is outside digit_height (with 10 % slack), the ink is cropped and scaled, keeping its aspect
+    ratio, to the middle of that range; otherwise it keeps its size. The result is centred on
+    the canvas, and shrunk further only if it would not fit. An image that already is a canvas
+    with digits of a trained size reaches the model unchanged. No ink at all, or only a dot
+    (ink no longer than DOT_STROKES stroke widths: a tap on a drawing pad, a speck), gives an empty canvas."""
+    empty = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
+    ink = ink_image(image)
+    if max(ink.size) > canvas_size:
+        # Ink that does not fit the canvas is cropped to its box below anyway. Cropping here, at
+        # full resolution, before anything is shrunk, keeps the detail of small digits in a large
+        # image: a number written small along a long strip must not shrink with the whole strip.
+        box = ink.point(lambda level: 255 if level >= MIN_CONTRAST else 0).getbbox()
+        if box is None:
+            return empty
+        ink = ink.crop(box)
+        if max(ink.size) > WORKING_SIZE:
+            ink.thumbnail((WORKING_SIZE, WORKING_SIZE), Image.LANCZOS)
+        ink = ImageOps.expand(ink, border=1)  # background all round, from which measure_ink tells stroke widths
+    measure = measure_ink(np.asarray(ink))
+    if measure is None:
+        return empty
+    x0, y0, x1, y1 = measure.box
+    if max(x1 - x0, y1 - y0) < DOT_STROKES * measure.stroke_width:
+        return empty
+    low, high = digit_height
+    scale = 1.0 if 0.9 * low <= measure.digit_height <= 1.1 * high else (low + high) / 2 / measure.digit_height
+    if scale != 1.0 or max(ink.size) > canvas_size:
+        ink = ink.crop(measure.box)  # beyond the ink there is only background
+        scale = min(scale, (canvas_size - 2 * CANVAS_MARGIN) / max(ink.size))
+        size = (max(1, round(ink.width * scale)), max(1, round(ink.height * scale)))
+        ink = ink.resize(size, Image.LANCZOS if scale < 1 else Image.BILINEAR)
+    canvas = Image.fromarray(empty)
+    canvas.paste(ink, ((canvas_size - ink.width) // 2, (canvas_size - ink.height) // 2))
+    return np.asarray(canvas)
+
+
 def check_length_weights(weights: list[float] | tuple[float, ...], max_digits: int) -> None:
     """Raise ValueError unless weights can be the relative frequencies of 0, 1, ..., max_digits digits."""
     # Written so that NaN fails every comparison, and a finite sum keeps the frequencies finite.
@@ -492,7 +822,16 @@ class MultiDigitComposer:
     stroke augmentation by exactly that many pixels; aspect_stretch multiplies each digit's width
     by a random factor in that range; hug_borders pushes digits against the canvas edges;
     row_tilt rotates rows by up to that many degrees; scan_degradation passes every composite
-    through degrade_like_a_scan."""
+    through degrade_like_a_scan.
+
+    The wider world training draws from (off by default, so that evaluation sets hold digits as
+    written): thickest_stroke spreads random thickening up to that many pixels; pen_share of the
+    digits are redrawn with a round pen (redraw_with_pen); paper_noise of the composites lie on
+    imperfect paper (add_paper_noise); touching_share of the rows are written with touching
+    digits; nondigit_share of the composites hold marks that are not digits (draw_marks, label
+    ""); overflow_share hold max_digits + 1 to max_digits + OVERFLOW_EXTRA digits, more than the
+    model reads (their labels hold them all). A canvas with more digits than fit at the top of
+    digit_height draws them smaller (height_limit)."""
 
     def __init__(
         self,
@@ -512,6 +851,12 @@ class MultiDigitComposer:
         hug_borders: bool = False,
         row_tilt: float = 0.0,
         scan_degradation: bool = False,
+        thickest_stroke: int = 1,
+        pen_share: float = 0.0,
+        paper_noise: float = 0.0,
+        touching_share: float = 0.0,
+        nondigit_share: float = 0.0,
+        overflow_share: float = 0.0,
     ):
         self.images, self.labels = images, labels
         self.canvas_size, self.min_digits, self.max_digits = canvas_size, min_digits, max_digits
@@ -523,6 +868,8 @@ class MultiDigitComposer:
         )
         self.aspect_stretch, self.hug_borders = aspect_stretch, hug_borders
         self.row_tilt, self.scan_degradation = row_tilt, scan_degradation
+        self.thickest_stroke, self.pen_share, self.paper_noise = thickest_stroke, pen_share, paper_noise
+        self.touching_share, self.nondigit_share, self.overflow_share = touching_share, nondigit_share, overflow_share
         self.check()  # before any work
         self.length_weights = None if length_weights is None else [float(w) for w in length_weights]
         self.digit_height = (int(digit_height[0]), int(digit_height[1]))
@@ -577,52 +924,114 @@ class MultiDigitComposer:
             )
         if not 0 <= self.row_tilt <= 20:  # steeper rows could swap the reading order of narrow digits
             raise ValueError(f"row_tilt must be 0 to 20 degrees, got {self.row_tilt}")
+        if not 1 <= self.thickest_stroke <= 3:
+            raise ValueError(f"thickest_stroke must be 1 to 3 pixels, got {self.thickest_stroke}")
+        for name in ("pen_share", "paper_noise", "touching_share", "nondigit_share", "overflow_share"):
+            if not 0 <= getattr(self, name) <= 1:  # false for NaN too
+                raise ValueError(f"{name} must be 0 to 1, got {getattr(self, name)}")
+        if self.nondigit_share + self.overflow_share > 1:
+            raise ValueError(
+                f"nondigit_share {self.nondigit_share} and overflow_share {self.overflow_share} add up to more than 1"
+            )
         self.check_capacity()
 
+    @property
+    def most_digits(self) -> int:
+        """The most digits a composite holds: max_digits, or more with overflow_share."""
+        return self.max_digits + (OVERFLOW_EXTRA if self.overflow_share > 0 else 0)
+
+    def height_limit(self, layout: str, n: int) -> int:
+        """The tallest digit height, within digit_height, at which n digits always fit the layout:
+        scatter's fallback placement must hold them, and a row must hold them at their natural
+        widths (about ROW_DIGIT_ASPECT of their height). Never below digit_height's minimum,
+        which check_capacity makes sure holds n digits."""
+        low, high = self.digit_height
+        for height in range(high, low, -1):
+            if layout == "scatter" and scatter_capacity(self.canvas_size, self.min_center_gap, height) >= n:
+                return height
+            budget = row_width_budget(self.canvas_size, height + 2 * ROW_JITTER + 1, tilted=self.row_tilt > 0)
+            if layout == "row" and n * ROW_DIGIT_ASPECT * height + 3 * (n - 1) <= budget:
+                return height
+        return low
+
     def check_capacity(self) -> None:
-        """Raise ValueError if max_digits of the largest size cannot always be placed."""
+        """Raise ValueError if the most digits, at the smallest size, cannot always be placed."""
+        most, low = self.most_digits, self.digit_height[0]
         fits = {
-            "scatter": scatter_capacity(self.canvas_size, self.min_center_gap, self.digit_height[1]),
-            "row": row_capacity(self.canvas_size, self.digit_height[1], tilted=self.row_tilt > 0),
+            "scatter": scatter_capacity(self.canvas_size, self.min_center_gap, low),
+            "row": row_capacity(self.canvas_size, low, tilted=self.row_tilt > 0),
         }
         for name in ("scatter", "row") if self.layout == "mixed" else (self.layout,):
-            if self.max_digits > fits[name]:
+            if most > fits[name]:
                 raise ValueError(
-                    f"{self.max_digits} digits do not fit on a {self.canvas_size}x{self.canvas_size} canvas "
+                    f"{most} digits do not fit on a {self.canvas_size}x{self.canvas_size} canvas "
                     f"in the {name} layout "
-                    f"(at most {fits[name]} with digits up to {self.digit_height[1]} px high"
+                    f"(at most {fits[name]} with digits {low} px high"
                     + (f" and a minimum centre gap of {self.min_center_gap} px" if name == "scatter" else "")
                     + "): lower --max-digits or --digit-height, or raise --canvas-size"
                 )
 
     def prepare_digit(self, digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """The digit augmented, cut to its ink and, with aspect_stretch, stretched sideways."""
-        crop = crop_to_ink(augment_digit(digit, rng, self.augment_strength, stroke=self.stroke_width_change))
+        """The digit augmented (perhaps redrawn with a pen), cut to its ink and, with
+        aspect_stretch, stretched sideways."""
+        digit = augment_digit(
+            digit, rng, self.augment_strength, stroke=self.stroke_width_change, thickest=self.thickest_stroke
+        )
+        if self.pen_share and rng.random() < self.pen_share:
+            redrawn = redraw_with_pen(digit, radius=int(rng.integers(1, 5)))
+            if ink_box(redrawn) is not None:  # a faint digit can vanish when thinned: it keeps its own strokes
+                digit = redrawn
+        crop = crop_to_ink(digit)
         if self.aspect_stretch != (1.0, 1.0):
             crop = resize(crop, crop.shape[0], max(1, round(crop.shape[1] * rng.uniform(*self.aspect_stretch))))
         return crop
 
     def compose(self, rng: np.random.Generator) -> Composite:
-        if self.length_weights is None:
+        # Each option draws from rng only when it is on, so that settings without it give the
+        # same composites as before it existed.
+        kind = rng.random() if self.nondigit_share or self.overflow_share else 1.0
+        if kind < self.nondigit_share:
+            canvas, label, layout, boxes, picks = draw_marks(rng, self.canvas_size), "", "marks", [], []
+        else:
+            canvas, label, layout, boxes, picks = self.compose_digits(
+                rng, overflow=kind < self.nondigit_share + self.overflow_share
+            )
+        if self.paper_noise and rng.random() < self.paper_noise:
+            canvas = add_paper_noise(canvas, rng)
+        if self.scan_degradation:
+            canvas = degrade_like_a_scan(canvas, rng)
+        return Composite(image=canvas, label=label, layout=layout, boxes=boxes, sources=picks)
+
+    def compose_digits(self, rng: np.random.Generator, overflow: bool) -> tuple:
+        """(canvas, label, layout, ink boxes, pool indices) of a composite of digits."""
+        if overflow:
+            n = self.max_digits + int(rng.integers(1, OVERFLOW_EXTRA + 1))
+        elif self.length_weights is None:
             n = int(rng.integers(self.min_digits, self.max_digits + 1))
         else:
             n = int(rng.choice(self.max_digits + 1, p=np.asarray(self.length_weights) / sum(self.length_weights)))
         layout = str(rng.choice(["scatter", "row"])) if self.layout == "mixed" else self.layout
         picks = [int(i) for i in rng.integers(0, len(self.images), size=n)]
         crops = [self.prepare_digit(self.images[i], rng) for i in picks]
+        heights = (self.digit_height[0], self.height_limit(layout, n))
         if layout == "scatter":
             canvas, boxes, order = compose_scatter(
-                crops, rng, self.canvas_size, self.min_center_gap, self.digit_height, hug_borders=self.hug_borders
+                crops, rng, self.canvas_size, self.min_center_gap, heights, hug_borders=self.hug_borders
             )
             picks = [picks[i] for i in order]
         else:
+            touching = bool(self.touching_share) and rng.random() < self.touching_share
             canvas, boxes = compose_row(
-                crops, rng, self.canvas_size, self.digit_height, tilt=self.row_tilt, hug_borders=self.hug_borders
+                crops,
+                rng,
+                self.canvas_size,
+                heights,
+                tilt=self.row_tilt,
+                hug_borders=self.hug_borders,
+                touching=touching,
             )
-        if self.scan_degradation:
-            canvas = degrade_like_a_scan(canvas, rng)
         label = "".join(str(int(self.labels[i])) for i in picks)
-        return Composite(image=canvas, label=label, layout=layout, boxes=boxes, sources=picks)
+        return canvas, label, layout, boxes, picks
 
     def settings(self) -> dict:
         """Everything that shapes the composites, JSON-ready: MultiDigitComposer(images, labels, **settings)
@@ -641,6 +1050,12 @@ class MultiDigitComposer:
             hug_borders=self.hug_borders,
             row_tilt=self.row_tilt,
             scan_degradation=self.scan_degradation,
+            thickest_stroke=self.thickest_stroke,
+            pen_share=self.pen_share,
+            paper_noise=self.paper_noise,
+            touching_share=self.touching_share,
+            nondigit_share=self.nondigit_share,
+            overflow_share=self.overflow_share,
         )
 
 
@@ -661,7 +1076,7 @@ class FreshComposites(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, torch.Tensor]:
         """An item as every dataset here gives it: see dataset_item."""
         c = self.composer.compose(np.random.default_rng([self.seed, self.epoch, index]))
-        return dataset_item(c.image, c.label, c.layout, c.boxes, self.composer.max_digits)
+        return dataset_item(c.image, c.label, c.layout, c.boxes, self.composer.most_digits)
 
 
 class MultiDigitFolder(Dataset):
@@ -683,11 +1098,11 @@ class MultiDigitFolder(Dataset):
 
 
 def dataset_item(
-    image: np.ndarray, label: str, layout: str, boxes: list, max_digits: int
+    image: np.ndarray, label: str, layout: str, boxes: list, most: int
 ) -> tuple[torch.Tensor, str, str, torch.Tensor]:
-    """(canvas (H, W) uint8, label, layout, ink boxes): the boxes are (max_digits, 4) x0, y0, x1,
-    y1 in label order, padded with -1 rows so that a batch's boxes stack into one tensor."""
-    padded = torch.full((max_digits, 4), -1, dtype=torch.long)
+    """(canvas (H, W) uint8, label, layout, ink boxes): the boxes are (most, 4) x0, y0, x1, y1 in
+    label order, padded with -1 rows so that a batch's boxes stack into one tensor."""
+    padded = torch.full((most, 4), -1, dtype=torch.long)
     if len(boxes):
         padded[: len(boxes)] = torch.tensor(boxes, dtype=torch.long)
     return torch.from_numpy(image), label, layout, padded
@@ -926,7 +1341,7 @@ def read_json(path: Path, kind: type, description: str) -> Any:
 
 def record_problem(record: object) -> str | None:
     """What is wrong with one labels.json record, or None: each is an object whose "label" is a
-    string of the digits 0-9 ("" for a blank canvas) and whose "layout" is "scatter" or "row"."""
+    string of the digits 0-9 ("" for a blank canvas) and whose "layout" is one of COMPOSITE_LAYOUTS."""
     if not isinstance(record, dict):
         return f"is {reprlib.repr(record)}, not an object with a label and a layout"
     if "label" not in record:
@@ -934,8 +1349,8 @@ def record_problem(record: object) -> str | None:
     label, layout = record["label"], record.get("layout")
     if not isinstance(label, str) or not set(label) <= set(string.digits):  # str.isdigit() would take "²"
         return f'has the label {reprlib.repr(label)}, not a string of the digits 0-9 ("" for a blank canvas)'
-    if layout not in ("scatter", "row"):
-        return f'has the layout {reprlib.repr(layout)}, not "scatter" or "row"'
+    if layout not in COMPOSITE_LAYOUTS:
+        return f"has the layout {reprlib.repr(layout)}, not one of {', '.join(COMPOSITE_LAYOUTS)}"
     return None
 
 
@@ -995,6 +1410,17 @@ def add_composer_arguments(parser: argparse.ArgumentParser) -> None:
         default=list(DIGIT_HEIGHT_RANGE),
         help="range of digit ink heights in pixels, both layouts (default: %(default)s)",
     )
+    wider = parser.add_argument_group("the wider world training draws from (off by default)")
+    wider.add_argument("--thickest-stroke", type=int, default=1, help="random thickening of up to this many pixels")
+    wider.add_argument("--row-tilt", type=float, default=0.0, help="rows tilted by up to this many degrees")
+    for name, what in (
+        ("pen-share", "share of digits redrawn with a round pen, as a drawing pad makes them"),
+        ("paper-noise", "share of composites on imperfect paper: grey, ruled, speckled, dusty, scanned"),
+        ("touching-share", "share of rows whose digits touch"),
+        ("nondigit-share", 'share of composites holding marks that are not digits (label "")'),
+        ("overflow-share", f"share of composites with 1-{OVERFLOW_EXTRA} digits more than --max-digits"),
+    ):
+        wider.add_argument(f"--{name}", type=float, default=0.0, help=what)
 
 
 # The composition flags add_composer_arguments defines, by their MultiDigitComposer names.
@@ -1007,6 +1433,13 @@ COMPOSER_FLAGS = (
     "augment_strength",
     "min_center_gap",
     "digit_height",
+    "thickest_stroke",
+    "row_tilt",
+    "pen_share",
+    "paper_noise",
+    "touching_share",
+    "nondigit_share",
+    "overflow_share",
 )
 
 

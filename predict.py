@@ -1,15 +1,21 @@
 r"""Read the digits in image files with a trained checkpoint.
 
     uv run python predict.py photo.png scans/            # path<TAB>digits per image
-    uv run python predict.py --jsonl --beam-size 4 a.png  # {"path", "digits", "confidence", ...} per line
+    uv run python predict.py --jsonl --beam-size 4 a.png  # {"path", "digits", "unsure", ...} per line
+
+Each reading comes with a calibrated confidence (the probability that the whole reading is
+right). Below the checkpoint's threshold (chosen on validation; --min-confidence overrides it)
+the reading is unsure: the line ends in "?", and under --jsonl "unsure" is true and
+"alternatives" lists the most probable readings by beam search. An image with more digits
+than the model reads (4 for the shipped model) gets its first digits and "+" ("too_many": true).
 
 Any PNG/JPEG/... of any size and mode works, 16-bit and float greyscale included: it is turned
 into white digits on black (dark ink on light paper is inverted, transparent backgrounds
 handled), its digits are scaled to the height the model was trained on keeping their aspect
-ratio, and the ink is centred on the model's canvas (to_canvas, which the front end uses too).
-A file that cannot be read gets an error line, the others are still read, and the exit code is
-1; only regular files are opened (a named pipe or a device would block or never end). A blank
-image reads as "".
+ratio, and the ink is centred on the model's canvas (multidigit_generator.to_canvas, which the
+front end and evaluate.py --as-files use too). A file that cannot be read gets an error line,
+the others are still read, and the exit code is 1; only regular files are opened (a named pipe
+or a device would block or never end). A blank image reads as "".
 
 Paths are printed so that every line stays `path<TAB>digits` (or `path: error: ...` on stderr)
 whatever the file is called: a backslash is doubled; tab, newline and carriage return become
@@ -28,32 +34,20 @@ import re
 import stat
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageChops, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model import DEFAULT_CHECKPOINT, CheckpointError, DigitSequenceTransformer, load_model, pick_device
-from multidigit_generator import DIGIT_HEIGHT_RANGE, ink_box
+from multidigit_generator import BLANK_INK_LEVEL, to_canvas
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
-BLANK_INK_LEVEL = 48  # a canvas whose brightest pixel is dimmer than this has no ink
-MIN_CONTRAST = 32  # ink must stand this far above the background to count as ink
-# Ink larger than this (longer side) is shrunk to it before it is measured: a 96-pixel canvas
-# needs no more detail, and measuring the ink costs time in proportion to the pixels.
-WORKING_SIZE = 512
-# A round dab of ink is as long as it is wide (1 stroke width). Digits are longer, though less
-# than one might think: a small thick-stroked digit, whose blur fills its loops, comes close
-# (docs/design.md has the ratios measured on the test and stress sets).
-DOT_STROKES = 1.2
-CANVAS_MARGIN = 2  # pixels kept clear around ink that had to be shrunk to fit the canvas
-# Greyscale modes deeper than 8 bits: 16-bit (in either byte order), 32-bit integer, float.
-DEEP_GREY_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
 
 def open_image(path: str | Path | BinaryIO) -> Image.Image:
@@ -73,6 +67,8 @@ def open_image(path: str | Path | BinaryIO) -> Image.Image:
                     return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # too big for Pillow itself
         raise ValueError(f"image is over the {MAX_IMAGE_PIXELS:,}-pixel limit ({error})") from error
+    except UnidentifiedImageError as error:  # Pillow's message names only an in-memory object
+        raise ValueError("not an image file that can be read (PNG, JPEG, BMP, GIF, WebP or TIFF)") from error
     except Exception as error:  # on a malformed file Pillow's decoders raise all kinds of exception, not only OSError
         raise ValueError(f"cannot read image ({type(error).__name__}: {' '.join(str(error).split())})") from error
     if width * height == 0:
@@ -80,181 +76,64 @@ def open_image(path: str | Path | BinaryIO) -> Image.Image:
     raise ValueError(f"image is {width}x{height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit")
 
 
-def eight_bit_grey(image: Image.Image) -> Image.Image:
-    """A greyscale image deeper than 8 bits (DEEP_GREY_MODES) as 8-bit grey levels ("L"), its
-    full range scaled to 0-255; Pillow's own conversion clips at 255 instead, which turns most
-    16-bit paper and ink alike white.
-
-    The 16-bit modes span 0-65535. "I" and "F" have no fixed range, so theirs is the narrowest
-    that holds the brightest pixel: 0-255, 0-65535 (16-bit data stored wider), else 0 up to that
-    pixel; for "F" first 0-1, the usual range of float images. Negative and non-finite values
-    count as 0."""
-    levels = np.array(image, dtype=np.float32)  # a writable copy, scaled in place
-    np.nan_to_num(levels, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    top = float(levels.max())
-    if image.mode.startswith("I;16"):
-        full_range = 65535.0
-    elif image.mode == "F" and top <= 1.0:
-        full_range = 1.0
-    else:
-        full_range = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
-    levels *= 255.0 / full_range
-    np.clip(levels, 0, 255, out=levels)
-    return Image.fromarray(np.rint(levels, out=levels).astype(np.uint8))
-
-
-def grey_and_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
-    """The image's 8-bit grey levels ("L") and its alpha ("L"), or None for alpha when every
-    pixel is (nearly) opaque."""
-    if image.mode in DEEP_GREY_MODES:
-        return eight_bit_grey(image), None
-    if image.mode in ("LA", "PA", "RGBA"):
-        alpha = image.getchannel("A")
-    elif "transparency" in image.info:  # a palette entry or a colour marked transparent
-        alpha = image.convert("RGBA").getchannel("A")
-    else:
-        alpha = None
-    if alpha is not None and alpha.getextrema()[0] >= 0.99 * 255:
-        alpha = None
-    # Pillow converts CIELab to RGB but not straight to grey; its L channel is the lightness.
-    return image.getchannel("L") if image.mode == "LAB" else image.convert("L"), alpha
-
-
-def ink_image(image: Image.Image) -> Image.Image:
-    """Any image -> its ink ("L", the image's size): 0 for background, the strongest ink
-    stretched to 255 (faint ink gets full contrast); all 0 if no ink stands MIN_CONTRAST above
-    the background.
-
-    Built from 8-bit planes and lookup tables from grey level to ink, never a float copy of the
-    image: a photo of tens of megapixels must not take gigabytes."""
-    grey, alpha = grey_and_alpha(image)
-    if alpha is not None:
-        # Transparent background (a drawing pad): ink is wherever it is opaque. Strokes may be
-        # dark or light; which one decides whether their grey level or its inverse is the ink.
-        # ImageChops.multiply is a * b / 255, so the sums below are of grey * alpha / 255 and of alpha.
-        dark_strokes = 255 * histogram_sum(ImageChops.multiply(grey, alpha)) < 128 * histogram_sum(alpha)
-        ink = ImageChops.multiply(alpha, ImageOps.invert(grey) if dark_strokes else grey)
-        ink_of_level = np.arange(256.0)
-    else:
-        # Opaque: the border is mostly background, so its median tells paper from ink.
-        width, height = grey.size
-        edges = [(0, 0, width, 1), (0, height - 1, width, height), (0, 0, 1, height), (width - 1, 0, width, height)]
-        border = np.concatenate([np.asarray(grey.crop(edge), dtype=np.float64).ravel() for edge in edges])
-        paper = np.median(border)
-        ink_of_level = np.arange(256.0)
-        if paper > 127:  # dark ink on light paper
-            ink_of_level, border, paper = 255.0 - ink_of_level, 255.0 - border, 255.0 - paper
-        # Paper grain, sensor noise and JPEG ringing sit a few levels around the background; three
-        # robust standard deviations of the border take them out. The model only ever saw exact
-        # black around its strokes, and read leftover speckles as strings of digits.
-        noise = 1.4826 * np.median(np.abs(border - paper))
-        ink, ink_of_level = grey, ink_of_level - paper - 3 * noise
-    darkest, brightest = ink.getextrema()
-    top = max(ink_of_level[darkest], ink_of_level[brightest])  # monotonic: the strongest ink is at one end
-    if top < MIN_CONTRAST:
-        return Image.new("L", ink.size)
-    return ink.point(np.rint(ink_of_level.clip(0, top) * (255.0 / top)).astype(np.uint8).tolist())
-
-
-def histogram_sum(image: Image.Image) -> int:
-    """The sum of an "L" image's pixel values, counted from its histogram (no copy of the pixels)."""
-    return sum(level * count for level, count in enumerate(image.histogram()))
-
-
-@dataclass
-class InkMeasure:
-    box: tuple[int, int, int, int]  # (x0, y0, x1, y1), exclusive ends
-    digit_height: float
-    stroke_width: float
-
-
-def measure_ink(ink: np.ndarray) -> InkMeasure | None:
-    """Where the ink is and how big its digits and strokes are; None if there is no ink.
-
-    The digit height is the median height of the ink's connected pieces, counting only pieces
-    at least a third as tall as the tallest: a digit drawn in one stroke is one piece, and the
-    small bar of a 5 or a speck must not drag the median down."""
-    from scipy import ndimage  # imported here: a slow import that only measuring needs
-
-    mask = ink >= MIN_CONTRAST
-    pieces, count = ndimage.label(mask)
-    if count == 0:
-        return None
-    heights = np.array([s[0].stop - s[0].start for s in ndimage.find_objects(pieces)])
-    box = ink_box(ink, threshold=MIN_CONTRAST - 1)  # the mask's pixels: brighter than MIN_CONTRAST - 1
-    # Twice the largest distance from a pixel of ink to the nearest background: the widest stroke.
-    stroke_width = 2.0 * float(ndimage.distance_transform_edt(mask).max())
-    return InkMeasure(box, float(np.median(heights[heights * 3 >= heights.max()])), stroke_width)
-
-
-def to_canvas(image: Image.Image, canvas_size: int, digit_height: tuple[int, int] = DIGIT_HEIGHT_RANGE) -> np.ndarray:
-    """The model's view of an image: (canvas_size, canvas_size) uint8, white ink on black.
-
-    Digits are brought to the size the model was trained on. When their height (see measure_ink)
-    is outside digit_height (with 10 % slack), the ink is cropped and scaled, keeping its aspect
-    ratio, to the middle of that range; otherwise it keeps its size. The result is centred on
-    the canvas, and shrunk further only if it would not fit. An image that already is a canvas
-    with digits of a trained size reaches the model unchanged. No ink at all, or only a dot
-    (ink no longer than DOT_STROKES stroke widths: a tap on a drawing pad, a speck), gives an empty canvas."""
-    empty = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
-    ink = ink_image(image)
-    if max(ink.size) > canvas_size:
-        # Ink that does not fit the canvas is cropped to its box below anyway. Cropping here, at
-        # full resolution, before anything is shrunk, keeps the detail of small digits in a large
-        # image: a number written small along a long strip must not shrink with the whole strip.
-        box = ink.point(lambda level: 255 if level >= MIN_CONTRAST else 0).getbbox()
-        if box is None:
-            return empty
-        ink = ink.crop(box)
-        if max(ink.size) > WORKING_SIZE:
-            ink.thumbnail((WORKING_SIZE, WORKING_SIZE), Image.LANCZOS)
-        ink = ImageOps.expand(ink, border=1)  # background all round, from which measure_ink tells stroke widths
-    measure = measure_ink(np.asarray(ink))
-    if measure is None:
-        return empty
-    x0, y0, x1, y1 = measure.box
-    if max(x1 - x0, y1 - y0) < DOT_STROKES * measure.stroke_width:
-        return empty
-    low, high = digit_height
-    scale = 1.0 if 0.9 * low <= measure.digit_height <= 1.1 * high else (low + high) / 2 / measure.digit_height
-    if scale != 1.0 or max(ink.size) > canvas_size:
-        ink = ink.crop(measure.box)  # beyond the ink there is only background
-        scale = min(scale, (canvas_size - 2 * CANVAS_MARGIN) / max(ink.size))
-        size = (max(1, round(ink.width * scale)), max(1, round(ink.height * scale)))
-        ink = ink.resize(size, Image.LANCZOS if scale < 1 else Image.BILINEAR)
-    canvas = Image.fromarray(empty)
-    canvas.paste(ink, ((canvas_size - ink.width) // 2, (canvas_size - ink.height) // 2))
-    return np.asarray(canvas)
-
-
 @dataclass
 class Reading:
     digits: str
     digit_probs: list[float]
-    confidence: float  # probability of the whole sequence, end included
+    confidence: float  # calibrated probability of the whole reading: its digits, and that nothing else is written
+    too_many: bool = False  # more digits are written than the model reads: digits holds the first of them
+    unsure: bool = False  # confidence is below the threshold: the reading is likely to be wrong
+    # When unsure: the most probable readings, this one among them, as (digits, too_many, probability).
+    alternatives: list[tuple[str, bool, float]] = field(default_factory=list)
     attention: np.ndarray | None = None  # (len(digits), H, W) in [0, 1]: where the model looked for each digit
 
 
 def read_canvases(
-    model: DigitSequenceTransformer, canvases: list[np.ndarray], *, beam_size: int = 1, attention: bool = False
+    model: DigitSequenceTransformer,
+    canvases: list[np.ndarray],
+    *,
+    beam_size: int = 1,
+    attention: bool = False,
+    min_confidence: float | None = None,
+    alternatives: int = 3,
 ) -> list[Reading]:
     """Batch of model-canvas images -> readings (with attention: where the model looked for each
-    digit, spread over the canvas's pixels). A canvas with no ink is read as "" without asking the
-    model: there is nothing to read, and a guess would only be a confident error."""
+    digit, spread over the canvas's pixels). A reading whose confidence is below min_confidence
+    (default: the threshold the checkpoint was calibrated with) is unsure, and gets the
+    `alternatives` most probable readings by beam search. A canvas with no ink is read as ""
+    without asking the model: there is nothing to read, and a guess would only be a confident error."""
+    threshold = model.calibration.min_confidence if min_confidence is None else min_confidence
     readings: list[Reading | None] = [Reading("", [], 1.0) if c.max() < BLANK_INK_LEVEL else None for c in canvases]
     todo = [i for i, r in enumerate(readings) if r is None]
     if not todo:
         return readings  # type: ignore[return-value]
-    decoded = model.read(
-        torch.from_numpy(np.stack([canvases[i] for i in todo])), beam_size=beam_size, attention=attention
-    )
+    batch = torch.from_numpy(np.stack([canvases[i] for i in todo]))
+    decoded = model.read(batch, beam_size=beam_size, attention=attention)
     maps = None
     if attention:  # each patch's weight spread over its pixels
         maps = F.interpolate(decoded.attention, size=canvases[todo[0]].shape, mode="nearest").cpu().numpy()
-    for row, (i, digits, probs, confidence) in enumerate(
-        zip(todo, decoded.strings(), decoded.digit_probs(), decoded.confidence().tolist())
+    confidences = decoded.confidence().tolist()
+    for row, (i, digits, probs, too_many) in enumerate(
+        zip(todo, decoded.strings(), decoded.digit_probs(), decoded.too_many())
     ):
-        readings[i] = Reading(digits, probs, confidence, None if maps is None else maps[row, : len(digits)])
+        readings[i] = Reading(
+            digits,
+            probs,
+            confidences[row],
+            too_many=too_many,
+            unsure=confidences[row] < threshold,
+            attention=None if maps is None else maps[row, : len(digits)],
+        )
+    unsure = [row for row, i in enumerate(todo) if readings[i].unsure]  # type: ignore[union-attr]
+    if unsure and alternatives > 1:
+        beams = model.read(batch[unsure], beam_size=alternatives).beams or []
+        for row, options in zip(unsure, beams):
+            r = readings[todo[row]]
+            # The reading itself is one of the alternatives, even where greedy and beam search differ.
+            if all((digits, many) != (r.digits, r.too_many) for digits, many, _ in options):  # type: ignore[union-attr]
+                itself = (r.digits, r.too_many, r.confidence)  # type: ignore[union-attr]
+                options = sorted([*options[: alternatives - 1], itself], key=lambda option: -option[2])
+            r.alternatives = options[:alternatives]  # type: ignore[union-attr]
     return readings  # type: ignore[return-value]
 
 
@@ -305,11 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--jsonl", action="store_true", help="one JSON object per line")
     parser.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding")
+    parser.add_argument(
+        "--min-confidence",
+        type=float,
+        help="readings less sure than this are marked unsure (default: the threshold stored in the checkpoint, "
+        "chosen on validation)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ...")
     args = parser.parse_args(argv)
     if args.beam_size < 1 or args.batch_size < 1:
         parser.error("--beam-size and --batch-size must be at least 1")
+    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
+        parser.error(f"--min-confidence must be 0 to 1, got {args.min_confidence:g}")
     try:
         args.device = pick_device(args.device)
     except ValueError as error:
@@ -326,11 +213,42 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     failed = False
     for start in range(0, len(paths), args.batch_size):
-        failed |= read_files(model, paths[start : start + args.batch_size], beam_size=args.beam_size, jsonl=args.jsonl)
+        failed |= read_files(
+            model,
+            paths[start : start + args.batch_size],
+            beam_size=args.beam_size,
+            jsonl=args.jsonl,
+            min_confidence=args.min_confidence,
+        )
     return 1 if failed else 0
 
 
-def read_files(model: DigitSequenceTransformer, paths: list[Path], *, beam_size: int, jsonl: bool) -> bool:
+def reading_record(path: Path, r: Reading) -> dict:
+    """The JSON line of one reading."""
+    record = {
+        "path": str(path),
+        "digits": r.digits,
+        "too_many": r.too_many,
+        "unsure": r.unsure,
+        "confidence": round(r.confidence, 6),
+        "digit_probs": [round(p, 6) for p in r.digit_probs],
+    }
+    if r.alternatives:
+        record["alternatives"] = [
+            {"digits": digits, "too_many": too_many, "confidence": round(p, 6)}
+            for digits, too_many, p in r.alternatives
+        ]
+    return record
+
+
+def read_files(
+    model: DigitSequenceTransformer,
+    paths: list[Path],
+    *,
+    beam_size: int,
+    jsonl: bool,
+    min_confidence: float | None = None,
+) -> bool:
     """Read a batch of image files and print a line for each, in the order given; True if any
     file could not be read (its line is an error, on stderr too)."""
     canvases: dict[int, np.ndarray] = {}
@@ -341,22 +259,22 @@ def read_files(model: DigitSequenceTransformer, paths: list[Path], *, beam_size:
             canvases[i] = to_canvas(open_image(path), model.config.image_size)
         except ValueError as error:
             errors[i] = str(error)
-    readings = dict(zip(canvases, read_canvases(model, list(canvases.values()), beam_size=beam_size)))
+    readings = dict(
+        zip(
+            canvases,
+            read_canvases(model, list(canvases.values()), beam_size=beam_size, min_confidence=min_confidence),
+        )
+    )
     for i, path in enumerate(paths):
         if i in errors:
             if jsonl:
                 print(json.dumps({"path": str(path), "error": errors[i]}), flush=True)
             print(f"{printable(path)}: error: {errors[i]}", file=sys.stderr)
         elif jsonl:
-            r = readings[i]
-            probs = [round(p, 6) for p in r.digit_probs]
-            print(
-                json.dumps(
-                    {"path": str(path), "digits": r.digits, "confidence": round(r.confidence, 6), "digit_probs": probs}
-                )
-            )
+            print(json.dumps(reading_record(path, readings[i])))
         else:
-            print(f"{printable(path)}\t{readings[i].digits}")
+            r = readings[i]
+            print(f"{printable(path)}\t{r.digits}{'+' if r.too_many else ''}{'?' if r.unsure else ''}")
     return bool(errors)
 
 

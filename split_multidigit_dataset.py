@@ -82,6 +82,29 @@ STRESS_SETS: dict[str, tuple[dict, str]] = {
         dict(scan_degradation=True),
         "Gaussian blur, ink 120-255 on a background of 0-60 (at least 100 apart), noise, JPEG at quality 30-70",
     ),
+    "small": (dict(digit_height=(12, 16)), "every digit 12-16 px high"),
+    "pen": (
+        dict(pen_share=1.0),
+        "every digit redrawn along its centre lines with a round pen, hairline to marker, as a drawing pad draws",
+    ),
+    "noisy": (
+        dict(paper_noise=1.0),
+        "every composite on imperfect paper: grey, ruled lines, speckles, dust, and half of them scanned badly",
+    ),
+    "touching": (dict(layout="row", touching_share=1.0), "rows whose neighbouring digits touch or overlap by 0-3 px"),
+    "nondigits": (
+        dict(nondigit_share=1.0),
+        "one to three marks that are not digits (blobs, crosses, hatching, stars, spirals, faces, scribbles, "
+        'rules, letters): the right reading is ""',
+    ),
+    "blank_paper": (
+        dict(min_digits=0, max_digits=0, length_weights=None, paper_noise=1.0),
+        'no digits, only imperfect paper (grey, ruled, speckled, dusty, scanned): the right reading is ""',
+    ),
+    "overflow": (
+        dict(overflow_share=1.0),
+        "five or six digits, more than the model reads: the right reading says so (too_many)",
+    ),
 }
 
 

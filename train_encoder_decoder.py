@@ -55,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from evaluate import SequenceAccuracy
+from evaluate import SequenceAccuracy, as_expected, as_read, expected_calibration_error, fit_calibration
 from model import (
     PAD,
     CheckpointError,
@@ -100,6 +100,23 @@ class TrainConfig:
         1e6,
     )
     augment_strength: float = setting(1.0, "per-digit rotation, shear, scale and stroke changes (0: none)", 0.0, 5.0)
+    # The wider world training composes (multidigit_generator.MultiDigitComposer; the
+    # evaluation sets keep digits as written, and stress sets measure each of these).
+    min_digit_height: int = setting(14, "smallest ink height of a training digit, in pixels", 6, 1024)
+    max_digit_height: int = setting(
+        34, "largest ink height of a training digit (fewer digits per canvas can be this tall)", 6, 1024
+    )
+    thickest_stroke: int = setting(2, "random stroke thickening of up to this many pixels", 1, 3)
+    row_tilt: float = setting(8.0, "rows tilted by up to this many degrees", 0.0, 20.0)
+    pen_share: float = setting(0.15, "share of digits redrawn with a round pen, as a drawing pad makes them", 0.0, 1.0)
+    paper_noise: float = setting(
+        0.2, "share of composites on imperfect paper (grey, ruled, speckled, dusty, scanned)", 0.0, 1.0
+    )
+    touching_share: float = setting(0.2, "share of rows written with touching digits", 0.0, 1.0)
+    nondigit_share: float = setting(0.06, 'share of composites holding marks that are not digits, read as ""', 0.0, 1.0)
+    overflow_share: float = setting(
+        0.04, "share of composites with one or two digits more than max-digits, read as too many", 0.0, 1.0
+    )
     epochs: int = setting(11, "passes over --train-images fresh composites", 1, 100_000)
     batch_size: int = setting(64, "images per optimiser step, over all processes together", 1, 65536)
     lr: float = setting(1e-3, "peak learning rate", 1e-8, 1.0)
@@ -166,11 +183,20 @@ def all_settings(model_config: ModelConfig, train_config: TrainConfig) -> dict:
 def training_composer(model_config: ModelConfig, train_config: TrainConfig) -> dict:
     """How training composes its images (the evaluation sets' own settings are in splits.json)."""
     weights = train_config.length_weights or [2.0 * n + 1 for n in range(model_config.max_digits + 1)]
+    c = train_config
     return dict(
         canvas_size=model_config.image_size,
         max_digits=model_config.max_digits,
         length_weights=weights,
-        augment_strength=train_config.augment_strength,
+        augment_strength=c.augment_strength,
+        digit_height=(c.min_digit_height, c.max_digit_height),
+        thickest_stroke=c.thickest_stroke,
+        row_tilt=c.row_tilt,
+        pen_share=c.pen_share,
+        paper_noise=c.paper_noise,
+        touching_share=c.touching_share,
+        nondigit_share=c.nondigit_share,
+        overflow_share=c.overflow_share,
     )
 
 
@@ -861,6 +887,7 @@ def validate(
     labels = [dataset.records[i]["label"] for i in shard]
     layouts = [dataset.records[i]["layout"] for i in shard]
     predictions: list[str] = []
+    confidences: list[float] = []
     loss_sum, token_correct, token_total = 0.0, 0, 0
     for start in tqdm(range(0, len(images), 256), desc=desc, unit="batch", leave=False, disable=not procs.is_main):
         batch = torch.from_numpy(images[start : start + 256]).to(procs.device)
@@ -872,16 +899,21 @@ def validate(
             # for both the reading and the teacher-forced loss.
             memory = model.encode(uint8_to_input(batch))
             logits = model.decode(memory, inputs).float()
-            predictions += model.greedy_decode(memory).strings()
+            decoded = model.greedy_decode(memory)
+        predictions += [as_read(d, t) for d, t in zip(decoded.strings(), decoded.too_many())]
+        confidences += decoded.confidence().tolist()
         loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD, reduction="sum").item()
         real = targets != PAD
         token_correct += ((logits.argmax(-1) == targets) & real).sum().item()
         token_total += real.sum().item()
     accuracy = SequenceAccuracy()
-    shards = gather((loss_sum, token_correct, token_total, predictions, labels, layouts), procs)
+    expected = [as_expected(label, model.config.max_digits) for label in labels]
+    shards = gather((loss_sum, token_correct, token_total, predictions, expected, layouts, confidences), procs)
     for shard_result in shards:
-        accuracy.update(*shard_result[3:])
+        accuracy.update(*shard_result[3:6])
     loss_sum, token_correct, token_total = (sum(shard_result[i] for shard_result in shards) for i in range(3))
+    correct = [p == e for shard_result in shards for p, e in zip(shard_result[3], shard_result[4])]
+    all_confidences = [c for shard_result in shards for c in shard_result[6]]
     exact, order_free = accuracy.compute(), accuracy.compute(order_free=True)
     metrics = {
         "loss": loss_sum / token_total,
@@ -890,6 +922,7 @@ def validate(
         **{f"sequence_accuracy_{k}": v for k, v in exact.items()},
         "order_free_accuracy": order_free.pop("all"),
         **{f"order_free_accuracy_{k}": v for k, v in order_free.items()},
+        "expected_calibration_error": expected_calibration_error(all_confidences, correct),
     }
     samples = list(zip(images[:24], labels, predictions))
     return metrics, samples
@@ -898,7 +931,8 @@ def validate(
 def format_metrics(name: str, metrics: dict) -> str:
     parts = [
         f"{name}: sequence accuracy {metrics['sequence_accuracy']:.2%} "
-        f"(order-free {metrics['order_free_accuracy']:.2%}, token {metrics['token_accuracy']:.2%})"
+        f"(order-free {metrics['order_free_accuracy']:.2%}, token {metrics['token_accuracy']:.2%}, "
+        f"calibration error {metrics['expected_calibration_error']:.2%})"
     ]
     parts += [
         f"{k.removeprefix('sequence_accuracy_')} {v:.2%}"
@@ -1007,6 +1041,12 @@ def export(job: Job, training: Training, data: Data, *, wall: float, steps: int)
             f"replicas identical: the weights and buffers of all {procs.world_size} ranks agreed at every checkpoint"
         )
     check_finite(training, None, kept=str(out_dir / "last.pt"))
+    val_set = data.val_set
+    calibration = fit_calibration(training.evaluated, val_set.images, [r["label"] for r in val_set.records])
+    procs.say(
+        f"calibrated on validation: temperature {calibration.temperature:.3f}, readings less sure than "
+        f"{calibration.min_confidence:.3f} are unsure"
+    )
     test_metrics = None
     if job.options.run_type != "sweep":
         test_metrics, _ = validate(training.evaluated, data.test_set, procs, bf16=job.bf16, desc="testing")
@@ -1019,6 +1059,7 @@ def export(job: Job, training: Training, data: Data, *, wall: float, steps: int)
         "device": str(procs.device),
         "world_size": procs.world_size,
         "precision": "bf16" if job.bf16 else "fp32",
+        "calibration": asdict(calibration),
         "settings": job.settings,
     }
     if procs.is_main:
@@ -1030,6 +1071,7 @@ def export(job: Job, training: Training, data: Data, *, wall: float, steps: int)
             train_config=asdict(job.train_config),
             step=training.step,
             metrics={"test": test_metrics},
+            calibration=asdict(calibration),
         )
         if test_metrics is not None:
             print(format_metrics("test", test_metrics))

@@ -8,16 +8,20 @@ from PIL import Image
 from conftest import run_script
 from evaluate import (
     NONE,
+    TARGET_ACCEPTED_ACCURACY,
+    TEMPERATURES,
     SequenceAccuracy,
     align_digits,
     confusion_matrix,
     digit_counts,
     failure_gallery,
+    fit_calibration,
     main,
     most_confused,
+    read_images,
     worst_failures,
 )
-from model import load_model
+from model import Calibration, load_model
 from multidigit_generator import Composite, MultiDigitFolder, read_dataset, write_dataset
 
 
@@ -100,8 +104,8 @@ def dataset_with_labels(folder, labels):
 
 def test_cli_reports_agree_with_an_independent_greedy_decode(tmp_path, tiny_data_dir, tiny_run):
     checkpoint = tiny_run / "best.pt"
-    too_long = dataset_with_labels(tmp_path / "too_long", ["12345", "1"])
-    folders = [tiny_data_dir / "test", tiny_data_dir / "val", tmp_path / "not_a_dataset", too_long]
+    overflow = dataset_with_labels(tmp_path / "overflow", ["12345", "1"])
+    folders = [tiny_data_dir / "test", tiny_data_dir / "val", tmp_path / "not_a_dataset", overflow]
     result = run_script(
         "evaluate.py",
         *map(str, folders),
@@ -115,21 +119,27 @@ def test_cli_reports_agree_with_an_independent_greedy_decode(tmp_path, tiny_data
         "10",
         check=False,
     )
-    # The two bad folders are named and skipped, the good ones still evaluated.
+    # The bad folder is named and skipped, the good ones still evaluated.
     assert result.returncode == 1, result.stderr
     assert "not_a_dataset is not a dataset folder" in result.stderr
-    assert "too_long has labels of up to 5 digits, more than the model's max_digits 4" in result.stderr
-    assert "| dataset | n | exact % | order-free % | scatter % | row % |" in result.stdout  # the table across datasets
+    assert "| dataset | n | exact % | order-free % | scatter % | row % | ECE % |" in result.stdout  # across datasets
 
     model = load_model(checkpoint)
-    for name in ("test", "val"):
-        dataset = MultiDigitFolder(tiny_data_dir / name)
+    for name, folder in (("test", tiny_data_dir / "test"), ("val", tiny_data_dir / "val"), ("overflow", overflow)):
+        dataset = MultiDigitFolder(folder)
         pixels = torch.from_numpy(np.array(dataset.images)).float()[:, None] / 255
-        predictions = model.greedy_decode(model.encode(pixels)).strings()
-        labels = [r["label"] for r in dataset.records]
+        decoded = model.greedy_decode(model.encode(pixels))
+        # A label of more digits than the model reads is right when the reading says so.
+        predictions = ["+" if many else s for s, many in zip(decoded.strings(), decoded.too_many())]
+        labels = [r["label"] if len(r["label"]) <= 4 else "+" for r in dataset.records]
         layouts = [r["layout"] for r in dataset.records]
         out = tmp_path / "reports" / name
         report = json.loads((out / "report.json").read_text())
+        if name == "overflow":
+            assert report["exact_accuracy"]["all"] == pytest.approx(
+                np.mean([p == t for p, t in zip(predictions, labels)])
+            )
+            continue
         assert report["num_images"] == len(labels) == 48 and report["decoding"] == "greedy"
         assert report["checkpoint"] == str(checkpoint) and report["metadata"] == dataset.metadata
         exact = [p == t for p, t in zip(predictions, labels)]
@@ -152,7 +162,11 @@ def test_cli_reports_agree_with_an_independent_greedy_decode(tmp_path, tiny_data
         assert d["correct"] + d["substitutions"] + d["extra"] == sum(map(len, predictions))
         assert report["images_per_second"] > 0
         assert "| all | 48 |" in (out / "report.md").read_text()
-        for picture in ("confusion_matrix.png", "failures.png"):
+        calibration = report["calibration"]
+        confidences = decoded.token_probs.prod(1)
+        assert calibration["mean_confidence"] == pytest.approx(float(confidences.mean()), abs=1e-5)
+        assert 0 <= calibration["expected_calibration_error"] <= 1 and calibration["coverage"] == 1.0  # threshold 0
+        for picture in ("confusion_matrix.png", "failures.png", "calibration.png"):
             with Image.open(out / picture) as image:
                 image.verify()
     assert not (tmp_path / "reports" / "not_a_dataset").exists()
@@ -204,7 +218,7 @@ def save_images(images):
         (set_record(1, label=12), "labels.json: record 1 has the label 12, not a string of the digits 0-9"),
         (set_record(2, label="12a"), "labels.json: record 2 has the label '12a', not a string of the digits 0-9"),
         (set_record(2, label="1²"), "labels.json: record 2 has the label '1²'"),
-        (set_record(0, layout=None), 'labels.json: record 0 has the layout None, not "scatter" or "row"'),
+        (set_record(0, layout=None), "labels.json: record 0 has the layout None, not one of scatter, row, marks"),
         (edit_json("labels.json", lambda records: [*records[:2], 5]), "labels.json: record 2 is 5, not an object"),
         (edit_json("labels.json", lambda records: {"records": records}), "labels.json must hold a JSON list"),
         (lambda folder: (folder / "labels.json").write_text("[{"), "labels.json is not valid JSON"),
@@ -288,3 +302,34 @@ def test_cli_refuses_a_report_folder_holding_other_files_before_any_work(tmp_pat
     assert exit.value.code == 2
     assert "test is replaced whole when written, and it holds notes.md" in capsys.readouterr().err
     assert (tmp_path / "test" / "notes.md").read_text() == "mine" and len(list(tmp_path.rglob("*"))) == 2
+
+
+def test_calibration_is_fitted_on_validation_and_travels_with_the_model(tiny_run, tiny_data_dir):
+    model = load_model(tiny_run / "model.pt")
+    stored = model.calibration
+    val = MultiDigitFolder(tiny_data_dir / "val")
+    images, labels = np.array(val.images), [r["label"] for r in val.records]
+    assert fit_calibration(model, images, labels) == stored  # what training fitted on the same images
+
+    def log_loss(temperature: float) -> float:
+        model.calibration = Calibration(temperature=temperature)
+        readings = read_images(model, images)
+        right = np.array([d == t for d, t in zip(readings.scored, labels)], dtype=float)
+        p = np.clip(readings.confidences, 1e-9, 1 - 1e-9)
+        return float(-(right * np.log(p) + (1 - right) * np.log(1 - p)).mean())
+
+    # The fitted temperature predicts right and wrong readings at least as well as none, or as
+    # its neighbours on the grid, and it changes confidences, never readings.
+    i = int(np.argmin(np.abs(TEMPERATURES - stored.temperature)))
+    others = [1.0, *TEMPERATURES[max(0, i - 1) : i], *TEMPERATURES[i + 1 : i + 2]]
+    assert log_loss(stored.temperature) <= min(map(log_loss, others)) + 1e-6
+    model.calibration = Calibration()
+    plain = read_images(model, images)
+    model.calibration = stored
+    calibrated = read_images(model, images)
+    assert calibrated.digits == plain.digits and calibrated.too_many == plain.too_many
+    # At the threshold the accepted readings are at least TARGET_ACCEPTED_ACCURACY right (or none are accepted).
+    accepted = [
+        d == t for d, t, c in zip(calibrated.scored, labels, calibrated.confidences) if c >= stored.min_confidence
+    ]
+    assert not accepted or np.mean(accepted) >= TARGET_ACCEPTED_ACCURACY

@@ -197,6 +197,11 @@ def test_row_capacity_is_honest(canvas_size, digit_height, tilt):
         (dict(digit_height=(18, 90)), "digit_height"),
         (dict(digit_height=(18,)), "digit_height"),
         (dict(stroke_width_change=5), "stroke_width_change"),
+        (dict(pen_share=1.5), "pen_share"),
+        (dict(paper_noise=float("nan")), "paper_noise"),
+        (dict(nondigit_share=0.7, overflow_share=0.4), "add up to more than 1"),
+        (dict(thickest_stroke=4), "thickest_stroke"),
+        (dict(overflow_share=0.1, max_digits=7, layout="scatter", digit_height=(20, 28)), "9 digits do not fit"),
         (dict(aspect_stretch=(1.3, 0.75)), "aspect_stretch"),
         (dict(row_tilt=30), "row_tilt"),
         (dict(length_weights=[1, 1, 1]), "length_weights"),
@@ -326,7 +331,8 @@ STRESS_OPTIONS = {
 
 def stressed(mnist_test, count=150, seed=0, **settings):
     images, labels = mnist_test
-    return generate(MultiDigitComposer(images, labels, min_digits=1, **settings), count, seed=seed, progress=False)
+    settings = {"min_digits": 1, **settings}
+    return generate(MultiDigitComposer(images, labels, **settings), count, seed=seed, progress=False)
 
 
 @pytest.mark.parametrize("name", STRESS_OPTIONS)
@@ -640,3 +646,75 @@ def test_staging_puts_everything_back_when_a_move_fails(tmp_path, monkeypatch):
             (staging.folder(tmp_path / name, DATASET_FILES) / "images.npy").write_text("new")
         staging.file(tmp_path / "record.json").write_text("new")
     assert snapshot(tmp_path) == kept and sorted(os.listdir(tmp_path)) == ["a", "b", "record.json"]
+
+
+# ---- the wider world training draws from
+
+
+def test_nondigit_composites_hold_marks_and_read_as_nothing(mnist_test):
+    composites = stressed(mnist_test, count=60, nondigit_share=1.0)
+    assert {c.label for c in composites} == {""} and {c.layout for c in composites} == {"marks"}
+    assert all(c.image.max() >= 128 for c in composites), "every mark is drawn in visible ink"
+    assert all(not c.boxes and not c.sources for c in composites)
+
+
+def test_overflow_composites_hold_one_or_two_digits_more_than_max_digits_all_labelled(mnist_test):
+    _, test_labels = mnist_test
+    composites = stressed(mnist_test, count=80, overflow_share=1.0)
+    assert {len(c.label) for c in composites} == {5, 6}
+    for c in composites:
+        assert len(c.boxes) == len(c.label) and c.label == "".join(str(test_labels[i]) for i in c.sources)
+        assert all(0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 96 for x0, y0, x1, y1 in c.boxes)
+        for a, b in zip(c.boxes, c.boxes[1:]):  # in reading order
+            assert a[0] + a[2] <= b[0] + b[2]
+
+
+def test_wide_digit_heights_shrink_to_fit_crowded_canvases(mnist_test):
+    composites = stressed(mnist_test, count=120, digit_height=(14, 40), overflow_share=0.3)
+    heights = {len(c.label): [y1 - y0 for _, y0, _, y1 in c.boxes] for c in composites}
+    assert max(heights[1]) > 34 and max(heights[6]) < max(heights[1])  # alone a digit may be tall, crowded it may not
+    assert all(x0 >= 0 and x1 <= 96 and y0 >= 0 and y1 <= 96 for c in composites for x0, y0, x1, y1 in c.boxes)
+
+
+def test_touching_rows_bring_neighbouring_digits_together(mnist_test):
+    composites = stressed(mnist_test, count=60, layout="row", touching_share=1.0, min_digits=2)
+    gaps = [b[0] - a[2] for c in composites for a, b in zip(c.boxes, c.boxes[1:])]
+    assert max(gaps) <= 0 and min(gaps) >= -4  # ink boxes meet or overlap by a few pixels, never apart
+
+
+def test_pen_redrawn_digits_have_even_full_strokes_whose_width_follows_the_pen(mnist_test):
+    from multidigit_generator import redraw_with_pen
+
+    digit = mnist_test[0][0]
+    thin, thick = redraw_with_pen(digit, 1), redraw_with_pen(digit, 4)
+    assert thin.dtype == np.uint8 and thin.max() == 255
+    assert (thick > 128).sum() > 1.8 * (thin > 128).sum()  # a broader pen lays down more ink
+    # Inside the strokes the ink is as bright as the pen, unlike MNIST's graded strokes.
+    assert np.median(thin[thin > 0]) == 255 and np.median(digit[digit > 0]) < 255
+
+
+def test_paper_noise_dirties_the_paper_but_not_the_label(mnist_test):
+    composites = stressed(mnist_test, count=40, min_digits=0, max_digits=0, paper_noise=1.0)
+    assert {c.label for c in composites} == {""}
+    assert sum(c.image.max() > 0 for c in composites) >= 35, "nearly every sheet has some grey, a line or a speck"
+
+
+def test_the_wider_world_options_leave_default_composites_unchanged(mnist_test):
+    images, labels = mnist_test
+    plain = MultiDigitComposer(images, labels, augment_strength=0.0)
+    explicit = MultiDigitComposer(
+        images, labels, augment_strength=0.0, pen_share=0.0, paper_noise=0.0, nondigit_share=0.0, overflow_share=0.0
+    )
+    for i in range(20):
+        a, b = plain.compose(np.random.default_rng([1, i])), explicit.compose(np.random.default_rng([1, i]))
+        assert a.label == b.label and np.array_equal(a.image, b.image)
+
+
+def test_a_digit_too_faint_to_redraw_with_a_pen_keeps_its_own_strokes(mnist_test):
+    # Thinning finds no centre line in ink this faint: a pen would draw nothing, and a tilted row
+    # of nothing has no ink box (training once stopped on it).
+    images, labels = mnist_test
+    faint = images[:50] // 5
+    composer = MultiDigitComposer(faint, labels[:50], pen_share=1.0, row_tilt=10.0, layout="row", min_digits=1)
+    for c in generate(composer, 30, seed=0, progress=False):
+        assert all(c.image[y0:y1, x0:x1].max() > 0 for x0, y0, x1, y1 in c.boxes)

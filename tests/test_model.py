@@ -6,9 +6,11 @@ import torch.nn.functional as F
 
 from model import (
     EOS,
+    MANY,
     PAD,
     SOS,
     VOCAB_SIZE,
+    Calibration,
     DecoderCache,
     DigitSequenceTransformer,
     ModelConfig,
@@ -51,7 +53,14 @@ def test_encode_labels_and_decode_round_trip():
     assert [tokens_to_string(t) for t in inputs] == list(labels)  # SOS is skipped, PAD ends
 
 
-@pytest.mark.parametrize("bad", ["12345", "4a", "-1", "٣"])
+def test_a_label_longer_than_the_model_reads_is_its_first_digits_then_many():
+    inputs, targets = encode_labels(["123456", "12345"], max_digits=4)
+    assert inputs.tolist() == [[SOS, 1, 2, 3, 4]] * 2
+    assert targets.tolist() == [[1, 2, 3, 4, MANY]] * 2
+    assert tokens_to_string(targets[0]) == "1234"
+
+
+@pytest.mark.parametrize("bad", ["4a", "-1", "٣", " 1"])
 def test_encode_labels_rejects_bad_labels(bad):
     with pytest.raises(ValueError, match="digits"):
         encode_labels([bad], max_digits=4)
@@ -116,21 +125,52 @@ def test_greedy_decode_matches_teacher_forcing_on_its_own_output(model):
     decoded = model.greedy_decode(model.encode(images))
     assert decoded.tokens.shape == decoded.token_probs.shape
     assert decoded.tokens.shape[1] <= CONFIG.max_digits + 1
-    for row, text in zip(decoded.tokens, decoded.strings()):
+    for row, text, too_many in zip(decoded.tokens, decoded.strings(), decoded.too_many()):
         assert len(text) <= CONFIG.max_digits
-        assert EOS in row.tolist()  # every sequence ends
+        assert (EOS in row.tolist()) != too_many  # every sequence ends, in EOS or in MANY
+        assert not too_many or len(text) == CONFIG.max_digits  # MANY only after max_digits digits
     # Feeding the decoded digits back with teacher forcing gives the same choice at each step
     # (among the tokens decoding may choose) and the same probabilities.
-    inputs, _ = encode_labels(decoded.strings(), CONFIG.max_digits)
+    labels = [text + "0" * too_many for text, too_many in zip(decoded.strings(), decoded.too_many())]
+    inputs, targets = encode_labels(labels, CONFIG.max_digits)
     log_probs = model(images, inputs).log_softmax(-1)
-    for i, text in enumerate(decoded.strings()):
-        for t, token in enumerate([*map(int, text), EOS]):
+    for i in range(len(labels)):
+        for t, token in enumerate(targets[i][targets[i] != PAD].tolist()):
             allowed = log_probs[i, t].clone()
             allowed[[SOS, PAD]] = float("-inf")
             if t == CONFIG.max_digits:
                 allowed[:EOS] = float("-inf")
+            else:
+                allowed[MANY] = float("-inf")
             assert allowed.argmax().item() == token
             assert abs(F.softmax(allowed, -1)[token].item() - decoded.token_probs[i, t].item()) < 1e-4
+
+
+def test_a_model_that_always_says_many_reads_max_digits_digits_then_says_so(model):
+    # Every logit but MANY's and one digit's pushed down: decoding may only emit MANY where it is
+    # allowed, after max_digits digits.
+    with torch.no_grad():
+        model.head.bias.fill_(-50.0)
+        model.head.bias[MANY] = 50.0
+        model.head.bias[7] = 40.0
+    decoded = model.read(torch.zeros(2, 48, 48, dtype=torch.uint8))
+    assert decoded.strings() == ["7777", "7777"] and decoded.too_many() == [True, True]
+    beams = model.read(torch.zeros(1, 48, 48, dtype=torch.uint8), beam_size=3).beams[0]
+    assert beams[0][:2] == ("7777", True) and len({b[0] for b in beams}) == len(beams) <= 3
+
+
+def test_temperature_keeps_the_reading_and_changes_only_its_confidence(model):
+    torch.manual_seed(3)
+    images = (torch.rand(6, 48, 48) * 255).to(torch.uint8)
+    plain = model.read(images)
+    model.calibration = Calibration(temperature=3.0)
+    softened = model.read(images)
+    assert softened.strings() == plain.strings() and softened.too_many() == plain.too_many()
+    assert not torch.allclose(softened.confidence(), plain.confidence())
+    with pytest.raises(ValueError, match="temperature"):
+        Calibration(temperature=float("nan"))
+    with pytest.raises(ValueError, match="min_confidence"):
+        Calibration(min_confidence=1.5)
 
 
 def test_beam_search_width_one_is_greedy_and_wider_beams_score_at_least_as_well(model):
@@ -143,6 +183,11 @@ def test_beam_search_width_one_is_greedy_and_wider_beams_score_at_least_as_well(
     # Beam search keeps greedy's path unless 5 better ones crowd it out, so its answer is at
     # least as probable as greedy's.
     assert (beam.token_probs.log().sum(1) >= greedy.token_probs.log().sum(1) - 1e-5).all()
+    # Its alternatives are distinct readings, most probable first, the first being its answer.
+    for options, digits, confidence in zip(beam.beams, beam.strings(), beam.confidence().tolist()):
+        probs = [p for _, _, p in options]
+        assert probs == sorted(probs, reverse=True) and len({(d, m) for d, m, _ in options}) == len(options)
+        assert options[0][0] == digits and abs(options[0][2] - confidence) < 1e-4
     with pytest.raises(ValueError):
         model.beam_search(memory, beam_size=0)
 
@@ -214,6 +259,22 @@ def test_order_free_loss_takes_the_cheapest_ordering_of_each_label(model):
     assert loss <= fixed_order(labels).sum() / 9 + 1e-6  # never dearer than the given order
     loss.backward()  # the minimum passes gradients to the chosen ordering's tokens and to the encoder
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_order_free_loss_keeps_the_order_of_a_label_longer_than_the_model_reads(model):
+    from model import order_free_loss, sequence_losses
+
+    images = torch.rand(2, 1, 48, 48)
+    memory = model.encode(images)
+    labels = ["654321", "12"]
+    inputs, targets = encode_labels(["654321"], max_digits=4)
+    overflow = sequence_losses(model.decode(memory[:1], inputs), targets)
+    others = min(
+        sequence_losses(model.decode(memory[1:], encode_labels([o], 4)[0]), encode_labels([o], 4)[1])
+        for o in ("12", "21")
+    )
+    # 4 digits + MANY, and 2 digits + EOS.
+    assert torch.allclose(order_free_loss(model, memory, labels), (overflow + others).sum() / 8)
 
 
 def test_patch_targets_mark_the_digit_under_each_patch():

@@ -139,7 +139,7 @@ def test_resume_refuses_new_settings_and_files_it_cannot_continue(tmp_path, tiny
         {"config": old["model_config"], "model": old["model"], "step": 1}, tmp_path / "old.pt"
     )  # an older layout
     assert train_main(["--resume", str(tmp_path / "old.pt"), "--data-dir", str(tmp_path / "data")]) == 2
-    assert "is not a digit-sequence checkpoint of version 2" in capsys.readouterr().err
+    assert "is not a digit-sequence checkpoint of version 3" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()  # refused before any data was made
 
 
@@ -350,15 +350,14 @@ def test_any_value_of_a_numeric_flag_is_taken_within_bounds_or_refused_naming_th
 
 def test_model_card_the_defaults_are_the_shipped_recipe():
     # The default command trains the shipped model: ModelConfig's and TrainConfig's defaults are
-    # the settings checkpoints/digit_transformer.pt was trained with (its lengths weighted 2n + 1).
+    # the settings checkpoints/digit_transformer.pt was trained with.
     from dataclasses import asdict
 
     from model import DEFAULT_CHECKPOINT
 
     shipped = load_checkpoint(DEFAULT_CHECKPOINT)
     assert shipped["model_config"] == ModelConfig()
-    weights = [2.0 * n + 1 for n in range(ModelConfig().max_digits + 1)]
-    assert shipped["train_config"] == {**asdict(TrainConfig()), "length_weights": weights}
+    assert shipped["train_config"] == asdict(TrainConfig())
 
 
 def test_resuming_a_finished_run_says_so_and_exports_its_final_weights_again(
