@@ -359,9 +359,12 @@ def test_on_a_phone_wide_page_the_whole_pad_is_reachable_and_reads_and_keeps_the
     page, pad = open_pad(chromium, streamlit_server, 400, 800)
     try:
         deadline = time.monotonic() + 10  # the page learns the column's width from the browser, then fits the pad
-        while (box := pad.bounding_box())["x"] + box["width"] > 400 and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            box = pad.bounding_box()  # None while the pad is replaced by one of the column's width
+            if box is not None and box["x"] + box["width"] <= 400:
+                break
             time.sleep(0.2)
-        assert box["x"] >= 0 and box["x"] + box["width"] <= 400  # no part of it off the screen
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 400  # no part of it off the screen
         assert box["width"] >= 300  # nor much narrower than the column
         expect(page.get_by_text("Pen width")).to_be_visible()  # on the page, not in the sidebar a phone hides
         height = box["height"] * 0.6
