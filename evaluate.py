@@ -444,6 +444,20 @@ def evaluate_folder(
         "images_per_second": len(records) / readings.seconds,
         **score(readings, expected, layouts, min_confidence=model.calibration.min_confidence),
     }
+    pictures = report_pictures(report, images, readings, expected, title=folder.name, gallery_size=gallery_size)
+    with Staging() as staging:  # a report is written whole or not at all, an older one replaced only then
+        written = staging.folder(out_dir, REPORT_FILES)
+        (written / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (written / "report.md").write_text(report_markdown(report))
+        for name, picture in pictures.items():
+            picture.save(written / name)
+    return report
+
+
+def report_pictures(
+    report: dict, images: np.ndarray, readings: Readings, expected: list[str], *, title: str, gallery_size: int
+) -> dict[str, Image.Image]:
+    """The report's pictures by file name: the confusion matrix, the failures, the reliability diagram."""
     confused = report["most_confused"]
     confused_text = (
         f"most confused: {confused['true']}{IMAGE_ARROW}{confused['read']} ({confused['count']})"
@@ -451,24 +465,17 @@ def evaluate_folder(
         else "no digit read as another"
     )
     matrix = np.array(report["confusion_matrix"]["rows_true_columns_read"])
-    gallery = failure_gallery(
-        images, readings.scored, expected, readings.confidences, limit=gallery_size, title=folder.name
-    )
     correct = [r == e for r, e in zip(readings.scored, expected)]
-    calibration = report["calibration"]
-    reliability = calibration_image(
-        readings.confidences,
-        correct,
-        f"{folder.name}: expected calibration error {100 * calibration['expected_calibration_error']:.2f} %",
-    )
-    with Staging() as staging:  # a report is written whole or not at all, an older one replaced only then
-        written = staging.folder(out_dir, REPORT_FILES)
-        (written / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (written / "report.md").write_text(report_markdown(report))
-        confusion_matrix_image(matrix, f"{folder.name}: {confused_text}").save(written / "confusion_matrix.png")
-        gallery.save(written / "failures.png")
-        reliability.save(written / "calibration.png")
-    return report
+    calibration_error = report["calibration"]["expected_calibration_error"]
+    return {
+        "confusion_matrix.png": confusion_matrix_image(matrix, f"{title}: {confused_text}"),
+        "failures.png": failure_gallery(
+            images, readings.scored, expected, readings.confidences, limit=gallery_size, title=title
+        ),
+        "calibration.png": calibration_image(
+            readings.confidences, correct, f"{title}: expected calibration error {100 * calibration_error:.2f} %"
+        ),
+    }
 
 
 def score(readings: Readings, expected: list[str], layouts: list[str], *, min_confidence: float = 0.0) -> dict:
@@ -574,7 +581,7 @@ def summary_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("datasets", nargs="+", metavar="DATASET_DIR")
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
@@ -588,6 +595,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="read each image as predict.py and the front end read a file (to_canvas first), not straight to the model",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.beam_size < 1 or args.batch_size < 1 or args.gallery_size < 0:
         parser.error("--beam-size and --batch-size must be at least 1, --gallery-size at least 0")

@@ -345,6 +345,35 @@ def mark_font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
+def hatching_lines(rng: np.random.Generator, cx: float, cy: float, length: float) -> list[list[tuple[float, float]]]:
+    """Five to nine parallel strokes of that length about (cx, cy): dense and never upright,
+    unlike a row of "1"s."""
+    angle, lines = rng.uniform(-1.0, 1.0), int(rng.integers(5, 10))
+    along, across = (math.cos(angle), math.sin(angle)), (-math.sin(angle), math.cos(angle))
+    spacing, half = length / lines * 0.8, (along[0] * length / 2, along[1] * length / 2)
+    segments = []
+    for i in range(lines):
+        mx, my = cx + (i - (lines - 1) / 2) * spacing * across[0], cy + (i - (lines - 1) / 2) * spacing * across[1]
+        segments.append([(mx - half[0], my - half[1]), (mx + half[0], my + half[1])])
+    return segments
+
+
+def scribble_points(rng: np.random.Generator, box: tuple, heading: float) -> list[tuple[float, float]]:
+    """A tangle inside box (x0, y0, x1, y1): many sharp turns, crossing itself."""
+    x0, y0, x1, y1 = box
+    rx, ry = (x1 - x0) / 2, (y1 - y0) / 2
+    point, points = ((x0 + x1) / 2, (y0 + y1) / 2), []
+    for _ in range(int(rng.integers(25, 50))):
+        heading += rng.uniform(-2.5, 2.5)
+        step = rng.uniform(0.2, 0.5)
+        point = (
+            float(np.clip(point[0] + step * rx * math.cos(heading), x0, x1)),
+            float(np.clip(point[1] + step * ry * math.sin(heading), y0, y1)),
+        )
+        points.append(point)
+    return points
+
+
 def draw_mark(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator, box: tuple, width: int) -> None:
     """One mark of the given kind inside box (x0, y0, x1, y1) with a pen of that width."""
     x0, y0, x1, y1 = box
@@ -359,14 +388,9 @@ def draw_mark(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator, bo
     elif kind == "cross":
         for a in (0, math.pi / 2):
             draw.line([at(a, 1), at(a + math.pi, 1)], fill=255, width=width)
-    elif kind == "hatching":  # dense and never upright, unlike a row of "1"s
-        angle, lines = rng.uniform(-1.0, 1.0), int(rng.integers(5, 10))
-        along, across = (math.cos(angle), math.sin(angle)), (-math.sin(angle), math.cos(angle))
-        length, spacing = min(rx, ry) * 2, min(rx, ry) * 2 / lines * 0.8
-        for i in range(lines):
-            mx, my = cx + (i - (lines - 1) / 2) * spacing * across[0], cy + (i - (lines - 1) / 2) * spacing * across[1]
-            half = (along[0] * length / 2, along[1] * length / 2)
-            draw.line([(mx - half[0], my - half[1]), (mx + half[0], my + half[1])], fill=255, width=width)
+    elif kind == "hatching":
+        for segment in hatching_lines(rng, cx, cy, 2 * min(rx, ry)):
+            draw.line(segment, fill=255, width=width)
     elif kind == "star":
         arms = int(rng.integers(5, 9))
         if rng.random() < 0.5:  # an asterisk
@@ -388,17 +412,8 @@ def draw_mark(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator, bo
             draw.ellipse((ex - 0.1 * rx - 1, ey - 0.1 * ry - 1, ex + 0.1 * rx + 1, ey + 0.1 * ry + 1), fill=255)
         mouth = (cx - 0.5 * rx, cy - 0.2 * ry, cx + 0.5 * rx, cy + 0.6 * ry)
         draw.arc(mouth, 20, 160, fill=255, width=width)
-    elif kind == "scribble":  # a tangle: many sharp turns, crossing itself
-        heading, point, points = turn, (cx, cy), []
-        for _ in range(int(rng.integers(25, 50))):
-            heading += rng.uniform(-2.5, 2.5)
-            step = rng.uniform(0.2, 0.5)
-            point = (
-                float(np.clip(point[0] + step * rx * math.cos(heading), x0, x1)),
-                float(np.clip(point[1] + step * ry * math.sin(heading), y0, y1)),
-            )
-            points.append(point)
-        draw.line(points, fill=255, width=width, joint="curve")
+    elif kind == "scribble":
+        draw.line(scribble_points(rng, box, heading=turn), fill=255, width=width, joint="curve")
     elif kind == "rule":  # a level line or a box: never upright alone, which would be a "1"
         if rng.random() < 0.5:
             tilt = rng.uniform(-0.1, 0.1) * rx

@@ -221,6 +221,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The browser tests share one server and one Chromium: on one worker, not one each.
+BROWSER = pytest.mark.xdist_group("browser")
+
+
 @pytest.fixture(scope="module")
 def streamlit_server():
     """`streamlit run front_end.py` on a free localhost port, as a user starts it."""
@@ -310,6 +314,7 @@ def draw(page, box: dict, strokes: list[list[tuple[float, float]]]) -> None:
         page.mouse.up()
 
 
+@BROWSER
 def test_drawing_2026_with_the_mouse_in_chromium_reads_2026(streamlit_server, chromium, tmp_path):
     from playwright.sync_api import expect
 
@@ -329,6 +334,7 @@ def test_drawing_2026_with_the_mouse_in_chromium_reads_2026(streamlit_server, ch
         page.close()
 
 
+@BROWSER
 def test_a_scribble_is_not_read_as_confident_digits(streamlit_server, chromium):
     from playwright.sync_api import expect
 
@@ -342,6 +348,7 @@ def test_a_scribble_is_not_read_as_confident_digits(streamlit_server, chromium):
         page.close()
 
 
+@BROWSER
 def test_five_digits_get_the_more_than_4_digits_notice(streamlit_server, chromium):
     from playwright.sync_api import expect
 
@@ -353,6 +360,7 @@ def test_five_digits_get_the_more_than_4_digits_notice(streamlit_server, chromiu
         page.close()
 
 
+@BROWSER
 def test_on_a_phone_wide_page_the_whole_pad_is_reachable_and_reads_and_keeps_the_digits(streamlit_server, chromium):
     from playwright.sync_api import expect
 
