@@ -335,26 +335,22 @@ def test_drawing_2026_with_the_mouse_in_chromium_reads_2026(streamlit_server, ch
 
 
 @BROWSER
-def test_a_scribble_is_not_read_as_confident_digits(streamlit_server, chromium):
+def test_a_scribble_is_not_read_as_confident_digits_and_five_digits_get_the_overflow_notice(streamlit_server, chromium):
     from playwright.sync_api import expect
 
-    page, pad = open_pad(chromium, streamlit_server, 1400, 1200)
+    page, pad = open_pad(chromium, streamlit_server, 1400, 1200)  # one page for both: each page costs a session
     try:
         draw(page, pad.bounding_box(), scribble_strokes(left=220, top=50, size=200))
         verdict = page.locator(".not-sure").or_(page.get_by_text("The model found no digits here"))
         expect(verdict.first).to_be_visible(timeout=30_000)
         expect(page.locator(".digits-read")).to_have_count(0)
-    finally:
-        page.close()
-
-
-@BROWSER
-def test_five_digits_get_the_more_than_4_digits_notice(streamlit_server, chromium):
-    from playwright.sync_api import expect
-
-    page, pad = open_pad(chromium, streamlit_server, 1400, 1200)
-    try:
-        draw(page, pad.bounding_box(), number_strokes("20262", left=20, top=90, height=130))
+        page.get_by_role("button", name="Clear the pad").click()
+        expect(page.get_by_text("Draw some digits")).to_be_visible(timeout=30_000)
+        draw(
+            page,
+            page.locator("canvas.upper-canvas").bounding_box(),
+            number_strokes("20262", left=20, top=90, height=130),
+        )
         expect(page.get_by_text("There are more than 4 digits here", exact=False)).to_be_visible(timeout=30_000)
     finally:
         page.close()

@@ -303,7 +303,7 @@ def test_any_file_name_gives_one_line_escaped_in_plain_output_and_exact_in_jsonl
     assert main(["--checkpoint", untrained_checkpoint, str(tmp_path), os.fsdecode(missing)]) == 1
     out, err = capsys.readouterr()
     lines = [line.split("\t") for line in out.splitlines()]
-    assert all(len(line) == 2 and re.fullmatch(r"\d*", line[1]) for line in lines)
+    assert all(len(line) == 2 and re.fullmatch(r"\d*\+?\??", line[1]) for line in lines)  # "+": too many, "?": unsure
     assert sorted(path for path, _ in lines) == sorted(f"{tmp_path}/{shown}" for shown in names.values())
     assert err == f"{tmp_path}/gone\\xfe\\n.png: error: no such file\n"
 
@@ -501,11 +501,11 @@ def test_numbers_and_doodles_made_unlike_the_training_world_are_read_or_doubted(
     from drawing import DOODLES, doodle, written_number
 
     rng = np.random.default_rng(7)
-    numbers = ["".join(map(str, rng.integers(0, 10, int(rng.integers(1, 5))))) for _ in range(40)]
+    numbers = ["".join(map(str, rng.integers(0, 10, int(rng.integers(1, 5))))) for _ in range(24)]
     readings = predict.read_canvases(shipped_model, [to_canvas(written_number(rng, n), 96) for n in numbers])
     right = [r.digits == n and not r.too_many for n, r in zip(numbers, readings)]
     accepted = [ok for ok, r in zip(right, readings) if not r.unsure]
     assert np.mean(right) >= 0.8 and np.mean(accepted) >= 0.9
-    kinds = [DOODLES[i % len(DOODLES)] for i in range(36)]
+    kinds = [DOODLES[i % len(DOODLES)] for i in range(18)]
     doodles = predict.read_canvases(shipped_model, [to_canvas(doodle(rng, kind), 96) for kind in kinds])
     assert np.mean([r.digits == "" or r.unsure for r in doodles]) >= 0.85
