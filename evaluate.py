@@ -42,11 +42,11 @@ from tqdm import tqdm
 from model import (
     DEFAULT_CHECKPOINT,
     PAD,
-    SOS,
     VOCAB_SIZE,
     Calibration,
     CheckpointError,
     DigitSequenceTransformer,
+    decoder_inputs,
     load_model,
     pick_device,
     uint8_to_input,
@@ -347,8 +347,7 @@ def fit_calibration(
         read = [as_read(d, t) for d, t in zip(decoded.strings(), decoded.too_many())]
         expected = [as_expected(label, model.config.max_digits) for label in labels[start : start + batch_size]]
         correct += [r == e for r, e in zip(read, expected)]
-        # Teacher forcing on SOS + the reading repeats the steps that chose it.
-        inputs = torch.cat([torch.full_like(decoded.tokens[:, :1], SOS), decoded.tokens[:, :-1]], dim=1)
+        inputs = decoder_inputs(decoded.tokens)
         logits.append(F.pad(model.decode(memory, inputs).float(), (0, 0, 0, model.config.max_tokens - inputs.shape[1])))
         tokens.append(F.pad(decoded.tokens, (0, model.config.max_tokens - inputs.shape[1]), value=PAD))
     all_logits, all_tokens = torch.cat(logits), torch.cat(tokens)

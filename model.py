@@ -47,7 +47,6 @@ PAD = 12  # fills sequences up to a fixed length; ignored by the loss
 # the first max_digits and then says there are more, rather than stopping as if that were all.
 MANY = 13
 VOCAB_SIZE = 14
-ENDS = (EOS, MANY)  # the tokens that end a reading
 
 # Classes of the optional per-patch head: the digit written over a patch, or none.
 NO_DIGIT = 10
@@ -90,6 +89,12 @@ def encode_labels(labels: list[str], max_digits: int) -> tuple[torch.Tensor, tor
         inputs[row, : len(digits) + 1] = torch.tensor([SOS, *digits])
         targets[row, : len(digits) + 1] = torch.tensor([*digits, end])
     return inputs, targets
+
+
+def decoder_inputs(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L) emitted tokens -> the decoder inputs that emitted them: SOS, then all but the last.
+    Teacher forcing on these repeats exactly the steps of the decoding that chose the tokens."""
+    return torch.cat([torch.full_like(tokens[:, :1], SOS), tokens[:, :-1]], dim=1)
 
 
 def tokens_to_string(tokens: list[int] | torch.Tensor) -> str:
@@ -660,7 +665,7 @@ class DigitSequenceTransformer(nn.Module):
         over the image patches of the step that emitted each token, averaged over heads and
         layers and scaled so that each map's most attended patch is 1. Teacher forcing on SOS +
         the emitted tokens repeats exactly the steps that emitted them."""
-        inputs = torch.cat([torch.full_like(tokens[:, :1], SOS), tokens[:, :-1]], dim=1)
+        inputs = decoder_inputs(tokens)
         weights: dict[str, torch.Tensor] = {}
         self.decode(memory, inputs, attention=weights)
         cross = torch.stack([weights[f"decoder.{i}.cross"] for i in range(self.config.decoder_layers)])
