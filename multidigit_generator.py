@@ -44,6 +44,7 @@ import struct
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -427,22 +428,44 @@ def draw_mark(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator, bo
         )
 
 
-def draw_marks(rng: np.random.Generator, canvas_size: int) -> np.ndarray:
-    """A canvas of one to three marks that are not digits (MARK_KINDS), 10 to 70 px across, pens
-    from a hairline to a marker. Drawn at twice the size and shrunk, for smooth edges."""
-    scale = 2
-    image = Image.new("L", (canvas_size * scale, canvas_size * scale), 0)
-    draw = ImageDraw.Draw(image)
+def draw_mark_cell(rng: np.random.Generator) -> np.ndarray:
+    """One mark of a random kind (MARK_KINDS) drawn as MNIST drew its digits: in a 20 px box of a
+    28x28 cell, the longer side 20 px, with a pen 1-3 px wide, drawn four times larger and
+    area-averaged down, then slightly blurred, so that its strokes have a digit's graded edges.
+    The composer then treats it exactly like a digit (augmented, perhaps redrawn with a pen),
+    so that the way a stroke is drawn never tells a mark from a digit."""
+    import torchvision.transforms.v2.functional as TF  # see TORCHVISION_NOTE
+
+    scale, cell, longest = 4, DIGIT_SIZE, 20
+    sides = [longest, longest * (rng.uniform(0.7, 1.0) if rng.random() < 0.5 else rng.uniform(0.15, 1.0))]
+    w, h = sides if rng.random() < 0.5 else sides[::-1]
+    x0, y0 = (cell - w) / 2 * scale, (cell - h) / 2 * scale
+    image = Image.new("L", (cell * scale, cell * scale), 0)
+    kind = MARK_KINDS[int(rng.integers(len(MARK_KINDS)))]
+    pen = max(2, round(rng.uniform(1.0, 3.0) * scale))
+    draw_mark(ImageDraw.Draw(image), kind, rng, (x0, y0, x0 + w * scale, y0 + h * scale), width=pen)
+    small = torch.from_numpy(np.array(image.resize((cell, cell), Image.Resampling.BOX), np.float32))[None]
+    blurred = TF.gaussian_blur(small, kernel_size=3, sigma=float(rng.uniform(0.3, 0.8)))[0]
+    return (blurred * (255 / blurred.max().clamp(min=1))).round().to(torch.uint8).numpy()
+
+
+def draw_marks(
+    rng: np.random.Generator, canvas_size: int, prepare: Callable[[np.ndarray, np.random.Generator], np.ndarray]
+) -> np.ndarray:
+    """A canvas of one to three marks that are not digits (draw_mark_cell), each prepared like a
+    digit (`prepare`: the composer's augmentation, pen and cut to ink) and scaled so that its
+    20 px box becomes 10 to 60 px across. Marks may overlap; nothing in them is a digit."""
+    canvas = np.zeros((canvas_size, canvas_size), np.uint8)
     for _ in range(int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))):
-        w, h = rng.uniform(10, min(70, canvas_size - 4), size=2) * scale
-        if rng.random() < 0.5:  # most marks are about as wide as high
-            h = w * rng.uniform(0.7, 1.4)
-        w, h = min(w, (canvas_size - 4) * scale), min(h, (canvas_size - 4) * scale)
-        x0 = rng.uniform(2 * scale, canvas_size * scale - w - 2 * scale)
-        y0 = rng.uniform(2 * scale, canvas_size * scale - h - 2 * scale)
-        kind = MARK_KINDS[int(rng.integers(len(MARK_KINDS)))]
-        draw_mark(draw, kind, rng, (x0, y0, x0 + w, y0 + h), width=int(rng.integers(1, 5)) * scale)
-    return np.array(image.resize((canvas_size, canvas_size), Image.Resampling.BOX))
+        crop = prepare(draw_mark_cell(rng), rng)
+        across = rng.uniform(10, min(60, canvas_size - 4)) / 20
+        factor = min(across, (canvas_size - 4) / max(crop.shape))
+        h, w = max(1, round(crop.shape[0] * factor)), max(1, round(crop.shape[1] * factor))
+        y, x = int(rng.integers(2, canvas_size - h - 1)), int(rng.integers(2, canvas_size - w - 1))
+        mark = resize(crop, h, w).astype(np.float32)
+        mark *= crop.max() / max(1.0, mark.max())  # a hairline shrunk to a few pixels stays as bright as it was drawn
+        np.maximum(canvas[y : y + h, x : x + w], mark.round().astype(np.uint8), out=canvas[y : y + h, x : x + w])
+    return canvas
 
 
 @dataclass
@@ -1006,7 +1029,8 @@ class MultiDigitComposer:
         # same composites as before it existed.
         kind = rng.random() if self.nondigit_share or self.overflow_share else 1.0
         if kind < self.nondigit_share:
-            canvas, label, layout, boxes, picks = draw_marks(rng, self.canvas_size), "", "marks", [], []
+            canvas = draw_marks(rng, self.canvas_size, self.prepare_digit)
+            label, layout, boxes, picks = "", "marks", [], []
         else:
             canvas, label, layout, boxes, picks = self.compose_digits(
                 rng, overflow=kind < self.nondigit_share + self.overflow_share
@@ -1429,7 +1453,7 @@ def add_composer_arguments(parser: argparse.ArgumentParser) -> None:
     wider.add_argument("--thickest-stroke", type=int, default=1, help="random thickening of up to this many pixels")
     wider.add_argument("--row-tilt", type=float, default=0.0, help="rows tilted by up to this many degrees")
     for name, what in (
-        ("pen-share", "share of digits redrawn with a round pen, as a drawing pad makes them"),
+        ("pen-share", "share of digits and marks redrawn with a round pen, as a drawing pad makes them"),
         ("paper-noise", "share of composites on imperfect paper: grey, ruled, speckled, dusty, scanned"),
         ("touching-share", "share of rows whose digits touch"),
         ("nondigit-share", 'share of composites holding marks that are not digits (label "")'),

@@ -93,9 +93,9 @@ STRESS_SETS: dict[str, tuple[dict, str]] = {
     ),
     "touching": (dict(layout="row", touching_share=1.0), "rows whose neighbouring digits touch or overlap by 0-3 px"),
     "nondigits": (
-        dict(nondigit_share=1.0),
+        dict(nondigit_share=1.0, pen_share=0.5),
         "one to three marks that are not digits (blobs, crosses, hatching, stars, spirals, faces, scribbles, "
-        'rules, letters): the right reading is ""',
+        'rules, letters), drawn like MNIST digits, half of them redrawn with a pen: the right reading is ""',
     ),
     "blank_paper": (
         dict(min_digits=0, max_digits=0, length_weights=None, paper_noise=1.0),

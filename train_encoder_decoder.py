@@ -108,7 +108,9 @@ class TrainConfig:
     )
     thickest_stroke: int = setting(2, "random stroke thickening of up to this many pixels", 1, 3)
     row_tilt: float = setting(8.0, "rows tilted by up to this many degrees", 0.0, 20.0)
-    pen_share: float = setting(0.15, "share of digits redrawn with a round pen, as a drawing pad makes them", 0.0, 1.0)
+    pen_share: float = setting(
+        0.25, "share of digits (and marks) redrawn with a round pen, as a drawing pad makes them", 0.0, 1.0
+    )
     paper_noise: float = setting(
         0.2, "share of composites on imperfect paper (grey, ruled, speckled, dusty, scanned)", 0.0, 1.0
     )

@@ -658,6 +658,17 @@ def test_nondigit_composites_hold_marks_and_read_as_nothing(mnist_test):
     assert all(not c.boxes and not c.sources for c in composites)
 
 
+def test_marks_are_drawn_with_the_strokes_of_digits_so_stroke_style_never_tells_them_apart(mnist_test):
+    def full_ink_share(composites: list) -> float:
+        ink = np.concatenate([c.image[c.image > 32] for c in composites])
+        return float(np.mean(ink >= 250))
+
+    digits, marks = stressed(mnist_test, count=30), stressed(mnist_test, count=30, nondigit_share=1.0)
+    assert abs(full_ink_share(marks) - full_ink_share(digits)) < 0.1  # graded like MNIST's strokes
+    pen_marks = stressed(mnist_test, count=30, nondigit_share=1.0, pen_share=1.0)
+    assert full_ink_share(pen_marks) > full_ink_share(marks) + 0.2  # the pen redraws marks as it redraws digits
+
+
 def test_overflow_composites_hold_one_or_two_digits_more_than_max_digits_all_labelled(mnist_test):
     _, test_labels = mnist_test
     composites = stressed(mnist_test, count=80, overflow_share=1.0)
