@@ -324,21 +324,11 @@ def accepted_readings(confidences: list[float], correct: list[bool], threshold: 
 
 
 @torch.inference_mode()
-def fit_calibration(
-    model: DigitSequenceTransformer,
-    images: np.ndarray,
-    labels: list[str],
-    *,
-    batch_size: int = 256,
-    target: float = TARGET_ACCEPTED_ACCURACY,
-) -> Calibration:
-    """The temperature and unsure threshold for a trained model, from its readings of held-out
-    images (validation). Greedy readings do not depend on the temperature (dividing the logits
-    keeps their order), so the images are read once and only the readings' probabilities are
-    recomputed for each temperature of a grid: the one that best predicts which readings are
-    right (least log-loss of confidence against correctness) is kept. The threshold is the
-    lowest confidence at which the readings at or above it are still `target` right."""
-    model.calibration = Calibration()
+def greedy_logits(
+    model: DigitSequenceTransformer, images: np.ndarray, labels: list[str], batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """The greedy readings of the images: each step's logits and token (padded to max_tokens with
+    PAD) and whether the reading is right, for recomputing its probability at any temperature."""
     logits, tokens, correct = [], [], []
     for start in tqdm(range(0, len(images), batch_size), desc="calibrating", unit="batch", leave=False):
         batch = torch.from_numpy(np.array(images[start : start + batch_size])).to(next(model.parameters()).device)
@@ -350,7 +340,37 @@ def fit_calibration(
         inputs = decoder_inputs(decoded.tokens)
         logits.append(F.pad(model.decode(memory, inputs).float(), (0, 0, 0, model.config.max_tokens - inputs.shape[1])))
         tokens.append(F.pad(decoded.tokens, (0, model.config.max_tokens - inputs.shape[1]), value=PAD))
-    all_logits, all_tokens = torch.cat(logits), torch.cat(tokens)
+    return torch.cat(logits), torch.cat(tokens), correct
+
+
+def fit_calibration(
+    model: DigitSequenceTransformer,
+    images: np.ndarray,
+    labels: list[str],
+    *,
+    shifted: tuple[np.ndarray, list[str]] | None = None,
+    batch_size: int = 256,
+    target: float = TARGET_ACCEPTED_ACCURACY,
+) -> Calibration:
+    """The temperature and unsure threshold for a trained model, from its readings of held-out
+    images (validation) and, if given, of `shifted` ones (validation digits composed as training
+    composes them: pen strokes, noisy paper, marks). Greedy readings do not depend on the
+    temperature (dividing the logits keeps their order), so the images are read once and only the
+    readings' probabilities are recomputed for each temperature of a grid: the one that best
+    predicts which readings are right over both sets (least log-loss of confidence against
+    correctness) is kept, so that confidence means the same on clean and on harder images. The
+    threshold is the lowest confidence at which the clean readings at or above it are still
+    `target` right."""
+    model.calibration = Calibration()
+    all_logits, all_tokens, correct = greedy_logits(model, images, labels, batch_size)
+    clean = len(correct)
+    if shifted is not None:
+        more = greedy_logits(model, *shifted, batch_size)
+        all_logits, all_tokens, correct = (
+            torch.cat([all_logits, more[0]]),
+            torch.cat([all_tokens, more[1]]),
+            correct + more[2],
+        )
     right = torch.tensor(correct, dtype=torch.float64)
     real = all_tokens != PAD
 
@@ -364,7 +384,7 @@ def fit_calibration(
         return float(-(right * p.log() + (1 - right) * (1 - p).log()).mean())
 
     temperature = float(min(TEMPERATURES, key=log_loss))
-    conf = confidences(temperature)
+    conf, right = confidences(temperature)[:clean], right[:clean]
     order = torch.argsort(conf, descending=True)
     accuracy_of_top = right[order].cumsum(0) / torch.arange(1, len(order) + 1)
     good = (accuracy_of_top >= target).nonzero()

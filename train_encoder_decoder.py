@@ -80,6 +80,7 @@ from multidigit_generator import (
     MultiDigitFolder,
     check_composer_settings,
     default_mnist_root,
+    generate,
     load_mnist,
     parse_weights,
 )
@@ -588,6 +589,7 @@ class Data:
     test_set: MultiDigitFolder
     steps_per_epoch: int
     total_steps: int
+    val_composer: MultiDigitComposer  # validation digits composed as training composes: calibration's harder half
 
 
 def build_data(job: Job) -> Data:
@@ -611,9 +613,9 @@ def build_data(job: Job) -> Data:
             f"{model_config.max_digits}: pass a new --data-dir to compose matching val/test sets"
         )
     mnist_images, mnist_labels = load_mnist(options.mnist_root, train=True)
-    pool = np.asarray(splits["pools"]["train"])
-    composer = MultiDigitComposer(
-        mnist_images[pool], mnist_labels[pool], **training_composer(model_config, train_config)
+    composer, val_pool = (
+        MultiDigitComposer(mnist_images[p], mnist_labels[p], **training_composer(model_config, train_config))
+        for p in (np.asarray(splits["pools"]["train"]), np.asarray(splits["pools"]["val"]))
     )
     steps_per_epoch = math.ceil(train_config.train_images / train_config.batch_size)
     return Data(
@@ -622,6 +624,7 @@ def build_data(job: Job) -> Data:
         MultiDigitFolder(data_dir / "test"),
         steps_per_epoch,
         train_config.epochs * steps_per_epoch,
+        val_pool,
     )
 
 
@@ -1044,10 +1047,16 @@ def export(job: Job, training: Training, data: Data, *, wall: float, steps: int)
         )
     check_finite(training, None, kept=str(out_dir / "last.pt"))
     val_set = data.val_set
-    calibration = fit_calibration(training.evaluated, val_set.images, [r["label"] for r in val_set.records])
+    shifted = generate(data.val_composer, len(val_set), seed=job.train_config.seed + 1, progress=False)
+    calibration = fit_calibration(
+        training.evaluated,
+        val_set.images,
+        [r["label"] for r in val_set.records],
+        shifted=(np.stack([c.image for c in shifted]), [c.label for c in shifted]),
+    )
     procs.say(
-        f"calibrated on validation: temperature {calibration.temperature:.3f}, readings less sure than "
-        f"{calibration.min_confidence:.3f} are unsure"
+        f"calibrated on validation and on as many validation digits composed as in training: temperature "
+        f"{calibration.temperature:.3f}; readings less sure than {calibration.min_confidence:.3f} are unsure"
     )
     test_metrics = None
     if job.options.run_type != "sweep":

@@ -22,7 +22,7 @@ from evaluate import (
     worst_failures,
 )
 from model import Calibration, load_model
-from multidigit_generator import Composite, MultiDigitFolder, read_dataset, write_dataset
+from multidigit_generator import Composite, MultiDigitComposer, MultiDigitFolder, generate, read_dataset, write_dataset
 
 
 @pytest.mark.parametrize(
@@ -304,12 +304,24 @@ def test_cli_refuses_a_report_folder_holding_other_files_before_any_work(tmp_pat
     assert (tmp_path / "test" / "notes.md").read_text() == "mine" and len(list(tmp_path.rglob("*"))) == 2
 
 
-def test_calibration_is_fitted_on_validation_and_travels_with_the_model(tiny_run, tiny_data_dir):
+def test_calibration_is_fitted_on_validation_and_travels_with_the_model(tiny_run, tiny_data_dir, mnist_test):
     model = load_model(tiny_run / "model.pt")
-    stored = model.calibration
+    assert torch.load(tiny_run / "model.pt", weights_only=True)["calibration"] == {
+        "temperature": model.calibration.temperature,
+        "min_confidence": model.calibration.min_confidence,
+    }
     val = MultiDigitFolder(tiny_data_dir / "val")
-    images, labels = np.array(val.images), [r["label"] for r in val.records]
-    assert fit_calibration(model, images, labels) == stored  # what training fitted on the same images
+    clean, labels = np.array(val.images), [r["label"] for r in val.records]
+    # Harder images, as training composes them, share in the temperature but not the threshold.
+    hard = generate(MultiDigitComposer(*mnist_test, pen_share=1.0, paper_noise=1.0), 32, seed=0, progress=False)
+    shifted = (np.stack([c.image for c in hard]), [c.label for c in hard])
+    stored = fit_calibration(model, clean, labels, shifted=shifted)
+    model.calibration = Calibration(temperature=stored.temperature)
+    readings = read_images(model, clean)
+    right = np.array([d == t for d, t in zip(readings.scored, labels)])
+    accepted = np.array(readings.confidences) >= stored.min_confidence  # the threshold comes from clean images
+    assert stored.min_confidence == 1.0 or right[accepted].mean() >= TARGET_ACCEPTED_ACCURACY
+    images, labels = np.concatenate([clean, shifted[0]]), labels + shifted[1]
 
     def log_loss(temperature: float) -> float:
         model.calibration = Calibration(temperature=temperature)
