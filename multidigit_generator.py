@@ -56,10 +56,8 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-# TORCHVISION_NOTE: torchvision is imported inside the functions that use it. Importing it takes
-# seconds (it pulls in torch._dynamo), which every --help, every refused
-# argument and every script that only reads dataset folders would otherwise pay. Python caches
-# the module after the first import, so composing pays it once per process.
+# Composing needs only PIL and torch: torchvision, whose import takes seconds (it pulls in
+# torch._dynamo) in every process that composes, is imported only to download MNIST.
 DIGIT_SIZE = 28  # MNIST digits are 28x28
 LAYOUTS = ("scatter", "row", "mixed")
 COMPOSITE_LAYOUTS = ("scatter", "row", "marks")  # what a composite is: "marks" holds no digits, only other marks
@@ -145,18 +143,29 @@ def check_mnist_files(root: str | Path, *, train: bool) -> None:
 def load_mnist(root: str | Path, *, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """MNIST images (N, 28, 28) uint8 and labels (N,) int64 from root/MNIST/raw.
 
-    Uses torchvision, which downloads the files if they are missing and finds them
-    (downloading nothing) if they are there. Files that are not one MNIST split (a file of the
-    other split, a labels file in the place of an images file, a cut-short file) are refused,
-    naming the file, rather than giving digits wrong labels."""
-    import torchvision  # imported here: it is slow to import and only needed for loading
+    Files that are missing are downloaded first (by torchvision, which also extracts .gz copies
+    found there). Files that are not one MNIST split (a file of the other split, a labels file
+    in the place of an images file, a cut-short file) are refused, naming the file, rather than
+    giving digits wrong labels."""
+    files = mnist_files(root, train=train)
+    if not all(path.is_file() for path in files.values()):
+        download_mnist(root, train=train)
+    check_mnist_files(root, train=train)
+    images = np.fromfile(files["images"], dtype=np.uint8, offset=16).reshape(-1, DIGIT_SIZE, DIGIT_SIZE)
+    labels = np.fromfile(files["labels"], dtype=np.uint8, offset=8).astype(np.int64)
+    if labels.max() > 9:
+        raise MnistUnavailableError(
+            f"{files['labels']} holds labels up to {labels.max()}, MNIST's are 0-9: restore the original file"
+        )
+    return images, labels
 
-    split, files = "train" if train else "test", mnist_files(root, train=train)
+
+def download_mnist(root: str | Path, *, train: bool) -> None:
+    import torchvision  # imported here: it is slow to import and only needed for downloading
+
     try:
-        mnist = torchvision.datasets.MNIST(root=str(root), train=train, download=True)
+        torchvision.datasets.MNIST(root=str(root), train=train, download=True)
     except Exception as error:  # no network, a refused mirror, a corrupt file, ...
-        if all(path.is_file() for path in files.values()):
-            check_mnist_files(root, train=train)  # a damaged or misplaced file is named, not called missing
         raw = Path(root) / "MNIST" / "raw"
         raise MnistUnavailableError(
             f"MNIST is not in {raw} and could not be downloaded ({type(error).__name__}: {error}).\n"
@@ -164,18 +173,6 @@ def load_mnist(root: str | Path, *, train: bool) -> tuple[np.ndarray, np.ndarray
             "or point --mnist-root or the MNIST_ROOT environment variable at a folder that has "
             "MNIST/raw/ with them."
         ) from error
-    # torchvision reads the raw files (extracting the .gz ones first), or an old processed/ copy before them.
-    if all(path.is_file() for path in files.values()):
-        check_mnist_files(root, train=train)
-    images, labels = mnist.data.numpy(), mnist.targets.numpy().astype(np.int64)
-    count = MNIST_COUNTS[split]
-    if images.shape != (count, DIGIT_SIZE, DIGIT_SIZE) or len(labels) != count or labels.max() > 9:
-        raise MnistUnavailableError(
-            f"MNIST in {Path(root) / 'MNIST'} is not MNIST's {split} split of {count} {DIGIT_SIZE}x{DIGIT_SIZE} "
-            f"digits labelled 0-9: torchvision read images of shape {tuple(images.shape)} and {len(labels)} labels "
-            f"up to {labels.max(initial=0)}; restore the original files"
-        )
-    return images, labels
 
 
 def augment_digit(
@@ -192,8 +189,6 @@ def augment_digit(
     thickest > 1 spreads the random thickening over 1 to thickest pixels."""
     if strength <= 0 and not stroke:
         return digit
-    import torchvision.transforms.v2.functional as TF  # see TORCHVISION_NOTE
-
     fade = stroke is None
     if strength > 0:
         angle, shear = rng.uniform(-12, 12) * strength, rng.uniform(-10, 10) * strength
@@ -205,16 +200,7 @@ def augment_digit(
                 rng.choice([-1, 0, *thicker], p=[p_change, 1 - 2 * p_change, *[p_change / len(thicker)] * len(thicker)])
             )
         # On a PIL image: three times faster than on a tensor, and training composes every digit afresh.
-        digit = np.asarray(
-            TF.affine(
-                Image.fromarray(digit),
-                angle=angle,
-                translate=[0, 0],
-                scale=scale,
-                shear=[shear, 0.0],
-                interpolation=TF.InterpolationMode.BILINEAR,
-            )
-        )
+        digit = turn_and_shear(digit, angle=angle, shear=shear, scale=scale)
     image = torch.from_numpy(digit.astype(np.float32))[None]
     if stroke:
         changed = change_stroke_width(image, stroke)
@@ -225,6 +211,34 @@ def augment_digit(
         else:
             image = changed
     return image[0].round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def turn_and_shear(image: np.ndarray, *, angle: float, shear: float, scale: float) -> np.ndarray:
+    """The image rotated by angle degrees (counter-clockwise), sheared sideways by shear degrees
+    and scaled, all about its centre, bilinearly; same size, black where nothing maps."""
+    a, t = math.radians(angle), math.tan(math.radians(shear))
+    # forward: scale, then shear (x += t * y), then rotate; PIL wants the inverse, output -> input
+    forward = scale * np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]]) @ np.array([[1, t], [0, 1]])
+    inverse = np.linalg.inv(forward)
+    cx, cy = image.shape[1] / 2, image.shape[0] / 2
+    offset = np.array([cx, cy]) - inverse @ np.array([cx, cy])
+    coefficients = (*inverse[0], offset[0], *inverse[1], offset[1])
+    turned = Image.fromarray(image).transform(
+        image.shape[::-1], Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BILINEAR, fillcolor=0
+    )
+    return np.asarray(turned)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float, kernel_size: int | None = None) -> torch.Tensor:
+    """A (1, H, W) float image blurred with a Gaussian of that sigma (a kernel of kernel_size,
+    by default reaching 3 sigma), edges reflected."""
+    radius = (kernel_size // 2) if kernel_size else math.ceil(3 * sigma)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    padded = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1))[0]
 
 
 def change_stroke_width(image: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -252,22 +266,18 @@ def crop_to_ink(digit: np.ndarray) -> np.ndarray:
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    import torchvision.transforms.v2.functional as TF  # see TORCHVISION_NOTE
-
-    out = TF.resize(torch.from_numpy(image)[None], [height, width], antialias=True)
-    return out[0].numpy()
+    """A uint8 image resized bilinearly, averaging over the pixels it shrinks (antialiased)."""
+    x = torch.from_numpy(image)[None, None].float()
+    out = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return out[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def degrade_like_a_scan(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A composite as a poor scan would give it: Gaussian blur (sigma 0.5-1.2), lower contrast
     (ink 120-255 on a background of 0-60, at least 100 apart), additive Gaussian noise (sigma
     2-8) and JPEG compression at quality 30-70. Still light digits on a dark background, uint8."""
-    import torchvision.transforms.v2.functional as TF  # see TORCHVISION_NOTE
-
     sigma = rng.uniform(0.5, 1.2)
-    blurred = TF.gaussian_blur(
-        torch.from_numpy(image)[None].float(), kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma
-    )
+    blurred = gaussian_blur(torch.from_numpy(image)[None].float(), sigma)
     background = rng.uniform(0, 60)
     # Less contrast than 100 levels makes blurred thin digits unreadable.
     ink = rng.uniform(max(120, background + 100), 255)
@@ -434,8 +444,6 @@ def draw_mark_cell(rng: np.random.Generator) -> np.ndarray:
     area-averaged down, then slightly blurred, so that its strokes have a digit's graded edges.
     The composer then treats it exactly like a digit (augmented, perhaps redrawn with a pen),
     so that the way a stroke is drawn never tells a mark from a digit."""
-    import torchvision.transforms.v2.functional as TF  # see TORCHVISION_NOTE
-
     scale, cell, longest = 4, DIGIT_SIZE, 20
     sides = [longest, longest * (rng.uniform(0.7, 1.0) if rng.random() < 0.5 else rng.uniform(0.15, 1.0))]
     w, h = sides if rng.random() < 0.5 else sides[::-1]
@@ -445,7 +453,7 @@ def draw_mark_cell(rng: np.random.Generator) -> np.ndarray:
     pen = max(2, round(rng.uniform(1.0, 3.0) * scale))
     draw_mark(ImageDraw.Draw(image), kind, rng, (x0, y0, x0 + w * scale, y0 + h * scale), width=pen)
     small = torch.from_numpy(np.array(image.resize((cell, cell), Image.Resampling.BOX), np.float32))[None]
-    blurred = TF.gaussian_blur(small, kernel_size=3, sigma=float(rng.uniform(0.3, 0.8)))[0]
+    blurred = gaussian_blur(small, float(rng.uniform(0.3, 0.8)), kernel_size=3)[0]
     return (blurred * (255 / blurred.max().clamp(min=1))).round().to(torch.uint8).numpy()
 
 
@@ -602,17 +610,13 @@ def tilt_row(
     """Rotate a row of digit patches (top-left corners given) by angle degrees, counter-clockwise,
     about the row's centre: each patch turns about its own centre, which moves on a circle about
     the row's. Returns the turned patches cut to their nonzero pixels, and their new corners."""
-    import torchvision.transforms.v2.functional as TF  # see TORCHVISION_NOTE
-
     cx = (min(x for x, _ in corners) + max(x + p.shape[1] for p, (x, _) in zip(patches, corners))) / 2
     cy = (min(y for _, y in corners) + max(y + p.shape[0] for p, (_, y) in zip(patches, corners))) / 2
     cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     turned_patches, turned_corners = [], []
     for patch, (x, y) in zip(patches, corners):
         dx, dy = x + patch.shape[1] / 2 - cx, y + patch.shape[0] / 2 - cy
-        turned = TF.rotate(
-            torch.from_numpy(patch)[None], angle, interpolation=TF.InterpolationMode.BILINEAR, expand=True
-        )[0].numpy()
+        turned = np.asarray(Image.fromarray(patch).rotate(angle, resample=Image.Resampling.BILINEAR, expand=True))
         x0, y0, x1, y1 = ink_box(turned, threshold=0) or (0, 0, *turned.shape[::-1])  # an inkless patch stays whole
         # Counter-clockwise on screen, where y points down.
         new_x, new_y = cx + dx * cos + dy * sin - turned.shape[1] / 2, cy - dx * sin + dy * cos - turned.shape[0] / 2

@@ -482,7 +482,7 @@ def test_cli_refuses_mnist_files_from_different_splits(tmp_path, mnist_root, cap
             lambda raw: (raw / "t10k-labels-idx1-ubyte").write_bytes(
                 (raw / "t10k-labels-idx1-ubyte").read_bytes()[:8] + bytes([10]) * 10_000
             ),
-            "10000 labels up to 10",
+            "t10k-labels-idx1-ubyte holds labels up to 10, MNIST's are 0-9",
         ),
     ],
     ids=["labels for images", "cut short", "no header", "labels over 9"],
