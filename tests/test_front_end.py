@@ -315,10 +315,12 @@ def draw(page, box: dict, strokes: list[list[tuple[float, float]]]) -> None:
 
 
 @BROWSER
-def test_drawing_2026_with_the_mouse_in_chromium_reads_2026(streamlit_server, chromium, tmp_path):
+def test_drawing_with_the_mouse_reads_2026_on_a_wide_page_and_206_on_a_phone_wide_one(
+    streamlit_server, chromium, tmp_path
+):
     from playwright.sync_api import expect
 
-    page, pad = open_pad(chromium, streamlit_server, 1400, 1200)
+    page, pad = open_pad(chromium, streamlit_server, 1400, 1200)  # one page for both widths: each costs a session
     try:
         assert pad.bounding_box()["width"] == 640  # a wide column gets the widest pad
         draw(page, pad.bounding_box(), number_strokes("2026", left=30, top=60, height=180))
@@ -330,6 +332,26 @@ def test_drawing_2026_with_the_mouse_in_chromium_reads_2026(streamlit_server, ch
         page.get_by_role("button", name="Clear the pad").click()
         expect(page.get_by_text("Draw some digits")).to_be_visible(timeout=30_000)
         expect(page.locator(".digits-read")).to_have_count(0)
+
+        page.set_viewport_size({"width": 400, "height": 800})  # a phone
+        deadline = time.monotonic() + 10  # the page learns the column's width from the browser, then fits the pad
+        while time.monotonic() < deadline:
+            box = pad.bounding_box()  # None while the pad is replaced by one of the column's width
+            if box is not None and box["x"] + box["width"] <= 400:
+                break
+            time.sleep(0.2)
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 400  # no part of it off the screen
+        assert box["width"] >= 300  # nor much narrower than the column
+        expect(page.get_by_text("Pen width")).to_be_visible()  # on the page, not in the sidebar a phone hides
+        height = box["height"] * 0.6
+        strokes = number_strokes("206", left=(box["width"] - 2.4 * height) / 2, top=box["height"] * 0.2, height=height)
+        draw(page, box, strokes)
+        expect(page.locator(".digits-read")).to_have_text("206", timeout=30_000)
+        # to another source and back: the drawing and its reading are still there
+        page.get_by_text("Upload an image").click()
+        expect(page.locator(".digits-read")).to_have_count(0, timeout=30_000)
+        page.get_by_text("Draw", exact=True).click()
+        expect(page.locator(".digits-read")).to_have_text("206", timeout=30_000)
     finally:
         page.close()
 
@@ -352,33 +374,5 @@ def test_a_scribble_is_not_read_as_confident_digits_and_five_digits_get_the_over
             number_strokes("20262", left=20, top=90, height=130),
         )
         expect(page.get_by_text("There are more than 4 digits here", exact=False)).to_be_visible(timeout=30_000)
-    finally:
-        page.close()
-
-
-@BROWSER
-def test_on_a_phone_wide_page_the_whole_pad_is_reachable_and_reads_and_keeps_the_digits(streamlit_server, chromium):
-    from playwright.sync_api import expect
-
-    page, pad = open_pad(chromium, streamlit_server, 400, 800)
-    try:
-        deadline = time.monotonic() + 10  # the page learns the column's width from the browser, then fits the pad
-        while time.monotonic() < deadline:
-            box = pad.bounding_box()  # None while the pad is replaced by one of the column's width
-            if box is not None and box["x"] + box["width"] <= 400:
-                break
-            time.sleep(0.2)
-        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 400  # no part of it off the screen
-        assert box["width"] >= 300  # nor much narrower than the column
-        expect(page.get_by_text("Pen width")).to_be_visible()  # on the page, not in the sidebar a phone hides
-        height = box["height"] * 0.6
-        strokes = number_strokes("206", left=(box["width"] - 2.4 * height) / 2, top=box["height"] * 0.2, height=height)
-        draw(page, box, strokes)
-        expect(page.locator(".digits-read")).to_have_text("206", timeout=30_000)
-        # to another source and back: the drawing and its reading are still there
-        page.get_by_text("Upload an image").click()
-        expect(page.locator(".digits-read")).to_have_count(0, timeout=30_000)
-        page.get_by_text("Draw", exact=True).click()
-        expect(page.locator(".digits-read")).to_have_text("206", timeout=30_000)
     finally:
         page.close()
