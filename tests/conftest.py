@@ -1,12 +1,15 @@
 """Shared fixtures: MNIST (from $MNIST_ROOT, ../shared/mnist or data/), a tiny data folder
-and a tiny trained checkpoint, each made once per test session."""
+and a tiny trained checkpoint, each made once per test session (and shared by its workers)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,17 +62,40 @@ def mnist_train(mnist_root) -> tuple[np.ndarray, np.ndarray]:
     return load_mnist(mnist_root, train=True)
 
 
-@pytest.fixture(scope="session")
-def tiny_data_dir(tmp_path_factory, mnist_root) -> Path:
-    data_dir = tmp_path_factory.mktemp("data")
-    prepare_splits(data_dir, mnist_root=mnist_root, val_images=48, test_images=48, seed=0)
-    return data_dir
+def made_once(tmp_path_factory, worker_id: str, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder made once per test session and only read by the tests: under pytest-xdist the
+    first worker to ask makes it (under a lock) and the others wait for it and share it."""
+    if worker_id == "master":  # one process: nothing to share
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # this session's, common to its workers
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".made").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, tiny_data_dir, mnist_root) -> Path:
+def tiny_data_dir(tmp_path_factory, worker_id, mnist_root) -> Path:
+    def make(data_dir: Path) -> None:
+        prepare_splits(data_dir, mnist_root=mnist_root, val_images=48, test_images=48, seed=0)
+
+    return made_once(tmp_path_factory, worker_id, "data", make)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, worker_id, tiny_data_dir, mnist_root) -> Path:
     """A tiny model trained for 2 epochs of 4 steps, with wandb logging offline."""
-    out_dir = tmp_path_factory.mktemp("run")
+    return made_once(tmp_path_factory, worker_id, "run", lambda out_dir: train_tiny(out_dir, tiny_data_dir, mnist_root))
+
+
+def train_tiny(out_dir: Path, tiny_data_dir: Path, mnist_root: Path) -> None:
     run_script(
         "train_encoder_decoder.py",
         "--data-dir",
@@ -92,7 +118,6 @@ def tiny_run(tmp_path_factory, tiny_data_dir, mnist_root) -> Path:
         env={"WANDB_DIR": str(out_dir)},
     )
     assert json.loads((out_dir / "test_metrics.json").read_text())["test"]
-    return out_dir
 
 
 @pytest.fixture(scope="session")

@@ -506,6 +506,6 @@ def test_numbers_and_doodles_made_unlike_the_training_world_are_read_or_doubted(
     right = [r.digits == n and not r.too_many for n, r in zip(numbers, readings)]
     accepted = [ok for ok, r in zip(right, readings) if not r.unsure]
     assert np.mean(right) >= 0.8 and np.mean(accepted) >= 0.9
-    kinds = [DOODLES[i % len(DOODLES)] for i in range(18)]
+    kinds = [DOODLES[i % len(DOODLES)] for i in range(36)]
     doodles = predict.read_canvases(shipped_model, [to_canvas(doodle(rng, kind), 96) for kind in kinds])
-    assert np.mean([r.digits == "" or r.unsure for r in doodles]) >= 0.85
+    assert np.mean([r.digits == "" or r.unsure for r in doodles]) >= 0.8
