@@ -304,6 +304,17 @@ def open_pad(chromium, url: str, width: int, height: int):
     return page, pad
 
 
+def pad_box(pad) -> dict | None:
+    """The pad's box, or None while the pad is being replaced by one of the column's width (for a
+    moment there is no pad, or the old and the new one both)."""
+    from playwright.sync_api import Error
+
+    try:
+        return pad.bounding_box(timeout=1000)
+    except Error:
+        return None
+
+
 def draw(page, box: dict, strokes: list[list[tuple[float, float]]]) -> None:
     """Draw with the mouse, stroke by stroke, at pad coordinates."""
     for stroke in strokes:
@@ -336,7 +347,7 @@ def test_drawing_with_the_mouse_reads_2026_on_a_wide_page_and_206_on_a_phone_wid
         page.set_viewport_size({"width": 400, "height": 800})  # a phone
         deadline = time.monotonic() + 10  # the page learns the column's width from the browser, then fits the pad
         while time.monotonic() < deadline:
-            box = pad.bounding_box()  # None while the pad is replaced by one of the column's width
+            box = pad_box(pad)
             if box is not None and box["x"] + box["width"] <= 400:
                 break
             time.sleep(0.2)
