@@ -362,15 +362,10 @@ def fit_calibration(
     threshold is the lowest confidence at which the clean readings at or above it are still
     `target` right."""
     model.calibration = Calibration()
-    all_logits, all_tokens, correct = greedy_logits(model, images, labels, batch_size)
-    clean = len(correct)
+    clean = len(images)
     if shifted is not None:
-        more = greedy_logits(model, *shifted, batch_size)
-        all_logits, all_tokens, correct = (
-            torch.cat([all_logits, more[0]]),
-            torch.cat([all_tokens, more[1]]),
-            correct + more[2],
-        )
+        images, labels = np.concatenate([images, shifted[0]]), [*labels, *shifted[1]]
+    all_logits, all_tokens, correct = greedy_logits(model, images, labels, batch_size)
     right = torch.tensor(correct, dtype=torch.float64)
     real = all_tokens != PAD
 

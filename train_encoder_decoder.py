@@ -613,7 +613,7 @@ def build_data(job: Job) -> Data:
             f"{model_config.max_digits}: pass a new --data-dir to compose matching val/test sets"
         )
     mnist_images, mnist_labels = load_mnist(options.mnist_root, train=True)
-    composer, val_pool = (
+    composer, val_composer = (
         MultiDigitComposer(mnist_images[p], mnist_labels[p], **training_composer(model_config, train_config))
         for p in (np.asarray(splits["pools"]["train"]), np.asarray(splits["pools"]["val"]))
     )
@@ -624,7 +624,7 @@ def build_data(job: Job) -> Data:
         MultiDigitFolder(data_dir / "test"),
         steps_per_epoch,
         train_config.epochs * steps_per_epoch,
-        val_pool,
+        val_composer,
     )
 
 
