@@ -4,7 +4,7 @@ peak.
 
     uv run python bench.py                       # the shipped model's size, on a GPU if there is one
     uv run python bench.py --device cpu --json bench.json
-    uv run python bench.py --precision bf16      # bf16 autocast (default: where it pays, see model.use_bf16)
+    uv run python bench.py --precision bf16      # bf16 autocast (default: as training picks, model.choose_precision)
 
 For each model, one run measures:
   training img/s        whole steps (forward, backward, gradient clipping, AdamW) on batches of
@@ -55,13 +55,13 @@ from model import (
     DigitSequenceTransformer,
     ModelConfig,
     TrainingLoss,
+    choose_precision,
     configure_optimizer,
     encode_labels,
     load_model,
     patch_targets,
     pick_device,
     uint8_to_input,
-    use_bf16,
 )
 from multidigit_generator import MnistUnavailableError, MultiDigitComposer, dataset_item, default_mnist_root, load_mnist
 
@@ -398,7 +398,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default="auto",
-        help="bf16: autocast to bfloat16; auto: as training does, bf16 where it pays (CPUs with AVX512-BF16 or AMX)",
+        help="bf16: autocast to bfloat16; auto: as training picks it, bf16 where timing a training step here finds it "
+        "faster (model.choose_precision)",
     )
     p.add_argument(
         "--compile",
@@ -425,12 +426,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = args.device
     try:
-        model = load_model(args.checkpoint, device)
+        model = load_model(args.checkpoint, device, precision="fp32")  # each workload autocasts as args say
         data = composites(args.batch_size, args.mnist_root, seed=0)
     except (CheckpointError, MnistUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    bf16 = use_bf16(args.precision, device)
+    precision = choose_precision(args.precision, model, "train", probe_threads=False)
+    bf16 = precision.bf16
+    print(f"precision: {precision.why}", file=sys.stderr)
     print(f"measuring the peak matrix product on {device} ...", file=sys.stderr)
     peak = {
         name: peak_matmul_flops(dtype, device, seconds=min(1.0, args.seconds))

@@ -46,8 +46,9 @@ from model import (
     Calibration,
     CheckpointError,
     DigitSequenceTransformer,
+    Ensemble,
     decoder_inputs,
-    load_model,
+    load_reader,
     pick_device,
     uint8_to_input,
 )
@@ -273,7 +274,7 @@ class Readings:
 
 
 def read_images(
-    model: DigitSequenceTransformer,
+    model: DigitSequenceTransformer | Ensemble,
     images: np.ndarray,
     *,
     beam_size: int = 1,
@@ -419,7 +420,7 @@ def calibration_image(
 
 
 def evaluate_folder(
-    model: DigitSequenceTransformer,
+    model: DigitSequenceTransformer | Ensemble,
     folder: str | Path,
     out_dir: str | Path,
     *,
@@ -603,6 +604,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ...")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: also read 4 copies of each image moved by 3 pixels and average the "
+        "token probabilities (5 times the reading work; docs/results.md has what it buys)",
+    )
+    parser.add_argument(
+        "--ensemble",
+        action="append",
+        default=[],
+        metavar="CHECKPOINT",
+        help="also read with this checkpoint (repeatable) and average the models' token probabilities; "
+        "the confidence threshold stays --checkpoint's",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto: bf16 where timing this model's reading on this machine finds it faster, one image and "
+        "batches each (model.choose_precision, cached per machine)",
+    )
     parser.add_argument("--gallery-size", type=int, default=48, help="most misread images shown in failures.png")
     parser.add_argument(
         "--as-files",
@@ -617,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.beam_size < 1 or args.batch_size < 1 or args.gallery_size < 0:
         parser.error("--beam-size and --batch-size must be at least 1, --gallery-size at least 0")
+    if args.beam_size > 1 and (args.tta or args.ensemble):
+        parser.error("--beam-size searches with one model: drop it, or drop --tta and --ensemble")
     try:
         args.device = pick_device(args.device)
     except ValueError as error:
@@ -633,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(f"--out: {error}")
     try:
-        model = load_model(args.checkpoint, args.device)
+        model = load_reader(args.checkpoint, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

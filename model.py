@@ -23,10 +23,14 @@ imports nothing from the rest of the repository.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import itertools
+import json
 import math
 import os
 import tempfile
+import time
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -539,6 +543,7 @@ class DigitSequenceTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.calibration = Calibration()  # load_model sets the checkpoint's
+        self.read_bf16 = {"read_one": False, "read_batch": False}  # load_model's choice (choose_precision)
         c = config
         block = dict(
             d_model=c.d_model,
@@ -653,8 +658,11 @@ class DigitSequenceTransformer(nn.Module):
         probability of each token, by greedy decoding (beam_size 1) or beam search. With
         attention, also where the decoder looked for each token it emitted (Decoded.attention).
         Prediction, evaluation, validation, the benchmark and the front end all read through it."""
-        memory = self.encode(uint8_to_input(images.to(next(self.parameters()).device)))
-        decoded = self.greedy_decode(memory) if beam_size == 1 else self.beam_search(memory, beam_size)
+        device = next(self.parameters()).device
+        bf16 = self.read_bf16["read_one" if len(images) == 1 else "read_batch"]
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            memory = self.encode(uint8_to_input(images.to(device)))
+            decoded = self.greedy_decode(memory) if beam_size == 1 else self.beam_search(memory, beam_size)
         if attention:
             decoded.attention = self.token_attention(memory, decoded.tokens)
         return decoded
@@ -678,23 +686,13 @@ class DigitSequenceTransformer(nn.Module):
     def greedy_decode(self, memory: torch.Tensor) -> Decoded:
         """Read (B, N, D) memory by taking the most probable token at every step; the batch
         stops early once every sequence has emitted EOS."""
-        max_digits = self.config.max_digits
-        b, device = memory.shape[0], memory.device
-        tokens = torch.full((b, 1), SOS, dtype=torch.long, device=device)
-        probs = torch.ones(b, 0, device=device)
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
         cache = DecoderCache(self.config.decoder_layers)  # each step feeds only the token chosen last
-        for step in range(max_digits + 1):
-            log_probs = self.token_log_probs(self.decode(memory, tokens[:, -1:], cache=cache), step)[:, -1]
-            best_log_prob, next_token = log_probs.max(dim=-1)
-            next_token = next_token.masked_fill(finished, PAD)
-            best_prob = best_log_prob.exp().masked_fill(finished, 1.0)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            probs = torch.cat([probs, best_prob[:, None]], dim=1)
-            finished |= (next_token == EOS) | (next_token == MANY)
-            if finished.all():
-                break
-        return Decoded(tokens=tokens[:, 1:], token_probs=probs)
+        return greedy_tokens(
+            lambda last, step: self.token_log_probs(self.decode(memory, last, cache=cache), step)[:, -1],
+            len(memory),
+            self.config.max_digits,
+            memory.device,
+        )
 
     @torch.inference_mode()
     def beam_search(self, memory: torch.Tensor, beam_size: int = 4) -> Decoded:
@@ -741,6 +739,76 @@ class DigitSequenceTransformer(nn.Module):
         ]
         best = torch.arange(b, device=device) * k
         return Decoded(tokens=tokens[best, 1:], token_probs=token_log_probs[best].exp(), beams=beams)
+
+
+def greedy_tokens(
+    next_log_probs: typing.Callable[[torch.Tensor, int], torch.Tensor],
+    batch: int,
+    max_digits: int,
+    device: torch.device,
+) -> Decoded:
+    """Greedy decoding, given next_log_probs(last tokens (B, 1), step) -> (B, VOCAB_SIZE) log-probabilities
+    of the next token: each step takes the most probable one, a finished sequence pads, and the batch
+    stops once every sequence has emitted EOS or MANY."""
+    tokens = torch.full((batch, 1), SOS, dtype=torch.long, device=device)
+    probs = torch.ones(batch, 0, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(max_digits + 1):
+        best_log_prob, next_token = next_log_probs(tokens[:, -1:], step).max(dim=-1)
+        next_token = next_token.masked_fill(finished, PAD)
+        best_prob = best_log_prob.exp().masked_fill(finished, 1.0)
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        probs = torch.cat([probs, best_prob[:, None]], dim=1)
+        finished |= (next_token == EOS) | (next_token == MANY)
+        if finished.all():
+            break
+    return Decoded(tokens=tokens[:, 1:], token_probs=probs)
+
+
+# Test-time augmentation: the image itself and four copies moved diagonally by a quarter patch of
+# the shipped model, so that the digits fall differently on the patch grid.
+TTA_SHIFTS = ((0, 0), (-3, -3), (3, 3), (-3, 3), (3, -3))
+
+
+def shift_images(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """(B, H, W) canvases moved dx pixels right and dy down, black where nothing moves in."""
+    h, w = images.shape[-2:]
+    moved = torch.zeros_like(images)
+    moved[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = images[
+        :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return moved
+
+
+class Ensemble(nn.Module):
+    """Several trained models, each reading the images as they are and, with shifts, moved copies
+    of them, read as one model: at every decoding step the members' calibrated token probabilities
+    are averaged and the most probable token is fed to all of them. It reads like the first model
+    (its config, calibration and threshold); beam search and attention maps are the first model's."""
+
+    def __init__(self, models: list[DigitSequenceTransformer], shifts: tuple[tuple[int, int], ...] = ((0, 0),)):
+        super().__init__()
+        if len({(m.config.image_size, m.config.max_digits) for m in models}) > 1:
+            raise ValueError("the models of an ensemble must read the same canvas size and number of digits")
+        self.members, self.shifts = nn.ModuleList(models), shifts
+        self.config, self.calibration = models[0].config, models[0].calibration
+
+    @torch.inference_mode()
+    def read(self, images: torch.Tensor, *, beam_size: int = 1, attention: bool = False) -> Decoded:
+        if beam_size > 1 or attention:
+            return self.members[0].read(images, beam_size=beam_size, attention=attention)
+        readers = []  # (model, memory of one view, its decoder cache)
+        for model in self.members:
+            device = next(model.parameters()).device
+            for dx, dy in self.shifts:
+                memory = model.encode(uint8_to_input(shift_images(images, dx, dy).to(device)))
+                readers.append((model, memory, DecoderCache(model.config.decoder_layers)))
+
+        def averaged(last: torch.Tensor, step: int) -> torch.Tensor:
+            probs = [m.token_log_probs(m.decode(mem, last, cache=c), step)[:, -1].exp() for m, mem, c in readers]
+            return torch.stack(probs).mean(dim=0).log()
+
+        return greedy_tokens(averaged, len(images), self.config.max_digits, readers[0][1].device)
 
 
 def sequence_losses(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -826,17 +894,174 @@ def configure_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to autocast to bfloat16: precision "bf16", or "auto" where that makes this model
-    faster on device, as measured with bench.py (docs/performance.md): on CPUs with AVX512-BF16
-    or AMX, which multiply bf16 faster than fp32. Not on AVX2-only CPUs, which emulate bf16 far
-    slower than fp32, and not on a GPU either: this model is too small for bf16's faster products
-    to outweigh autocast's extra casts at the default batch."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
+# ---- precision and threads: chosen by timing this model's own work on this machine
+
+PRECISION_JOBS = ("train", "read_batch", "read_one")  # a training step, reading a batch, reading one image
+PROBE_BATCH = 64  # images per probed training step or batch reading
+
+
+@dataclass
+class Precision:
+    """How a job runs: matrix products in bf16 under autocast or in fp32, on how many CPU threads, and why."""
+
+    bf16: bool
+    threads: int
+    why: str
+
+    def autocast(self, device: torch.device) -> typing.ContextManager:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+
+def precision_cache_file() -> Path:
+    """Where probe results are kept, per machine, model shape and job ($XDG_CACHE_HOME or ~/.cache)."""
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "digit-sequence-transformer"
+        / "precision.json"
+    )
+
+
+def machine_name(device: torch.device) -> str:
+    """What the probe's result depends on: the processor (or GPU) and the PyTorch build."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "cpu")
+    return f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def probe_work(model: DigitSequenceTransformer, job: str) -> typing.Callable[[], None]:
+    """One unit of the job on random canvases, on a copy of the model (a training pass would move
+    BatchNorm's statistics): forward and backward of a training batch, or greedy reading."""
+    model = copy.deepcopy(model).train(job == "train")
+    device, size = next(model.parameters()).device, model.config.image_size
+    images = torch.randint(
+        0, 256, (1 if job == "read_one" else PROBE_BATCH, size, size), dtype=torch.uint8, device=device
+    )
+    if job != "train":
+        return lambda: model.read(images)
+    tokens = torch.randint(0, 10, (len(images), model.config.max_tokens), device=device)
+
+    def step() -> None:
+        model(uint8_to_input(images), tokens).float().logsumexp(-1).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(
+    work: typing.Callable[[], object], precision: Precision, device: torch.device, runs: int
+) -> tuple[float, float]:
+    """(median seconds per run, CPU seconds per wall second) of work after a warm-up run."""
+    torch.set_num_threads(precision.threads)
+    times, busy = [], []
+    with precision.autocast(device):
+        for run in range(runs + 1):
+            started, cpu = time.perf_counter(), time.process_time()
+            work()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if run:  # the first run warms up: allocations, autocast's weight casts, kernels chosen
+                times.append(time.perf_counter() - started)
+                busy.append((time.process_time() - cpu) / times[-1])
+    return sorted(times)[len(times) // 2], sum(busy) / len(busy)
+
+
+def bf16_product_slowdown(device: torch.device) -> float:
+    """How many times longer a bf16 matrix product, of the sizes this model multiplies, takes than
+    fp32: tens of times on CPUs that emulate bf16, so the whole job need not be timed there."""
+    a, b = torch.randn(512, 256, device=device), torch.randn(256, 512, device=device)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    as_is = Precision(False, torch.get_num_threads(), "")
+    return timed(lambda: a16 @ b16, as_is, device, runs=5)[0] / timed(lambda: a @ b, as_is, device, runs=5)[0]
+
+
+def choose_precision(
+    requested: str, model: DigitSequenceTransformer, job: str, *, probe_threads: bool = True
+) -> Precision:
+    """The precision, and on a busy CPU the thread count, for a job of this model on this machine.
+    "fp32" and "bf16" are taken as asked; "auto" times the job both ways, interleaved, and takes
+    bf16 only where it was measured faster (where bf16 products alone are far slower, as on CPUs
+    that emulate them, without timing the job). The choice is cached per machine, model shape and
+    job (precision_cache_file). Threads are timed afresh, one count after another, whenever the
+    job's threads find their cores taken (less CPU time than wall time), which changes from run to run."""
+    device, threads = next(model.parameters()).device, torch.get_num_threads()
+    # The probe's random canvases and dropout draw from torch's generators: put back as they were,
+    # so that a run draws the same numbers whether or not its precision was timed or cached.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if requested != "auto":
+            chosen = Precision(requested == "bf16", threads, f"{requested}, as asked")
+        else:
+            chosen = _measured_precision(model, job, device, threads)
+        if device.type == "cpu" and threads > 1 and probe_threads:
+            chosen = _fewer_threads_if_busy(probe_work(model, job), device, chosen)
+    torch.set_num_threads(chosen.threads)
+    return chosen
+
+
+def _measured_precision(model: DigitSequenceTransformer, job: str, device: torch.device, threads: int) -> Precision:
+    key = f"{job} | {machine_name(device)} | {json.dumps(asdict(model.config), sort_keys=True)} | {threads} threads"
+    cache = precision_cache_file()
+    cached = _read_cache(cache).get(key)
+    if isinstance(cached, dict) and isinstance(cached.get("bf16"), bool) and isinstance(cached.get("why"), str):
+        return Precision(cached["bf16"], threads, cached["why"] + " (timed before, cached)")
+    if device.type == "cpu" and (slowdown := bf16_product_slowdown(device)) > 2:
+        chosen = Precision(False, threads, f"fp32: bf16 matrix products take {slowdown:.0f}x longer here")
+    else:
+        chosen = _time_both(probe_work(model, job), device, threads, job)
+    _write_cache(cache, key, {"bf16": chosen.bf16, "why": chosen.why})
+    return chosen
+
+
+def _time_both(work: typing.Callable[[], object], device: torch.device, threads: int, job: str) -> Precision:
+    seconds = {False: [], True: []}
+    for _ in range(2):
+        for bf16 in (False, True):
+            seconds[bf16].append(timed(work, Precision(bf16, threads, ""), device, runs=2)[0])
+    fp32, bf16 = min(seconds[False]), min(seconds[True])
+    faster = bf16 < 0.97 * fp32  # within noise, the simpler path
+    return Precision(
+        faster, threads, f"{'bf16' if faster else 'fp32'}: {job} timed {bf16 / fp32:.2f}x fp32's time in bf16"
+    )
+
+
+def _fewer_threads_if_busy(work: typing.Callable[[], object], device: torch.device, chosen: Precision) -> Precision:
+    seconds, cpu_share = timed(work, chosen, device, runs=2)
+    if cpu_share >= 0.75 * chosen.threads:
+        return chosen
+    tried = {chosen.threads: seconds}
+    for threads in range(chosen.threads - 1, 0, -1):
+        tried[threads] = timed(work, Precision(chosen.bf16, threads, ""), device, runs=2)[0]
+    best = min(tried, key=tried.get)
+    times = ", ".join(f"{n} thread{'s' * (n > 1)} {t * 1e3:.0f} ms" for n, t in sorted(tried.items()))
+    return Precision(
+        chosen.bf16, best, f"{chosen.why}; machine busy ({cpu_share:.1f} cores for {chosen.threads} threads): {times}"
+    )
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: probe again
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_cache(path: Path, key: str, value: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cache = {**_read_cache(path), key: value}
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(f.name, path)
+    except OSError:  # a read-only home: the probe runs again next time
+        pass
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -924,8 +1149,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     return checkpoint
 
 
-def load_model(path: str | Path, device: str | torch.device = "auto") -> DigitSequenceTransformer:
-    """The model saved at path, in eval mode on device ("auto": a GPU when there is one)."""
+def load_model(
+    path: str | Path, device: str | torch.device = "auto", precision: str = "auto"
+) -> DigitSequenceTransformer:
+    """The model saved at path, in eval mode on device ("auto": a GPU when there is one), reading
+    one image and batches each in the precision choose_precision picks for it."""
     device = pick_device(str(device))
     checkpoint = load_checkpoint(path, device)
     model = DigitSequenceTransformer(checkpoint["model_config"])
@@ -941,4 +1169,30 @@ def load_model(path: str | Path, device: str | torch.device = "auto") -> DigitSe
         model.calibration = Calibration(**checkpoint.get("calibration", {}))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: unusable calibration ({error})") from error
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    for job in model.read_bf16:
+        model.read_bf16[job] = choose_precision(precision, model, job, probe_threads=False).bf16
+    return model
+
+
+def load_reader(
+    path: str | Path,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    *,
+    tta: bool = False,
+    ensemble: typing.Sequence[str | Path] = (),
+) -> DigitSequenceTransformer | Ensemble:
+    """The model at path; with tta or more checkpoints, an Ensemble of them that reads like it."""
+    model = load_model(path, device, precision)
+    if not tta and not ensemble:
+        return model
+    members = [model] + [load_model(other, device, precision) for other in ensemble]
+    for other, member in zip(ensemble, members[1:]):
+        if (member.config.image_size, member.config.max_digits) != (model.config.image_size, model.config.max_digits):
+            raise CheckpointError(
+                f"{other} reads {member.config.image_size}x{member.config.image_size} canvases of up to "
+                f"{member.config.max_digits} digits, {path} {model.config.image_size}x{model.config.image_size} "
+                f"of up to {model.config.max_digits}: an ensemble's models must read alike"
+            )
+    return Ensemble(members, TTA_SHIFTS if tta else ((0, 0),))

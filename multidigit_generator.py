@@ -74,6 +74,7 @@ MAX_AUGMENT_STRENGTH = 5.0  # the training script's bound; far larger strengths 
 OVERFLOW_EXTRA = 2  # an overflow composite holds up to this many digits more than the model reads
 ROW_DIGIT_ASPECT = 0.75  # a row digit's width, as a share of its height, that height_limit plans for
 MAX_ASPECT_STRETCH = 4.0  # stretched crops are made before scatter and row cap their widths: this keeps them small
+ELASTIC_ALPHA, ELASTIC_SIGMA = 34.0, 4.0  # Simard et al. (2003)'s elastic distortion of a 28x28 digit, in pixels
 
 
 class MnistUnavailableError(RuntimeError):
@@ -227,6 +228,23 @@ def turn_and_shear(image: np.ndarray, *, angle: float, shear: float, scale: floa
         image.shape[::-1], Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BILINEAR, fillcolor=0
     )
     return np.asarray(turned)
+
+
+def elastic_distort(
+    digit: np.ndarray, rng: np.random.Generator, *, alpha: float = ELASTIC_ALPHA, sigma: float = ELASTIC_SIGMA
+) -> np.ndarray:
+    """The digit bent as a hand varies its strokes (Simard et al., 2003): every pixel is moved by a
+    random displacement field, uniform noise smoothed by a Gaussian of sigma pixels and scaled by
+    alpha, so that neighbouring pixels move together and strokes bend rather than break."""
+    height, width = digit.shape
+    noise = torch.from_numpy(rng.uniform(-1, 1, size=(2, 1, height, width)).astype(np.float32))
+    dx, dy = (gaussian_blur(channel, sigma) * alpha for channel in noise)
+    # grid_sample reads the source at normalised (x, y) in [-1, 1]: a pixel's shift is 2 / size there.
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+    grid = torch.stack([xs + dx[0] * 2 / width, ys + dy[0] * 2 / height], dim=-1)[None]
+    source = torch.from_numpy(digit).float()[None, None]
+    bent = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return bent[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float, kernel_size: int | None = None) -> torch.Tensor:
@@ -872,7 +890,8 @@ class MultiDigitComposer:
     imperfect paper (add_paper_noise); touching_share of the rows are written with touching
     digits; nondigit_share of the composites hold marks that are not digits (draw_marks, label
     ""); overflow_share hold max_digits + 1 to max_digits + OVERFLOW_EXTRA digits, more than the
-    model reads (their labels hold them all). A canvas with more digits than fit at the top of
+    model reads (their labels hold them all); elastic_share of the digits are bent by an elastic
+    distortion (elastic_distort). A canvas with more digits than fit at the top of
     digit_height draws them smaller (height_limit)."""
 
     def __init__(
@@ -899,6 +918,7 @@ class MultiDigitComposer:
         touching_share: float = 0.0,
         nondigit_share: float = 0.0,
         overflow_share: float = 0.0,
+        elastic_share: float = 0.0,
     ):
         self.images, self.labels = images, labels
         self.canvas_size, self.min_digits, self.max_digits = canvas_size, min_digits, max_digits
@@ -912,6 +932,7 @@ class MultiDigitComposer:
         self.row_tilt, self.scan_degradation = row_tilt, scan_degradation
         self.thickest_stroke, self.pen_share, self.paper_noise = thickest_stroke, pen_share, paper_noise
         self.touching_share, self.nondigit_share, self.overflow_share = touching_share, nondigit_share, overflow_share
+        self.elastic_share = elastic_share
         self.check()  # before any work
         self.length_weights = None if length_weights is None else [float(w) for w in length_weights]
         self.digit_height = (int(digit_height[0]), int(digit_height[1]))
@@ -968,7 +989,7 @@ class MultiDigitComposer:
             raise ValueError(f"row_tilt must be 0 to 20 degrees, got {self.row_tilt}")
         if not 1 <= self.thickest_stroke <= 3:
             raise ValueError(f"thickest_stroke must be 1 to 3 pixels, got {self.thickest_stroke}")
-        for name in ("pen_share", "paper_noise", "touching_share", "nondigit_share", "overflow_share"):
+        for name in ("pen_share", "paper_noise", "touching_share", "nondigit_share", "overflow_share", "elastic_share"):
             if not 0 <= getattr(self, name) <= 1:  # false for NaN too
                 raise ValueError(f"{name} must be 0 to 1, got {getattr(self, name)}")
         if self.nondigit_share + self.overflow_share > 1:
@@ -1014,11 +1035,13 @@ class MultiDigitComposer:
                 )
 
     def prepare_digit(self, digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """The digit augmented (perhaps redrawn with a pen), cut to its ink and, with
+        """The digit augmented (perhaps bent, perhaps redrawn with a pen), cut to its ink and, with
         aspect_stretch, stretched sideways."""
         digit = augment_digit(
             digit, rng, self.augment_strength, stroke=self.stroke_width_change, thickest=self.thickest_stroke
         )
+        if self.elastic_share and rng.random() < self.elastic_share:
+            digit = elastic_distort(digit, rng)
         if self.pen_share and rng.random() < self.pen_share:
             redrawn = redraw_with_pen(digit, radius=int(rng.integers(1, 5)))
             if ink_box(redrawn) is not None:  # a faint digit can vanish when thinned: it keeps its own strokes
@@ -1099,6 +1122,7 @@ class MultiDigitComposer:
             touching_share=self.touching_share,
             nondigit_share=self.nondigit_share,
             overflow_share=self.overflow_share,
+            elastic_share=self.elastic_share,
         )
 
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model import DEFAULT_CHECKPOINT, CheckpointError, DigitSequenceTransformer, load_model, pick_device
+from model import DEFAULT_CHECKPOINT, CheckpointError, DigitSequenceTransformer, Ensemble, load_reader, pick_device
 from multidigit_generator import BLANK_INK_LEVEL, to_canvas
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -89,7 +89,7 @@ class Reading:
 
 
 def read_canvases(
-    model: DigitSequenceTransformer,
+    model: DigitSequenceTransformer | Ensemble,
     canvases: list[np.ndarray],
     *,
     beam_size: int = 1,
@@ -192,9 +192,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ...")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: also read 4 copies of each image moved by 3 pixels and average the "
+        "token probabilities (5 times the reading work; docs/results.md has what it buys)",
+    )
+    parser.add_argument(
+        "--ensemble",
+        action="append",
+        default=[],
+        metavar="CHECKPOINT",
+        help="also read with this checkpoint (repeatable) and average the models' token probabilities; "
+        "the confidence threshold stays --checkpoint's",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto: bf16 where timing this model's reading on this machine finds it faster, one image and "
+        "batches each (model.choose_precision, cached per machine)",
+    )
     args = parser.parse_args(argv)
     if args.beam_size < 1 or args.batch_size < 1:
         parser.error("--beam-size and --batch-size must be at least 1")
+    if args.beam_size > 1 and (args.tta or args.ensemble):
+        parser.error("--beam-size searches with one model: drop it, or drop --tta and --ensemble")
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         parser.error(f"--min-confidence must be 0 to 1, got {args.min_confidence:g}")
     try:
@@ -202,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(f"--device: {error}")
     try:
-        model = load_model(args.checkpoint, args.device)
+        model = load_reader(args.checkpoint, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -242,7 +265,7 @@ def reading_record(path: Path, r: Reading) -> dict:
 
 
 def read_files(
-    model: DigitSequenceTransformer,
+    model: DigitSequenceTransformer | Ensemble,
     paths: list[Path],
     *,
     beam_size: int,

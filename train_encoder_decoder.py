@@ -1,6 +1,7 @@
 """Train the digit-sequence Transformer on fresh MNIST composites.
 
-    uv run python train_encoder_decoder.py                             # the default run: the shipped recipe
+    uv run python train_encoder_decoder.py                             # the quick recipe: under an hour on a CPU
+    uv run python train_encoder_decoder.py --recipe full --out-dir runs/full   # the shipped model's recipe
     uv run python train_encoder_decoder.py --resume runs/default/last.pt
     uv run python train_encoder_decoder.py --d-model 96 --epochs 4     # any setting of ModelConfig or TrainConfig
     uv run python train_encoder_decoder.py --config best_config.json   # settings from a JSON file
@@ -8,10 +9,12 @@
     uv run torchrun --standalone --nproc_per_node=4 train_encoder_decoder.py   # data-parallel, 4 processes
 
 Settings: every field of model.ModelConfig (the model's shape) and of TrainConfig below (data,
-optimisation, schedule) is a flag, `d_model` as `--d-model`; their defaults are the shipped
-model's recipe. `--config FILE` reads a flat JSON object of such fields; flags on the command
-line win. Each run writes all of them to OUT_DIR/config.json, which `--config` reads back.
-The other flags are run options (where, on what, how to log) and change no result.
+optimisation, schedule) is a flag, `d_model` as `--d-model`; their defaults are the quick
+recipe, and `--recipe full` (RECIPES) is the shipped model's. `--config FILE` reads a flat JSON
+object of such fields; flags on the command line win over it, and it over the recipe. Each run
+writes all of them to OUT_DIR/config.json, which `--config` reads back. The other flags are run
+options (where, on what, how to log) and change no result, but for `--init-from`, which starts
+from a trained model's weights.
 
 Reads top to bottom as stages: settings, processes, data (the digit pools and the val/test sets
 are made on the first run), model and optimiser, wandb, then train_one_epoch and validate for
@@ -61,8 +64,10 @@ from model import (
     CheckpointError,
     DigitSequenceTransformer,
     ModelConfig,
+    Precision,
     TrainingLoss,
     check_settings,
+    choose_precision,
     configure_optimizer,
     encode_labels,
     load_checkpoint,
@@ -71,7 +76,6 @@ from model import (
     save_checkpoint,
     setting,
     uint8_to_input,
-    use_bf16,
 )
 from multidigit_generator import (
     FreshComposites,
@@ -90,7 +94,7 @@ from sweep_config import SWEEP, TRIAL_BUDGET, sample_trials
 
 @dataclass
 class TrainConfig:
-    """How the model is trained. The defaults are the shipped model's recipe."""
+    """How the model is trained. The defaults are the quick recipe; RECIPES["full"] changes a few."""
 
     train_images: int = setting(20000, "fresh composites per epoch", 1, 10**8)
     length_weights: list[float] | None = setting(
@@ -119,6 +123,9 @@ class TrainConfig:
     nondigit_share: float = setting(0.06, 'share of composites holding marks that are not digits, read as ""', 0.0, 1.0)
     overflow_share: float = setting(
         0.04, "share of composites with one or two digits more than max-digits, read as too many", 0.0, 1.0
+    )
+    elastic_share: float = setting(
+        0.0, "share of digits (and marks) bent by an elastic distortion (Simard et al., 2003)", 0.0, 1.0
     )
     epochs: int = setting(11, "passes over --train-images fresh composites", 1, 100_000)
     batch_size: int = setting(64, "images per optimiser step, over all processes together", 1, 65536)
@@ -151,6 +158,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_settings(self)
 
+
+# The two named recipes, as settings over TrainConfig's defaults. quick is the default command,
+# sized for a 2-core CPU in under an hour; full trains the shipped model: minutes on a GPU, hours
+# in the background on a CPU (docs/training.md has both recipes' figures).
+RECIPES = {"quick": {}, "full": {"epochs": 50}}
 
 # The settings a run is made of: every field of both configs except patch_head, which follows
 # from patch_loss_weight (a head no loss trains would be dead weight).
@@ -200,6 +212,7 @@ def training_composer(model_config: ModelConfig, train_config: TrainConfig) -> d
         touching_share=c.touching_share,
         nondigit_share=c.nondigit_share,
         overflow_share=c.overflow_share,
+        elastic_share=c.elastic_share,
     )
 
 
@@ -235,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
         'best_config.json hold ({"lr": 0.002, "d_model": 96, ...}); flags given on the command line win',
     )
     run.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="quick",
+        help="quick: the defaults below; full: the shipped model's recipe ("
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["full"].items())
+        + "); --config and flags change either",
+    )
+    run.add_argument(
         "--run-type",
         choices=("train", "sweep"),
         default="train",
@@ -250,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: runs/default, or the folder of the checkpoint given to --resume)",
     )
     run.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this last.pt, with its settings")
+    run.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="start from the weights of this checkpoint (a model.pt or last.pt of the same model settings) "
+        "instead of random ones; the optimiser and the learning-rate schedule start afresh",
+    )
     run.add_argument(
         "--max-steps",
         type=int,
@@ -279,8 +306,14 @@ def add_machine_and_logging_options(p: argparse.ArgumentParser) -> None:
     machine.add_argument(
         "--num-workers",
         type=int,
-        help="processes composing training images (default: none on a CPU, where a worker only "
-        "competes with PyTorch's threads for the same cores; on a GPU, up to 8 per process)",
+        help="processes composing training images ahead of the training steps (default: 1 on a CPU; "
+        "on a GPU, up to 8 per process)",
+    )
+    machine.add_argument(
+        "--threads",
+        type=int,
+        help="PyTorch threads on a CPU (default: PyTorch's count, or fewer where a busy CPU was timed "
+        "faster with fewer; a resumed run keeps its count, so that it continues bit for bit)",
     )
     machine.add_argument(
         "--device",
@@ -293,7 +326,9 @@ def add_machine_and_logging_options(p: argparse.ArgumentParser) -> None:
         choices=("auto", "fp32", "bf16"),
         default="auto",
         help="bf16: matrix products in bfloat16 under autocast (weights, optimiser and loss stay fp32); "
-        "auto: bf16 where it was measured to pay (see model.use_bf16), fp32 elsewhere",
+        "auto: bf16 where a short timing of this model's training step (and of its reading, for validation) "
+        "on this machine finds it faster, cached per machine; on a busy CPU also fewer threads where faster "
+        "(model.choose_precision)",
     )
     machine.add_argument(
         "--compile", action="store_true", help="train through torch.compile (a minute or so of compiling first)"
@@ -337,9 +372,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in SETTINGS}
     options = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in SETTINGS})
-    for name in ("max_steps", "num_workers", "log_every", "save_every"):
-        if (getattr(options, name) or 0) < (1 if name == "log_every" else 0):
-            parser.error(f"--{name.replace('_', '-')} must be at least {1 if name == 'log_every' else 0}")
+    for name in ("max_steps", "num_workers", "log_every", "save_every", "threads"):
+        least = 1 if name in ("log_every", "threads") else 0
+        value = getattr(options, name)
+        if value is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}")
     if options.count is not None and (options.count < 1 or options.run_type != "sweep"):
         parser.error(f"--count is the number of sweep trials: at least 1, with --run-type sweep (got {options.count})")
     try:
@@ -350,8 +387,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     if world_size > 1 and options.run_type == "sweep":
         parser.error("a sweep runs its trials one after another in one process: start it without torchrun")
     if options.resume:
-        if given or options.config or options.run_type == "sweep":
+        if given or options.config or options.run_type == "sweep" or options.init_from or options.recipe != "quick":
             named = [flag_names(k) for k in given] + ["--config"] * bool(options.config)
+            named += ["--init-from"] * bool(options.init_from) + ["--recipe"] * (options.recipe != "quick")
             parser.error(
                 f"--resume continues a run with the settings saved in it; drop {', '.join(named) or '--run-type'} "
                 "(or start a new run in another --out-dir)"
@@ -360,7 +398,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     try:
         budget = TRIAL_BUDGET if options.run_type == "sweep" else {}
         model_config, train_config = make_configs(
-            {**budget, **(read_config_file(options.config) if options.config else {}), **given}
+            {
+                **RECIPES[options.recipe],
+                **budget,
+                **(read_config_file(options.config) if options.config else {}),
+                **given,
+            }
         )
     except ValueError as error:
         parser.error(flag_names(str(error)))
@@ -431,9 +474,17 @@ class Job:
     train_config: TrainConfig
     procs: Processes
     out_dir: Path
-    bf16: bool
     num_workers: int
     log: object = None  # the wandb run
+    # How training steps and validation readings run here, chosen by timing them (model.choose_precision).
+    precision: Precision | None = None
+    validation_precision: Precision | None = None
+    started: float = 0.0  # when this process started training, and at which step: the ETA's basis
+    first_step: int = 0
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision.bf16
 
     @property
     def settings(self) -> dict:
@@ -441,20 +492,19 @@ class Job:
 
 
 def start_job(options: argparse.Namespace, model_config: ModelConfig, train_config: TrainConfig) -> Job:
-    """Start the processes, pick the precision and the data workers."""
+    """Start the processes and pick the data workers."""
     procs = start_processes(options.device)
     options.data_dir = options.data_dir or "data"
     out_dir = Path(options.out_dir or "runs/default")
-    # On a CPU, composing in this process beats worker processes, which would stall PyTorch's
-    # threads on the cores they share; on a GPU the composing is what limits, so workers pay
-    # (docs/performance.md). Each process on a machine takes its share of the cores.
+    # One worker composing the next batches keeps a CPU's training from waiting for them (a third
+    # of its time on 2 cores, composing in this process), and pays even where it shares a core
+    # with PyTorch's threads; a GPU needs all the composing the cores can give (docs/performance.md).
+    # Each process on a machine takes its share of the cores.
     cores_per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     num_workers = options.num_workers
     if num_workers is None:
-        num_workers = 0 if procs.device.type == "cpu" else min(8, max(1, cores_per_process - 1))
-    return Job(
-        options, model_config, train_config, procs, out_dir, use_bf16(options.precision, procs.device), num_workers
-    )
+        num_workers = 1 if procs.device.type == "cpu" else min(8, max(1, cores_per_process - 1))
+    return Job(options, model_config, train_config, procs, out_dir, num_workers)
 
 
 class RunFolderBusyError(RuntimeError):
@@ -657,6 +707,8 @@ def build_training(job: Job) -> Training:
     train_config, procs = job.train_config, job.procs
     torch.manual_seed(train_config.seed)  # the same on every rank: the replicas start as one model
     model = DigitSequenceTransformer(job.model_config).to(procs.device)
+    if job.options.init_from:
+        start_from(model, job.options.init_from)
     optimizer = configure_optimizer(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
     ema = copy.deepcopy(model).requires_grad_(False) if train_config.ema_decay > 0 else None
     if procs.world_size > 1:
@@ -674,6 +726,18 @@ def build_training(job: Job) -> Training:
     if job.options.compile:
         objective = torch.compile(objective)
     return Training(model, ema, optimizer, objective)
+
+
+def start_from(model: DigitSequenceTransformer, path: str) -> None:
+    """Load a checkpoint's weights (the averaged ones, as it reads with) into a model of the same shape."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint["model_config"] != model.config:
+        different = [k for k, v in asdict(model.config).items() if asdict(checkpoint["model_config"])[k] != v]
+        raise ValueError(f"--init-from {path}: its model differs from this run's in {', '.join(different)}")
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError) as error:
+        raise CheckpointError(f"--init-from {path}: weights that do not fit its own settings ({error})") from error
 
 
 def random_state(device: torch.device) -> list[torch.Tensor]:
@@ -722,6 +786,7 @@ def save_run_checkpoint(name: str, job: Job, training: Training) -> None:
                 "random_states": random_states,
                 "wandb_id": training.wandb_id,
                 "data_dir": str(job.options.data_dir),
+                "threads": torch.get_num_threads(),
             },
         )
 
@@ -967,17 +1032,25 @@ def train(
             (job.out_dir / "config.json").write_text(json.dumps(job.settings, indent=2) + "\n")
         data = build_data(job)
         training = build_training(job)
+        # A resumed run keeps its thread count: matrix products split over other counts round differently.
+        threads = options.threads or (checkpoint or {}).get("training", {}).get("threads")
+        if threads:
+            torch.set_num_threads(threads)
+        job.precision = choose_precision(options.precision, training.model, "train", probe_threads=not threads)
+        job.validation_precision = choose_precision(
+            options.precision, training.model, "read_batch", probe_threads=False
+        )
         if checkpoint is not None:
             restore(training, checkpoint, job.procs)
             epoch = training.step // data.steps_per_epoch
             job.procs.say(f"resumed from {options.resume} at step {training.step} (epoch {epoch})")
-        started, first_step = time.time(), training.step
+        job.started, job.first_step = time.time(), training.step
         with StopSignal(job.procs) as stop:  # from here on, Ctrl-C stops after a step and saves
             job.procs.say(describe(job, training, data), flush=True)
             job.log = start_wandb(job, training, run)
             finished = run_epochs(job, training, data, stop)
-            wall = time.time() - started
-            result = export(job, training, data, wall=wall, steps=training.step - first_step) if finished else {}
+            wall = time.time() - job.started
+            result = export(job, training, data, wall=wall, steps=training.step - job.first_step) if finished else {}
         job.log.finish()
     return {**result, "finished": finished, "step": training.step, "val": training.val_metrics}
 
@@ -991,6 +1064,8 @@ def describe(job: Job, training: Training, data: Data) -> str:
         f"{job.model_config.grid_size} patches; {config.epochs} epochs x {data.steps_per_epoch} steps of "
         f"{config.batch_size}{split} on {procs.device}, {'bf16 autocast' if job.bf16 else 'fp32'}"
         f"{', compiled' if job.options.compile else ''}"
+        + (f", {job.precision.threads} threads" if procs.device.type == "cpu" else "")
+        + f"\nprecision: training {job.precision.why}; validation {job.validation_precision.why}"
     )
 
 
@@ -1019,8 +1094,11 @@ def end_of_epoch(job: Job, training: Training, data: Data, epoch: int) -> None:
     """Validate, log (with a table of sample readings) and save."""
     import wandb
 
-    metrics, samples = validate(training.evaluated, data.val_set, job.procs, bf16=job.bf16, desc="validating")
+    metrics, samples = validate(
+        training.evaluated, data.val_set, job.procs, bf16=job.validation_precision.bf16, desc="validating"
+    )
     job.procs.say(f"epoch {epoch + 1}: " + format_metrics("val", metrics))
+    job.procs.say(time_left(job, training, data), flush=True)
     training.val_metrics = val_metrics = {f"val/{k}": v for k, v in metrics.items()}  # as wandb and sweeps name them
     if job.procs.is_main:
         table = wandb.Table(columns=["image", "truth", "prediction", "correct"])
@@ -1033,6 +1111,18 @@ def end_of_epoch(job: Job, training: Training, data: Data, epoch: int) -> None:
         training.best_score = score
         save_run_checkpoint("best.pt", job, training)
     save_run_checkpoint("last.pt", job, training)
+
+
+def time_left(job: Job, training: Training, data: Data) -> str:
+    """How far the run is and, at the pace of this process so far (validation included), when it ends."""
+    done, total = training.step, data.total_steps
+    seconds = (time.time() - job.started) / max(1, done - job.first_step) * (total - done)
+    pace = (done - job.first_step) * job.train_config.batch_size / max(1e-9, time.time() - job.started)
+    return (
+        f"step {done} of {total} ({done / total:.0%}) at {pace:.0f} img/s: about "
+        f"{seconds // 3600:.0f} h {seconds % 3600 / 60:02.0f} min to go, at "
+        f"{time.strftime('%H:%M', time.localtime(time.time() + seconds))}"
+    )
 
 
 def export(job: Job, training: Training, data: Data, *, wall: float, steps: int) -> dict:
@@ -1060,7 +1150,9 @@ def export(job: Job, training: Training, data: Data, *, wall: float, steps: int)
     )
     test_metrics = None
     if job.options.run_type != "sweep":
-        test_metrics, _ = validate(training.evaluated, data.test_set, procs, bf16=job.bf16, desc="testing")
+        test_metrics, _ = validate(
+            training.evaluated, data.test_set, procs, bf16=job.validation_precision.bf16, desc="testing"
+        )
         job.log.summary.update({f"test/{k}": v for k, v in test_metrics.items()})
     result = {
         "test": test_metrics,
@@ -1070,6 +1162,9 @@ def export(job: Job, training: Training, data: Data, *, wall: float, steps: int)
         "device": str(procs.device),
         "world_size": procs.world_size,
         "precision": "bf16" if job.bf16 else "fp32",
+        "precision_choice": {"train": job.precision.why, "read_batch": job.validation_precision.why},
+        "threads": job.precision.threads,
+        "init_from": job.options.init_from,
         "calibration": asdict(calibration),
         "settings": job.settings,
     }

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from multidigit_generator import MNIST_FILES, MultiDigitComposer, load_mnist
 from split_multidigit_dataset import prepare_splits
@@ -38,6 +39,24 @@ def run_script(script: str, *args: str, env: dict | None = None, check: bool = T
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session", autouse=True)
+def precision_cache(tmp_path_factory) -> Path:
+    """The precision probe's cache (model.precision_cache_file) in a folder of this session's, for
+    the tests and the scripts they run: a test never reads a choice made before it, nor leaves one."""
+    folder = tmp_path_factory.mktemp("cache")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Training and reading in this process may set PyTorch's thread count (model.choose_precision,
+    --threads): each test starts with the count the process started with."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

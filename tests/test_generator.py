@@ -24,7 +24,9 @@ from multidigit_generator import (
     compose_row,
     compose_scatter,
     degrade_like_a_scan,
+    elastic_distort,
     generate,
+    ink_box,
     load_mnist,
     main,
     read_dataset,
@@ -714,7 +716,14 @@ def test_the_wider_world_options_leave_default_composites_unchanged(mnist_test):
     images, labels = mnist_test
     plain = MultiDigitComposer(images, labels, augment_strength=0.0)
     explicit = MultiDigitComposer(
-        images, labels, augment_strength=0.0, pen_share=0.0, paper_noise=0.0, nondigit_share=0.0, overflow_share=0.0
+        images,
+        labels,
+        augment_strength=0.0,
+        pen_share=0.0,
+        paper_noise=0.0,
+        nondigit_share=0.0,
+        overflow_share=0.0,
+        elastic_share=0.0,
     )
     for i in range(20):
         a, b = plain.compose(np.random.default_rng([1, i])), explicit.compose(np.random.default_rng([1, i]))
@@ -729,3 +738,34 @@ def test_a_digit_too_faint_to_redraw_with_a_pen_keeps_its_own_strokes(mnist_test
     composer = MultiDigitComposer(faint, labels[:50], pen_share=1.0, row_tilt=10.0, layout="row", min_digits=1)
     for c in generate(composer, 30, seed=0, progress=False):
         assert all(c.image[y0:y1, x0:x1].max() > 0 for x0, y0, x1, y1 in c.boxes)
+
+
+def test_elastic_distortion_bends_strokes_without_breaking_or_losing_them(mnist_test):
+    images, _ = mnist_test
+    rng = np.random.default_rng(0)
+    ink_ratios, box_moves = [], []
+    for digit in images[:40]:
+        bent = elastic_distort(digit, rng)
+        assert bent.dtype == np.uint8 and bent.shape == digit.shape and not np.array_equal(bent, digit)
+        ink_ratios.append(bent.sum() / digit.sum())
+        box_moves.append(max(abs(a - b) for a, b in zip(ink_box(digit), ink_box(bent))))
+    # The ink moves but stays: stretched here, squeezed there, as much of it on average, near where it was.
+    assert min(ink_ratios) > 0.6 and max(ink_ratios) < 1.6 and 0.9 < np.mean(ink_ratios) < 1.1
+    assert np.median(box_moves) <= 3 and max(box_moves) <= 8
+    again = elastic_distort(images[0], np.random.default_rng(1))
+    assert np.array_equal(again, elastic_distort(images[0], np.random.default_rng(1)))  # one seed, one bend
+
+
+def test_elastic_share_bends_that_share_of_training_digits(mnist_test):
+    images, labels = mnist_test
+    kept, bent = (MultiDigitComposer(images, labels, min_digits=1, elastic_share=share) for share in (0.0, 1.0))
+    different = sum(
+        not np.array_equal(
+            kept.compose(np.random.default_rng([2, i])).image, bent.compose(np.random.default_rng([2, i])).image
+        )
+        for i in range(10)
+    )
+    assert different == 10
+    assert bent.settings()["elastic_share"] == 1.0
+    with pytest.raises(ValueError, match="elastic_share must be 0 to 1"):
+        MultiDigitComposer(images, labels, elastic_share=1.5)

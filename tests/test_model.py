@@ -1,22 +1,32 @@
+import json
 import pickle
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_module
 from model import (
     EOS,
     MANY,
     PAD,
+    PRECISION_JOBS,
     SOS,
+    TTA_SHIFTS,
     VOCAB_SIZE,
     Calibration,
     DecoderCache,
     DigitSequenceTransformer,
+    Ensemble,
     ModelConfig,
+    Precision,
+    choose_precision,
     configure_optimizer,
     encode_labels,
     pick_device,
+    precision_cache_file,
+    shift_images,
     tokens_to_string,
 )
 
@@ -433,3 +443,117 @@ def test_a_checkpoint_saved_without_dim_k_and_dim_v_loads_and_reads_as_before(mo
     canvases = (torch.rand(6, 48, 48) * 255).to(torch.uint8)
     before, after = model.read(canvases), loaded.read(canvases)
     assert after.strings() == before.strings() and torch.equal(after.token_probs, before.token_probs)
+
+
+def fake_timing(seconds: Callable[[Precision], float], cpu_share: Callable[[Precision], float] | None = None):
+    """A stand-in for model.timed: (seconds per run, cores busy) as a function of the precision timed."""
+    return lambda work, precision, device, runs: (seconds(precision), (cpu_share or (lambda p: p.threads))(precision))
+
+
+@pytest.mark.parametrize("bf16_seconds, picked", [(0.5, True), (0.99, False), (2.0, False)])
+def test_auto_precision_takes_bf16_only_where_the_job_was_timed_faster(
+    model, monkeypatch, tmp_path, bf16_seconds, picked
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(model_module, "bf16_product_slowdown", lambda device: 1.0)  # a CPU with bf16 arithmetic
+    monkeypatch.setattr(model_module, "timed", fake_timing(lambda p: bf16_seconds if p.bf16 else 1.0))
+    chosen = choose_precision("auto", model, "train", probe_threads=False)
+    assert chosen.bf16 is picked and chosen.why.startswith("bf16" if picked else "fp32")
+    assert "train" in chosen.why  # the log says which job was timed
+
+
+def test_the_choice_is_cached_per_job_and_a_damaged_cache_is_timed_again(model, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(model_module, "bf16_product_slowdown", lambda device: 1.0)
+    monkeypatch.setattr(model_module, "timed", fake_timing(lambda p: 0.5 if p.bf16 else 1.0))
+    assert choose_precision("auto", model, "read_batch", probe_threads=False).bf16
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again although the choice was cached")
+
+    monkeypatch.setattr(model_module, "timed", no_timing)
+    again = choose_precision("auto", model, "read_batch", probe_threads=False)
+    assert again.bf16 and "cached" in again.why
+    with pytest.raises(AssertionError, match="timed again"):  # another job is timed for itself
+        choose_precision("auto", model, "read_one", probe_threads=False)
+    assert choose_precision("fp32", model, "read_one", probe_threads=False) == Precision(
+        False, again.threads, "fp32, as asked"
+    )
+    precision_cache_file().write_text("{not json")
+    monkeypatch.setattr(model_module, "timed", fake_timing(lambda p: 2.0 if p.bf16 else 1.0))
+    assert not choose_precision("auto", model, "read_batch", probe_threads=False).bf16
+
+
+def test_slow_bf16_products_rule_bf16_out_without_timing_the_job(model, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(model_module, "bf16_product_slowdown", lambda device: 40.0)  # an AVX2-only CPU emulates bf16
+    monkeypatch.setattr(model_module, "probe_work", lambda *args: pytest.fail("the job was timed"))
+    chosen = choose_precision("auto", model, "train", probe_threads=False)
+    assert not chosen.bf16 and "40x" in chosen.why
+
+
+def test_a_busy_cpu_runs_the_job_on_the_thread_count_timed_fastest(model, monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(model_module, "timed", fake_timing(lambda p: {1: 1.0}.get(p.threads, 3.0), lambda p: 1.0))
+    try:
+        torch.set_num_threads(2)
+        busy = choose_precision("fp32", model, "train")  # two threads get one core's time between them
+        assert busy.threads == 1 and torch.get_num_threads() == 1 and "busy" in busy.why
+        torch.set_num_threads(2)
+        monkeypatch.setattr(model_module, "timed", fake_timing(lambda p: 1.0))  # each thread a core of its own
+        assert choose_precision("fp32", model, "train").threads == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_real_probe_picks_a_precision_reads_in_it_and_leaves_the_model_as_it_was(model, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for job in PRECISION_JOBS:
+        chosen = choose_precision("auto", model, job, probe_threads=False)
+        assert isinstance(chosen.bf16, bool) and chosen.why
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert len(json.loads(precision_cache_file().read_text())) == len(PRECISION_JOBS)
+    autocast_seen = []
+    encode = model.encode
+    monkeypatch.setattr(
+        model, "encode", lambda x, **kw: autocast_seen.append(torch.is_autocast_enabled("cpu")) or encode(x, **kw)
+    )
+    images = torch.zeros(2, CONFIG.image_size, CONFIG.image_size, dtype=torch.uint8)
+    model.read(images)
+    model.read_bf16["read_batch"] = True
+    model.read(images)
+    model.read(images[:1])
+    assert autocast_seen == [False, True, False]  # a batch now read in bf16, one image still in fp32
+
+
+def test_shift_images_moves_the_ink_and_fills_with_black():
+    images = torch.zeros(1, 6, 6, dtype=torch.uint8)
+    images[0, 2, 3] = 200
+    moved = shift_images(images, 2, -1)
+    assert moved[0, 1, 5] == 200 and moved.sum() == 200
+    assert shift_images(images, 4, 0).sum() == 0  # moved off the canvas: gone, not wrapped round
+
+
+def test_an_ensemble_reads_like_its_model_alone_or_twice_and_tta_reads_every_image(model):
+    images = (torch.rand(5, CONFIG.image_size, CONFIG.image_size) * 255).to(torch.uint8)
+    alone = model.read(images)
+    for ensemble in (Ensemble([model]), Ensemble([model, model])):
+        read = ensemble.read(images)
+        assert torch.equal(read.tokens, alone.tokens) and torch.allclose(read.token_probs, alone.token_probs)
+    tta = Ensemble([model], TTA_SHIFTS).read(images)
+    assert tta.tokens.shape[0] == 5 and ((tta.token_probs > 0) & (tta.token_probs <= 1)).all()
+    other = DigitSequenceTransformer(ModelConfig(**{**CONFIG.__dict__, "max_digits": 3}))
+    with pytest.raises(ValueError, match="same canvas size and number of digits"):
+        Ensemble([model, other])
+
+
+def test_timing_the_precision_leaves_torch_random_numbers_as_they_were(model, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(model_module, "bf16_product_slowdown", lambda device: 1.0)  # so that the job is timed
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    choose_precision("auto", model, "train")
+    assert torch.equal(torch.rand(4), expected)  # a run's dropout draws the same masks, timed or cached

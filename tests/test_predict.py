@@ -223,6 +223,28 @@ def test_predict_cli_reads_good_files_and_reports_bad_ones(tmp_path, tiny_run, c
     assert "missing.png: error: no such file" in err
 
 
+def test_tta_and_a_second_model_read_every_file_and_refuse_beam_search(tmp_path, tiny_run, composite, capsys):
+    Image.fromarray(composite.image).save(tmp_path / "a.png")
+    Image.new("L", (64, 64)).save(tmp_path / "blank.png")
+    checkpoint = ["--checkpoint", str(tiny_run / "model.pt")]
+    for options in (
+        ["--tta"],
+        ["--ensemble", str(tiny_run / "best.pt")],
+        ["--tta", "--ensemble", str(tiny_run / "best.pt")],
+    ):
+        assert main([*checkpoint, *options, "--jsonl", str(tmp_path)]) == 0
+        records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [r["path"] for r in records] == [str(tmp_path / "a.png"), str(tmp_path / "blank.png")]
+        assert records[1]["digits"] == "" and all(0 < r["confidence"] <= 1 for r in records)
+    with pytest.raises(SystemExit) as exited:
+        main([*checkpoint, "--tta", "--beam-size", "4", str(tmp_path)])
+    assert exited.value.code == 2 and "--beam-size searches with one model" in capsys.readouterr().err
+    three = ModelConfig(**{**load_checkpoint(tiny_run / "model.pt")["model_config"].__dict__, "max_digits": 3})
+    save_checkpoint(tmp_path / "three.pt", three, DigitSequenceTransformer(three).state_dict())
+    assert main([*checkpoint, "--ensemble", str(tmp_path / "three.pt"), str(tmp_path)]) == 2
+    assert "an ensemble's models must read alike" in capsys.readouterr().err
+
+
 def test_predict_cli_jsonl(tmp_path, tiny_run, composite, capsys):
     Image.fromarray(composite.image).save(tmp_path / "x.png")
     Image.new("L", (96, 96)).save(tmp_path / "blank.png")

@@ -3,6 +3,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from PIL import Image
 from conftest import REPO, TINY_MODEL
 from model import ModelConfig, load_checkpoint, load_model
 from predict import main as predict_main
-from train_encoder_decoder import SETTINGS, TrainConfig, all_settings, parse_args
+from train_encoder_decoder import RECIPES, SETTINGS, TrainConfig, all_settings, parse_args
 from train_encoder_decoder import main as train_main
 
 
@@ -85,13 +86,19 @@ def test_interrupted_training_resumes_exactly(tmp_path, tiny_data_dir, mnist_roo
     # Straight through 5 steps, versus 2 steps, stop, resume to 5 (across an epoch end, with
     # dropout on so the random state matters): the weights must be identical.
     # In this process: the command line's code path without a Python start-up per run.
-    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path / "straight", "--max-steps", "5")) == 0
-    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path / "resumed", "--max-steps", "2")) == 0
+    # One thread for both (a busy machine could have them timed to different counts, which round
+    # differently); the resumed run keeps its count without being told.
+    for name, steps in (("straight", "5"), ("resumed", "2")):
+        assert (
+            train_main(train_args(tiny_data_dir, mnist_root, tmp_path / name, "--max-steps", steps, "--threads", "1"))
+            == 0
+        )
+    torch.set_num_threads(2)
     # A copy of the stopped run, resumed, goes on in the copy's folder; the original stays as it was.
     shutil.copytree(tmp_path / "resumed", tmp_path / "copy")
     before = (tmp_path / "resumed" / "last.pt").read_bytes()
     assert train_main(["--resume", str(tmp_path / "copy" / "last.pt"), "--max-steps", "5", "--wandb", "disabled"]) == 0
-    assert "resumed from" in capsys.readouterr().out
+    assert "resumed from" in capsys.readouterr().out and torch.get_num_threads() == 1
     assert (tmp_path / "resumed" / "last.pt").read_bytes() == before
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "copy" / "last.pt", weights_only=True)
@@ -155,6 +162,8 @@ def test_bf16_autocast_trains_and_evaluates_when_asked_for(tmp_path, tiny_data_d
     )
     out = capsys.readouterr().out
     assert "bf16 autocast" in out and "test: sequence accuracy" in out
+    assert "precision: training bf16, as asked" in out and "validation bf16, as asked" in out
+    assert re.search(r"step 2 of 2 \(100%\) at \d+ img/s: about 0 h 00 min to go", out)  # the ETA, at each epoch's end
     checkpoint = load_checkpoint(tmp_path / "model.pt")
     assert all(
         t.dtype != torch.bfloat16 and torch.isfinite(t).all()
@@ -357,7 +366,10 @@ def test_model_card_the_defaults_are_the_shipped_recipe():
 
     shipped = load_checkpoint(DEFAULT_CHECKPOINT)
     assert shipped["model_config"] == ModelConfig()
-    assert shipped["train_config"] == asdict(TrainConfig())
+    recipe = asdict(TrainConfig())
+    # Settings added since it was trained are absent from its checkpoint; their defaults change nothing.
+    assert {k: recipe[k] for k in recipe.keys() - shipped["train_config"]} == {"elastic_share": 0.0}
+    assert shipped["train_config"] == {k: recipe[k] for k in shipped["train_config"]}
 
 
 def test_resuming_a_finished_run_says_so_and_exports_its_final_weights_again(
@@ -371,3 +383,37 @@ def test_resuming_a_finished_run_says_so_and_exports_its_final_weights_again(
     out = capsys.readouterr().out
     assert "all 1 steps were trained already: scoring and exporting the final weights" in out
     assert "test: sequence accuracy" in out and load_checkpoint(tmp_path / "model.pt")["step"] == 1
+
+
+def test_init_from_starts_a_new_run_from_trained_weights_and_refuses_another_shape(
+    tmp_path, tiny_run, tiny_data_dir, mnist_root, capsys
+):
+    # A learning rate too small to move anything: the new run's weights are the checkpoint's.
+    args = train_args(tiny_data_dir, mnist_root, tmp_path / "tuned", "--init-from", str(tiny_run / "model.pt"))
+    assert train_main([*args, "--max-steps", "1", "--lr", "1e-8", "--dropout", "0"]) == 0
+    started, trained = load_checkpoint(tmp_path / "tuned" / "last.pt"), load_checkpoint(tiny_run / "model.pt")
+    assert started["step"] == 1
+    learned = [
+        k for k in trained["model"] if "running_" not in k and "num_batches" not in k
+    ]  # BatchNorm's statistics move
+    assert all(torch.allclose(started["training"]["weights"][k], trained["model"][k]) for k in learned)
+    capsys.readouterr()
+    other_shape = [*train_args(tiny_data_dir, mnist_root, tmp_path / "wide"), "--d-model", "64"]
+    assert train_main([*other_shape, "--init-from", str(tiny_run / "model.pt")]) == 2
+    assert "its model differs from this run's in d_model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        train_main(["--resume", str(tiny_run / "last.pt"), "--init-from", str(tiny_run / "model.pt")])
+    assert exited.value.code == 2 and "drop --init-from" in capsys.readouterr().err
+
+
+def test_the_full_recipe_changes_its_settings_and_config_files_and_flags_change_it(tmp_path, capsys):
+    _, _, quick = parse_args([])
+    _, _, full = parse_args(["--recipe", "full"])
+    assert quick == TrainConfig()
+    assert {k: getattr(full, k) for k in RECIPES["full"]} == RECIPES["full"] != {}
+    (tmp_path / "c.json").write_text(json.dumps({"epochs": 7}))
+    _, _, mixed = parse_args(["--recipe", "full", "--config", str(tmp_path / "c.json"), "--lr", "0.002"])
+    assert mixed.epochs == 7 and mixed.lr == 0.002  # the file over the recipe, the flag over both
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--resume", "runs/x/last.pt", "--recipe", "full"])
+    assert exited.value.code == 2 and "drop --recipe" in capsys.readouterr().err
