@@ -40,13 +40,13 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from model import (
-    DEFAULT_CHECKPOINT,
     PAD,
     VOCAB_SIZE,
     Calibration,
     CheckpointError,
     DigitSequenceTransformer,
     Ensemble,
+    add_reader_options,
     decoder_inputs,
     load_reader,
     pick_device,
@@ -599,32 +599,10 @@ def summary_table(reports: dict[str, dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("datasets", nargs="+", metavar="DATASET_DIR")
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    add_reader_options(parser)
     parser.add_argument("--out", default="reports", help="each dataset's report goes to OUT/<dataset folder name>/")
     parser.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ...")
-    parser.add_argument(
-        "--tta",
-        action="store_true",
-        help="test-time augmentation: also read 4 copies of each image moved by 3 pixels and average the "
-        "token probabilities (5 times the reading work; docs/results.md has what it buys)",
-    )
-    parser.add_argument(
-        "--ensemble",
-        action="append",
-        default=[],
-        metavar="CHECKPOINT",
-        help="also read with this checkpoint (repeatable) and average the models' token probabilities; "
-        "the confidence threshold stays --checkpoint's",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="auto: bf16 where timing this model's reading on this machine finds it faster, one image and "
-        "batches each (model.choose_precision, cached per machine)",
-    )
     parser.add_argument("--gallery-size", type=int, default=48, help="most misread images shown in failures.png")
     parser.add_argument(
         "--as-files",

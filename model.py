@@ -23,6 +23,7 @@ imports nothing from the rest of the repository.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import itertools
@@ -1196,3 +1197,30 @@ def load_reader(
                 f"of up to {model.config.max_digits}: an ensemble's models must read alike"
             )
     return Ensemble(members, TTA_SHIFTS if tta else ((0, 0),))
+
+
+def add_reader_options(parser: argparse.ArgumentParser) -> None:
+    """The options with which predict.py and evaluate.py load what reads (load_reader's arguments)."""
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ...")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto: bf16 where timing this model's reading on this machine finds it faster, one image and "
+        "batches each (model.choose_precision, cached per machine)",
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: also read 4 copies of each image moved by 3 pixels and average the "
+        "token probabilities (about 4 times the reading time; docs/results.md has what it buys)",
+    )
+    parser.add_argument(
+        "--ensemble",
+        action="append",
+        default=[],
+        metavar="CHECKPOINT",
+        help="also read with this checkpoint (repeatable) and average the models' token probabilities; "
+        "the confidence threshold stays --checkpoint's",
+    )

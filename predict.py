@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model import DEFAULT_CHECKPOINT, CheckpointError, DigitSequenceTransformer, Ensemble, load_reader, pick_device
+from model import CheckpointError, DigitSequenceTransformer, Ensemble, add_reader_options, load_reader, pick_device
 from multidigit_generator import BLANK_INK_LEVEL, to_canvas
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -181,7 +181,7 @@ def printable(path: str | Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    add_reader_options(parser)
     parser.add_argument("--jsonl", action="store_true", help="one JSON object per line")
     parser.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding")
     parser.add_argument(
@@ -191,28 +191,6 @@ def main(argv: list[str] | None = None) -> int:
         "chosen on validation)",
     )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ...")
-    parser.add_argument(
-        "--tta",
-        action="store_true",
-        help="test-time augmentation: also read 4 copies of each image moved by 3 pixels and average the "
-        "token probabilities (5 times the reading work; docs/results.md has what it buys)",
-    )
-    parser.add_argument(
-        "--ensemble",
-        action="append",
-        default=[],
-        metavar="CHECKPOINT",
-        help="also read with this checkpoint (repeatable) and average the models' token probabilities; "
-        "the confidence threshold stays --checkpoint's",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="auto: bf16 where timing this model's reading on this machine finds it faster, one image and "
-        "batches each (model.choose_precision, cached per machine)",
-    )
     args = parser.parse_args(argv)
     if args.beam_size < 1 or args.batch_size < 1:
         parser.error("--beam-size and --batch-size must be at least 1")

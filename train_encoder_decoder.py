@@ -61,6 +61,7 @@ from tqdm import tqdm
 from evaluate import SequenceAccuracy, as_expected, as_read, expected_calibration_error, fit_calibration
 from model import (
     PAD,
+    Calibration,
     CheckpointError,
     DigitSequenceTransformer,
     ModelConfig,
@@ -240,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_settings_flags(p, ModelConfig, "model settings (ModelConfig in model.py)")
     add_settings_flags(p, TrainConfig, "training settings (TrainConfig)")
+    add_run_options(p)
+    add_machine_and_logging_options(p)
+    return p
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("run options")
     run.add_argument(
         "--config",
@@ -297,8 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)"
     )
-    add_machine_and_logging_options(p)
-    return p
 
 
 def add_machine_and_logging_options(p: argparse.ArgumentParser) -> None:
@@ -1125,6 +1130,24 @@ def time_left(job: Job, training: Training, data: Data) -> str:
     )
 
 
+def calibrate(job: Job, training: Training, data: Data) -> Calibration:
+    """The temperature and unsure threshold of the final weights: fitted on validation and on as many
+    validation digits composed as training composes them (evaluate.fit_calibration)."""
+    val_set = data.val_set
+    shifted = generate(data.val_composer, len(val_set), seed=job.train_config.seed + 1, progress=False)
+    calibration = fit_calibration(
+        training.evaluated,
+        val_set.images,
+        [r["label"] for r in val_set.records],
+        shifted=(np.stack([c.image for c in shifted]), [c.label for c in shifted]),
+    )
+    job.procs.say(
+        f"calibrated on validation and on as many validation digits composed as in training: temperature "
+        f"{calibration.temperature:.3f}; readings less sure than {calibration.min_confidence:.3f} are unsure"
+    )
+    return calibration
+
+
 def export(job: Job, training: Training, data: Data, *, wall: float, steps: int) -> dict:
     """The final weights (averaged, at the end of the cosine decay) on the test set, written to
     test_metrics.json and model.pt. They are what ships, not best.pt's: on a few thousand
@@ -1136,18 +1159,7 @@ def export(job: Job, training: Training, data: Data, *, wall: float, steps: int)
             f"replicas identical: the weights and buffers of all {procs.world_size} ranks agreed at every checkpoint"
         )
     check_finite(training, None, kept=str(out_dir / "last.pt"))
-    val_set = data.val_set
-    shifted = generate(data.val_composer, len(val_set), seed=job.train_config.seed + 1, progress=False)
-    calibration = fit_calibration(
-        training.evaluated,
-        val_set.images,
-        [r["label"] for r in val_set.records],
-        shifted=(np.stack([c.image for c in shifted]), [c.label for c in shifted]),
-    )
-    procs.say(
-        f"calibrated on validation and on as many validation digits composed as in training: temperature "
-        f"{calibration.temperature:.3f}; readings less sure than {calibration.min_confidence:.3f} are unsure"
-    )
+    calibration = calibrate(job, training, data)
     test_metrics = None
     if job.options.run_type != "sweep":
         test_metrics, _ = validate(
