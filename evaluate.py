@@ -453,7 +453,12 @@ def evaluate_folder(
         "dataset": str(folder),
         "metadata": metadata,
         "num_images": len(records),
-        "decoding": "greedy" if beam_size == 1 else f"beam {beam_size}",
+        "decoding": model.decoding
+        if isinstance(model, Ensemble)
+        else "greedy"
+        if beam_size == 1
+        else f"beam {beam_size}",
+        "precision": "bf16" if model.read_bf16["read_batch"] else "fp32",
         "read_as": "files, through to_canvas" if as_files else "canvases, straight into the model",
         "device": str(next(model.parameters()).device),
         "images_per_second": len(records) / readings.seconds,
@@ -546,7 +551,8 @@ def report_markdown(report: dict) -> str:
         f"# {Path(report['dataset']).name}",
         "",
         f"Checkpoint `{report['checkpoint']}`, dataset `{report['dataset']}` ({report['num_images']} images), "
-        f"{report['decoding']} decoding on {report['device']}, {report['images_per_second']:.0f} images/s.",
+        f"decoding: {report['decoding']}, in {report['precision']} on {report['device']}, "
+        f"{report['images_per_second']:.0f} images/s.",
         "",
         accuracy_table(report),
         "",
@@ -601,7 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("datasets", nargs="+", metavar="DATASET_DIR")
     add_reader_options(parser)
     parser.add_argument("--out", default="reports", help="each dataset's report goes to OUT/<dataset folder name>/")
-    parser.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding")
+    parser.add_argument(
+        "--beam-size", type=int, default=1, help="1: greedy decoding (beam search is refused with --tta and --ensemble)"
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--gallery-size", type=int, default=48, help="most misread images shown in failures.png")
     parser.add_argument(
@@ -662,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         reports[name] = report
         print(
-            f"\n{name}: {report['num_images']} images, {report['decoding']} decoding, "
+            f"\n{name}: {report['num_images']} images, decoding: {report['decoding']}, "
             f"{report['images_per_second']:.0f} images/s; report in {out_dir}/\n\n{accuracy_table(report)}"
         )
     if len(reports) > 1:

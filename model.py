@@ -785,7 +785,8 @@ class Ensemble(nn.Module):
     """Several trained models, each reading the images as they are and, with shifts, moved copies
     of them, read as one model: at every decoding step the members' calibrated token probabilities
     are averaged and the most probable token is fed to all of them. It reads like the first model
-    (its config, calibration and threshold); beam search and attention maps are the first model's."""
+    (its config, calibration and threshold); attention maps are the first model's, and beam search
+    takes the first model's candidates and re-scores them (rescored)."""
 
     def __init__(self, models: list[DigitSequenceTransformer], shifts: tuple[tuple[int, int], ...] = ((0, 0),)):
         super().__init__()
@@ -793,11 +794,22 @@ class Ensemble(nn.Module):
             raise ValueError("the models of an ensemble must read the same canvas size and number of digits")
         self.members, self.shifts = nn.ModuleList(models), shifts
         self.config, self.calibration = models[0].config, models[0].calibration
+        self.read_bf16 = dict.fromkeys(models[0].read_bf16, False)  # members read in fp32 here
+
+    @property
+    def decoding(self) -> str:
+        """How it reads, in words (evaluate.py's reports say it)."""
+        views = f", {len(self.shifts)} views each (test-time augmentation)" if len(self.shifts) > 1 else ""
+        models = f"{len(self.members)} model{'s' * (len(self.members) > 1)}"
+        return f"greedy, token probabilities averaged over {models}{views}"
 
     @torch.inference_mode()
     def read(self, images: torch.Tensor, *, beam_size: int = 1, attention: bool = False) -> Decoded:
-        if beam_size > 1 or attention:
-            return self.members[0].read(images, beam_size=beam_size, attention=attention)
+        if beam_size > 1 or attention:  # candidates and attention maps from the first model
+            decoded = self.members[0].read(images, beam_size=beam_size, attention=attention)
+            if decoded.beams:
+                decoded.beams = self.rescored(images, decoded.beams)
+            return decoded
         readers = []  # (model, memory of one view, its decoder cache)
         for model in self.members:
             device = next(model.parameters()).device
@@ -810,6 +822,35 @@ class Ensemble(nn.Module):
             return torch.stack(probs).mean(dim=0).log()
 
         return greedy_tokens(averaged, len(images), self.config.max_digits, readers[0][1].device)
+
+    @torch.inference_mode()
+    def rescored(
+        self, images: torch.Tensor, beams: list[list[tuple[str, bool, float]]]
+    ) -> list[list[tuple[str, bool, float]]]:
+        """Each image's candidate readings (digits, too_many, _) with the probability the ensemble
+        gives them, most probable first: every member and view scores each candidate teacher-forced
+        and, token by token, the probabilities are averaged as read averages them, so a candidate
+        that is also the greedy reading gets that reading's confidence."""
+        rows = [i for i, options in enumerate(beams) for _ in options]
+        targets = torch.tensor(
+            [
+                [*map(int, digits), MANY if too_many else EOS] + [PAD] * (self.config.max_digits - len(digits))
+                for options in beams
+                for digits, too_many, _ in options
+            ]
+        )
+        probs = []
+        for model in self.members:
+            device = next(model.parameters()).device
+            for dx, dy in self.shifts:
+                memory = model.encode(uint8_to_input(shift_images(images[rows], dx, dy).to(device)))
+                log_probs = model.token_log_probs(model.decode(memory, decoder_inputs(targets).to(device)))
+                probs.append(log_probs.gather(-1, targets.to(device)[..., None])[..., 0].exp().cpu())
+        confidence = torch.stack(probs).mean(dim=0).masked_fill(targets == PAD, 1.0).prod(dim=1).tolist()
+        scored: list[list[tuple[str, bool, float]]] = [[] for _ in beams]
+        for row, (digits, too_many), p in zip(rows, [(d, t) for o in beams for d, t, _ in o], confidence):
+            scored[row].append((digits, too_many, p))
+        return [sorted(options, key=lambda option: -option[2]) for options in scored]
 
 
 def sequence_losses(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:

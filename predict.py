@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     add_reader_options(parser)
     parser.add_argument("--jsonl", action="store_true", help="one JSON object per line")
-    parser.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding")
+    parser.add_argument(
+        "--beam-size", type=int, default=1, help="1: greedy decoding (beam search is refused with --tta and --ensemble)"
+    )
     parser.add_argument(
         "--min-confidence",
         type=float,

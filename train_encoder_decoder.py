@@ -1,7 +1,7 @@
 """Train the digit-sequence Transformer on fresh MNIST composites.
 
     uv run python train_encoder_decoder.py                             # the quick recipe: under an hour on a CPU
-    uv run python train_encoder_decoder.py --recipe full --out-dir runs/full   # the shipped model's recipe
+    uv run python train_encoder_decoder.py --recipe full --out-dir runs/full   # 50 epochs: minutes on a GPU
     uv run python train_encoder_decoder.py --resume runs/default/last.pt
     uv run python train_encoder_decoder.py --d-model 96 --epochs 4     # any setting of ModelConfig or TrainConfig
     uv run python train_encoder_decoder.py --config best_config.json   # settings from a JSON file
@@ -10,11 +10,11 @@
 
 Settings: every field of model.ModelConfig (the model's shape) and of TrainConfig below (data,
 optimisation, schedule) is a flag, `d_model` as `--d-model`; their defaults are the quick
-recipe, and `--recipe full` (RECIPES) is the shipped model's. `--config FILE` reads a flat JSON
+recipe, and `--recipe full` (RECIPES) the longer one meant for the shipped model. `--config FILE` reads a flat JSON
 object of such fields; flags on the command line win over it, and it over the recipe. Each run
 writes all of them to OUT_DIR/config.json, which `--config` reads back. The other flags are run
-options (where, on what, how to log) and change no result, but for `--init-from`, which starts
-from a trained model's weights.
+options (where, on what, how to log) and change no result beyond rounding (`--precision`,
+`--threads`), but for `--init-from`, which starts from a trained model's weights.
 
 Reads top to bottom as stages: settings, processes, data (the digit pools and the val/test sets
 are made on the first run), model and optimiser, wandb, then train_one_epoch and validate for
@@ -161,7 +161,7 @@ class TrainConfig:
 
 
 # The two named recipes, as settings over TrainConfig's defaults. quick is the default command,
-# sized for a 2-core CPU in under an hour; full trains the shipped model: minutes on a GPU, hours
+# sized for a 2-core CPU in under an hour; full is meant for the shipped model: minutes on a GPU, hours
 # in the background on a CPU (docs/training.md has both recipes' figures).
 RECIPES = {"quick": {}, "full": {"epochs": 50}}
 
@@ -257,8 +257,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--recipe",
         choices=tuple(RECIPES),
-        default="quick",
-        help="quick: the defaults below; full: the shipped model's recipe ("
+        help="quick (the default): the defaults below; full: the recipe meant for the shipped model ("
         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["full"].items())
         + "); --config and flags change either",
     )
@@ -392,9 +391,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     if world_size > 1 and options.run_type == "sweep":
         parser.error("a sweep runs its trials one after another in one process: start it without torchrun")
     if options.resume:
-        if given or options.config or options.run_type == "sweep" or options.init_from or options.recipe != "quick":
+        if given or options.config or options.run_type == "sweep" or options.init_from or options.recipe:
             named = [flag_names(k) for k in given] + ["--config"] * bool(options.config)
-            named += ["--init-from"] * bool(options.init_from) + ["--recipe"] * (options.recipe != "quick")
+            named += ["--init-from"] * bool(options.init_from) + ["--recipe"] * bool(options.recipe)
             parser.error(
                 f"--resume continues a run with the settings saved in it; drop {', '.join(named) or '--run-type'} "
                 "(or start a new run in another --out-dir)"
@@ -404,7 +403,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
         budget = TRIAL_BUDGET if options.run_type == "sweep" else {}
         model_config, train_config = make_configs(
             {
-                **RECIPES[options.recipe],
+                **RECIPES[options.recipe or "quick"],
                 **budget,
                 **(read_config_file(options.config) if options.config else {}),
                 **given,
@@ -412,6 +411,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
         )
     except ValueError as error:
         parser.error(flag_names(str(error)))
+    options.started_from = options.init_from  # kept in the run's checkpoints, so that a resumed run still says it
+    if options.init_from:
+        try:
+            options.init_weights = initial_weights(options.init_from, model_config)
+        except (CheckpointError, ValueError) as error:
+            parser.error(str(error))
     if train_config.batch_size % world_size:
         parser.error(
             f"--batch-size {train_config.batch_size} is the global batch: "
@@ -434,6 +439,7 @@ def restore_settings(options: argparse.Namespace) -> tuple[ModelConfig, TrainCon
         raise CheckpointError(f"{options.resume}: unusable train_config ({error})") from error
     options.out_dir = options.out_dir or str(Path(options.resume).parent)
     options.data_dir = options.data_dir or checkpoint["training"]["data_dir"]
+    options.started_from = checkpoint["training"].get("init_from")
     return checkpoint["model_config"], train_config, checkpoint
 
 
@@ -713,7 +719,7 @@ def build_training(job: Job) -> Training:
     torch.manual_seed(train_config.seed)  # the same on every rank: the replicas start as one model
     model = DigitSequenceTransformer(job.model_config).to(procs.device)
     if job.options.init_from:
-        start_from(model, job.options.init_from)
+        model.load_state_dict(job.options.init_weights)
     optimizer = configure_optimizer(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
     ema = copy.deepcopy(model).requires_grad_(False) if train_config.ema_decay > 0 else None
     if procs.world_size > 1:
@@ -733,16 +739,23 @@ def build_training(job: Job) -> Training:
     return Training(model, ema, optimizer, objective)
 
 
-def start_from(model: DigitSequenceTransformer, path: str) -> None:
-    """Load a checkpoint's weights (the averaged ones, as it reads with) into a model of the same shape."""
-    checkpoint = load_checkpoint(path)
-    if checkpoint["model_config"] != model.config:
-        different = [k for k, v in asdict(model.config).items() if asdict(checkpoint["model_config"])[k] != v]
+def initial_weights(path: str, config: ModelConfig) -> dict:
+    """The weights a checkpoint reads with (the averaged ones), for a model of this config;
+    ValueError saying what stands in the way. Checked before the run writes or composes anything."""
+    if not Path(path).is_file():
+        raise ValueError(f"--init-from {path}: no such file")
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as error:
+        raise ValueError(f"--init-from {error}") from None
+    if checkpoint["model_config"] != config:
+        different = [k for k, v in asdict(config).items() if asdict(checkpoint["model_config"])[k] != v]
         raise ValueError(f"--init-from {path}: its model differs from this run's in {', '.join(different)}")
     try:
-        model.load_state_dict(checkpoint["model"])
+        DigitSequenceTransformer(config).load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError) as error:
-        raise CheckpointError(f"--init-from {path}: weights that do not fit its own settings ({error})") from error
+        raise ValueError(f"--init-from {path}: weights that do not fit its own settings") from error
+    return checkpoint["model"]
 
 
 def random_state(device: torch.device) -> list[torch.Tensor]:
@@ -792,6 +805,7 @@ def save_run_checkpoint(name: str, job: Job, training: Training) -> None:
                 "wandb_id": training.wandb_id,
                 "data_dir": str(job.options.data_dir),
                 "threads": torch.get_num_threads(),
+                "init_from": job.options.started_from,
             },
         )
 
@@ -1048,7 +1062,9 @@ def train(
         if checkpoint is not None:
             restore(training, checkpoint, job.procs)
             epoch = training.step // data.steps_per_epoch
-            job.procs.say(f"resumed from {options.resume} at step {training.step} (epoch {epoch})")
+            job.procs.say(f"resumed from {options.resume} at step {training.step} (epoch {epoch + 1})")
+        elif options.init_from:
+            job.procs.say(f"starting from the weights of {options.init_from}")
         job.started, job.first_step = time.time(), training.step
         with StopSignal(job.procs) as stop:  # from here on, Ctrl-C stops after a step and saves
             job.procs.say(describe(job, training, data), flush=True)
@@ -1069,7 +1085,7 @@ def describe(job: Job, training: Training, data: Data) -> str:
         f"{job.model_config.grid_size} patches; {config.epochs} epochs x {data.steps_per_epoch} steps of "
         f"{config.batch_size}{split} on {procs.device}, {'bf16 autocast' if job.bf16 else 'fp32'}"
         f"{', compiled' if job.options.compile else ''}"
-        + (f", {job.precision.threads} threads" if procs.device.type == "cpu" else "")
+        + (f", {job.precision.threads} thread{'s' * (job.precision.threads > 1)}" if procs.device.type == "cpu" else "")
         + f"\nprecision: training {job.precision.why}; validation {job.validation_precision.why}"
     )
 
@@ -1176,7 +1192,7 @@ def export(job: Job, training: Training, data: Data, *, wall: float, steps: int)
         "precision": "bf16" if job.bf16 else "fp32",
         "precision_choice": {"train": job.precision.why, "read_batch": job.validation_precision.why},
         "threads": job.precision.threads,
-        "init_from": job.options.init_from,
+        "init_from": job.options.started_from,
         "calibration": asdict(calibration),
         "settings": job.settings,
     }

@@ -345,3 +345,17 @@ def test_calibration_is_fitted_on_validation_and_travels_with_the_model(tiny_run
         d == t for d, t, c in zip(calibrated.scored, labels, calibrated.confidences) if c >= stored.min_confidence
     ]
     assert not accepted or np.mean(accepted) >= TARGET_ACCEPTED_ACCURACY
+
+
+def test_a_report_says_how_it_read_with_tta_and_a_second_model(tmp_path, tiny_run, tiny_data_dir):
+    args = [str(tiny_data_dir / "test"), "--checkpoint", str(tiny_run / "model.pt"), "--gallery-size", "0"]
+    assert main([*args, "--tta", "--ensemble", str(tiny_run / "best.pt"), "--out", str(tmp_path / "both")]) == 0
+    report = json.loads((tmp_path / "both" / "test" / "report.json").read_text())
+    assert (
+        report["decoding"]
+        == "greedy, token probabilities averaged over 2 models, 5 views each (test-time augmentation)"
+    )
+    assert (
+        report["precision"] in ("fp32", "bf16")
+        and "decoding: greedy, token" in (tmp_path / "both" / "test" / "report.md").read_text()
+    )

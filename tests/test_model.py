@@ -557,3 +557,17 @@ def test_timing_the_precision_leaves_torch_random_numbers_as_they_were(model, mo
     torch.manual_seed(3)
     choose_precision("auto", model, "train")
     assert torch.equal(torch.rand(4), expected)  # a run's dropout draws the same masks, timed or cached
+
+
+def test_an_ensemble_rescores_beam_candidates_as_it_reads_them(model):
+    images = (torch.rand(4, CONFIG.image_size, CONFIG.image_size) * 255).to(torch.uint8)
+    alone = model.read(images, beam_size=3).beams
+    twice = Ensemble([model, model]).read(images, beam_size=3).beams
+    for options, again in zip(alone, twice):  # the same model twice: the same probabilities
+        assert [o[:2] for o in options] == [o[:2] for o in again]
+        assert all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(options, again))
+    tta = Ensemble([model], TTA_SHIFTS)
+    read = tta.read(images)
+    for i, (digits, too_many, confidence) in enumerate(zip(read.strings(), read.too_many(), read.confidence())):
+        [[(_, _, rescored)]] = tta.rescored(images[i : i + 1], [[(digits, too_many, 0.0)]])
+        assert abs(rescored - confidence.item()) < 1e-4  # an alternative that is the reading has its confidence

@@ -392,15 +392,23 @@ def test_init_from_starts_a_new_run_from_trained_weights_and_refuses_another_sha
     args = train_args(tiny_data_dir, mnist_root, tmp_path / "tuned", "--init-from", str(tiny_run / "model.pt"))
     assert train_main([*args, "--max-steps", "1", "--lr", "1e-8", "--dropout", "0"]) == 0
     started, trained = load_checkpoint(tmp_path / "tuned" / "last.pt"), load_checkpoint(tiny_run / "model.pt")
-    assert started["step"] == 1
+    assert started["step"] == 1 and "starting from the weights of" in capsys.readouterr().out
+    assert train_main(["--resume", str(tmp_path / "tuned" / "last.pt"), "--wandb", "disabled"]) == 0
+    assert json.loads((tmp_path / "tuned" / "test_metrics.json").read_text())["init_from"] == str(tiny_run / "model.pt")
     learned = [
         k for k in trained["model"] if "running_" not in k and "num_batches" not in k
     ]  # BatchNorm's statistics move
     assert all(torch.allclose(started["training"]["weights"][k], trained["model"][k]) for k in learned)
     capsys.readouterr()
     other_shape = [*train_args(tiny_data_dir, mnist_root, tmp_path / "wide"), "--d-model", "64"]
-    assert train_main([*other_shape, "--init-from", str(tiny_run / "model.pt")]) == 2
-    assert "its model differs from this run's in d_model" in capsys.readouterr().err
+    for init_from, message in (
+        (tiny_run / "model.pt", "its model differs from this run's in d_model"),
+        (tmp_path / "none.pt", "no such file"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            train_main([*other_shape, "--init-from", str(init_from)])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "wide").exists()  # refused before anything was written
     with pytest.raises(SystemExit) as exited:
         train_main(["--resume", str(tiny_run / "last.pt"), "--init-from", str(tiny_run / "model.pt")])
     assert exited.value.code == 2 and "drop --init-from" in capsys.readouterr().err
