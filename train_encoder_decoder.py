@@ -947,7 +947,7 @@ def training_step(job: Job, training: Training, data: Data, batch: tuple) -> tup
         patch_classes = patch_targets(
             boxes.to(device), labels, image_size=model_config.image_size, patch_size=model_config.patch_size
         )
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16):
+    with job.precision.autocast(device):
         loss = training.objective(
             uint8_to_input(images.to(device)), inputs, targets, patch_classes, labels if config.order_free else None
         )  # strings would make torch.compile recompile
@@ -964,7 +964,7 @@ def training_step(job: Job, training: Training, data: Data, batch: tuple) -> tup
 
 @torch.no_grad()
 def validate(
-    model: DigitSequenceTransformer, dataset: MultiDigitFolder, procs: Processes, *, bf16: bool, desc: str
+    model: DigitSequenceTransformer, dataset: MultiDigitFolder, procs: Processes, *, precision: Precision, desc: str
 ) -> tuple[dict, list]:
     """Greedy-read sequence accuracy (exact and order-free, overall, per layout and per length),
     and teacher-forced loss and token accuracy. Under torchrun each rank reads every
@@ -983,7 +983,7 @@ def validate(
         inputs, targets = (
             t.to(procs.device) for t in encode_labels(labels[start : start + 256], model.config.max_digits)
         )
-        with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with precision.autocast(procs.device):
             # What model.read does (encode, then greedy decoding), with the memory encoded once
             # for both the reading and the teacher-forced loss.
             memory = model.encode(uint8_to_input(batch))
@@ -1116,7 +1116,7 @@ def end_of_epoch(job: Job, training: Training, data: Data, epoch: int) -> None:
     import wandb
 
     metrics, samples = validate(
-        training.evaluated, data.val_set, job.procs, bf16=job.validation_precision.bf16, desc="validating"
+        training.evaluated, data.val_set, job.procs, precision=job.validation_precision, desc="validating"
     )
     job.procs.say(f"epoch {epoch + 1}: " + format_metrics("val", metrics))
     job.procs.say(time_left(job, training, data), flush=True)
@@ -1179,7 +1179,7 @@ def export(job: Job, training: Training, data: Data, *, wall: float, steps: int)
     test_metrics = None
     if job.options.run_type != "sweep":
         test_metrics, _ = validate(
-            training.evaluated, data.test_set, procs, bf16=job.validation_precision.bf16, desc="testing"
+            training.evaluated, data.test_set, procs, precision=job.validation_precision, desc="testing"
         )
         job.log.summary.update({f"test/{k}": v for k, v in test_metrics.items()})
     result = {
