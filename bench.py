@@ -63,7 +63,14 @@ from model import (
     pick_device,
     uint8_to_input,
 )
-from multidigit_generator import MnistUnavailableError, MultiDigitComposer, dataset_item, default_mnist_root, load_mnist
+from multidigit_generator import (
+    CommandLine,
+    MnistUnavailableError,
+    MultiDigitComposer,
+    dataset_item,
+    default_mnist_root,
+    load_mnist,
+)
 
 # The targets set for the 2-core development CPU (docs/performance.md discusses them).
 CPU_TARGETS = {"training_ratio": 1.0, "inference_images_per_second": 2000, "latency_p50_ms": 10.0}
@@ -386,7 +393,7 @@ def target_report(results: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLine(__doc__)
     p.add_argument(
         "--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the model whose size (and weights) are measured"
     )

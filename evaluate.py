@@ -55,6 +55,7 @@ from model import (
 from multidigit_generator import (
     BLANK_INK_LEVEL,
     LAYOUTS,
+    CommandLine,
     Staging,
     check_destination,
     preview_sheet,
@@ -603,7 +604,7 @@ def summary_table(reports: dict[str, dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLine(__doc__)
     parser.add_argument("datasets", nargs="+", metavar="DATASET_DIR")
     add_reader_options(parser)
     parser.add_argument("--out", default="reports", help="each dataset's report goes to OUT/<dataset folder name>/")

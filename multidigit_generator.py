@@ -43,6 +43,7 @@ import string
 import struct
 import sys
 import tempfile
+import typing
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,6 +76,17 @@ OVERFLOW_EXTRA = 2  # an overflow composite holds up to this many digits more th
 ROW_DIGIT_ASPECT = 0.75  # a row digit's width, as a share of its height, that height_limit plans for
 MAX_ASPECT_STRETCH = 4.0  # stretched crops are made before scatter and row cap their widths: this keeps them small
 ELASTIC_ALPHA, ELASTIC_SIGMA = 34.0, 4.0  # Simard et al. (2003)'s elastic distortion of a 28x28 digit, in pixels
+
+
+class CommandLine(argparse.ArgumentParser):
+    """The scripts' argument parser: the script's docstring is its help, and a usage error is one
+    line saying what is wrong (argparse would print its whole usage block first)."""
+
+    def __init__(self, description: str | None):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 class MnistUnavailableError(RuntimeError):
@@ -1515,7 +1527,7 @@ def composer_settings(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLine(__doc__)
     parser.add_argument("--out", required=True, help="dataset folder to write")
     parser.add_argument(
         "--split", choices=("train", "test"), default="train", help="which MNIST split the digits come from"

@@ -27,7 +27,6 @@ UTF-8 appears as \udcNN, which os.fsencode turns back into the byte NN.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model import CheckpointError, DigitSequenceTransformer, Ensemble, add_reader_options, load_reader, pick_device
-from multidigit_generator import BLANK_INK_LEVEL, to_canvas
+from multidigit_generator import BLANK_INK_LEVEL, CommandLine, to_canvas
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
@@ -179,7 +178,7 @@ def printable(path: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLine(__doc__)
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     add_reader_options(parser)
     parser.add_argument("--jsonl", action="store_true", help="one JSON object per line")

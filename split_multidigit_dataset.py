@@ -36,6 +36,7 @@ import numpy as np
 
 from multidigit_generator import (
     DATASET_FILES,
+    CommandLine,
     MnistUnavailableError,
     MultiDigitComposer,
     Staging,
@@ -216,7 +217,7 @@ def load_splits(data_dir: str | Path) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLine(__doc__)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--val-images", type=int, default=2000)
     parser.add_argument("--test-images", type=int, default=10000)

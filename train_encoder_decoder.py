@@ -79,6 +79,7 @@ from model import (
     uint8_to_input,
 )
 from multidigit_generator import (
+    CommandLine,
     FreshComposites,
     MnistUnavailableError,
     MultiDigitComposer,
@@ -238,7 +239,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, config_class: type, titl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLine(__doc__)
     add_settings_flags(p, ModelConfig, "model settings (ModelConfig in model.py)")
     add_settings_flags(p, TrainConfig, "training settings (TrainConfig)")
     add_run_options(p)

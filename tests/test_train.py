@@ -427,3 +427,10 @@ def test_the_full_recipe_changes_its_settings_and_config_files_and_flags_change_
     with pytest.raises(SystemExit) as exited:
         parse_args(["--resume", "runs/x/last.pt", "--recipe", "full"])
     assert exited.value.code == 2 and "drop --recipe" in capsys.readouterr().err
+
+
+def test_a_usage_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--threads", "0"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "--threads must be at least 1" in err
