@@ -159,6 +159,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if self.min_digit_height > self.max_digit_height:
+            raise ValueError(
+                f"min_digit_height {self.min_digit_height} is above max_digit_height {self.max_digit_height}"
+            )
 
 
 # The two named recipes, as settings over TrainConfig's defaults. quick is the default command,
@@ -186,9 +190,8 @@ def make_configs(settings: dict) -> tuple[ModelConfig, TrainConfig]:
     try:
         check_composer_settings(**training_composer(model_config, train_config))
     except ValueError as error:  # said in the composer's words: its canvas is the model's image
-        raise ValueError(
-            str(error).replace("canvas_size", "image_size").replace("--canvas-size", "--image-size")
-        ) from None
+        words = {"canvas_size": "image_size", "--canvas-size": "--image-size", "--digit-height": "--min-digit-height"}
+        raise ValueError(re.sub("|".join(words), lambda m: words[m[0]], str(error))) from None
     return model_config, train_config
 
 
