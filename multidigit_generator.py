@@ -23,7 +23,8 @@ predict.py, the front end and evaluate.py --as-files read images.
 All randomness comes from one seed: image i of a dataset is drawn with
 numpy.random.default_rng([seed, i]), so the same seed gives the same bytes whatever the
 order or the number of processes. Training uses the same composer to draw fresh
-composites every epoch (FreshComposites), so it never sees the same composite twice.
+composites every epoch (FreshComposites), so it never sees the same composite twice, or
+reads the very same composites from epochs composed ahead into a cache (CachedComposites).
 
     uv run python multidigit_generator.py --split test --num-images 1000 --out data/demo
 """
@@ -32,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
+import hashlib
 import io
 import json
 import math
@@ -54,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageDraw, ImageFont, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 # Composing needs only PIL and torch: torchvision, whose import takes seconds (it pulls in
@@ -1154,8 +1157,96 @@ class FreshComposites(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, torch.Tensor]:
         """An item as every dataset here gives it: see dataset_item."""
-        c = self.composer.compose(np.random.default_rng([self.seed, self.epoch, index]))
+        c = self.composite(index)
         return dataset_item(c.image, c.label, c.layout, c.boxes, self.composer.most_digits)
+
+    def composite(self, index: int) -> Composite:
+        return self.composer.compose(np.random.default_rng([self.seed, self.epoch, index]))
+
+    def composites(self, indices: list[int]) -> list[Composite]:
+        return [self.composite(i) for i in indices]
+
+
+class CachedComposites(Dataset):
+    """The items of a FreshComposites read from disk instead of composed on the fly: the same
+    images, labels and boxes (item i of epoch e is drawn with default_rng([seed, e, i]) either way),
+    composed once, by every core, for any number of runs. Epoch e is a dataset folder (see
+    write_dataset), read memory-mapped, at root/KEY/epoch-e, where KEY is a digest of all that
+    shapes the data: the composer's settings and digit pool, the seed, the images an epoch and this
+    file's code (a change to how composites are drawn must not be served from an older cache)."""
+
+    def __init__(self, fresh: FreshComposites, root: str | Path):
+        self.fresh = fresh
+        self.folder = Path(root) / composites_key(fresh)
+        self.opened: tuple[int, MultiDigitFolder] | None = None  # (epoch, its folder), opened by the process reading
+
+    def epoch_folder(self, epoch: int) -> Path:
+        return self.folder / f"epoch-{epoch:03d}"
+
+    def missing(self, epochs: range | list[int]) -> list[int]:
+        return [e for e in epochs if not self.epoch_folder(e).is_dir()]  # a folder there was written whole
+
+    def compose(self, epochs: range | list[int], workers: int, progress: bool = True) -> None:
+        """Compose the epochs that are not on disk yet, workers processes at a time (0: here),
+        each epoch written whole or not at all."""
+        missing = self.missing(epochs)
+        if not missing:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)  # exist_ok: processes of one run may compose at once
+        settings = dict(seed=self.fresh.seed, images_per_epoch=len(self.fresh), composer=self.fresh.composer.settings())
+        bar = tqdm(total=len(missing) * len(self.fresh), desc="composing epochs", unit="img", disable=not progress)
+        for epoch in missing:
+            fresh = copy.copy(self.fresh)
+            fresh.set_epoch(epoch)
+            # The workers compose in the batching step (collate_fn), so each hands back whole
+            # Composites; batches arrive in index order. A generator of its own keeps the loader
+            # from drawing on torch's, which training's dropout draws on.
+            loader = DataLoader(
+                range(len(fresh)),
+                batch_size=64,
+                num_workers=workers,
+                collate_fn=fresh.composites,
+                generator=torch.Generator(),
+            )
+            composites = []
+            for batch in loader:
+                composites += batch
+                bar.update(len(batch))
+            composer = fresh.composer
+            metadata = dict(settings, epoch=epoch, max_digits=composer.most_digits, canvas_size=composer.canvas_size)
+            write_dataset(self.epoch_folder(epoch), composites, metadata)
+        bar.close()
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.epoch_folder(epoch).is_dir():
+            raise FileNotFoundError(f"{self.epoch_folder(epoch)} is missing: compose it first (see compose)")
+        self.fresh.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.fresh)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, torch.Tensor]:
+        return self.epoch_data()[index]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, str, str, torch.Tensor]]:
+        return self.epoch_data().__getitems__(indices)
+
+    def epoch_data(self) -> MultiDigitFolder:
+        # Opened by the process that reads (a DataLoader worker), rather than in set_epoch, so
+        # that no memory map is handed to a worker process.
+        if self.opened is None or self.opened[0] != self.fresh.epoch:
+            self.opened = (self.fresh.epoch, MultiDigitFolder(self.epoch_folder(self.fresh.epoch)))
+        return self.opened[1]
+
+
+def composites_key(fresh: FreshComposites) -> str:
+    """A digest naming everything that decides a FreshComposites' data (see CachedComposites)."""
+    composer = fresh.composer
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(json.dumps([composer.settings(), fresh.seed, len(fresh)], sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(composer.images).tobytes())
+    digest.update(np.asarray(composer.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 class MultiDigitFolder(Dataset):
@@ -1165,15 +1256,26 @@ class MultiDigitFolder(Dataset):
         self.folder = Path(folder)
         self.images, self.records, self.metadata = read_dataset(self.folder)
         self.max_digits = max([self.metadata.get("max_digits", 0), *(len(r["label"]) for r in self.records)])
+        self.boxes = torch.full((len(self.records), self.max_digits, 4), -1, dtype=torch.long)  # as dataset_item pads
+        for index, record in enumerate(self.records):
+            if record["boxes"]:
+                self.boxes[index, : len(record["boxes"])] = torch.tensor(record["boxes"])
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, torch.Tensor]:
-        record = self.records[index]
-        return dataset_item(
-            np.array(self.images[index]), record["label"], record["layout"], record["boxes"], self.max_digits
-        )
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, str, str, torch.Tensor]]:
+        """Items as dataset_item shapes them, their images read from the memory map in one go (a
+        DataLoader asks for a batch's items so): item by item, a reader would spend more time in
+        Python than a GPU spends training on them."""
+        images = torch.from_numpy(self.images[indices])
+        return [
+            (image, self.records[i]["label"], self.records[i]["layout"], self.boxes[i])
+            for i, image in zip(indices, images)
+        ]
 
 
 def dataset_item(

@@ -79,6 +79,7 @@ from model import (
     uint8_to_input,
 )
 from multidigit_generator import (
+    CachedComposites,
     CommandLine,
     FreshComposites,
     MnistUnavailableError,
@@ -315,7 +316,15 @@ def add_machine_and_logging_options(p: argparse.ArgumentParser) -> None:
         "--num-workers",
         type=int,
         help="processes composing training images ahead of the training steps (default: 1 on a CPU; "
-        "on a GPU, up to 8 per process)",
+        "on a GPU, all of a process's share of the cores but one)",
+    )
+    machine.add_argument(
+        "--composite-cache",
+        metavar="DIR",
+        help="compose the run's training epochs once, with every core, into DIR (memory-mapped dataset folders "
+        "named for the training world and seed), then train from them: the same images as composing while "
+        "training, and any later run of the same world and seed reuses them (sweeps; a GPU that composing "
+        "would hold back)",
     )
     machine.add_argument(
         "--threads",
@@ -514,12 +523,15 @@ def start_job(options: argparse.Namespace, model_config: ModelConfig, train_conf
     # One worker composing the next batches keeps a CPU's training from waiting for them (a third
     # of its time on 2 cores, composing in this process), and pays even where it shares a core
     # with PyTorch's threads; a GPU needs all the composing the cores can give (docs/performance.md).
-    # Each process on a machine takes its share of the cores.
-    cores_per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     num_workers = options.num_workers
     if num_workers is None:
-        num_workers = 1 if procs.device.type == "cpu" else min(8, max(1, cores_per_process - 1))
+        num_workers = 1 if procs.device.type == "cpu" else max(1, cores_per_process() - 1)
     return Job(options, model_config, train_config, procs, out_dir, num_workers)
+
+
+def cores_per_process() -> int:
+    """Each process on a machine takes its share of the cores."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 class RunFolderBusyError(RuntimeError):
@@ -649,7 +661,7 @@ def ignore_interrupts(worker_id: int) -> None:
 
 @dataclass
 class Data:
-    train_set: FreshComposites
+    train_set: FreshComposites | CachedComposites
     val_set: MultiDigitFolder
     test_set: MultiDigitFolder
     steps_per_epoch: int
@@ -683,8 +695,9 @@ def build_data(job: Job) -> Data:
         for p in (np.asarray(splits["pools"]["train"]), np.asarray(splits["pools"]["val"]))
     )
     steps_per_epoch = math.ceil(train_config.train_images / train_config.batch_size)
+    train_set = FreshComposites(composer, train_config.train_images, seed=train_config.seed)
     return Data(
-        FreshComposites(composer, train_config.train_images, seed=train_config.seed),
+        CachedComposites(train_set, options.composite_cache) if options.composite_cache else train_set,
         MultiDigitFolder(data_dir / "val"),
         MultiDigitFolder(data_dir / "test"),
         steps_per_epoch,
@@ -1069,6 +1082,7 @@ def train(
             job.procs.say(f"resumed from {options.resume} at step {training.step} (epoch {epoch + 1})")
         elif options.init_from:
             job.procs.say(f"starting from the weights of {options.init_from}")
+        compose_ahead(job, training, data)
         job.started, job.first_step = time.time(), training.step
         with StopSignal(job.procs) as stop:  # from here on, Ctrl-C stops after a step and saves
             job.procs.say(describe(job, training, data), flush=True)
@@ -1078,6 +1092,23 @@ def train(
             result = export(job, training, data, wall=wall, steps=training.step - job.first_step) if finished else {}
         job.log.finish()
     return {**result, "finished": finished, "step": training.step, "val": training.val_metrics}
+
+
+def compose_ahead(job: Job, training: Training, data: Data) -> None:
+    """With --composite-cache, compose the epochs still to train that are not cached yet: each
+    process its share of them, with its share of the cores."""
+    if not isinstance(data.train_set, CachedComposites):
+        return
+    procs = job.procs
+    epochs = range(training.step // data.steps_per_epoch, job.train_config.epochs)
+    missing = data.train_set.missing(epochs)
+    procs.say(
+        f"training epochs {epochs.start + 1}-{epochs.stop} from {data.train_set.folder}: "
+        + (f"composing {len(missing)} of them" if missing else "all composed already")
+    )
+    data.train_set.compose(missing[procs.rank :: procs.world_size], workers=cores_per_process(), progress=procs.is_main)
+    if procs.world_size > 1:
+        dist.barrier()
 
 
 def describe(job: Job, training: Training, data: Data) -> str:

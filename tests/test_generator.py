@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import run_script
@@ -16,7 +17,9 @@ from multidigit_generator import (
     DIGIT_SPACING,
     MIN_DIGIT_WIDTH,
     MNIST_FILES,
+    CachedComposites,
     Composite,
+    FreshComposites,
     MnistUnavailableError,
     MultiDigitComposer,
     Staging,
@@ -139,6 +142,37 @@ def test_same_seed_same_bytes(mnist_test):
     first, again, other = (generate(composer, 40, seed, progress=False) for seed in (5, 5, 6))
     assert all(a.image.tobytes() == b.image.tobytes() and a.label == b.label for a, b in zip(first, again))
     assert any(a.image.tobytes() != b.image.tobytes() for a, b in zip(first, other))
+
+
+def test_cached_composites_are_the_fresh_ones_and_each_training_world_has_its_own(tmp_path, mnist_test):
+    images, labels = mnist_test
+    world = dict(pen_share=0.3, paper_noise=0.3, overflow_share=0.2, nondigit_share=0.1)
+    fresh = FreshComposites(MultiDigitComposer(images, labels, **world), 40, seed=3)
+    cached = CachedComposites(FreshComposites(MultiDigitComposer(images, labels, **world), 40, seed=3), tmp_path)
+    with pytest.raises(FileNotFoundError, match="epoch-001 is missing"):
+        cached.set_epoch(1)
+    cached.compose(range(2), workers=2, progress=False)  # in worker processes, as training composes them
+    for epoch in (1, 0):
+        fresh.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(40):
+            (image, *rest, boxes), (cached_image, *cached_rest, cached_boxes) = fresh[i], cached[i]
+            assert torch.equal(image, cached_image) and rest == cached_rest and torch.equal(boxes, cached_boxes)
+    assert cached.missing(range(3)) == [2]
+    others = [
+        FreshComposites(MultiDigitComposer(images, labels, **world), 40, seed=4),
+        FreshComposites(MultiDigitComposer(images, labels, **world), 41, seed=3),
+        FreshComposites(MultiDigitComposer(images, labels, **{**world, "pen_share": 0.2}), 40, seed=3),
+        FreshComposites(MultiDigitComposer(images[1:], labels[1:], **world), 40, seed=3),
+    ]
+    folders = {cached.folder} | {CachedComposites(other, tmp_path).folder for other in others}
+    assert len(folders) == 5
+    assert (
+        CachedComposites(FreshComposites(MultiDigitComposer(images, labels, **world), 40, 3), tmp_path).missing(
+            range(2)
+        )
+        == []
+    )  # the same world, seed and size: the same folder
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,27 @@ def test_interrupted_training_resumes_exactly(tmp_path, tiny_data_dir, mnist_roo
     assert (tmp_path / "copy" / "best.pt").is_file()  # the epoch that ended after resuming was validated
 
 
+def test_training_from_the_composite_cache_trains_the_same_weights_and_later_runs_reuse_it(
+    tmp_path, tiny_data_dir, mnist_root, capsys
+):
+    cache = tmp_path / "composites"
+    for name, extra in (("live", ()), ("cached", ("--composite-cache", str(cache)))):
+        args = train_args(tiny_data_dir, mnist_root, tmp_path / name, "--max-steps", "4", "--threads", "1", *extra)
+        assert train_main(args) == 0
+    assert "composing 3 of them" in capsys.readouterr().out
+    live, cached = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("live", "cached"))
+    for name, tensor in live["training"]["weights"].items():
+        assert torch.equal(tensor, cached["training"]["weights"][name]), name
+    (folder,) = cache.iterdir()
+    epochs = sorted(p.name for p in folder.iterdir())
+    assert epochs == ["epoch-000", "epoch-001", "epoch-002"]
+    written = (folder / "epoch-000" / "images.npy").stat().st_mtime_ns
+    again = train_args(tiny_data_dir, mnist_root, tmp_path / "again", "--max-steps", "1")
+    assert train_main([*again, "--composite-cache", str(cache)]) == 0
+    assert "all composed already" in capsys.readouterr().out
+    assert (folder / "epoch-000" / "images.npy").stat().st_mtime_ns == written
+
+
 def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_dir, mnist_root, capsys):
     process = subprocess.Popen(
         [sys.executable, "train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path)],
