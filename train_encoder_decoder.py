@@ -353,8 +353,7 @@ def add_machine_and_logging_options(p: argparse.ArgumentParser) -> None:
     machine.add_argument(
         "--wandb",
         choices=("auto", "online", "offline", "disabled"),
-        default="auto",
-        help="auto: online when logged in to W&B, offline otherwise",
+        help="auto (the default): online when logged in to W&B, offline otherwise; a resumed run keeps its run's",
     )
     machine.add_argument(
         "--offline", dest="wandb", action="store_const", const="offline", help="the same as --wandb offline"
@@ -412,6 +411,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
                 "(or start a new run in another --out-dir)"
             )
         return options, None, None
+    options.wandb = options.wandb or "auto"
     try:
         budget = TRIAL_BUDGET if options.run_type == "sweep" else {}
         model_config, train_config = make_configs(
@@ -453,6 +453,7 @@ def restore_settings(options: argparse.Namespace) -> tuple[ModelConfig, TrainCon
     options.out_dir = options.out_dir or str(Path(options.resume).parent)
     options.data_dir = options.data_dir or checkpoint["training"]["data_dir"]
     options.started_from = checkpoint["training"].get("init_from")
+    options.wandb = options.wandb or checkpoint["training"].get("wandb", "auto")
     return checkpoint["model_config"], train_config, checkpoint
 
 
@@ -823,6 +824,7 @@ def save_run_checkpoint(name: str, job: Job, training: Training) -> None:
                 "data_dir": str(job.options.data_dir),
                 "threads": torch.get_num_threads(),
                 "init_from": job.options.started_from,
+                "wandb": job.options.wandb,
             },
         )
 

@@ -97,12 +97,13 @@ def test_interrupted_training_resumes_exactly(tmp_path, tiny_data_dir, mnist_roo
     # A copy of the stopped run, resumed, goes on in the copy's folder; the original stays as it was.
     shutil.copytree(tmp_path / "resumed", tmp_path / "copy")
     before = (tmp_path / "resumed" / "last.pt").read_bytes()
-    assert train_main(["--resume", str(tmp_path / "copy" / "last.pt"), "--max-steps", "5", "--wandb", "disabled"]) == 0
+    assert train_main(["--resume", str(tmp_path / "copy" / "last.pt"), "--max-steps", "5"]) == 0
+    # The resumed run keeps the thread count and the W&B mode (disabled) it started with.
     assert "resumed from" in capsys.readouterr().out and torch.get_num_threads() == 1
     assert (tmp_path / "resumed" / "last.pt").read_bytes() == before
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "copy" / "last.pt", weights_only=True)
-    assert straight["step"] == resumed["step"] == 5
+    assert straight["step"] == resumed["step"] == 5 and resumed["training"]["wandb"] == "disabled"
     for name, tensor in straight["training"]["weights"].items():  # the raw weights
         assert torch.equal(tensor, resumed["training"]["weights"][name]), name
     for name, tensor in straight["model"].items():  # their moving average
