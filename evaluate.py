@@ -459,7 +459,7 @@ def evaluate_folder(
         else "greedy"
         if beam_size == 1
         else f"beam {beam_size}",
-        "precision": "bf16" if model.read_bf16["read_batch"] else "fp32",
+        "precision": "bf16" if model.reading["read_batch"].bf16 else "fp32",
         "read_as": "files, through to_canvas" if as_files else "canvases, straight into the model",
         "device": str(next(model.parameters()).device),
         "images_per_second": len(records) / readings.seconds,

@@ -544,7 +544,7 @@ class DigitSequenceTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.calibration = Calibration()  # load_model sets the checkpoint's
-        self.read_bf16 = {"read_one": False, "read_batch": False}  # load_model's choice (choose_precision)
+        self.reading = dict.fromkeys(("read_one", "read_batch"), FP32)  # load_model's choice (choose_precision)
         c = config
         block = dict(
             d_model=c.d_model,
@@ -660,8 +660,7 @@ class DigitSequenceTransformer(nn.Module):
         attention, also where the decoder looked for each token it emitted (Decoded.attention).
         Prediction, evaluation, validation, the benchmark and the front end all read through it."""
         device = next(self.parameters()).device
-        bf16 = self.read_bf16["read_one" if len(images) == 1 else "read_batch"]
-        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        with self.reading["read_one" if len(images) == 1 else "read_batch"].autocast(device):
             memory = self.encode(uint8_to_input(images.to(device)))
             decoded = self.greedy_decode(memory) if beam_size == 1 else self.beam_search(memory, beam_size)
         if attention:
@@ -794,7 +793,7 @@ class Ensemble(nn.Module):
             raise ValueError("the models of an ensemble must read the same canvas size and number of digits")
         self.members, self.shifts = nn.ModuleList(models), shifts
         self.config, self.calibration = models[0].config, models[0].calibration
-        self.read_bf16 = dict.fromkeys(models[0].read_bf16, False)  # members read in fp32 here
+        self.reading = dict.fromkeys(models[0].reading, FP32)  # members read in fp32 here
 
     @property
     def decoding(self) -> str:
@@ -952,6 +951,9 @@ class Precision:
 
     def autocast(self, device: torch.device) -> typing.ContextManager:
         return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+
+FP32 = Precision(False, 0, "fp32")  # how a model reads until load_model chooses (threads: as they are)
 
 
 def precision_cache_file() -> Path:
@@ -1212,8 +1214,8 @@ def load_model(
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: unusable calibration ({error})") from error
     model = model.to(device).eval()
-    for job in model.read_bf16:
-        model.read_bf16[job] = choose_precision(precision, model, job, probe_threads=False).bf16
+    for job in model.reading:
+        model.reading[job] = choose_precision(precision, model, job, probe_threads=False)
     return model
 
 

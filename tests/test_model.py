@@ -522,7 +522,7 @@ def test_a_real_probe_picks_a_precision_reads_in_it_and_leaves_the_model_as_it_w
     )
     images = torch.zeros(2, CONFIG.image_size, CONFIG.image_size, dtype=torch.uint8)
     model.read(images)
-    model.read_bf16["read_batch"] = True
+    model.reading["read_batch"] = Precision(True, torch.get_num_threads(), "bf16, as asked")
     model.read(images)
     model.read(images[:1])
     assert autocast_seen == [False, True, False]  # a batch now read in bf16, one image still in fp32
