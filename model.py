@@ -890,11 +890,18 @@ class TrainingLoss(nn.Module):
     this rather than the model (whose encode and decode are called separately)."""
 
     def __init__(
-        self, model: DigitSequenceTransformer, *, label_smoothing: float, patch_loss_weight: float, order_free: bool
+        self,
+        model: DigitSequenceTransformer,
+        *,
+        label_smoothing: float,
+        patch_loss_weight: float,
+        order_free: bool,
+        distill_weight: float = 0.0,
     ):
         super().__init__()
         self.model = model
         self.label_smoothing, self.patch_loss_weight, self.order_free = label_smoothing, patch_loss_weight, order_free
+        self.distill_weight = distill_weight
 
     def forward(
         self,
@@ -903,18 +910,23 @@ class TrainingLoss(nn.Module):
         targets: torch.Tensor,
         patch_classes: torch.Tensor | None,
         labels: list[str] | None = None,
+        teacher_probs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The loss of one batch; labels (the digit strings) only for the order-free loss."""
+        """The loss of one batch; labels (the digit strings) only for the order-free loss;
+        teacher_probs (B, T, vocabulary) only when distilling (teacher_probabilities)."""
         memory = self.model.encode(pixels)
         if self.order_free:
             loss = order_free_loss(self.model, memory, labels, label_smoothing=self.label_smoothing)
         else:
-            loss = F.cross_entropy(
-                self.model.decode(memory, inputs).flatten(0, 1),
-                targets.flatten(),
-                ignore_index=PAD,
-                label_smoothing=self.label_smoothing,
-            )
+            logits = self.model.decode(memory, inputs).flatten(0, 1)
+            loss = F.cross_entropy(logits, targets.flatten(), ignore_index=PAD, label_smoothing=self.label_smoothing)
+            if teacher_probs is not None:
+                # Distillation: the teachers' probabilities also say which wrong tokens were
+                # nearly right, more to learn from than the one right token. Positions after
+                # <eos> (PAD targets) are left out here too.
+                taught = targets.flatten() != PAD
+                soft = F.cross_entropy(logits[taught], teacher_probs.flatten(0, 1)[taught])
+                loss = (1 - self.distill_weight) * loss + self.distill_weight * soft
         if self.patch_loss_weight > 0:
             # Every patch vector is told which digit it lies on: a dense recognition signal
             # beside the decoder's three or so tokens per image.
@@ -922,6 +934,15 @@ class TrainingLoss(nn.Module):
                 self.model.patch_head(memory).flatten(0, 1), patch_classes.flatten()
             )
         return loss
+
+
+@torch.no_grad()
+def teacher_probabilities(
+    teachers: list[DigitSequenceTransformer], pixels: torch.Tensor, inputs: torch.Tensor
+) -> torch.Tensor:
+    """The teachers' next-token probabilities (B, T, vocabulary), averaged, on the decoder inputs
+    the student is taught on: what distilling an ensemble into one model learns from."""
+    return torch.stack([t.decode(t.encode(pixels), inputs).float().softmax(-1) for t in teachers]).mean(0)
 
 
 def configure_optimizer(

@@ -72,10 +72,12 @@ from model import (
     configure_optimizer,
     encode_labels,
     load_checkpoint,
+    load_model,
     patch_targets,
     pick_device,
     save_checkpoint,
     setting,
+    teacher_probabilities,
     uint8_to_input,
 )
 from multidigit_generator import (
@@ -141,6 +143,13 @@ class TrainConfig:
         False,
         "score each image against its best ordering of the digits (the loss minimised "
         "over the label's permutations); the best checkpoint is then picked by order-free accuracy",
+    )
+    distill_weight: float = setting(
+        0.5,
+        "with --distill-from: the share of the token loss that matches the teachers' probabilities "
+        "rather than the label",
+        0.0,
+        1.0,
     )
     patch_loss_weight: float = setting(
         10.0,
@@ -289,6 +298,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "instead of random ones; the optimiser and the learning-rate schedule start afresh",
     )
     run.add_argument(
+        "--distill-from",
+        nargs="+",
+        default=[],
+        metavar="CHECKPOINT",
+        help="distil these trained models (an ensemble of one or more, of any size) into the one trained here: "
+        "the token loss also matches their averaged probabilities (--distill-weight)",
+    )
+    run.add_argument(
         "--max-steps",
         type=int,
         default=0,
@@ -403,9 +420,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     if world_size > 1 and options.run_type == "sweep":
         parser.error("a sweep runs its trials one after another in one process: start it without torchrun")
     if options.resume:
-        if given or options.config or options.run_type == "sweep" or options.init_from or options.recipe:
+        started = options.init_from or options.distill_from or options.recipe
+        if given or options.config or options.run_type == "sweep" or started:
             named = [flag_names(k) for k in given] + ["--config"] * bool(options.config)
             named += ["--init-from"] * bool(options.init_from) + ["--recipe"] * bool(options.recipe)
+            named += ["--distill-from"] * bool(options.distill_from)
             parser.error(
                 f"--resume continues a run with the settings saved in it; drop {', '.join(named) or '--run-type'} "
                 "(or start a new run in another --out-dir)"
@@ -425,11 +444,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     except ValueError as error:
         parser.error(flag_names(str(error)))
     options.started_from = options.init_from  # kept in the run's checkpoints, so that a resumed run still says it
-    if options.init_from:
-        try:
+    try:
+        if options.init_from:
             options.init_weights = initial_weights(options.init_from, model_config)
-        except (CheckpointError, ValueError) as error:
-            parser.error(str(error))
+        options.teachers = load_teachers(options.distill_from, model_config, train_config)
+    except (CheckpointError, ValueError) as error:
+        parser.error(str(error))
     if train_config.batch_size % world_size:
         parser.error(
             f"--batch-size {train_config.batch_size} is the global batch: "
@@ -453,6 +473,8 @@ def restore_settings(options: argparse.Namespace) -> tuple[ModelConfig, TrainCon
     options.out_dir = options.out_dir or str(Path(options.resume).parent)
     options.data_dir = options.data_dir or checkpoint["training"]["data_dir"]
     options.started_from = checkpoint["training"].get("init_from")
+    options.distill_from = checkpoint["training"].get("distill_from", [])
+    options.teachers = load_teachers(options.distill_from, checkpoint["model_config"], train_config)
     options.wandb = options.wandb or checkpoint["training"].get("wandb", "auto")
     return checkpoint["model_config"], train_config, checkpoint
 
@@ -716,6 +738,7 @@ class Training:
     ema: DigitSequenceTransformer | None  # their moving average, when ema_decay > 0
     optimizer: torch.optim.Optimizer
     objective: nn.Module  # the loss; under torchrun wrapped in DDP, with --compile compiled
+    teachers: list[DigitSequenceTransformer] = field(default_factory=list)  # --distill-from's models
     step: int = 0
     best_score: float = -1.0
     wandb_id: str | None = None
@@ -747,6 +770,7 @@ def build_training(job: Job) -> Training:
         label_smoothing=train_config.label_smoothing,
         patch_loss_weight=train_config.patch_loss_weight,
         order_free=train_config.order_free,
+        distill_weight=train_config.distill_weight,
     )
     if procs.world_size > 1:
         # Broadcasts rank 0's weights, then averages gradients across ranks during backward().
@@ -754,7 +778,8 @@ def build_training(job: Job) -> Training:
         objective = DistributedDataParallel(objective, device_ids=device_ids)
     if job.options.compile:
         objective = torch.compile(objective)
-    return Training(model, ema, optimizer, objective)
+    teachers = [teacher.to(procs.device) for teacher in job.options.teachers]
+    return Training(model, ema, optimizer, objective, teachers)
 
 
 def initial_weights(path: str, config: ModelConfig) -> dict:
@@ -774,6 +799,28 @@ def initial_weights(path: str, config: ModelConfig) -> dict:
     except (KeyError, RuntimeError) as error:
         raise ValueError(f"--init-from {path}: weights that do not fit its own settings") from error
     return checkpoint["model"]
+
+
+def load_teachers(paths: list[str], config: ModelConfig, train_config: TrainConfig) -> list[DigitSequenceTransformer]:
+    """The models --distill-from names, on the CPU, frozen; ValueError naming one that cannot
+    teach this model. Checked before the run writes or composes anything."""
+    if paths and train_config.order_free:
+        raise ValueError("--distill-from teaches token by token in reading order: it does not go with --order-free")
+    teachers = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise ValueError(f"--distill-from {path}: no such file")
+        try:
+            teacher = load_model(path, "cpu", precision="fp32")
+        except CheckpointError as error:
+            raise ValueError(f"--distill-from {error}") from None
+        if (teacher.config.image_size, teacher.config.max_digits) != (config.image_size, config.max_digits):
+            raise ValueError(
+                f"--distill-from {path}: it reads {teacher.config.image_size}px canvases of up to "
+                f"{teacher.config.max_digits} digits, this model {config.image_size}px and {config.max_digits}"
+            )
+        teachers.append(teacher.requires_grad_(False))
+    return teachers
 
 
 def random_state(device: torch.device) -> list[torch.Tensor]:
@@ -824,6 +871,7 @@ def save_run_checkpoint(name: str, job: Job, training: Training) -> None:
                 "data_dir": str(job.options.data_dir),
                 "threads": torch.get_num_threads(),
                 "init_from": job.options.started_from,
+                "distill_from": job.options.distill_from,
                 "wandb": job.options.wandb,
             },
         )
@@ -967,8 +1015,10 @@ def training_step(job: Job, training: Training, data: Data, batch: tuple) -> tup
             boxes.to(device), labels, image_size=model_config.image_size, patch_size=model_config.patch_size
         )
     with job.precision.autocast(device):
+        pixels = uint8_to_input(images.to(device))
+        teacher_probs = teacher_probabilities(training.teachers, pixels, inputs) if training.teachers else None
         loss = training.objective(
-            uint8_to_input(images.to(device)), inputs, targets, patch_classes, labels if config.order_free else None
+            pixels, inputs, targets, patch_classes, labels if config.order_free else None, teacher_probs
         )  # strings would make torch.compile recompile
     training.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -1084,6 +1134,8 @@ def train(
             job.procs.say(f"resumed from {options.resume} at step {training.step} (epoch {epoch + 1})")
         elif options.init_from:
             job.procs.say(f"starting from the weights of {options.init_from}")
+        if options.distill_from:
+            job.procs.say(f"distilling {', '.join(options.distill_from)} (weight {train_config.distill_weight})")
         compose_ahead(job, training, data)
         job.started, job.first_step = time.time(), training.step
         with StopSignal(job.procs) as stop:  # from here on, Ctrl-C stops after a step and saves
@@ -1230,6 +1282,7 @@ def export(job: Job, training: Training, data: Data, *, wall: float, steps: int)
         "precision_choice": {"train": job.precision.why, "read_batch": job.validation_precision.why},
         "threads": job.precision.threads,
         "init_from": job.options.started_from,
+        "distill_from": job.options.distill_from,
         "calibration": asdict(calibration),
         "settings": job.settings,
     }

@@ -21,13 +21,16 @@ from model import (
     Ensemble,
     ModelConfig,
     Precision,
+    TrainingLoss,
     choose_precision,
     configure_optimizer,
     encode_labels,
     pick_device,
     precision_cache_file,
     shift_images,
+    teacher_probabilities,
     tokens_to_string,
+    uint8_to_input,
 )
 
 CONFIG = ModelConfig(
@@ -571,3 +574,29 @@ def test_an_ensemble_rescores_beam_candidates_as_it_reads_them(model):
     for i, (digits, too_many, confidence) in enumerate(zip(read.strings(), read.too_many(), read.confidence())):
         [[(_, _, rescored)]] = tta.rescored(images[i : i + 1], [[(digits, too_many, 0.0)]])
         assert abs(rescored - confidence.item()) < 1e-4  # an alternative that is the reading has its confidence
+
+
+def test_distilling_matches_the_teachers_probabilities_where_there_are_tokens(model):
+    images = torch.randint(0, 256, (3, CONFIG.image_size, CONFIG.image_size), dtype=torch.uint8)
+    inputs, targets = encode_labels(["12", "", "3456"], CONFIG.max_digits)
+    pixels = uint8_to_input(images)
+    losses = {
+        w: TrainingLoss(model, label_smoothing=0.0, patch_loss_weight=0.0, order_free=False, distill_weight=w)
+        for w in (0.0, 0.5, 1.0)
+    }
+    label_loss = losses[0.0](pixels, inputs, targets, None)
+    # A teacher sure of every label teaches what the labels do.
+    sure = F.one_hot(targets, VOCAB_SIZE).float()
+    assert torch.allclose(losses[1.0](pixels, inputs, targets, None, None, sure), label_loss)
+    # Another teacher: the loss mixes the two, and what it says after <eos> (PAD targets) counts for nothing.
+    teacher = DigitSequenceTransformer(CONFIG).eval()
+    probs = teacher_probabilities([teacher], pixels, inputs)
+    assert probs.shape == (*targets.shape, VOCAB_SIZE) and torch.allclose(probs.sum(-1), torch.ones(targets.shape))
+    soft = losses[1.0](pixels, inputs, targets, None, None, probs)
+    assert torch.allclose(losses[0.5](pixels, inputs, targets, None, None, probs), (label_loss + soft) / 2)
+    after_eos = probs.clone()
+    after_eos[targets == PAD] = 1 / VOCAB_SIZE
+    assert torch.allclose(losses[1.0](pixels, inputs, targets, None, None, after_eos), soft)
+    # Two teachers: their probabilities averaged.
+    both = teacher_probabilities([teacher, model], pixels, inputs)
+    assert torch.allclose(both, (probs + teacher_probabilities([model], pixels, inputs)) / 2)

@@ -407,6 +407,33 @@ def test_resuming_a_finished_run_says_so_and_exports_its_final_weights_again(
     assert "test: sequence accuracy" in out and load_checkpoint(tmp_path / "model.pt")["step"] == 1
 
 
+def test_distill_from_teaches_with_trained_models_through_a_resume_and_refuses_what_cannot_teach(
+    tmp_path, tiny_run, tiny_data_dir, mnist_root, capsys
+):
+    teacher = str(tiny_run / "model.pt")
+    args = train_args(tiny_data_dir, mnist_root, tmp_path / "student", "--distill-from", teacher, teacher)
+    assert train_main([*args, "--max-steps", "1"]) == 0
+    assert "distilling" in capsys.readouterr().out
+    assert train_main(["--resume", str(tmp_path / "student" / "last.pt"), "--max-steps", "2"]) == 0
+    resumed = load_checkpoint(tmp_path / "student" / "last.pt")
+    assert resumed["step"] == 2 and resumed["training"]["distill_from"] == [teacher, teacher]
+    assert "distilling" in capsys.readouterr().out
+    missing = str(tmp_path / "none.pt")
+    for extra, message in (
+        (["--distill-from", missing], f"--distill-from {missing}: no such file"),
+        (["--distill-from", str(tiny_data_dir / "splits.json")], "--distill-from"),
+        (["--distill-from", teacher, "--max-digits", "3"], "up to 4 digits, this model 96px and 3"),
+        (["--distill-from", teacher, "--order-free"], "does not go with --order-free"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            train_main([*train_args(tiny_data_dir, mnist_root, tmp_path / "refused"), *extra])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(SystemExit) as exited:
+        train_main(["--resume", str(tmp_path / "student" / "last.pt"), "--distill-from", teacher])
+    assert exited.value.code == 2 and "drop --distill-from" in capsys.readouterr().err
+
+
 def test_init_from_starts_a_new_run_from_trained_weights_and_refuses_another_shape(
     tmp_path, tiny_run, tiny_data_dir, mnist_root, capsys
 ):
