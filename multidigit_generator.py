@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import fcntl
 import functools
 import hashlib
 import io
@@ -54,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageDraw, ImageFont, ImageOps
@@ -1171,9 +1173,10 @@ class CachedComposites(Dataset):
     """The items of a FreshComposites read from disk instead of composed on the fly: the same
     images, labels and boxes (item i of epoch e is drawn with default_rng([seed, e, i]) either way),
     composed once, by every core, for any number of runs. Epoch e is a dataset folder (see
-    write_dataset), read memory-mapped, at root/KEY/epoch-e, where KEY is a digest of all that
-    shapes the data: the composer's settings and digit pool, the seed, the images an epoch and this
-    file's code (a change to how composites are drawn must not be served from an older cache)."""
+    write_dataset), read memory-mapped, at root/KEY/epoch-NNN, numbered from 1 as training counts
+    epochs, where KEY is a digest of all that shapes the data: the composer's settings and digit
+    pool, the seed, the images an epoch, this file's code and the libraries that draw pixels (an
+    older cache must not serve what today's code would draw differently)."""
 
     def __init__(self, fresh: FreshComposites, root: str | Path):
         self.fresh = fresh
@@ -1181,45 +1184,80 @@ class CachedComposites(Dataset):
         self.opened: tuple[int, MultiDigitFolder] | None = None  # (epoch, its folder), opened by the process reading
 
     def epoch_folder(self, epoch: int) -> Path:
-        return self.folder / f"epoch-{epoch:03d}"
+        return self.folder / f"epoch-{epoch + 1:03d}"
 
     def missing(self, epochs: range | list[int]) -> list[int]:
         return [e for e in epochs if not self.epoch_folder(e).is_dir()]  # a folder there was written whole
 
-    def compose(self, epochs: range | list[int], workers: int, progress: bool = True) -> None:
+    def compose(
+        self,
+        epochs: range | list[int],
+        workers: int,
+        progress: bool = True,
+        stopped: Callable[[], bool] = lambda: False,
+    ) -> None:
         """Compose the epochs that are not on disk yet, workers processes at a time (0: here),
-        each epoch written whole or not at all."""
+        each written whole or not at all, until stopped() says to stop. Processes composing into
+        the same folder at once (the ranks of a torchrun, two runs of one training world) share
+        the work: each epoch is composed under a lock by whichever takes it first, and the others
+        wait for the epochs they found taken."""
         missing = self.missing(epochs)
         if not missing:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)  # exist_ok: processes of one run may compose at once
-        settings = dict(seed=self.fresh.seed, images_per_epoch=len(self.fresh), composer=self.fresh.composer.settings())
-        bar = tqdm(total=len(missing) * len(self.fresh), desc="composing epochs", unit="img", disable=not progress)
-        for epoch in missing:
-            fresh = copy.copy(self.fresh)
-            fresh.set_epoch(epoch)
-            # The workers compose in the batching step (collate_fn), so each hands back whole
-            # Composites; batches arrive in index order. A generator of its own keeps the loader
-            # from drawing on torch's, which training's dropout draws on.
-            loader = DataLoader(
-                range(len(fresh)),
-                batch_size=64,
-                num_workers=workers,
-                collate_fn=fresh.composites,
-                generator=torch.Generator(),
-            )
-            composites = []
-            for batch in loader:
-                composites += batch
-                bar.update(len(batch))
-            composer = fresh.composer
-            metadata = dict(settings, epoch=epoch, max_digits=composer.most_digits, canvas_size=composer.canvas_size)
-            write_dataset(self.epoch_folder(epoch), composites, metadata)
-        bar.close()
+        pending = [(epoch, False) for epoch in missing]  # (epoch, whether to wait for its lock)
+        with tqdm(total=len(missing) * len(self), desc="composing epochs", unit="img", disable=not progress) as bar:
+            while pending and not stopped():
+                epoch, wait = pending.pop(0)
+                with self.epoch_lock(epoch, wait) as held:
+                    if not held:  # another process is composing it: come back to it last, and wait then
+                        pending.append((epoch, True))
+                        continue
+                    if not self.epoch_folder(epoch).is_dir():  # else the lock's last holder wrote it
+                        self.compose_epoch(epoch, workers, bar, stopped)
+                        continue
+                bar.update(len(self))
+
+    @contextlib.contextmanager
+    def epoch_lock(self, epoch: int, wait: bool) -> typing.Iterator[bool]:
+        """Hold the lock of one epoch (True), or yield False where another process holds it and wait is False."""
+        self.folder.mkdir(parents=True, exist_ok=True)  # exist_ok: another process may make it at once
+        with open(self.folder / f".epoch-{epoch + 1:03d}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True  # the lock goes with the file's closing, or with the process however it ends
+
+    def compose_epoch(self, epoch: int, workers: int, bar: tqdm, stopped: Callable[[], bool]) -> None:
+        fresh = copy.copy(self.fresh)
+        fresh.set_epoch(epoch)
+        # The workers compose in the batching step (collate_fn), so each hands back whole
+        # Composites, in index order. A generator of its own keeps the loader from drawing on
+        # torch's, which training's dropout draws on.
+        loader = DataLoader(
+            range(len(fresh)),
+            batch_size=64,
+            num_workers=workers,
+            collate_fn=fresh.composites,
+            generator=torch.Generator(),
+        )
+        composites = []
+        for batch in loader:
+            if stopped():
+                return
+            composites += batch
+            bar.update(len(batch))
+        composer = fresh.composer
+        settings = dict(seed=fresh.seed, images_per_epoch=len(fresh), composer=composer.settings())
+        metadata = dict(settings, epoch=epoch + 1, max_digits=composer.most_digits, canvas_size=composer.canvas_size)
+        write_dataset(self.epoch_folder(epoch), composites, metadata)
 
     def set_epoch(self, epoch: int) -> None:
         if not self.epoch_folder(epoch).is_dir():
-            raise FileNotFoundError(f"{self.epoch_folder(epoch)} is missing: compose it first (see compose)")
+            raise FileNotFoundError(
+                f"{self.epoch_folder(epoch)} is missing: compose it first (CachedComposites.compose)"
+            )
         self.fresh.set_epoch(epoch)
 
     def __len__(self) -> int:
@@ -1243,7 +1281,8 @@ def composites_key(fresh: FreshComposites) -> str:
     """A digest naming everything that decides a FreshComposites' data (see CachedComposites)."""
     composer = fresh.composer
     digest = hashlib.sha256(Path(__file__).read_bytes())
-    digest.update(json.dumps([composer.settings(), fresh.seed, len(fresh)], sort_keys=True).encode())
+    versions = [np.__version__, torch.__version__, PIL.__version__]
+    digest.update(json.dumps([composer.settings(), fresh.seed, len(fresh), versions], sort_keys=True).encode())
     digest.update(np.ascontiguousarray(composer.images).tobytes())
     digest.update(np.asarray(composer.labels, dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]

@@ -379,6 +379,17 @@ def add_machine_and_logging_options(p: argparse.ArgumentParser) -> None:
     machine.add_argument("--log-every", type=int, default=25, help="steps between training-loss logs")
 
 
+def check_cache_folder(path: str) -> None:
+    """ValueError unless --composite-cache's path is a folder, or can be made one, to write in."""
+    existing = Path(path)
+    while not existing.exists():
+        existing = existing.parent
+    if not path or not existing.is_dir():
+        raise ValueError(f"--composite-cache {path!r}: {existing} is not a folder; name a folder to keep epochs in")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--composite-cache {path}: {existing} cannot be written to")
+
+
 def flag_names(message: str) -> str:
     """A settings error as the command line spells it: d_model -> --d-model."""
     return re.sub(r"\b(" + "|".join(SETTINGS) + r")\b", lambda m: "--" + m[1].replace("_", "-"), message)
@@ -416,6 +427,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
         pick_device(options.device)
     except ValueError as error:
         parser.error(f"--device: {error}")
+    if options.composite_cache is not None:
+        try:
+            check_cache_folder(options.composite_cache)
+        except ValueError as error:
+            parser.error(str(error))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1 and options.run_type == "sweep":
         parser.error("a sweep runs its trials one after another in one process: start it without torchrun")
@@ -476,6 +492,7 @@ def restore_settings(options: argparse.Namespace) -> tuple[ModelConfig, TrainCon
     options.distill_from = checkpoint["training"].get("distill_from", [])
     options.teachers = load_teachers(options.distill_from, checkpoint["model_config"], train_config)
     options.wandb = options.wandb or checkpoint["training"].get("wandb", "auto")
+    options.composite_cache = options.composite_cache or checkpoint["training"].get("composite_cache")
     return checkpoint["model_config"], train_config, checkpoint
 
 
@@ -545,10 +562,12 @@ def start_job(options: argparse.Namespace, model_config: ModelConfig, train_conf
     out_dir = Path(options.out_dir or "runs/default")
     # One worker composing the next batches keeps a CPU's training from waiting for them (a third
     # of its time on 2 cores, composing in this process), and pays even where it shares a core
-    # with PyTorch's threads; a GPU needs all the composing the cores can give (docs/performance.md).
+    # with PyTorch's threads; a GPU needs all the composing the cores can give (docs/performance.md),
+    # or, reading composed epochs (--composite-cache), two workers.
     num_workers = options.num_workers
     if num_workers is None:
-        num_workers = 1 if procs.device.type == "cpu" else max(1, cores_per_process() - 1)
+        num_workers = max(1, cores_per_process() - 1) if procs.device.type != "cpu" else 1
+        num_workers = min(num_workers, 2) if options.composite_cache else num_workers
     return Job(options, model_config, train_config, procs, out_dir, num_workers)
 
 
@@ -873,6 +892,7 @@ def save_run_checkpoint(name: str, job: Job, training: Training) -> None:
                 "init_from": job.options.started_from,
                 "distill_from": job.options.distill_from,
                 "wandb": job.options.wandb,
+                "composite_cache": job.options.composite_cache,
             },
         )
 
@@ -1136,9 +1156,10 @@ def train(
             job.procs.say(f"starting from the weights of {options.init_from}")
         if options.distill_from:
             job.procs.say(f"distilling {', '.join(options.distill_from)} (weight {train_config.distill_weight})")
-        compose_ahead(job, training, data)
-        job.started, job.first_step = time.time(), training.step
-        with StopSignal(job.procs) as stop:  # from here on, Ctrl-C stops after a step and saves
+        with StopSignal(job.procs) as stop:  # from here on, Ctrl-C stops after a step (or a batch composed)
+            if not compose_ahead(job, training, data, stop):
+                return {"finished": False, "step": training.step, "val": training.val_metrics}
+            job.started, job.first_step = time.time(), training.step
             job.procs.say(describe(job, training, data), flush=True)
             job.log = start_wandb(job, training, run)
             finished = run_epochs(job, training, data, stop)
@@ -1148,21 +1169,36 @@ def train(
     return {**result, "finished": finished, "step": training.step, "val": training.val_metrics}
 
 
-def compose_ahead(job: Job, training: Training, data: Data) -> None:
-    """With --composite-cache, compose the epochs still to train that are not cached yet: each
-    process its share of them, with its share of the cores."""
+def compose_ahead(job: Job, training: Training, data: Data, stop: StopSignal) -> bool:
+    """With --composite-cache, compose the epochs this run is still to train (up to --max-steps)
+    that are not cached yet, with every core; the processes of a torchrun share them out. False
+    if asked to stop first."""
     if not isinstance(data.train_set, CachedComposites):
-        return
-    procs = job.procs
-    epochs = range(training.step // data.steps_per_epoch, job.train_config.epochs)
+        return True
+    procs, folder = job.procs, data.train_set.folder
+    last = job.train_config.epochs
+    if job.options.max_steps:
+        last = min(last, math.ceil(job.options.max_steps / data.steps_per_epoch))
+    epochs = range(training.step // data.steps_per_epoch, last)
+    if not epochs:
+        return True
     missing = data.train_set.missing(epochs)
     procs.say(
-        f"training epochs {epochs.start + 1}-{epochs.stop} from {data.train_set.folder}: "
+        f"training epochs {epochs.start + 1}-{epochs.stop} from {folder}: "
         + (f"composing {len(missing)} of them" if missing else "all composed already")
     )
-    data.train_set.compose(missing[procs.rank :: procs.world_size], workers=cores_per_process(), progress=procs.is_main)
+    data.train_set.compose(
+        missing,
+        workers=cores_per_process(),
+        progress=procs.is_main,
+        stopped=lambda: stop.requested_at is not None,  # this process's own flag: agreed() is collective
+    )
     if procs.world_size > 1:
         dist.barrier()
+    if stop.agreed():
+        procs.say(f"stopped while composing; the epochs composed so far stay in {folder} for the next run")
+        return False
+    return True
 
 
 def describe(job: Job, training: Training, data: Data) -> str:
@@ -1238,10 +1274,10 @@ def time_left(job: Job, training: Training, data: Data) -> str:
 def calibrate(job: Job, training: Training, data: Data) -> Calibration:
     """The temperature and unsure threshold of the final weights: fitted on validation and on as many
     validation digits composed as training composes them (evaluate.fit_calibration)."""
-    val_set = data.val_set
+    val_set, model = data.val_set, training.evaluated.eval()  # eval: BatchNorm reads with its running statistics
     shifted = generate(data.val_composer, len(val_set), seed=job.train_config.seed + 1, progress=False)
     calibration = fit_calibration(
-        training.evaluated,
+        model,
         val_set.images,
         [r["label"] for r in val_set.records],
         shifted=(np.stack([c.image for c in shifted]), [c.label for c in shifted]),
@@ -1283,6 +1319,7 @@ def export(job: Job, training: Training, data: Data, *, wall: float, steps: int)
         "threads": job.precision.threads,
         "init_from": job.options.started_from,
         "distill_from": job.options.distill_from,
+        "composite_cache": str(data.train_set.folder) if isinstance(data.train_set, CachedComposites) else None,
         "calibration": asdict(calibration),
         "settings": job.settings,
     }

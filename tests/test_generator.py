@@ -3,6 +3,8 @@ import math
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from conftest import run_script
 from multidigit_generator import (
@@ -144,13 +147,34 @@ def test_same_seed_same_bytes(mnist_test):
     assert any(a.image.tobytes() != b.image.tobytes() for a, b in zip(first, other))
 
 
+def test_processes_composing_one_cache_at_once_share_its_epochs(tmp_path, mnist_test):
+    # Another process holds epoch 1's lock: this one composes epoch 2, then waits for epoch 1
+    # and takes it as the other process wrote it.
+    images, labels = mnist_test
+    caches = [CachedComposites(FreshComposites(MultiDigitComposer(images, labels), 20, seed=1), tmp_path) for _ in "ab"]
+    composed = []
+    for cache in caches:
+        compose_epoch = cache.compose_epoch
+        cache.compose_epoch = lambda epoch, *args, c=compose_epoch: composed.append(epoch) or c(epoch, *args)
+    with caches[1].epoch_lock(0, wait=True):
+        other = threading.Thread(target=caches[0].compose, args=(range(2), 0, False))
+        other.start()
+        while caches[0].missing([1]):
+            time.sleep(0.05)
+        caches[1].compose_epoch(0, 0, tqdm(disable=True), lambda: False)
+    other.join(timeout=60)
+    assert not other.is_alive() and composed == [1, 0] and caches[0].missing(range(2)) == []
+
+
 def test_cached_composites_are_the_fresh_ones_and_each_training_world_has_its_own(tmp_path, mnist_test):
     images, labels = mnist_test
     world = dict(pen_share=0.3, paper_noise=0.3, overflow_share=0.2, nondigit_share=0.1)
     fresh = FreshComposites(MultiDigitComposer(images, labels, **world), 40, seed=3)
     cached = CachedComposites(FreshComposites(MultiDigitComposer(images, labels, **world), 40, seed=3), tmp_path)
-    with pytest.raises(FileNotFoundError, match="epoch-001 is missing"):
+    with pytest.raises(FileNotFoundError, match="epoch-002 is missing"):  # folders count epochs from 1
         cached.set_epoch(1)
+    cached.compose(range(2), workers=0, progress=False, stopped=lambda: True)
+    assert cached.missing(range(2)) == [0, 1]  # asked to stop: nothing written, not even in part
     cached.compose(range(2), workers=2, progress=False)  # in worker processes, as training composes them
     for epoch in (1, 0):
         fresh.set_epoch(epoch)

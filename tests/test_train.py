@@ -118,18 +118,22 @@ def test_training_from_the_composite_cache_trains_the_same_weights_and_later_run
     for name, extra in (("live", ()), ("cached", ("--composite-cache", str(cache)))):
         args = train_args(tiny_data_dir, mnist_root, tmp_path / name, "--max-steps", "4", "--threads", "1", *extra)
         assert train_main(args) == 0
-    assert "composing 3 of them" in capsys.readouterr().out
+    assert "training epochs 1-2 from" in (out := capsys.readouterr().out) and "composing 2 of them" in out
     live, cached = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("live", "cached"))
     for name, tensor in live["training"]["weights"].items():
         assert torch.equal(tensor, cached["training"]["weights"][name]), name
     (folder,) = cache.iterdir()
-    epochs = sorted(p.name for p in folder.iterdir())
-    assert epochs == ["epoch-000", "epoch-001", "epoch-002"]
-    written = (folder / "epoch-000" / "images.npy").stat().st_mtime_ns
+    epochs = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # not the locks
+    assert epochs == ["epoch-001", "epoch-002"]  # as far as --max-steps 4 goes, at 3 steps an epoch
+    written = (folder / "epoch-001" / "images.npy").stat().st_mtime_ns
     again = train_args(tiny_data_dir, mnist_root, tmp_path / "again", "--max-steps", "1")
     assert train_main([*again, "--composite-cache", str(cache)]) == 0
     assert "all composed already" in capsys.readouterr().out
-    assert (folder / "epoch-000" / "images.npy").stat().st_mtime_ns == written
+    assert (folder / "epoch-001" / "images.npy").stat().st_mtime_ns == written
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exited:
+        train_main([*again, "--composite-cache", str(tmp_path / "a-file" / "cache")])
+    assert exited.value.code == 2 and "a-file is not a folder" in capsys.readouterr().err
 
 
 def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_dir, mnist_root, capsys):
@@ -399,12 +403,17 @@ def test_resuming_a_finished_run_says_so_and_exports_its_final_weights_again(
 ):
     # A run whose export did not finish (a crash while testing) is completed by --resume.
     assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path, "--epochs", "1", "--train-images", "32")) == 0
+    exported = load_checkpoint(tmp_path / "model.pt")
     (tmp_path / "model.pt").unlink()
     capsys.readouterr()
     assert train_main(["--resume", str(tmp_path / "last.pt"), "--wandb", "disabled"]) == 0
     out = capsys.readouterr().out
     assert "all 1 steps were trained already: scoring and exporting the final weights" in out
-    assert "test: sequence accuracy" in out and load_checkpoint(tmp_path / "model.pt")["step"] == 1
+    again = load_checkpoint(tmp_path / "model.pt")
+    assert "test: sequence accuracy" in out and again["step"] == 1
+    # The same model as the first export: reading to calibrate must not move BatchNorm's statistics.
+    assert again["calibration"] == exported["calibration"]
+    assert all(torch.equal(t, again["model"][k]) for k, t in exported["model"].items())
 
 
 def test_distill_from_teaches_with_trained_models_through_a_resume_and_refuses_what_cannot_teach(
