@@ -200,7 +200,12 @@ def make_configs(settings: dict) -> tuple[ModelConfig, TrainConfig]:
     try:
         check_composer_settings(**training_composer(model_config, train_config))
     except ValueError as error:  # said in the composer's words: its canvas is the model's image
-        words = {"canvas_size": "image_size", "--canvas-size": "--image-size", "--digit-height": "--min-digit-height"}
+        words = {
+            "canvas_size": "image_size",
+            "--canvas-size": "--image-size",
+            "--digit-height": "--min-digit-height",
+            "digit_height": "--min-digit-height/--max-digit-height",
+        }
         raise ValueError(re.sub("|".join(words), lambda m: words[m[0]], str(error))) from None
     return model_config, train_config
 
