@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(p, ModelConfig, "model settings (ModelConfig in model.py)")
     add_settings_flags(p, TrainConfig, "training settings (TrainConfig)")
     add_run_options(p)
+    add_starting_point_options(p)
     add_machine_and_logging_options(p)
     return p
 
@@ -295,21 +296,6 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         help="last.pt, best.pt, config.json, test_metrics.json and model.pt go here "
         "(default: runs/default, or the folder of the checkpoint given to --resume)",
     )
-    run.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this last.pt, with its settings")
-    run.add_argument(
-        "--init-from",
-        metavar="CHECKPOINT",
-        help="start from the weights of this checkpoint (a model.pt or last.pt of the same model settings) "
-        "instead of random ones; the optimiser and the learning-rate schedule start afresh",
-    )
-    run.add_argument(
-        "--distill-from",
-        nargs="+",
-        default=[],
-        metavar="CHECKPOINT",
-        help="distil these trained models (an ensemble of one or more, of any size) into the one trained here: "
-        "the token loss also matches their averaged probabilities (--distill-weight)",
-    )
     run.add_argument(
         "--max-steps",
         type=int,
@@ -329,6 +315,27 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)"
+    )
+
+
+def add_starting_point_options(p: argparse.ArgumentParser) -> None:
+    start = p.add_argument_group("where a run starts (default: random weights)")
+    start.add_argument(
+        "--resume", metavar="CHECKPOINT", help="continue the run saved in this last.pt, with its settings"
+    )
+    start.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="start from the weights of this checkpoint (a model.pt or last.pt of the same model settings) "
+        "instead of random ones; the optimiser and the learning-rate schedule start afresh",
+    )
+    start.add_argument(
+        "--distill-from",
+        nargs="+",
+        default=[],
+        metavar="CHECKPOINT",
+        help="distil these trained models (an ensemble of one or more, of any size) into the one trained here: "
+        "the token loss also matches their averaged probabilities (--distill-weight)",
     )
 
 
@@ -384,15 +391,16 @@ def add_machine_and_logging_options(p: argparse.ArgumentParser) -> None:
     machine.add_argument("--log-every", type=int, default=25, help="steps between training-loss logs")
 
 
-def check_cache_folder(path: str) -> None:
-    """ValueError unless --composite-cache's path is a folder, or can be made one, to write in."""
+def cache_folder_problem(path: str) -> str | None:
+    """What stops --composite-cache's path from being a folder to write in (made if need be), or None."""
     existing = Path(path)
     while not existing.exists():
         existing = existing.parent
     if not path or not existing.is_dir():
-        raise ValueError(f"--composite-cache {path!r}: {existing} is not a folder; name a folder to keep epochs in")
+        return f"--composite-cache {path!r}: {existing} is not a folder; name a folder to keep epochs in"
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--composite-cache {path}: {existing} cannot be written to")
+        return f"--composite-cache {path}: {existing} cannot be written to"
+    return None
 
 
 def flag_names(message: str) -> str:
@@ -421,25 +429,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in SETTINGS}
     options = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in SETTINGS})
-    for name in ("max_steps", "num_workers", "log_every", "save_every", "threads"):
-        least = 1 if name in ("log_every", "threads") else 0
-        value = getattr(options, name)
-        if value is not None and value < least:
-            parser.error(f"--{name.replace('_', '-')} must be at least {least}")
-    if options.count is not None and (options.count < 1 or options.run_type != "sweep"):
-        parser.error(f"--count is the number of sweep trials: at least 1, with --run-type sweep (got {options.count})")
-    try:
-        pick_device(options.device)
-    except ValueError as error:
-        parser.error(f"--device: {error}")
-    if options.composite_cache is not None:
-        try:
-            check_cache_folder(options.composite_cache)
-        except ValueError as error:
-            parser.error(str(error))
+    check_run_options(parser, options)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1 and options.run_type == "sweep":
-        parser.error("a sweep runs its trials one after another in one process: start it without torchrun")
     if options.resume:
         started = options.init_from or options.distill_from or options.recipe
         if given or options.config or options.run_type == "sweep" or started:
@@ -477,6 +468,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
             f"it must split evenly over {world_size} processes"
         )
     return options, model_config, train_config
+
+
+def check_run_options(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None:
+    """Exit with a usage error for run options no run can take."""
+    for name in ("max_steps", "num_workers", "log_every", "save_every", "threads"):
+        least = 1 if name in ("log_every", "threads") else 0
+        value = getattr(options, name)
+        if value is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}")
+    if options.count is not None and (options.count < 1 or options.run_type != "sweep"):
+        parser.error(f"--count is the number of sweep trials: at least 1, with --run-type sweep (got {options.count})")
+    try:
+        pick_device(options.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
+    if options.composite_cache is not None and (problem := cache_folder_problem(options.composite_cache)):
+        parser.error(problem)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and options.run_type == "sweep":
+        parser.error("a sweep runs its trials one after another in one process: start it without torchrun")
 
 
 def restore_settings(options: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, dict]:
