@@ -82,24 +82,33 @@ def train_args(data_dir, mnist_root, out_dir, *extra):
     ]
 
 
-def test_interrupted_training_resumes_exactly(tmp_path, tiny_data_dir, mnist_root, capsys):
-    # Straight through 5 steps, versus 2 steps, stop, resume to 5 (across an epoch end, with
-    # dropout on so the random state matters): the weights must be identical.
-    # In this process: the command line's code path without a Python start-up per run.
-    # One thread for both (a busy machine could have them timed to different counts, which round
-    # differently); the resumed run keeps its count without being told.
-    for name, steps in (("straight", "5"), ("resumed", "2")):
-        assert (
-            train_main(train_args(tiny_data_dir, mnist_root, tmp_path / name, "--max-steps", steps, "--threads", "1"))
-            == 0
-        )
+def test_interrupted_training_resumes_exactly_and_the_composite_cache_trains_the_same(
+    tmp_path, tiny_data_dir, mnist_root, capsys
+):
+    # Straight through 5 steps composing live, versus 2 steps from --composite-cache, stop,
+    # resume to 5 (across an epoch end, with dropout on so the random state matters): the
+    # weights must be identical. In this process: the command line's code path without a
+    # Python start-up per run. One thread for both (a busy machine could have them timed to
+    # different counts, which round differently); the resumed run keeps its count, its W&B mode
+    # and its cache without being told.
+    cache = tmp_path / "composites"
+    runs = (("straight", "5", ()), ("resumed", "2", ("--composite-cache", str(cache))))
+    for name, steps, extra in runs:
+        args = train_args(tiny_data_dir, mnist_root, tmp_path / name, "--max-steps", steps, "--threads", "1", *extra)
+        assert train_main(args) == 0
+    assert "training epochs 1-1 from" in capsys.readouterr().out  # only as far as --max-steps 2 goes
+    (folder,) = cache.iterdir()
+    written = (folder / "epoch-001" / "images.npy").stat().st_mtime_ns
     torch.set_num_threads(2)
     # A copy of the stopped run, resumed, goes on in the copy's folder; the original stays as it was.
     shutil.copytree(tmp_path / "resumed", tmp_path / "copy")
     before = (tmp_path / "resumed" / "last.pt").read_bytes()
     assert train_main(["--resume", str(tmp_path / "copy" / "last.pt"), "--max-steps", "5"]) == 0
-    # The resumed run keeps the thread count and the W&B mode (disabled) it started with.
-    assert "resumed from" in capsys.readouterr().out and torch.get_num_threads() == 1
+    out = capsys.readouterr().out
+    assert "resumed from" in out and torch.get_num_threads() == 1
+    assert "training epochs 1-2 from" in out and "composing 1 of them" in out  # epoch 1 read as it was
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["epoch-001", "epoch-002"]
+    assert (folder / "epoch-001" / "images.npy").stat().st_mtime_ns == written
     assert (tmp_path / "resumed" / "last.pt").read_bytes() == before
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "copy" / "last.pt", weights_only=True)
@@ -109,30 +118,9 @@ def test_interrupted_training_resumes_exactly(tmp_path, tiny_data_dir, mnist_roo
     for name, tensor in straight["model"].items():  # their moving average
         assert torch.equal(tensor, resumed["model"][name]), name
     assert (tmp_path / "copy" / "best.pt").is_file()  # the epoch that ended after resuming was validated
-
-
-def test_training_from_the_composite_cache_trains_the_same_weights_and_later_runs_reuse_it(
-    tmp_path, tiny_data_dir, mnist_root, capsys
-):
-    cache = tmp_path / "composites"
-    for name, extra in (("live", ()), ("cached", ("--composite-cache", str(cache)))):
-        args = train_args(tiny_data_dir, mnist_root, tmp_path / name, "--max-steps", "4", "--threads", "1", *extra)
-        assert train_main(args) == 0
-    assert "training epochs 1-2 from" in (out := capsys.readouterr().out) and "composing 2 of them" in out
-    live, cached = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("live", "cached"))
-    for name, tensor in live["training"]["weights"].items():
-        assert torch.equal(tensor, cached["training"]["weights"][name]), name
-    (folder,) = cache.iterdir()
-    epochs = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # not the locks
-    assert epochs == ["epoch-001", "epoch-002"]  # as far as --max-steps 4 goes, at 3 steps an epoch
-    written = (folder / "epoch-001" / "images.npy").stat().st_mtime_ns
-    again = train_args(tiny_data_dir, mnist_root, tmp_path / "again", "--max-steps", "1")
-    assert train_main([*again, "--composite-cache", str(cache)]) == 0
-    assert "all composed already" in capsys.readouterr().out
-    assert (folder / "epoch-001" / "images.npy").stat().st_mtime_ns == written
     (tmp_path / "a-file").write_text("")
     with pytest.raises(SystemExit) as exited:
-        train_main([*again, "--composite-cache", str(tmp_path / "a-file" / "cache")])
+        train_main([*train_args(tiny_data_dir, mnist_root, tmp_path), "--composite-cache", str(tmp_path / "a-file/x")])
     assert exited.value.code == 2 and "a-file is not a folder" in capsys.readouterr().err
 
 
