@@ -1295,10 +1295,7 @@ class MultiDigitFolder(Dataset):
         self.folder = Path(folder)
         self.images, self.records, self.metadata = read_dataset(self.folder)
         self.max_digits = max([self.metadata.get("max_digits", 0), *(len(r["label"]) for r in self.records)])
-        self.boxes = torch.full((len(self.records), self.max_digits, 4), -1, dtype=torch.long)  # as dataset_item pads
-        for index, record in enumerate(self.records):
-            if record["boxes"]:
-                self.boxes[index, : len(record["boxes"])] = torch.tensor(record["boxes"])
+        self.boxes = torch.stack([padded_boxes(r["boxes"], self.max_digits) for r in self.records])
 
     def __len__(self) -> int:
         return len(self.records)
@@ -1320,12 +1317,17 @@ class MultiDigitFolder(Dataset):
 def dataset_item(
     image: np.ndarray, label: str, layout: str, boxes: list, most: int
 ) -> tuple[torch.Tensor, str, str, torch.Tensor]:
-    """(canvas (H, W) uint8, label, layout, ink boxes): the boxes are (most, 4) x0, y0, x1, y1 in
-    label order, padded with -1 rows so that a batch's boxes stack into one tensor."""
+    """(canvas (H, W) uint8, label, layout, ink boxes (see padded_boxes))."""
+    return torch.from_numpy(image), label, layout, padded_boxes(boxes, most)
+
+
+def padded_boxes(boxes: list, most: int) -> torch.Tensor:
+    """Ink boxes (most, 4), x0, y0, x1, y1 in label order, padded with -1 rows so that a batch's
+    boxes stack into one tensor."""
     padded = torch.full((most, 4), -1, dtype=torch.long)
     if len(boxes):
         padded[: len(boxes)] = torch.tensor(boxes, dtype=torch.long)
-    return torch.from_numpy(image), label, layout, padded
+    return padded
 
 
 def generate(

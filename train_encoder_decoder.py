@@ -816,15 +816,20 @@ def build_training(job: Job) -> Training:
     return Training(model, ema, optimizer, objective, teachers)
 
 
+def load_named_checkpoint(flag: str, path: str, load: typing.Callable[[str], typing.Any]) -> typing.Any:
+    """What load makes of the checkpoint a flag names; ValueError naming the flag if it cannot."""
+    if not Path(path).is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+    try:
+        return load(path)
+    except CheckpointError as error:
+        raise ValueError(f"{flag} {error}") from None
+
+
 def initial_weights(path: str, config: ModelConfig) -> dict:
     """The weights a checkpoint reads with (the averaged ones), for a model of this config;
     ValueError saying what stands in the way. Checked before the run writes or composes anything."""
-    if not Path(path).is_file():
-        raise ValueError(f"--init-from {path}: no such file")
-    try:
-        checkpoint = load_checkpoint(path)
-    except CheckpointError as error:
-        raise ValueError(f"--init-from {error}") from None
+    checkpoint = load_named_checkpoint("--init-from", path, load_checkpoint)
     if checkpoint["model_config"] != config:
         different = [k for k, v in asdict(config).items() if asdict(checkpoint["model_config"])[k] != v]
         raise ValueError(f"--init-from {path}: its model differs from this run's in {', '.join(different)}")
@@ -842,12 +847,7 @@ def load_teachers(paths: list[str], config: ModelConfig, train_config: TrainConf
         raise ValueError("--distill-from teaches token by token in reading order: it does not go with --order-free")
     teachers = []
     for path in paths:
-        if not Path(path).is_file():
-            raise ValueError(f"--distill-from {path}: no such file")
-        try:
-            teacher = load_model(path, "cpu", precision="fp32")
-        except CheckpointError as error:
-            raise ValueError(f"--distill-from {error}") from None
+        teacher = load_named_checkpoint("--distill-from", path, lambda p: load_model(p, "cpu", precision="fp32"))
         if (teacher.config.image_size, teacher.config.max_digits) != (config.image_size, config.max_digits):
             raise ValueError(
                 f"--distill-from {path}: it reads {teacher.config.image_size}px canvases of up to "
