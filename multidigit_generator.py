@@ -1410,6 +1410,13 @@ def check_destination(path: str | Path, files: tuple[str, ...] | None) -> None:
         )
 
 
+def process_umask() -> int:
+    """The permission bits this process's new files and folders are made without."""
+    mask = os.umask(0o022)  # reading the mask means setting it; it is put back at once
+    os.umask(mask)
+    return mask
+
+
 def remove(path: Path) -> None:
     """Delete a file, a link or a folder with everything in it, as far as possible."""
     if path.is_dir() and not path.is_symlink():
@@ -1460,6 +1467,8 @@ class Staging:
             os.close(handle)
         else:
             name = tempfile.mkdtemp(**place)
+        # mkstemp/mkdtemp make private paths; what is written is ordinary data, as open() and mkdir() make it
+        os.chmod(name, (0o666 if files is None else 0o777) & ~process_umask())
         self.staged.append((Path(name), path))
         return Path(name)
 

@@ -442,7 +442,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
                 "(or start a new run in another --out-dir)"
             )
         return options, None, None
-    options.wandb = options.wandb or "auto"
+    options.wandb = wandb_mode(options.wandb or "auto")  # saved as resolved: a resumed run logs where it began
     try:
         budget = TRIAL_BUDGET if options.run_type == "sweep" else {}
         model_config, train_config = make_configs(

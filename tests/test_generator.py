@@ -708,6 +708,21 @@ def test_staging_puts_everything_back_when_a_move_fails(tmp_path, monkeypatch):
     assert snapshot(tmp_path) == kept and sorted(os.listdir(tmp_path)) == ["a", "b", "record.json"]
 
 
+def test_written_folders_and_files_get_the_permissions_mkdir_and_open_would_give(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        with Staging() as staging:
+            (staging.folder(tmp_path / "set", DATASET_FILES) / "images.npy").write_text("x")
+            staging.file(tmp_path / "record.json").write_text("x")
+        (tmp_path / "made-by-mkdir").mkdir()
+        (tmp_path / "made-by-open.json").write_text("x")
+    finally:
+        os.umask(previous)
+    mode = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert mode["set"] == mode["made-by-mkdir"] == 0o750, "others in the group can read a dataset"
+    assert mode["record.json"] == mode["made-by-open.json"] == 0o640
+
+
 # ---- the wider world training draws from
 
 

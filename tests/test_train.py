@@ -477,6 +477,15 @@ def test_the_full_recipe_changes_its_settings_and_config_files_and_flags_change_
     assert exited.value.code == 2 and "drop --recipe" in capsys.readouterr().err
 
 
+def test_wandb_auto_is_saved_as_the_mode_it_chose(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc holding a W&B login
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert parse_args([])[0].wandb == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "a-key")
+    assert parse_args([])[0].wandb == "online"
+    assert parse_args(["--wandb", "disabled"])[0].wandb == "disabled"
+
+
 def test_a_usage_error_is_one_line(capsys):
     with pytest.raises(SystemExit) as exited:
         parse_args(["--threads", "0"])
