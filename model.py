@@ -186,7 +186,7 @@ def check_settings(config: object) -> None:
 @dataclass
 class ModelConfig:
     """The model's shape. The defaults are the shipped model's (checkpoints/digit_transformer.pt),
-    the model that the training script's default command trains."""
+    the shape both of the training script's recipes train."""
 
     image_size: int = setting(96, "side of the square canvas in pixels (the composites' canvas size)", 16, 1024)
     patch_size: int = setting(12, "side of the square patches the encoder reads", 2, 64)

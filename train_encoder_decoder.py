@@ -176,8 +176,8 @@ class TrainConfig:
 
 
 # The two named recipes, as settings over TrainConfig's defaults. quick is the default command,
-# sized for a 2-core CPU in under an hour; full is meant for the shipped model: minutes on a GPU, hours
-# in the background on a CPU (docs/training.md has both recipes' figures).
+# sized for a 2-core CPU in under an hour; full trains the shipped model: minutes on a GPU, hours in
+# the background on a CPU (docs/training.md has both recipes' figures).
 RECIPES = {"quick": {}, "full": {"epochs": 50}}
 
 # The settings a run is made of: every field of both configs except patch_head, which follows

@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import REPO, TINY_MODEL
 from model import ModelConfig, load_checkpoint, load_model
 from predict import main as predict_main
-from train_encoder_decoder import RECIPES, SETTINGS, TrainConfig, all_settings, parse_args
+from train_encoder_decoder import RECIPES, SETTINGS, TrainConfig, all_settings, make_configs, parse_args
 from train_encoder_decoder import main as train_main
 
 
@@ -371,21 +371,17 @@ def test_any_value_of_a_numeric_flag_is_taken_within_bounds_or_refused_naming_th
         assert field.metadata["low"] <= taken <= field.metadata["high"]
 
 
-def test_model_card_the_defaults_are_the_shipped_recipe():
-    # The default command trains the shipped model: ModelConfig's and TrainConfig's defaults are
-    # the settings checkpoints/digit_transformer.pt was trained with.
+def test_model_card_the_full_recipe_is_the_shipped_model():
+    # `--recipe full` trains the shipped model: ModelConfig's defaults and the full recipe's settings
+    # are those checkpoints/digit_transformer.pt was trained with.
     from dataclasses import asdict
 
     from model import DEFAULT_CHECKPOINT
 
     shipped = load_checkpoint(DEFAULT_CHECKPOINT)
-    assert shipped["model_config"] == ModelConfig()
-    recipe = asdict(TrainConfig())
-    # Settings added since it was trained are absent from its checkpoint; their defaults change
-    # nothing (distill_weight acts only with --distill-from's teachers).
-    added = {k: recipe[k] for k in recipe.keys() - shipped["train_config"]}
-    assert added == {"elastic_share": 0.0, "distill_weight": 0.5}
-    assert shipped["train_config"] == {k: recipe[k] for k in shipped["train_config"]}
+    model_config, train_config = make_configs(RECIPES["full"])
+    assert shipped["model_config"] == ModelConfig() == model_config
+    assert shipped["train_config"] == asdict(train_config)
 
 
 def test_resuming_a_finished_run_says_so_and_exports_its_final_weights_again(
