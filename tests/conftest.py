@@ -21,6 +21,14 @@ from split_multidigit_dataset import prepare_splits
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Each xdist worker gets its share of the cores for PyTorch, and so do the scripts it starts
+# (OMP_NUM_THREADS): two workers of two threads each on two cores wait on each other's threads
+# and run the PyTorch-heavy tests several times slower.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    share = max(1, (os.cpu_count() or 1) // workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 TINY_MODEL = (
     "--patch-size 12 --stem-width 16 --d-model 32 --n-heads 2 --encoder-layers 1 --decoder-layers 1 --ff-mult 2".split()
 )
