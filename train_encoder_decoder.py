@@ -176,7 +176,7 @@ class TrainConfig:
 
 
 # The two named recipes, as settings over TrainConfig's defaults. quick is the default command,
-# sized for a 2-core CPU in under an hour; full trains the shipped model: minutes on a GPU, hours in
+# about an hour on a 2-core CPU; full trains the shipped model: minutes on a GPU, hours in
 # the background on a CPU (docs/training.md has both recipes' figures).
 RECIPES = {"quick": {}, "full": {"epochs": 50}}
 
