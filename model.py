@@ -1170,9 +1170,11 @@ def save_checkpoint(path: str | Path, config: ModelConfig, weights: dict, **extr
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"checkpoint_version": CHECKPOINT_VERSION, "model_config": asdict(config), "model": weights, **extra}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A new name beside the target, made as open() makes any file (the umask applies, where mkstemp's
+    # would be private), then renamed over the target: no reader ever sees half a checkpoint.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.chmod(temporary, 0o644)  # mkstemp's files are private; a checkpoint is an ordinary file
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
             file.flush()

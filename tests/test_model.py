@@ -1,4 +1,5 @@
 import json
+import os
 import pickle
 from collections.abc import Callable
 
@@ -404,6 +405,19 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(model, tmp_path):
         save_checkpoint(path, CONFIG, model.state_dict(), unpicklable=lambda: None)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
     load_model(path, "cpu")
+
+
+def test_a_checkpoint_gets_the_permissions_open_would_give(model, tmp_path):
+    from model import save_checkpoint
+
+    previous = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "m.pt", CONFIG, model.state_dict())
+        (tmp_path / "made-by-open").write_text("x")
+    finally:
+        os.umask(previous)
+    mode = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert mode == {"m.pt": 0o640, "made-by-open": 0o640}, "readable by the group as any file, and nothing left over"
 
 
 def test_attention_widths_dim_k_and_dim_v_shape_the_projections_and_decode_alike():
