@@ -46,7 +46,6 @@ import shutil
 import string
 import struct
 import sys
-import tempfile
 import typing
 from collections import Counter
 from collections.abc import Callable
@@ -1410,13 +1409,6 @@ def check_destination(path: str | Path, files: tuple[str, ...] | None) -> None:
         )
 
 
-def process_umask() -> int:
-    """The permission bits this process's new files and folders are made without."""
-    mask = os.umask(0o022)  # reading the mask means setting it; it is put back at once
-    os.umask(mask)
-    return mask
-
-
 def remove(path: Path) -> None:
     """Delete a file, a link or a folder with everything in it, as far as possible."""
     if path.is_dir() and not path.is_symlink():
@@ -1461,16 +1453,15 @@ class Staging:
             if not parent.exists():
                 parent.mkdir()
                 self.made.append(parent)
-        place = dict(prefix=f".{path.name}.partial-", dir=path.parent)
+        # A new name beside the destination, made as open() and mkdir() make any file or folder (the
+        # umask applies, where mkstemp's and mkdtemp's would be private).
+        name = path.with_name(f".{path.name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
         if files is None:
-            handle, name = tempfile.mkstemp(**place)
-            os.close(handle)
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         else:
-            name = tempfile.mkdtemp(**place)
-        # mkstemp/mkdtemp make private paths; what is written is ordinary data, as open() and mkdir() make it
-        os.chmod(name, (0o666 if files is None else 0o777) & ~process_umask())
-        self.staged.append((Path(name), path))
-        return Path(name)
+            name.mkdir()
+        self.staged.append((name, path))
+        return name
 
     def commit(self) -> None:
         """Move everything staged into place (what the block's end does)."""

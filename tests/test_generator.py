@@ -2,7 +2,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -679,7 +678,7 @@ def test_cli_write_failure_is_one_line_exit_1_and_keeps_the_older_dataset(
         def read_only(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(tempfile, "mkdtemp", read_only)  # how making the temporary folder fails there
+        monkeypatch.setattr(Path, "mkdir", read_only)  # how making the staging folder fails there
         reason = "[Errno 13] Permission denied"
     args = ["--out", str(out), "--split", "test", "--num-images", "3", "--mnist-root", str(mnist_root)]
     assert main(args) == 1
