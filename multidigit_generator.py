@@ -218,16 +218,17 @@ def augment_digit(
             )
         # On a PIL image: three times faster than on a tensor, and training composes every digit afresh.
         digit = turn_and_shear(digit, angle=angle, shear=shear, scale=scale)
-    image = torch.from_numpy(digit.astype(np.float32))[None]
-    if stroke:
-        changed = change_stroke_width(image, stroke)
-        if stroke < 0 and fade:
-            image = 0.5 * (image + changed)
-        elif stroke < 0:
-            image = changed * (image.max() / changed.max().clamp(min=1))
-        else:
-            image = changed
-    return image[0].round().clamp(0, 255).to(torch.uint8).numpy()
+    if not stroke:
+        return digit
+    image = digit.astype(np.float32)
+    changed = change_stroke_width(image, stroke)
+    if stroke < 0 and fade:
+        image = 0.5 * (image + changed)
+    elif stroke < 0:
+        image = changed * (image.max() / max(changed.max(), np.float32(1)))
+    else:
+        image = changed
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
 def turn_and_shear(image: np.ndarray, *, angle: float, shear: float, scale: float) -> np.ndarray:
@@ -243,7 +244,7 @@ def turn_and_shear(image: np.ndarray, *, angle: float, shear: float, scale: floa
     turned = Image.fromarray(image).transform(
         image.shape[::-1], Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BILINEAR, fillcolor=0
     )
-    return np.asarray(turned)
+    return np.array(turned)  # writable, as every digit array here is
 
 
 def elastic_distort(
@@ -275,14 +276,17 @@ def gaussian_blur(image: torch.Tensor, sigma: float, kernel_size: int | None = N
     return F.conv2d(rows, kernel.view(1, 1, -1, 1))[0]
 
 
-def change_stroke_width(image: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Grey-level dilation (pixels > 0) or erosion (pixels < 0) of a (1, H, W) float image with a
+def change_stroke_width(image: np.ndarray, pixels: int) -> np.ndarray:
+    """Grey-level dilation (pixels > 0) or erosion (pixels < 0) of a float image with a
     (|pixels| + 1)-square window: strokes grow or shrink by |pixels| pixels across."""
-    k = abs(pixels)
-    pad = (k // 2, k - k // 2, k // 2, k - k // 2)  # an even window cannot be centred: odd changes grow right and down
-    if pixels > 0:
-        return F.max_pool2d(F.pad(image[None], pad), k + 1, stride=1)[0]
-    return -F.max_pool2d(F.pad(-image[None], pad, value=-255.0), k + 1, stride=1)[0]
+    k, (height, width) = abs(pixels), image.shape
+    extreme = np.maximum if pixels > 0 else np.minimum
+    # Beyond the border lies paper (dilation) or ink (erosion), so the border changes nothing. An
+    # even window cannot be centred: odd changes grow right and down.
+    padded = np.full((height + k, width + k), 0 if pixels > 0 else 255, dtype=image.dtype)
+    padded[k // 2 : k // 2 + height, k // 2 : k // 2 + width] = image
+    rows = functools.reduce(extreme, (padded[:, i : i + width] for i in range(k + 1)))
+    return functools.reduce(extreme, (rows[i : i + height] for i in range(k + 1)))
 
 
 def ink_box(image: np.ndarray, threshold: int = 32) -> tuple[int, int, int, int] | None:
@@ -330,26 +334,65 @@ def redraw_with_pen(digit: np.ndarray, radius: int) -> np.ndarray:
     drawn again with a round pen of the given radius (1-4, in half pixels of the 28x28 digit) at
     full brightness. Works at twice the resolution, so that thin pens stay smooth."""
     x = F.pad(torch.from_numpy(digit).float()[None, None] / 255, (2, 2, 2, 2))
-    ink = (F.interpolate(x, scale_factor=2, mode="bilinear") > 0.45).float()
-    centre_lines = morphological_skeleton(ink)
-    y, x = torch.meshgrid(torch.arange(-radius, radius + 1), torch.arange(-radius, radius + 1), indexing="ij")
-    pen = ((x**2 + y**2) <= radius * radius + radius).float()[None, None]
-    drawn = (F.conv2d(centre_lines, pen, padding=radius) > 0).float()
-    return (F.avg_pool2d(drawn, 2)[0, 0] * 255).round().to(torch.uint8).numpy()
+    ink = (F.interpolate(x, scale_factor=2, mode="bilinear") > 0.45)[0, 0].numpy()
+    drawn = draw_with_round_pen(morphological_skeleton(ink), radius)
+    # Each output pixel is the share of its 2x2 block the pen covered.
+    height, width = drawn.shape
+    covered = drawn.reshape(height // 2, 2, width // 2, 2).sum(axis=(1, 3), dtype=np.float32)
+    return np.round(covered / 4 * 255).astype(np.uint8)
 
 
-def morphological_skeleton(ink: torch.Tensor) -> torch.Tensor:
-    """Centre lines of a binary (1, 1, H, W) image: the union, over repeated 3x3 erosions, of what
-    an opening removes (Lantuejoul's skeleton). It can leave one-pixel gaps, which any pen closes."""
+# Binary morphology on boolean arrays, by shifted copies: on images this small a numpy operation
+# costs a fraction of a torch convolution or pooling call, and training redraws many of its
+# digits (docs/performance.md has the composing times).
 
-    def erode(z: torch.Tensor) -> torch.Tensor:
-        return -F.max_pool2d(-z, 3, stride=1, padding=1)
 
-    skeleton, eroded = torch.zeros_like(ink), ink
+def erode_3x3(mask: np.ndarray) -> np.ndarray:
+    """A boolean image eroded by a 3x3 square; beyond the border lies paper."""
+    rows = mask[:, :-2] & mask[:, 1:-1] & mask[:, 2:]
+    eroded = np.zeros_like(mask)
+    eroded[1:-1, 1:-1] = rows[:-2] & rows[1:-1] & rows[2:]
+    return eroded
+
+
+def dilate_3x3(mask: np.ndarray) -> np.ndarray:
+    """A boolean image dilated by a 3x3 square; beyond the border lies paper."""
+    rows = mask.copy()
+    rows[:, 1:] |= mask[:, :-1]
+    rows[:, :-1] |= mask[:, 1:]
+    dilated = rows.copy()
+    dilated[1:] |= rows[:-1]
+    dilated[:-1] |= rows[1:]
+    return dilated
+
+
+def morphological_skeleton(ink: np.ndarray) -> np.ndarray:
+    """Centre lines of a boolean image: the union, over repeated 3x3 erosions, of what an opening
+    removes (Lantuejoul's skeleton). It can leave one-pixel gaps, which any pen closes."""
+    skeleton, eroded = np.zeros_like(ink), ink
     while eroded.any():
-        skeleton = torch.maximum(skeleton, eroded - F.max_pool2d(erode(eroded), 3, stride=1, padding=1))
-        eroded = erode(eroded)
+        smaller = erode_3x3(eroded)
+        skeleton |= eroded & ~dilate_3x3(smaller)
+        eroded = smaller
     return skeleton
+
+
+def draw_with_round_pen(lines: np.ndarray, radius: int) -> np.ndarray:
+    """Every pixel within the round pen (x^2 + y^2 <= radius^2 + radius) of a line pixel, within the
+    borders: the lines widened sideways by each of the pen's half-widths, then laid over each other
+    at the heights of the pen's rows."""
+    height = lines.shape[0]
+    widened = [lines]  # widened[k]: the lines spread k pixels left and right
+    for _ in range(radius):
+        wider = widened[-1].copy()
+        wider[:, 1:] |= widened[-1][:, :-1]
+        wider[:, :-1] |= widened[-1][:, 1:]
+        widened.append(wider)
+    drawn = np.zeros_like(lines)
+    for dy in range(-radius, radius + 1):
+        half_width = math.isqrt(radius * radius + radius - dy * dy)
+        drawn[max(0, -dy) : height - max(0, dy)] |= widened[half_width][max(0, dy) : height + min(0, dy)]
+    return drawn
 
 
 def add_paper_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -778,6 +778,30 @@ def test_pen_redrawn_digits_have_even_full_strokes_whose_width_follows_the_pen(m
     assert np.median(thin[thin > 0]) == 255 and np.median(digit[digit > 0]) < 255
 
 
+@pytest.mark.parametrize("radius", [1, 2, 4])
+def test_a_dot_drawn_with_the_round_pen_is_a_disc_of_its_radius_even_at_the_border(radius):
+    from multidigit_generator import draw_with_round_pen
+
+    dot = np.zeros((15, 15), bool)
+    dot[7, 7] = dot[0, 0] = True
+    drawn = draw_with_round_pen(dot, radius)
+    y, x = np.mgrid[:15, :15]
+    within = radius * radius + radius
+    discs = ((y - 7) ** 2 + (x - 7) ** 2 <= within) | (y**2 + x**2 <= within)
+    np.testing.assert_array_equal(drawn, discs)
+
+
+def test_the_skeleton_of_a_bar_is_its_centre_line():
+    from multidigit_generator import morphological_skeleton
+
+    bar = np.zeros((9, 20), bool)
+    bar[2:7, 3:17] = True  # five pixels thick: one centre row survives four erosions
+    skeleton = morphological_skeleton(bar)
+    assert skeleton[4, 5:15].all() and not skeleton[[2, 3, 5, 6], 5:15].any()
+    assert not (skeleton & ~bar).any()
+    assert morphological_skeleton(np.ones((6, 6), bool)).any(), "ink to the very border thins too"
+
+
 def test_paper_noise_dirties_the_paper_but_not_the_label(mnist_test):
     composites = stressed(mnist_test, count=40, min_digits=0, max_digits=0, paper_noise=1.0)
     assert {c.label for c in composites} == {""}
