@@ -709,8 +709,11 @@ class StopSignal:
         return bool(flag)
 
 
-def ignore_interrupts(worker_id: int) -> None:
+def start_data_worker(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    # The lowest priority: where cores are short, training threads preempted by a worker stall
+    # each other, while the worker composes ahead in the gaps they leave (docs/performance.md).
+    os.nice(19)
 
 
 # ---- data: disjoint digit pools; val/test are fixed folders, train is composed fresh each epoch
@@ -989,7 +992,7 @@ def epoch_loader(
         batch_size=batch_size // procs.world_size,
         sampler=sampler,
         num_workers=num_workers,
-        worker_init_fn=ignore_interrupts,
+        worker_init_fn=start_data_worker,
         generator=torch.Generator().manual_seed(epoch),
     )
 
