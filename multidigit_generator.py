@@ -355,15 +355,17 @@ def erode_3x3(mask: np.ndarray) -> np.ndarray:
     return eroded
 
 
+def widen(mask: np.ndarray) -> np.ndarray:
+    """A boolean image with every ink pixel spread one pixel left and right, within its borders."""
+    wider = mask.copy()
+    wider[:, 1:] |= mask[:, :-1]
+    wider[:, :-1] |= mask[:, 1:]
+    return wider
+
+
 def dilate_3x3(mask: np.ndarray) -> np.ndarray:
     """A boolean image dilated by a 3x3 square; beyond the border lies paper."""
-    rows = mask.copy()
-    rows[:, 1:] |= mask[:, :-1]
-    rows[:, :-1] |= mask[:, 1:]
-    dilated = rows.copy()
-    dilated[1:] |= rows[:-1]
-    dilated[:-1] |= rows[1:]
-    return dilated
+    return widen(widen(mask).T).T
 
 
 def morphological_skeleton(ink: np.ndarray) -> np.ndarray:
@@ -384,10 +386,7 @@ def draw_with_round_pen(lines: np.ndarray, radius: int) -> np.ndarray:
     height = lines.shape[0]
     widened = [lines]  # widened[k]: the lines spread k pixels left and right
     for _ in range(radius):
-        wider = widened[-1].copy()
-        wider[:, 1:] |= widened[-1][:, :-1]
-        wider[:, :-1] |= widened[-1][:, 1:]
-        widened.append(wider)
+        widened.append(widen(widened[-1]))
     drawn = np.zeros_like(lines)
     for dy in range(-radius, radius + 1):
         half_width = math.isqrt(radius * radius + radius - dy * dy)

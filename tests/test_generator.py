@@ -795,7 +795,7 @@ def test_the_skeleton_of_a_bar_is_its_centre_line():
     from multidigit_generator import morphological_skeleton
 
     bar = np.zeros((9, 20), bool)
-    bar[2:7, 3:17] = True  # five pixels thick: one centre row survives four erosions
+    bar[2:7, 3:17] = True  # five pixels thick: two erosions leave its centre row
     skeleton = morphological_skeleton(bar)
     assert skeleton[4, 5:15].all() and not skeleton[[2, 3, 5, 6], 5:15].any()
     assert not (skeleton & ~bar).any()
