@@ -236,7 +236,7 @@ class Workload:
         self.batch = (
             self.pixels,
             *(t.to(device) for t in encode_labels(labels, config.max_digits)),
-            patch_targets(boxes.to(device), labels, image_size=config.image_size, patch_size=config.patch_size),
+            patch_targets(boxes, labels, image_size=config.image_size, patch_size=config.patch_size).to(device),
         )
         self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.trained = copy.deepcopy(model).train()

@@ -120,7 +120,11 @@ def patch_targets(boxes: torch.Tensor, labels: list[str], *, image_size: int, pa
     A patch is labelled with a digit when its centre lies in that digit's box (the patch holding
     the box centre always counts, so a thin "1" gets one too), NO_DIGIT when it touches no box,
     and IGNORE when it only grazes a box or its centre lies in two: half a digit is not a
-    wrong answer, so it is not taught as one."""
+    wrong answer, so it is not taught as one.
+
+    Computed where boxes are: training gives it the loader's boxes on the CPU and moves the
+    result, since boxes on a GPU would make every step wait for the device here (the check
+    below reads them back)."""
     b, k, _ = boxes.shape
     grid = image_size // patch_size
     edges = torch.arange(grid, device=boxes.device) * patch_size
@@ -135,12 +139,10 @@ def patch_targets(boxes: torch.Tensor, labels: list[str], *, image_size: int, pa
     holds = real & (
         ((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)) | (torch.arange(grid * grid, device=boxes.device) == centre)
     )
-    digits = torch.zeros((b, k), dtype=torch.long, device=boxes.device)
-    for row, label in enumerate(labels):
-        assert len(label) == int(real[row].sum()), (
-            f"label {label!r} has {len(label)} digits but {int(real[row].sum())} boxes"
-        )
-        digits[row, : len(label)] = torch.tensor([int(ch) for ch in label], dtype=torch.long)
+    for label, count in zip(labels, real.sum(dim=(1, 2)).tolist()):
+        assert len(label) == count, f"label {label!r} has {len(label)} digits but {count} boxes"
+    rows = [[int(ch) for ch in label] + [0] * (k - len(label)) for label in labels]
+    digits = torch.tensor(rows, dtype=torch.long, device=boxes.device).view(b, k)  # made at once: one copy
     targets = torch.where(overlaps.any(dim=1), IGNORE, NO_DIGIT)
     single = holds.sum(dim=1) == 1
     owner = (holds.long() * digits[..., None]).sum(dim=1)  # the digit of the one box that holds it

@@ -966,10 +966,12 @@ def update_ema(ema_model: nn.Module, model: nn.Module, *, step: int, decay: floa
     """ema = d * ema + (1 - d) * weights, BatchNorm statistics included. d ramps up from 0.1 to
     decay over the first steps, so early validations are not dragged back to the initial weights."""
     d = min(decay, (1 + step) / (10 + step))
-    for averaged, current in zip(ema_model.state_dict().values(), model.state_dict().values()):
-        if averaged.dtype.is_floating_point:
-            averaged.lerp_(current, 1 - d)
-        else:
+    pairs = list(zip(ema_model.state_dict().values(), model.state_dict().values()))
+    floats = [pair for pair in pairs if pair[0].dtype.is_floating_point]
+    # All tensors in one call (a few kernels on a GPU rather than one per tensor).
+    torch._foreach_lerp_([averaged for averaged, _ in floats], [current for _, current in floats], 1 - d)
+    for averaged, current in pairs:
+        if not averaged.dtype.is_floating_point:
             averaged.copy_(current)  # BatchNorm's batch counter
 
 
@@ -994,6 +996,7 @@ def epoch_loader(
         num_workers=num_workers,
         worker_init_fn=start_data_worker,
         generator=torch.Generator().manual_seed(epoch),
+        pin_memory=procs.device.type == "cuda",  # page-locked batches copy to a GPU without the step waiting
     )
 
 
@@ -1046,14 +1049,16 @@ def training_step(job: Job, training: Training, data: Data, batch: tuple) -> tup
     for group in training.optimizer.param_groups:
         group["lr"] = lr
     labels = list(labels)
-    inputs, targets = (t.to(device) for t in encode_labels(labels, model_config.max_digits))
+    # non_blocking: the copies queue behind the device's work instead of waiting for it, so the
+    # next step's kernels are launched while this one's still run on a GPU.
+    inputs, targets = (t.to(device, non_blocking=True) for t in encode_labels(labels, model_config.max_digits))
     patch_classes = None
     if config.patch_loss_weight > 0:
         patch_classes = patch_targets(
-            boxes.to(device), labels, image_size=model_config.image_size, patch_size=model_config.patch_size
-        )
+            boxes, labels, image_size=model_config.image_size, patch_size=model_config.patch_size
+        ).to(device, non_blocking=True)
     with job.precision.autocast(device):
-        pixels = uint8_to_input(images.to(device))
+        pixels = uint8_to_input(images.to(device, non_blocking=True))
         teacher_probs = teacher_probabilities(training.teachers, pixels, inputs) if training.teachers else None
         loss = training.objective(
             pixels, inputs, targets, patch_classes, labels if config.order_free else None, teacher_probs

@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import io
 import json
 import math
@@ -487,3 +488,24 @@ def test_a_usage_error_is_one_line(capsys):
         parse_args(["--threads", "0"])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.count("\n") == 1 and "--threads must be at least 1" in err
+
+
+def test_weight_averaging_moves_every_float_tensor_by_the_ramped_decay_and_copies_counters():
+    from train_encoder_decoder import update_ema
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Linear(2, 2))
+    averaged = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model[1].num_batches_tracked += 7
+    before = {k: v.clone() for k, v in averaged.state_dict().items()}
+    update_ema(averaged, model, step=5, decay=0.999)  # early steps: d = (1 + 5) / (10 + 5), not the decay
+    d = 6 / 15
+    for name, value in averaged.state_dict().items():
+        current = model.state_dict()[name]
+        if value.dtype.is_floating_point:
+            assert torch.allclose(value, d * before[name] + (1 - d) * current), name
+        else:
+            assert torch.equal(value, current), name
