@@ -1121,14 +1121,17 @@ def _read_cache(path: Path) -> dict:
 
 
 def _write_cache(path: Path, key: str, value: dict) -> None:
+    written = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         cache = {**_read_cache(path), key: value}
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            written = Path(f.name)
             json.dump(cache, f, indent=1)
-        os.replace(f.name, path)
-    except OSError:  # a read-only home: the probe runs again next time
-        pass
+        os.replace(written, path)
+    except OSError:  # a read-only home or a full disk: the probe runs again next time
+        if written is not None:
+            written.unlink(missing_ok=True)  # no half-written file left beside the cache
 
 
 def pick_device(requested: str = "auto") -> torch.device:

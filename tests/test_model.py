@@ -501,6 +501,23 @@ def test_the_choice_is_cached_per_job_and_a_damaged_cache_is_timed_again(model, 
     assert not choose_precision("auto", model, "read_batch", probe_threads=False).bf16
 
 
+def test_a_full_disk_keeps_the_precision_cache_as_it_was_and_leaves_no_partial_file(model, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(model_module, "bf16_product_slowdown", lambda device: 1.0)
+    monkeypatch.setattr(model_module, "timed", fake_timing(lambda p: 1.0 if p.bf16 else 2.0))
+    choose_precision("auto", model, "read_batch", probe_threads=False)
+    cache = precision_cache_file()
+    before = cache.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_module.json, "dump", full_disk)
+    assert choose_precision("auto", model, "read_one", probe_threads=False).bf16  # the choice stands, uncached
+    assert cache.read_bytes() == before
+    assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]
+
+
 def test_slow_bf16_products_rule_bf16_out_without_timing_the_job(model, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(model_module, "bf16_product_slowdown", lambda device: 40.0)  # an AVX2-only CPU emulates bf16
