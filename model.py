@@ -962,6 +962,10 @@ def configure_optimizer(
 
 PRECISION_JOBS = ("train", "read_batch", "read_one")  # a training step, reading a batch, reading one image
 PROBE_BATCH = 64  # images per probed training step or batch reading
+PROBE_ROUNDS = 5  # fp32 and bf16 timed back to back this many times; the median of the rounds' ratios decides
+# bf16 must save at least this share of the time: on shared machines one round's ratio strays by
+# several per cent (docs/training.md), and bf16 rounds every product, so a near-tie goes to fp32.
+BF16_MIN_SAVING = 0.1
 
 
 @dataclass
@@ -1005,7 +1009,8 @@ def _cpuinfo() -> list[str]:
 
 def probe_work(model: DigitSequenceTransformer, job: str) -> typing.Callable[[], None]:
     """One unit of the job on random canvases, on a copy of the model (a training pass would move
-    BatchNorm's statistics): forward and backward of a training batch, or greedy reading."""
+    BatchNorm's statistics): a whole training step (forward, backward, gradient clipping and the
+    AdamW update, whose fp32 share of the step dilutes what bf16 saves), or greedy reading."""
     model = copy.deepcopy(model).train(job == "train")
     device, size = next(model.parameters()).device, model.config.image_size
     images = torch.randint(
@@ -1014,10 +1019,13 @@ def probe_work(model: DigitSequenceTransformer, job: str) -> typing.Callable[[],
     if job != "train":
         return lambda: model.read(images)
     tokens = torch.randint(0, 10, (len(images), model.config.max_tokens), device=device)
+    optimizer = configure_optimizer(model, lr=1e-6, weight_decay=0.0)
 
     def step() -> None:
         model(uint8_to_input(images), tokens).float().logsumexp(-1).mean().backward()
-        model.zero_grad(set_to_none=True)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     return step
 
@@ -1054,8 +1062,8 @@ def choose_precision(
 ) -> Precision:
     """The precision, and on a busy CPU the thread count, for a job of this model on this machine.
     "fp32" and "bf16" are taken as asked; "auto" times the job both ways, interleaved, and takes
-    bf16 only where it was measured faster (where bf16 products alone are far slower, as on CPUs
-    that emulate them, without timing the job). The choice is cached per machine, model shape and
+    bf16 only where it saved at least BF16_MIN_SAVING of the time (where bf16 products alone are far
+    slower, as on CPUs that emulate them, without timing the job). The choice is cached per machine, model shape and
     job (precision_cache_file). Threads are timed afresh, one count after another, whenever the
     job's threads find their cores taken (less CPU time than wall time), which changes from run to run."""
     device, threads = next(model.parameters()).device, torch.get_num_threads()
@@ -1073,7 +1081,10 @@ def choose_precision(
 
 
 def _measured_precision(model: DigitSequenceTransformer, job: str, device: torch.device, threads: int) -> Precision:
-    key = f"{job} | {machine_name(device)} | {json.dumps(asdict(model.config), sort_keys=True)} | {threads} threads"
+    # The rule is part of the key: a choice made by another rule is timed again.
+    rule = f"median of {PROBE_ROUNDS} rounds, bf16 if {BF16_MIN_SAVING:.0%} faster"
+    shape = json.dumps(asdict(model.config), sort_keys=True)
+    key = f"{job} | {rule} | {machine_name(device)} | {shape} | {threads} threads"
     cache = precision_cache_file()
     cached = _read_cache(cache).get(key)
     if isinstance(cached, dict) and isinstance(cached.get("bf16"), bool) and isinstance(cached.get("why"), str):
@@ -1087,14 +1098,19 @@ def _measured_precision(model: DigitSequenceTransformer, job: str, device: torch
 
 
 def _time_both(work: typing.Callable[[], object], device: torch.device, threads: int, job: str) -> Precision:
-    seconds = {False: [], True: []}
-    for _ in range(2):
-        for bf16 in (False, True):
-            seconds[bf16].append(timed(work, Precision(bf16, threads, ""), device, runs=2)[0])
-    fp32, bf16 = min(seconds[False]), min(seconds[True])
-    faster = bf16 < 0.97 * fp32  # within noise, the simpler path
+    ratios = []  # bf16's time over fp32's, per round: a pair timed back to back shares the machine's mood
+    for round_ in range(PROBE_ROUNDS):
+        seconds = {}
+        for bf16 in (False, True) if round_ % 2 == 0 else (True, False):
+            seconds[bf16] = timed(work, Precision(bf16, threads, ""), device, runs=2)[0]
+        ratios.append(seconds[True] / seconds[False])
+    ratio = sorted(ratios)[len(ratios) // 2]
+    faster = ratio < 1 - BF16_MIN_SAVING
     return Precision(
-        faster, threads, f"{'bf16' if faster else 'fp32'}: {job} timed {bf16 / fp32:.2f}x fp32's time in bf16"
+        faster,
+        threads,
+        f"{'bf16' if faster else 'fp32'}: {job} timed {ratio:.2f}x fp32's time in bf16 "
+        f"(median of {PROBE_ROUNDS} rounds, {min(ratios):.2f}-{max(ratios):.2f})",
     )
 
 
