@@ -41,6 +41,7 @@ import math
 import netrc
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -344,8 +345,18 @@ def add_machine_and_logging_options(p: argparse.ArgumentParser) -> None:
     machine.add_argument(
         "--num-workers",
         type=int,
-        help="processes composing training images ahead of the training steps (default: 1 on a CPU; "
-        "on a GPU, all of a process's share of the cores but one)",
+        help="processes composing training images (default: composing alongside, 1 on a CPU and all of a "
+        "process's share of the cores but one on a GPU; composing first, all of its share)",
+    )
+    machine.add_argument(
+        "--compose",
+        choices=("auto", "alongside", "first"),
+        default="auto",
+        help="alongside: worker processes compose the next batches while the model trains; first: every "
+        "epoch is composed with every core just before it is trained on, into OUT_DIR/composing, and "
+        "deleted after it; auto: first on a CPU (alongside, the composing workers slow the training "
+        "threads sharing their cores), alongside on a GPU. --composite-cache composes every epoch first "
+        "and keeps them",
     )
     machine.add_argument(
         "--composite-cache",
@@ -553,7 +564,9 @@ class Job:
     train_config: TrainConfig
     procs: Processes
     out_dir: Path
-    num_workers: int
+    num_workers: int  # processes feeding the training steps
+    # Composing first (--compose): the processes composing each epoch before it is trained on; None: not so.
+    composing_workers: int | None = None
     log: object = None  # the wandb run
     # How training steps and validation readings run here, chosen by timing them (model.choose_precision).
     precision: Precision | None = None
@@ -575,14 +588,23 @@ def start_job(options: argparse.Namespace, model_config: ModelConfig, train_conf
     procs = start_processes(options.device)
     options.data_dir = options.data_dir or "data"
     out_dir = Path(options.out_dir or "runs/default")
-    # One worker composing the next batches keeps a CPU's training from waiting for them (a third
-    # of its time on 2 cores, composing in this process), and pays even where it shares a core
-    # with PyTorch's threads; a GPU needs all the composing the cores can give (docs/performance.md),
-    # or, reading composed epochs (--composite-cache), two workers.
+    # A CPU composes each epoch first, with every core, then trains on it: a worker composing
+    # alongside took a third of the speed of the training threads whose cores it shared, and the
+    # training process reads a composed epoch itself at a hundredth of composing's cost. A GPU
+    # takes all the composing its cores can give, alongside (docs/performance.md), or, reading
+    # composed epochs (--composite-cache), two workers. The processes of a torchrun compose
+    # alongside unless asked: one epoch at a time, all but one of them would wait for it.
+    compose_first = not options.composite_cache and (
+        options.compose == "first"
+        or (options.compose == "auto" and procs.device.type == "cpu" and procs.world_size == 1)
+    )
     num_workers = options.num_workers
     if num_workers is None:
         num_workers = max(1, cores_per_process() - 1) if procs.device.type != "cpu" else 1
         num_workers = min(num_workers, 2) if options.composite_cache else num_workers
+    if compose_first:
+        composing_workers = cores_per_process() if options.num_workers is None else options.num_workers
+        return Job(options, model_config, train_config, procs, out_dir, 0, composing_workers)
     return Job(options, model_config, train_config, procs, out_dir, num_workers)
 
 
@@ -718,6 +740,8 @@ def start_data_worker(worker_id: int) -> None:
 
 # ---- data: disjoint digit pools; val/test are fixed folders, train is composed fresh each epoch
 
+COMPOSING_FOLDER = "composing"  # in the run's folder: the epoch being trained on, when composing first
+
 
 @dataclass
 class Data:
@@ -756,8 +780,9 @@ def build_data(job: Job) -> Data:
     )
     steps_per_epoch = math.ceil(train_config.train_images / train_config.batch_size)
     train_set = FreshComposites(composer, train_config.train_images, seed=train_config.seed)
+    cache = options.composite_cache or (job.out_dir / COMPOSING_FOLDER if job.composing_workers is not None else None)
     return Data(
-        CachedComposites(train_set, options.composite_cache) if options.composite_cache else train_set,
+        CachedComposites(train_set, cache) if cache else train_set,
         MultiDigitFolder(data_dir / "val"),
         MultiDigitFolder(data_dir / "test"),
         steps_per_epoch,
@@ -1196,7 +1221,7 @@ def compose_ahead(job: Job, training: Training, data: Data, stop: StopSignal) ->
     """With --composite-cache, compose the epochs this run is still to train (up to --max-steps)
     that are not cached yet, with every core; the processes of a torchrun share them out. False
     if asked to stop first."""
-    if not isinstance(data.train_set, CachedComposites):
+    if not isinstance(data.train_set, CachedComposites) or job.composing_workers is not None:
         return True
     procs, folder = job.procs, data.train_set.folder
     last = job.train_config.epochs
@@ -1224,8 +1249,30 @@ def compose_ahead(job: Job, training: Training, data: Data, stop: StopSignal) ->
     return True
 
 
+def compose_epoch_first(job: Job, data: Data, epoch: int, stop: StopSignal) -> bool:
+    """Compose the epoch (unless a stopped run left it whole) into OUT_DIR/composing with
+    --num-workers processes, before it is trained on; False if asked to stop meanwhile."""
+    data.train_set.compose(
+        [epoch],
+        workers=job.composing_workers,
+        progress=job.procs.is_main,
+        stopped=lambda: stop.requested_at is not None,
+    )
+    return not stop.agreed()
+
+
+def drop_composed_epoch(job: Job) -> None:
+    """Delete the epoch just trained on, its lock files too, once every process is past it."""
+    if job.procs.world_size > 1:
+        dist.barrier()
+    if job.procs.is_main and (job.out_dir / COMPOSING_FOLDER).exists():
+        shutil.rmtree(job.out_dir / COMPOSING_FOLDER)
+    if job.procs.world_size > 1:
+        dist.barrier()  # before any process takes the next epoch's lock
+
+
 def describe(job: Job, training: Training, data: Data) -> str:
-    """One line: the model's size, the run's length, where and in which precision it trains."""
+    """The model's size, the run's length, where and in which precision it trains, how its data is composed."""
     procs, config = job.procs, job.train_config
     split = f" ({procs.world_size} processes x {config.batch_size // procs.world_size})" if procs.world_size > 1 else ""
     return (
@@ -1235,7 +1282,21 @@ def describe(job: Job, training: Training, data: Data) -> str:
         f"{', compiled' if job.options.compile else ''}"
         + (f", {job.precision.threads} thread{'s' * (job.precision.threads > 1)}" if procs.device.type == "cpu" else "")
         + f"\nprecision: training {job.precision.why}; validation {job.validation_precision.why}"
+        + f"\ndata: {composing(job)}"
     )
+
+
+def composing(job: Job) -> str:
+    """How the training images are composed, as the run's log says it."""
+    if job.options.composite_cache:
+        return f"every epoch composed first and kept in {job.options.composite_cache}"
+
+    def by(workers: int) -> str:
+        return f"by {workers} worker process{'es' * (workers > 1)}" if workers else "in the training process"
+
+    if job.composing_workers is not None:
+        return f"each epoch composed {by(job.composing_workers)} before it is trained on (--compose first)"
+    return f"composed {by(job.num_workers)} alongside the training steps (--compose alongside)"
 
 
 def run_epochs(job: Job, training: Training, data: Data, stop: StopSignal) -> bool:
@@ -1246,6 +1307,13 @@ def run_epochs(job: Job, training: Training, data: Data, stop: StopSignal) -> bo
         job.procs.say(f"all {data.total_steps} steps were trained already: scoring and exporting the final weights")
     while training.step < data.total_steps and not 0 < max_steps <= training.step:
         epoch = training.step // data.steps_per_epoch
+        if job.composing_workers is not None and not compose_epoch_first(job, data, epoch, stop):
+            save_run_checkpoint("last.pt", job, training)
+            job.procs.say(
+                f"stopped while composing epoch {epoch + 1}, at step {training.step}; saved "
+                f"{job.out_dir / 'last.pt'} (continue with --resume)"
+            )
+            return False
         stopped = train_one_epoch(job, training, data, epoch, stop)
         if job.procs.world_size > 1:
             align_replicas(*training.replicas)  # what rank 0 validates and writes is what every rank trained
@@ -1254,6 +1322,8 @@ def run_epochs(job: Job, training: Training, data: Data, stop: StopSignal) -> bo
             job.procs.say(f"stopped at step {training.step}; saved {job.out_dir / 'last.pt'} (continue with --resume)")
             return False
         end_of_epoch(job, training, data, epoch)
+        if job.composing_workers is not None:
+            drop_composed_epoch(job)
     if training.step < data.total_steps:
         job.procs.say(f"at step {training.step}, which --max-steps {max_steps} does not go past: nothing to train")
     return training.step >= data.total_steps
@@ -1342,7 +1412,8 @@ def export(job: Job, training: Training, data: Data, *, wall: float, steps: int)
         "threads": job.precision.threads,
         "init_from": job.options.started_from,
         "distill_from": job.options.distill_from,
-        "composite_cache": str(data.train_set.folder) if isinstance(data.train_set, CachedComposites) else None,
+        "composite_cache": str(data.train_set.folder) if job.options.composite_cache else None,
+        "composed_first": job.composing_workers is not None,
         "calibration": asdict(calibration),
         "settings": job.settings,
     }

@@ -86,14 +86,18 @@ def train_args(data_dir, mnist_root, out_dir, *extra):
 def test_interrupted_training_resumes_exactly_and_the_composite_cache_trains_the_same(
     tmp_path, tiny_data_dir, mnist_root, capsys
 ):
-    # Straight through 5 steps composing live, versus 2 steps from --composite-cache, stop,
-    # resume to 5 (across an epoch end, with dropout on so the random state matters): the
-    # weights must be identical. In this process: the command line's code path without a
-    # Python start-up per run. One thread for both (a busy machine could have them timed to
-    # different counts, which round differently); the resumed run keeps its count, its W&B mode
-    # and its cache without being told.
+    # Straight through 5 steps composing alongside, versus each epoch composed first, versus 2
+    # steps from --composite-cache, stop, resume to 5 (across an epoch end, with dropout on so the
+    # random state matters): the weights must be identical. In this process: the command line's
+    # code path without a Python start-up per run. One thread for all (a busy machine could have
+    # them timed to different counts, which round differently); the resumed run keeps its count,
+    # its W&B mode and its cache without being told.
     cache = tmp_path / "composites"
-    runs = (("straight", "5", ()), ("resumed", "2", ("--composite-cache", str(cache))))
+    runs = (
+        ("straight", "5", ("--compose", "alongside")),
+        ("first", "5", ("--compose", "first")),
+        ("resumed", "2", ("--composite-cache", str(cache))),
+    )
     for name, steps, extra in runs:
         args = train_args(tiny_data_dir, mnist_root, tmp_path / name, "--max-steps", steps, "--threads", "1", *extra)
         assert train_main(args) == 0
@@ -112,12 +116,16 @@ def test_interrupted_training_resumes_exactly_and_the_composite_cache_trains_the
     assert (folder / "epoch-001" / "images.npy").stat().st_mtime_ns == written
     assert (tmp_path / "resumed" / "last.pt").read_bytes() == before
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "copy" / "last.pt", weights_only=True)
-    assert straight["step"] == resumed["step"] == 5 and resumed["training"]["wandb"] == "disabled"
-    for name, tensor in straight["training"]["weights"].items():  # the raw weights
-        assert torch.equal(tensor, resumed["training"]["weights"][name]), name
-    for name, tensor in straight["model"].items():  # their moving average
-        assert torch.equal(tensor, resumed["model"][name]), name
+    for other in ("first", "copy"):
+        resumed = torch.load(tmp_path / other / "last.pt", weights_only=True)
+        assert straight["step"] == resumed["step"] == 5 and resumed["training"]["wandb"] == "disabled"
+        for name, tensor in straight["training"]["weights"].items():  # the raw weights
+            assert torch.equal(tensor, resumed["training"]["weights"][name]), name
+        for name, tensor in straight["model"].items():  # their moving average
+            assert torch.equal(tensor, resumed["model"][name]), name
+    # Composing first keeps only the epoch in progress (stopped in epoch 2 of 3 steps each).
+    assert [p.name for p in (tmp_path / "first" / "composing").glob("*/epoch-*")] == ["epoch-002"]
+    assert not (tmp_path / "straight" / "composing").exists()
     assert (tmp_path / "copy" / "best.pt").is_file()  # the epoch that ended after resuming was validated
     (tmp_path / "a-file").write_text("")
     with pytest.raises(SystemExit) as exited:
@@ -126,8 +134,10 @@ def test_interrupted_training_resumes_exactly_and_the_composite_cache_trains_the
 
 
 def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_dir, mnist_root, capsys):
+    # Composing alongside, so that the first thing Ctrl-C can stop is a training step.
+    args = train_args(tiny_data_dir, mnist_root, tmp_path, "--compose", "alongside")
     process = subprocess.Popen(
-        [sys.executable, "train_encoder_decoder.py", *train_args(tiny_data_dir, mnist_root, tmp_path)],
+        [sys.executable, "train_encoder_decoder.py", *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -148,6 +158,29 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_d
     assert train_main(["--resume", str(tmp_path / "last.pt"), "--max-steps", "1", "--wandb", "disabled"]) == 0
     assert "at step 2, which --max-steps 1 does not go past: nothing to train" in capsys.readouterr().out
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_ctrl_c_while_an_epoch_is_composed_first_stops_there_and_resume_composes_it(
+    tmp_path, tiny_data_dir, mnist_root, monkeypatch, capsys
+):
+    import multidigit_generator
+
+    compose = multidigit_generator.FreshComposites.composites
+
+    def interrupted(self, indices):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first batch of the epoch is composed
+        return compose(self, indices)
+
+    monkeypatch.setattr(multidigit_generator.FreshComposites, "composites", interrupted)
+    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path, "--compose", "first")) == 0
+    out = capsys.readouterr().out
+    assert "stopped while composing epoch 1, at step 0" in out and "continue with --resume" in out
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 0
+    assert not list((tmp_path / "composing").glob("*/epoch-*"))  # no epoch written in part
+    monkeypatch.undo()
+    assert train_main(["--resume", str(tmp_path / "last.pt"), "--max-steps", "4", "--wandb", "disabled"]) == 0
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 4
+    assert [p.name for p in (tmp_path / "composing").glob("*/epoch-*")] == ["epoch-002"]  # epoch 1's is gone
 
 
 def test_resume_refuses_new_settings_and_files_it_cannot_continue(tmp_path, tiny_run, capsys):
@@ -325,7 +358,8 @@ def test_write_faults_are_one_line_and_leave_saved_files_whole(
     err = capsys.readouterr().err
     assert "error: No space left on device" in err and "files already saved are intact" in err
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "config.json", "last.pt"]
+    # The epoch in progress stays composed for --resume (a CPU composes each epoch first).
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "composing", "config.json", "last.pt"]
 
 
 def test_a_second_ctrl_c_aborts_without_a_traceback(tmp_path, tiny_data_dir, mnist_root, monkeypatch, capsys):
