@@ -43,6 +43,7 @@ import math
 import os
 import reprlib
 import shutil
+import signal
 import string
 import struct
 import sys
@@ -1282,6 +1283,7 @@ class CachedComposites(Dataset):
             num_workers=workers,
             collate_fn=fresh.composites,
             generator=torch.Generator(),
+            worker_init_fn=leave_ctrl_c_to_the_parent,
         )
         composites = []
         for batch in loader:
@@ -1316,6 +1318,12 @@ class CachedComposites(Dataset):
         if self.opened is None or self.opened[0] != self.fresh.epoch:
             self.opened = (self.fresh.epoch, MultiDigitFolder(self.epoch_folder(self.fresh.epoch)))
         return self.opened[1]
+
+
+def leave_ctrl_c_to_the_parent(worker_id: int) -> None:
+    """A composing worker ignores Ctrl-C, which a terminal sends its whole process group: the
+    process that started it decides when to stop, between batches."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def composites_key(fresh: FreshComposites) -> str:
