@@ -1062,10 +1062,11 @@ def choose_precision(
 ) -> Precision:
     """The precision, and on a busy CPU the thread count, for a job of this model on this machine.
     "fp32" and "bf16" are taken as asked; "auto" times the job both ways, interleaved, and takes
-    bf16 only where it saved at least BF16_MIN_SAVING of the time (where bf16 products alone are far
-    slower, as on CPUs that emulate them, without timing the job). The choice is cached per machine, model shape and
-    job (precision_cache_file). Threads are timed afresh, one count after another, whenever the
-    job's threads find their cores taken (less CPU time than wall time), which changes from run to run."""
+    bf16 only where it saved at least BF16_MIN_SAVING of the time (where bf16 products alone are
+    far slower, as on CPUs that emulate them, without timing the job). The choice is cached per
+    machine, model shape and job (precision_cache_file). Threads are timed afresh, one count after
+    another, whenever the job's threads find their cores taken (less CPU time than wall time),
+    which changes from run to run."""
     device, threads = next(model.parameters()).device, torch.get_num_threads()
     # The probe's random canvases and dropout draw from torch's generators: put back as they were,
     # so that a run draws the same numbers whether or not its precision was timed or cached.

@@ -91,6 +91,7 @@ from multidigit_generator import (
     check_composer_settings,
     default_mnist_root,
     generate,
+    leave_ctrl_c_to_the_parent,
     load_mnist,
     parse_weights,
 )
@@ -732,7 +733,7 @@ class StopSignal:
 
 
 def start_data_worker(worker_id: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    leave_ctrl_c_to_the_parent(worker_id)
     # The lowest priority: where cores are short, training threads preempted by a worker stall
     # each other, while the worker composes ahead in the gaps they leave (docs/performance.md).
     os.nice(19)
