@@ -599,13 +599,13 @@ def start_job(options: argparse.Namespace, model_config: ModelConfig, train_conf
         options.compose == "first"
         or (options.compose == "auto" and procs.device.type == "cpu" and procs.world_size == 1)
     )
+    if compose_first:
+        composing_workers = cores_per_process() if options.num_workers is None else options.num_workers
+        return Job(options, model_config, train_config, procs, out_dir, 0, composing_workers)
     num_workers = options.num_workers
     if num_workers is None:
         num_workers = max(1, cores_per_process() - 1) if procs.device.type != "cpu" else 1
         num_workers = min(num_workers, 2) if options.composite_cache else num_workers
-    if compose_first:
-        composing_workers = cores_per_process() if options.num_workers is None else options.num_workers
-        return Job(options, model_config, train_config, procs, out_dir, 0, composing_workers)
     return Job(options, model_config, train_config, procs, out_dir, num_workers)
 
 
