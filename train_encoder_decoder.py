@@ -720,7 +720,10 @@ class StopSignal:
         if self.requested_at is None:
             self.requested_at = time.monotonic()
             if self.procs.is_main:
-                print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+                print(
+                    "\nstopping after this step, or this batch of composing (Ctrl-C again to abort without saving)",
+                    file=sys.stderr,
+                )
         elif time.monotonic() - self.requested_at > 2:
             raise KeyboardInterrupt
 
