@@ -466,6 +466,34 @@ def scribble_points(rng: np.random.Generator, box: tuple, heading: float) -> lis
     return points
 
 
+def doodle_points(
+    kind: str, rng: np.random.Generator, centre: tuple[float, float], size: float, turn: float
+) -> list[tuple[float, float]]:
+    """The line of an outline, zigzag, wave or scalloped ring about centre, size the half-length of
+    the box's longer side: drawn whatever the box's shape, since the cell holds them and squeezed
+    into a narrow box they would be a "1"."""
+    cx, cy = centre
+    if kind == "outline":  # a closed polygon of 3-5 corners: corners are what a written 0 lacks
+        corners, squash = int(rng.integers(3, 6)), rng.uniform(0.6, 1.0)  # squashed further, a sliver reads as 1
+        angles = np.linspace(0, 2 * math.pi, corners, endpoint=False) + turn + rng.uniform(-0.3, 0.3, corners)
+        radii = rng.uniform(0.6, 1.0, corners) * size
+        points = [(cx + r * math.cos(a), cy + squash * r * math.sin(a)) for a, r in zip(angles, radii)]
+        return [*points, points[0], points[1]]
+    if kind == "scallops":  # a ring of 5-9 bumps, each deep enough that it is no 0
+        bumps, depth, squash = int(rng.integers(5, 10)), rng.uniform(0.2, 0.35), rng.uniform(0.7, 1.0)
+        angles = np.linspace(0, 2 * math.pi, 12 * bumps + 1)
+        radii = size * (1 - depth + depth * np.abs(np.sin(bumps * angles / 2)))
+        return [(cx + r * math.cos(a + turn), cy + squash * r * math.sin(a + turn)) for a, r in zip(angles, radii)]
+    # level, as a row of "1"s, "S"s or "Z"s never is: 4-8 strokes, or 1.5-3.5 swings
+    if kind == "zigzag":
+        along = np.linspace(-1, 1, int(rng.integers(5, 10)))
+        across = np.where(np.arange(len(along)) % 2, 1.0, -1.0) * rng.uniform(0.5, 1.0, len(along))
+    else:
+        along = np.linspace(-1, 1, 60)
+        across = np.sin(along * math.pi * rng.uniform(1.5, 3.5) + turn) * rng.uniform(0.4, 0.9)
+    return [(cx + a * size, cy + b * 0.5 * size) for a, b in zip(along, across)]
+
+
 def draw_mark(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator, box: tuple, width: int) -> None:
     """One mark of the given kind inside box (x0, y0, x1, y1) with a pen of that width."""
     x0, y0, x1, y1 = box
@@ -504,34 +532,8 @@ def draw_mark(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator, bo
             draw.ellipse((ex - 0.1 * rx - 1, ey - 0.1 * ry - 1, ex + 0.1 * rx + 1, ey + 0.1 * ry + 1), fill=255)
         mouth = (cx - 0.5 * rx, cy - 0.2 * ry, cx + 0.5 * rx, cy + 0.6 * ry)
         draw.arc(mouth, 20, 160, fill=255, width=width)
-    elif kind == "outline":  # a closed polygon of 3-5 corners: corners are what a written 0 lacks
-        corners, size, squash = int(rng.integers(3, 6)), max(rx, ry), rng.uniform(0.6, 1.0)  # a sliver reads as 1
-        angles = np.linspace(0, 2 * math.pi, corners, endpoint=False) + turn + rng.uniform(-0.3, 0.3, corners)
-        radii = rng.uniform(0.6, 1.0, corners) * size
-        points = [(cx + r * math.cos(a), cy + squash * r * math.sin(a)) for a, r in zip(angles, radii)]
-        draw.line([*points, points[0], points[1]], fill=255, width=width, joint="curve")
-    elif kind in ("zigzag", "wave"):  # level, as a row of "1"s, "S"s or "Z"s never is: 4-8 strokes, 1.5-3.5 swings
-        length = max(rx, ry)  # whatever the box's shape: the cell holds it, and squeezed it would be a "1"
-        depth = 0.5 * length
-        if kind == "zigzag":
-            along = np.linspace(-1, 1, int(rng.integers(5, 10)))
-            across = np.where(np.arange(len(along)) % 2, 1.0, -1.0) * rng.uniform(0.5, 1.0, len(along))
-        else:
-            along = np.linspace(-1, 1, 60)
-            across = np.sin(along * math.pi * rng.uniform(1.5, 3.5) + turn) * rng.uniform(0.4, 0.9)
-        draw.line(
-            [(cx + a * length, cy + b * depth) for a, b in zip(along, across)], fill=255, width=width, joint="curve"
-        )
-    elif kind == "scallops":  # a ring of 5-9 bumps, each deep enough that it is no 0
-        bumps, depth, size, squash = (
-            int(rng.integers(5, 10)),
-            rng.uniform(0.2, 0.35),
-            max(rx, ry),
-            rng.uniform(0.7, 1.0),
-        )
-        angles = np.linspace(0, 2 * math.pi, 12 * bumps + 1)
-        radii = size * (1 - depth + depth * np.abs(np.sin(bumps * angles / 2)))
-        points = [(cx + r * math.cos(a + turn), cy + squash * r * math.sin(a + turn)) for a, r in zip(angles, radii)]
+    elif kind in ("outline", "zigzag", "wave", "scallops"):
+        points = doodle_points(kind, rng, (cx, cy), max(rx, ry), turn)
         draw.line(points, fill=255, width=width, joint="curve")
     elif kind == "scribble":
         draw.line(scribble_points(rng, box, heading=turn), fill=255, width=width, joint="curve")
