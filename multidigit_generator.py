@@ -423,8 +423,12 @@ def add_paper_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # Marks that are not digits, for the model to learn to read as nothing. No plain rings (a "0"),
-# vertical strokes (a "1") or letters that pass for digits (O, l, S, Z, B, g, q, ...).
-MARK_KINDS = ("blob", "cross", "hatching", "star", "spiral", "face", "scribble", "rule", "letter")
+# vertical strokes (a "1"), letters that pass for digits (O, l, S, Z, B, g, q, ...), or shapes of
+# two or three strokes (a "7", a "4").
+MARK_KINDS = (
+    "blob", "cross", "hatching", "star", "spiral", "face", "scribble", "rule", "letter",
+    "outline", "zigzag", "wave", "scallops",
+)  # fmt: skip
 MARK_LETTERS = "ACEFHKMNRWXcekmnwx#@&%"
 
 
@@ -460,6 +464,34 @@ def scribble_points(rng: np.random.Generator, box: tuple, heading: float) -> lis
         )
         points.append(point)
     return points
+
+
+def doodle_points(
+    kind: str, rng: np.random.Generator, centre: tuple[float, float], size: float, turn: float
+) -> list[tuple[float, float]]:
+    """The line of an outline, zigzag, wave or scalloped ring about centre, size the half-length of
+    the box's longer side: drawn whatever the box's shape, since the cell holds them and squeezed
+    into a narrow box they would be a "1"."""
+    cx, cy = centre
+    if kind == "outline":  # a closed polygon of 3-5 corners: corners are what a written 0 lacks
+        corners, squash = int(rng.integers(3, 6)), rng.uniform(0.6, 1.0)  # squashed further, a sliver reads as 1
+        angles = np.linspace(0, 2 * math.pi, corners, endpoint=False) + turn + rng.uniform(-0.3, 0.3, corners)
+        radii = rng.uniform(0.6, 1.0, corners) * size
+        points = [(cx + r * math.cos(a), cy + squash * r * math.sin(a)) for a, r in zip(angles, radii)]
+        return [*points, points[0], points[1]]
+    if kind == "scallops":  # a ring of 5-9 bumps, each deep enough that it is no 0
+        bumps, depth, squash = int(rng.integers(5, 10)), rng.uniform(0.2, 0.35), rng.uniform(0.7, 1.0)
+        angles = np.linspace(0, 2 * math.pi, 12 * bumps + 1)
+        radii = size * (1 - depth + depth * np.abs(np.sin(bumps * angles / 2)))
+        return [(cx + r * math.cos(a + turn), cy + squash * r * math.sin(a + turn)) for a, r in zip(angles, radii)]
+    # level, as a row of "1"s, "S"s or "Z"s never is: 4-8 strokes, or 1.5-3.5 swings
+    if kind == "zigzag":
+        along = np.linspace(-1, 1, int(rng.integers(5, 10)))
+        across = np.where(np.arange(len(along)) % 2, 1.0, -1.0) * rng.uniform(0.5, 1.0, len(along))
+    else:
+        along = np.linspace(-1, 1, 60)
+        across = np.sin(along * math.pi * rng.uniform(1.5, 3.5) + turn) * rng.uniform(0.4, 0.9)
+    return [(cx + a * size, cy + b * 0.5 * size) for a, b in zip(along, across)]
 
 
 def draw_mark(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator, box: tuple, width: int) -> None:
@@ -500,6 +532,9 @@ def draw_mark(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator, bo
             draw.ellipse((ex - 0.1 * rx - 1, ey - 0.1 * ry - 1, ex + 0.1 * rx + 1, ey + 0.1 * ry + 1), fill=255)
         mouth = (cx - 0.5 * rx, cy - 0.2 * ry, cx + 0.5 * rx, cy + 0.6 * ry)
         draw.arc(mouth, 20, 160, fill=255, width=width)
+    elif kind in ("outline", "zigzag", "wave", "scallops"):
+        points = doodle_points(kind, rng, (cx, cy), max(rx, ry), turn)
+        draw.line(points, fill=255, width=width, joint="curve")
     elif kind == "scribble":
         draw.line(scribble_points(rng, box, heading=turn), fill=255, width=width, joint="curve")
     elif kind == "rule":  # a level line or a box: never upright alone, which would be a "1"
@@ -516,14 +551,15 @@ def draw_mark(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator, bo
 
 
 def draw_mark_cell(rng: np.random.Generator) -> np.ndarray:
-    """One mark of a random kind (MARK_KINDS) drawn as MNIST drew its digits: in a 20 px box of a
-    28x28 cell, the longer side 20 px, with a pen 1-3 px wide, drawn four times larger and
+    """One mark of a random kind (MARK_KINDS) drawn as MNIST drew its digits: in a box of a 28x28
+    cell, its longer side 20 px and never upright and narrow, with a pen 1-3 px wide, drawn four times larger and
     area-averaged down, then slightly blurred, so that its strokes have a digit's graded edges.
     The composer then treats it exactly like a digit (augmented, perhaps redrawn with a pen),
     so that the way a stroke is drawn never tells a mark from a digit."""
     scale, cell, longest = 4, DIGIT_SIZE, 20
-    sides = [longest, longest * (rng.uniform(0.7, 1.0) if rng.random() < 0.5 else rng.uniform(0.15, 1.0))]
-    w, h = sides if rng.random() < 0.5 else sides[::-1]
+    w, h = longest, longest * (rng.uniform(0.7, 1.0) if rng.random() < 0.5 else rng.uniform(0.15, 1.0))
+    if h >= 0.5 * w and rng.random() < 0.5:  # upright only if not narrow: a tall narrow mark is a "1" or a "0"
+        w, h = h, w
     x0, y0 = (cell - w) / 2 * scale, (cell - h) / 2 * scale
     image = Image.new("L", (cell * scale, cell * scale), 0)
     kind = MARK_KINDS[int(rng.integers(len(MARK_KINDS)))]

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from conftest import run_script
 from multidigit_generator import (
     DATASET_FILES,
     DIGIT_SPACING,
+    MARK_KINDS,
     MIN_DIGIT_WIDTH,
     MNIST_FILES,
     CachedComposites,
@@ -29,6 +30,8 @@ from multidigit_generator import (
     compose_row,
     compose_scatter,
     degrade_like_a_scan,
+    draw_mark,
+    draw_mark_cell,
     elastic_distort,
     generate,
     ink_box,
@@ -730,6 +733,23 @@ def test_nondigit_composites_hold_marks_and_read_as_nothing(mnist_test):
     assert {c.label for c in composites} == {""} and {c.layout for c in composites} == {"marks"}
     assert all(c.image.max() >= 128 for c in composites), "every mark is drawn in visible ink"
     assert all(not c.boxes and not c.sources for c in composites)
+
+
+@pytest.mark.parametrize("kind", MARK_KINDS)
+def test_every_kind_of_mark_stays_in_its_cell(kind):
+    # Boxes as draw_mark_cell draws them: 20 of 28 px on the longer side, in a cell drawn 4x larger.
+    for seed, (w, h) in enumerate([(80, 80), (80, 12), (56, 80), (80, 56)]):
+        image = Image.new("L", (112, 112), 0)
+        x0, y0 = (112 - w) / 2, (112 - h) / 2
+        draw_mark(ImageDraw.Draw(image), kind, np.random.default_rng(seed), (x0, y0, x0 + w, y0 + h), width=8)
+        ink = np.asarray(image) > 128
+        assert ink.any() and not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any())
+
+
+def test_no_mark_is_tall_and_narrow_as_a_1_or_a_0_is():
+    for seed in range(300):
+        ys, xs = np.nonzero(draw_mark_cell(np.random.default_rng(seed)) > 32)
+        assert np.ptp(xs) + 1 >= 0.45 * (np.ptp(ys) + 1), f"seed {seed}"
 
 
 def test_marks_are_drawn_with_the_strokes_of_digits_so_stroke_style_never_tells_them_apart(mnist_test):

@@ -530,5 +530,5 @@ def test_numbers_and_doodles_made_unlike_the_training_world_are_read_or_doubted(
     assert np.mean(right) >= 0.8 and np.mean(accepted) >= 0.9
     kinds = [DOODLES[i % len(DOODLES)] for i in range(36)]
     doodles = predict.read_canvases(shipped_model, [to_canvas(doodle(rng, kind), 96) for kind in kinds])
-    # Most doodles, not all: closed loops (diamonds, hearts) are read as a confident 0 (docs/results.md).
+    # Most doodles, not all: a diamond is often read as a confident 0 (docs/results.md).
     assert np.mean([r.digits == "" or r.unsure for r in doodles]) >= 2 / 3
