@@ -519,7 +519,8 @@ def test_any_small_image_of_any_mode_becomes_a_canvas(image):
 
 def test_numbers_and_doodles_made_unlike_the_training_world_are_read_or_doubted(shipped_model):
     # Built with tests/drawing.py, not the generator: glyph strokes instead of MNIST digits, and
-    # doodle kinds the generator never draws. Read as files are read.
+    # doodles drawn otherwise than the generator's marks (hearts, arrows, check marks, clouds and
+    # grids are of kinds it never draws). Read as files are read.
     from drawing import DOODLES, doodle, written_number
 
     rng = np.random.default_rng(7)
