@@ -552,8 +552,9 @@ def draw_mark(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator, bo
 
 def draw_mark_cell(rng: np.random.Generator) -> np.ndarray:
     """One mark of a random kind (MARK_KINDS) drawn as MNIST drew its digits: in a box of a 28x28
-    cell, its longer side 20 px and never upright and narrow, with a pen 1-3 px wide, drawn four times larger and
-    area-averaged down, then slightly blurred, so that its strokes have a digit's graded edges.
+    cell, its longer side 20 px and never upright and narrow, with a pen 1-3 px wide, drawn four
+    times larger and area-averaged down, then slightly blurred, so that its strokes have a digit's
+    graded edges.
     The composer then treats it exactly like a digit (augmented, perhaps redrawn with a pen),
     so that the way a stroke is drawn never tells a mark from a digit."""
     scale, cell, longest = 4, DIGIT_SIZE, 20
