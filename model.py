@@ -207,6 +207,9 @@ class ModelConfig:
         0,
         256,
     )
+    stem_half_res: int = setting(
+        0, "conv stem: stride-1 3x3 convolutions at half resolution, after the first stride (0: none)", 0, 8
+    )
     d_model: int = setting(128, "width of every token vector", 8, 2048)
     n_heads: int = setting(4, "attention heads per layer", 1, 64)
     dim_k: int = setting(0, "query and key width of each attention head (0: d_model / n_heads)", 0, 1024)
@@ -304,7 +307,9 @@ class ConvPatchEmbedding(nn.Module):
     > 0, that many stride-1 3x3 convolutions follow the second stride (at 1/4 resolution) and
     the third (on the patch grid). With full_res > 0, a stride-1 3x3 convolution with that
     many channels reads the image before the first stride, so that the first features (thin
-    strokes included) are computed at every pixel rather than at every other one.
+    strokes included) are computed at every pixel rather than at every other one; with
+    half_res > 0, that many stride-1 convolutions work at half resolution, where a plain MNIST
+    CNN spends most of its work on stroke shapes.
 
     A linear projection must learn strokes and their shifts inside a patch from scratch; the
     convolutions bring that locality with them, and the encoder learns much faster from far
@@ -313,7 +318,15 @@ class ConvPatchEmbedding(nn.Module):
     docs/design.md has the measured differences."""
 
     def __init__(
-        self, *, image_size: int, patch_size: int, d_model: int, width: int = 32, depth: int = 0, full_res: int = 0
+        self,
+        *,
+        image_size: int,
+        patch_size: int,
+        d_model: int,
+        width: int = 32,
+        depth: int = 0,
+        full_res: int = 0,
+        half_res: int = 0,
     ):
         super().__init__()
         self.patch_size = patch_size
@@ -327,6 +340,8 @@ class ConvPatchEmbedding(nn.Module):
             ]
 
         layers = (conv(1, full_res, 1) + conv(full_res, width // 2, 2)) if full_res else conv(1, width // 2, 2)
+        for _ in range(half_res):
+            layers += conv(width // 2, width // 2, 1)
         layers += conv(width // 2, width, 2)
         for _ in range(depth):
             layers += conv(width, width, 1)
@@ -559,7 +574,7 @@ class DigitSequenceTransformer(nn.Module):
         patches = dict(image_size=c.image_size, patch_size=c.patch_size, d_model=c.d_model)
         if c.stem == "conv":
             self.patch_embed = ConvPatchEmbedding(
-                **patches, width=c.stem_width, depth=c.stem_depth, full_res=c.stem_full_res
+                **patches, width=c.stem_width, depth=c.stem_depth, full_res=c.stem_full_res, half_res=c.stem_half_res
             )
         else:
             self.patch_embed = PatchEmbedding(**patches)

@@ -36,7 +36,9 @@ import numpy as np
 
 from multidigit_generator import (
     DATASET_FILES,
+    DIGIT_SIZE,
     CommandLine,
+    Composite,
     MnistUnavailableError,
     MultiDigitComposer,
     Staging,
@@ -46,12 +48,19 @@ from multidigit_generator import (
     check_destination,
     composer_settings,
     generate,
+    ink_box,
     load_mnist,
     write_dataset_files,
 )
 
 SPLITS_FILE = "splits.json"
 STRESS_DIR = "stress"
+# The MNIST test digits alone, as MNIST wrote them: the pixels cnn_reference.py's CNN is scored on.
+MNIST_DIGITS = "mnist_digits"
+MNIST_DIGITS_DESCRIPTION = (
+    "each of the 10,000 MNIST test digits alone, its 28x28 image unchanged at the centre of the canvas: "
+    "the digits cnn_reference.py's plain CNN reads"
+)
 STRESS_SEED_OFFSET = 3  # val is composed with seed + 1 and test with seed + 2
 # Base settings of every evaluation set (val, test, stress): the digits as written, no augmentation.
 EVAL_COMPOSER = dict(augment_strength=0.0)
@@ -176,7 +185,8 @@ def prepare_stress_sets(
     seed: int = 0,
     composer: dict | None = None,
 ) -> dict[str, Path]:
-    """Write data_dir/stress/<name>/ for every entry of STRESS_SETS and return the folders.
+    """Write data_dir/stress/<name>/ for every entry of STRESS_SETS, and data_dir/stress/mnist_digits/
+    (see mnist_digits), and return the folders.
 
     Only MNIST test digits are used. Every set is composed with seed + STRESS_SEED_OFFSET, unlike
     val's and test's draws; so image i holds the same digits in the same layout in every set, and
@@ -190,7 +200,7 @@ def prepare_stress_sets(
             check_composer_settings(**stressed)
         except ValueError as error:
             raise ValueError(f"stress set {name}: {error}") from error
-    folders = {name: Path(data_dir) / STRESS_DIR / name for name in STRESS_SETS}
+    folders = {name: Path(data_dir) / STRESS_DIR / name for name in [*STRESS_SETS, MNIST_DIGITS]}
     for folder in folders.values():
         check_destination(folder, DATASET_FILES)
     images, labels = load_mnist(mnist_root, train=False)
@@ -206,7 +216,26 @@ def prepare_stress_sets(
                 stress_description=description,
             )
             write_dataset_files(staging.folder(folders[name], DATASET_FILES), composites, metadata)
+        size = stressed.canvas_size  # every set's
+        metadata = dict(
+            canvas_size=size, mnist_split="test", stress=MNIST_DIGITS, stress_description=MNIST_DIGITS_DESCRIPTION
+        )
+        alone = mnist_digits(images, labels, size)
+        write_dataset_files(staging.folder(folders[MNIST_DIGITS], DATASET_FILES), alone, metadata)
     return folders
+
+
+def mnist_digits(images: np.ndarray, labels: np.ndarray, canvas_size: int) -> list[Composite]:
+    """Each MNIST digit alone at the centre of a canvas, its 28x28 image (digit height about 20 px,
+    within the trained range) as MNIST wrote it: the model and a 28x28 classifier read the same pixels."""
+    at = (canvas_size - DIGIT_SIZE) // 2
+    composites = []
+    for index, (digit, label) in enumerate(zip(images, labels)):
+        canvas = np.zeros((canvas_size, canvas_size), np.uint8)
+        canvas[at : at + DIGIT_SIZE, at : at + DIGIT_SIZE] = digit
+        x0, y0, x1, y1 = ink_box(digit) or (0, 0, DIGIT_SIZE, DIGIT_SIZE)
+        composites.append(Composite(canvas, str(label), "scatter", [(x0 + at, y0 + at, x1 + at, y1 + at)], [index]))
+    return composites
 
 
 def load_splits(data_dir: str | Path) -> dict:
@@ -268,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.stress:
         for name, folder in folders.items():
-            print(f"wrote {folder} ({args.stress_images} images): {STRESS_SETS[name][1]}")
+            if name == MNIST_DIGITS:
+                print(f"wrote {folder} (10000 images): {MNIST_DIGITS_DESCRIPTION}")
+            else:
+                print(f"wrote {folder} ({args.stress_images} images): {STRESS_SETS[name][1]}")
         return 0
     pools = record["pools"]
     print(

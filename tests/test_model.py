@@ -222,22 +222,35 @@ def test_optimizer_decays_matrices_only(model):
 
 
 @pytest.mark.parametrize(
-    "stem, patch_size, full_res", [("conv", 8, 0), ("conv", 12, 0), ("conv", 12, 4), ("conv", 16, 0), ("linear", 12, 0)]
+    "stem, patch_size, full_res, half_res",
+    [
+        ("conv", 8, 0, 0),
+        ("conv", 12, 0, 0),
+        ("conv", 12, 4, 0),
+        ("conv", 12, 4, 2),
+        ("conv", 16, 0, 1),
+        ("linear", 12, 0, 0),
+    ],
 )
-def test_both_stems_make_one_vector_per_patch(stem, patch_size, full_res):
+def test_both_stems_make_one_vector_per_patch(stem, patch_size, full_res, half_res):
     config = ModelConfig(
         image_size=96,
         patch_size=patch_size,
         stem=stem,
         stem_full_res=full_res,
+        stem_half_res=half_res,
         d_model=32,
         n_heads=2,
         encoder_layers=1,
         decoder_layers=1,
         ff_mult=2,
     )
-    memory = DigitSequenceTransformer(config).eval().encode(torch.rand(2, 1, 96, 96))
-    assert memory.shape == (2, (96 // patch_size) ** 2, 32)
+    model = DigitSequenceTransformer(config).eval()
+    assert model.encode(torch.rand(2, 1, 96, 96)).shape == (2, (96 // patch_size) ** 2, 32)
+    if stem == "conv":  # half_res adds convolutions of the half-resolution width, stride 1
+        convs = [m for m in model.patch_embed.convs if isinstance(m, torch.nn.Conv2d)]
+        half = config.stem_width // 2
+        assert sum(c.stride == (1, 1) and c.in_channels == c.out_channels == half for c in convs) == half_res
 
 
 @pytest.mark.parametrize(
@@ -247,6 +260,7 @@ def test_both_stems_make_one_vector_per_patch(stem, patch_size, full_res):
         (dict(stem="conv", patch_size=6, image_size=48), "multiple of 4"),
         (dict(stem_width=3), "stem_width"),
         (dict(stem_full_res=-8), "stem_full_res"),
+        (dict(stem_half_res=9), "stem_half_res"),
     ],
 )
 def test_config_rejects_impossible_stems(settings, message):

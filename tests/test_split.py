@@ -9,6 +9,7 @@ from test_generator import copy_mnist, full_disk_after, snapshot
 from conftest import run_script
 from multidigit_generator import crop_to_ink, read_dataset, resize
 from split_multidigit_dataset import (
+    MNIST_DIGITS,
     STRESS_SETS,
     load_splits,
     main,
@@ -103,7 +104,7 @@ def stress_dir(tmp_path_factory, mnist_root):
 
 def test_stress_sets_are_written_from_mnist_test_digits_only(stress_dir, mnist_test):
     _, test_labels = mnist_test
-    assert sorted(p.name for p in (stress_dir / "stress").iterdir()) == sorted(STRESS_SETS)
+    assert sorted(p.name for p in (stress_dir / "stress").iterdir()) == sorted([*STRESS_SETS, MNIST_DIGITS])
     assert not (stress_dir / "splits.json").exists(), "stress sets need no splits"
     digits_per_image = None
     for name, (stress, description) in STRESS_SETS.items():
@@ -130,6 +131,21 @@ def test_stress_sets_are_written_from_mnist_test_digits_only(stress_dir, mnist_t
         assert digits_per_image in (None, digits)
         digits_per_image = digits
     assert {len(d) for d in digits_per_image} - {0}, "some images hold digits"
+
+
+def test_mnist_digits_are_the_pixels_a_28x28_classifier_reads(stress_dir, mnist_test):
+    images, labels = mnist_test
+    canvases, records, metadata = read_dataset(stress_dir / "stress" / MNIST_DIGITS)
+    assert canvases.shape == (len(images), 96, 96), "every MNIST test digit, whatever --stress-images says"
+    assert metadata["stress"] == MNIST_DIGITS and metadata["mnist_split"] == "test"
+    at = (96 - 28) // 2
+    assert np.array_equal(canvases[:, at : at + 28, at : at + 28], images), "the digit unchanged at the centre"
+    assert canvases.sum(dtype=np.int64) == images.sum(dtype=np.int64), "and nothing else on the canvas"
+    assert [r["label"] for r in records] == [str(d) for d in labels]
+    assert [r["sources"] for r in records] == [[i] for i in range(len(images))]
+    for r, canvas in zip(records[:200], canvases[:200]):
+        (x0, y0, x1, y1), ys, xs = r["boxes"][0], *np.nonzero(canvas > 32)
+        assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
 
 
 def test_stress_cli_writes_only_the_stress_sets(tmp_path, mnist_root, capsys):
