@@ -117,7 +117,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, args) ->
 
 
 @torch.inference_mode()
-def test_errors(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, int, int]]:
+def misread_digits(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, int, int]]:
     """(index, true digit, read digit) of every misread test digit."""
     model.eval()
     read = torch.cat([model(images[i : i + 1000]).argmax(1) for i in range(0, len(images), 1000)])
@@ -136,6 +136,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: every core)")
     parser.add_argument("--mnist-root", default=default_mnist_root())
     parser.add_argument("--out", help="also write the result as JSON to this file")
+    parser.add_argument("--save", help="also save the trained CNN's weights (a state dict) to this file")
     args = parser.parse_args(argv)
     if not 0 < args.minutes <= 24 * 60:
         parser.error("--minutes must be above 0 and at most a day (1440)")
@@ -145,11 +146,12 @@ def parse_args(argv: list[str] | None):
         parser.error("--batch-size must be 1-4096, --lr above 0 and at most 1, --weight-decay 0-10")
     if not 0 <= args.threads <= 1024:
         parser.error("--threads must be 0 (every core) to 1024")
-    if args.out:
+    for flag, path in (("--out", args.out), ("--save", args.save)):
         try:
-            check_destination(args.out, None)  # before the training, not after it
+            if path:
+                check_destination(path, None)  # before the training, not after it
         except ValueError as error:
-            parser.error(f"--out: {error}")
+            parser.error(f"{flag}: {error}")
     return args
 
 
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model = plain_cnn()
     trained = train(model, standardise(train_images), torch.from_numpy(train_labels).long(), args)
-    errors = test_errors(model, standardise(test_images), torch.from_numpy(test_labels).long())
+    errors = misread_digits(model, standardise(test_images), torch.from_numpy(test_labels).long())
     result = dict(
         model="plain CNN (cnn_reference.py)",
         parameters=sum(p.numel() for p in model.parameters()),
@@ -184,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({trained['digits_seen'] / len(train_labels):.1f} epochs); MNIST test digits misread: {len(errors)} of "
         f"{len(test_labels)} ({100 * result['digit_error']:.2f} %)"
     )
-    if args.out:
-        with Staging() as staging:
+    with Staging() as staging:
+        if args.out:
             staging.file(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        if args.save:
+            torch.save(model.state_dict(), staging.file(args.save))
     return 0
 
 

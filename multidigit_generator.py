@@ -550,13 +550,46 @@ def draw_mark(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator, bo
         )
 
 
+# A hole that fills this share of its bounding box is round or boxy, as a 0's is (an ellipse fills
+# pi/4 of its box); the hole of a triangle or a diamond fills half.
+ROUND_HOLE = 0.6
+
+
+def looks_like_a_zero(cell: np.ndarray) -> bool:
+    """Whether the ink of a 28x28 cell is one closed loop round one wide hole, as a 0 is: a box, a
+    rounded outline, a shallow scalloped ring. Read as "nothing" in training, such a mark would
+    teach the model that a lone 0 is no digit."""
+    from scipy import ndimage  # imported here, as in measure_ink
+
+    ink = cell > 64
+    if ndimage.label(ink, structure=np.ones((3, 3)))[1] != 1:
+        return False
+    background, count = ndimage.label(~ink)  # 4-connected, so a diagonal gap in a stroke does not open a loop
+    outside = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
+    holes = [k for k in range(1, count + 1) if k not in outside]
+    if len(holes) != 1:
+        return False
+    hole_ys, hole_xs = np.nonzero(background == holes[0])
+    ink_ys, ink_xs = np.nonzero(ink)
+    hole_h, hole_w = np.ptp(hole_ys) + 1, np.ptp(hole_xs) + 1
+    wide = hole_h >= 0.4 * (np.ptp(ink_ys) + 1) and hole_w >= 0.4 * (np.ptp(ink_xs) + 1)
+    return bool(wide and len(hole_ys) >= ROUND_HOLE * hole_h * hole_w)
+
+
 def draw_mark_cell(rng: np.random.Generator) -> np.ndarray:
     """One mark of a random kind (MARK_KINDS) drawn as MNIST drew its digits: in a box of a 28x28
     cell, its longer side 20 px and never upright and narrow, with a pen 1-3 px wide, drawn four
     times larger and area-averaged down, then slightly blurred, so that its strokes have a digit's
-    graded edges.
+    graded edges. A mark that came out as a 0 would (looks_like_a_zero) is drawn again.
     The composer then treats it exactly like a digit (augmented, perhaps redrawn with a pen),
     so that the way a stroke is drawn never tells a mark from a digit."""
+    while looks_like_a_zero(cell := draw_one_mark_cell(rng)):
+        pass
+    return cell
+
+
+def draw_one_mark_cell(rng: np.random.Generator) -> np.ndarray:
+    """draw_mark_cell's mark, before it is checked."""
     scale, cell, longest = 4, DIGIT_SIZE, 20
     w, h = longest, longest * (rng.uniform(0.7, 1.0) if rng.random() < 0.5 else rng.uniform(0.15, 1.0))
     if h >= 0.5 * w and rng.random() < 0.5:  # upright only if not narrow: a tall narrow mark is a "1" or a "0"

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from cnn_reference import main, one_cycle, plain_cnn, random_affine
+from cnn_reference import main, misread_digits, one_cycle, plain_cnn, random_affine, standardise
 
 
 def test_the_reference_is_the_plain_cnn_the_comparison_names():
@@ -32,17 +32,26 @@ def test_augmentation_moves_ink_but_keeps_it():
     assert ((ink > 0.75) & (ink < 1.3)).all(), "scaled by 0.9-1.1, nothing cut off"
 
 
-def test_a_short_training_reads_most_digits(tmp_path, mnist_root, capsys):
-    out = tmp_path / "reports" / "cnn.json"
-    assert main(["--steps", "60", "--batch-size", "64", "--mnist-root", str(mnist_root), "--out", str(out)]) == 0
+def test_a_short_training_reads_most_digits(tmp_path, mnist_root, mnist_test, capsys):
+    out, weights = tmp_path / "reports" / "cnn.json", tmp_path / "cnn.pt"
+    flags = ["--steps", "80", "--batch-size", "32", "--out", str(out), "--save", str(weights)]
+    assert main([*flags, "--mnist-root", str(mnist_root)]) == 0
     record = json.loads(out.read_text())
-    assert record["test_digits"] == 10_000 and record["steps"] == 60 and record["digits_seen"] == 60 * 64
-    assert record["misread"] == len(record["errors"]) and record["digit_error"] < 0.5, "60 steps read most digits"
+    assert record["test_digits"] == 10_000 and record["steps"] == 80 and record["digits_seen"] == 80 * 32
+    assert record["misread"] == len(record["errors"]) and record["digit_error"] < 0.25, "80 steps read most digits"
     assert all(true != read for _, true, read in record["errors"])
     assert f"{record['misread']} of 10000" in capsys.readouterr().out
+    cnn = plain_cnn()
+    cnn.load_state_dict(torch.load(weights, weights_only=True))
+    images, labels = (a[:2000] for a in mnist_test)
+    errors = misread_digits(cnn, standardise(images), torch.from_numpy(labels).long())
+    assert errors == [tuple(e) for e in record["errors"] if e[0] < 2000], "the saved weights are the ones scored"
 
 
-@pytest.mark.parametrize("flags", [["--minutes", "0"], ["--steps", "-1"], ["--batch-size", "0"], ["--out", "."]])
+BAD_FLAGS = [["--minutes", "0"], ["--steps", "-1"], ["--batch-size", "0"], ["--out", "."], ["--save", "."]]
+
+
+@pytest.mark.parametrize("flags", BAD_FLAGS)
 def test_bad_flags_stop_before_any_training(flags, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(flags)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import multidigit_generator
 from conftest import run_script
 from multidigit_generator import (
     DATASET_FILES,
@@ -32,10 +33,12 @@ from multidigit_generator import (
     degrade_like_a_scan,
     draw_mark,
     draw_mark_cell,
+    draw_one_mark_cell,
     elastic_distort,
     generate,
     ink_box,
     load_mnist,
+    looks_like_a_zero,
     main,
     read_dataset,
     row_capacity,
@@ -750,6 +753,22 @@ def test_no_mark_is_tall_and_narrow_as_a_1_or_a_0_is():
     for seed in range(300):
         ys, xs = np.nonzero(draw_mark_cell(np.random.default_rng(seed)) > 32)
         assert np.ptp(xs) + 1 >= 0.45 * (np.ptp(ys) + 1), f"seed {seed}"
+
+
+def test_no_mark_is_a_loop_round_a_wide_hole_as_a_0_is(mnist_test):
+    images, labels = mnist_test
+    flagged = {d: np.mean([looks_like_a_zero(image) for image in images[labels == d][:300]]) for d in range(10)}
+    assert flagged[0] > 0.6, "the check knows most written 0s"
+    assert all(flagged[d] < 0.05 for d in range(1, 9)), flagged  # 9s, a loop on a stem, can be flagged
+    assert not any(looks_like_a_zero(draw_mark_cell(np.random.default_rng(seed))) for seed in range(300))
+
+
+@pytest.mark.parametrize("kind", MARK_KINDS)
+def test_every_kind_of_mark_is_still_drawn_once_zeros_are_left_out(kind, monkeypatch):
+    monkeypatch.setattr(multidigit_generator, "MARK_KINDS", (kind,))
+    rng = np.random.default_rng(0)
+    kept = np.mean([not looks_like_a_zero(draw_one_mark_cell(rng)) for _ in range(100)])
+    assert kept > 0.15, f"{kind}: {kept:.0%} of its marks kept"
 
 
 def test_marks_are_drawn_with_the_strokes_of_digits_so_stroke_style_never_tells_them_apart(mnist_test):
