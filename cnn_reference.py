@@ -18,6 +18,7 @@ It is scored on the 10,000 MNIST test digits: the same pixels as the `mnist_digi
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -89,7 +90,7 @@ def standardise(images: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(np.asarray(images)).float().div_(255).unsqueeze(1) - 0.13) / 0.31
 
 
-def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, args) -> dict:
+def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> dict:
     """Train for args.minutes, or args.steps steps when given; how long and how many digits that took."""
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -125,7 +126,7 @@ def misread_digits(model: nn.Module, images: torch.Tensor, labels: torch.Tensor)
     return [(i, int(labels[i]), int(read[i])) for i in wrong]
 
 
-def parse_args(argv: list[str] | None):
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = CommandLine(__doc__)
     parser.add_argument("--minutes", type=float, default=13.0, help="training time (the schedule fits it)")
     parser.add_argument("--steps", type=int, default=0, help="train this many steps instead of --minutes (0: minutes)")
@@ -167,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = plain_cnn()
-    trained = train(model, standardise(train_images), torch.from_numpy(train_labels).long(), args)
+    try:
+        trained = train(model, standardise(train_images), torch.from_numpy(train_labels).long(), args)
+    except KeyboardInterrupt:
+        print("stopped by Ctrl-C: nothing written", file=sys.stderr)
+        return 130
     errors = misread_digits(model, standardise(test_images), torch.from_numpy(test_labels).long())
     result = dict(
         model="plain CNN (cnn_reference.py)",
@@ -186,11 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         f"({trained['digits_seen'] / len(train_labels):.1f} epochs); MNIST test digits misread: {len(errors)} of "
         f"{len(test_labels)} ({100 * result['digit_error']:.2f} %)"
     )
-    with Staging() as staging:
-        if args.out:
-            staging.file(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        if args.save:
-            torch.save(model.state_dict(), staging.file(args.save))
+    try:
+        with Staging() as staging:
+            if args.out:
+                staging.file(args.out).write_text(json.dumps(result, indent=1) + "\n")
+            if args.save:
+                torch.save(model.state_dict(), staging.file(args.save))
+    except OSError as error:  # a full disk, a read-only folder: neither file is left half-written
+        print(f"error: writing {args.out or args.save} failed ({error}); nothing written", file=sys.stderr)
+        return 1
     return 0
 
 
