@@ -37,6 +37,7 @@ import numpy as np
 from multidigit_generator import (
     DATASET_FILES,
     DIGIT_SIZE,
+    MNIST_COUNTS,
     CommandLine,
     Composite,
     MnistUnavailableError,
@@ -216,7 +217,7 @@ def prepare_stress_sets(
                 stress_description=description,
             )
             write_dataset_files(staging.folder(folders[name], DATASET_FILES), composites, metadata)
-        size = stressed.canvas_size  # every set's
+        size = stressed.canvas_size  # the canvas every stress set was composed on
         metadata = dict(
             canvas_size=size, mnist_split="test", stress=MNIST_DIGITS, stress_description=MNIST_DIGITS_DESCRIPTION
         )
@@ -297,10 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.stress:
         for name, folder in folders.items():
-            if name == MNIST_DIGITS:
-                print(f"wrote {folder} (10000 images): {MNIST_DIGITS_DESCRIPTION}")
-            else:
-                print(f"wrote {folder} ({args.stress_images} images): {STRESS_SETS[name][1]}")
+            count, description = (
+                (MNIST_COUNTS["test"], MNIST_DIGITS_DESCRIPTION)
+                if name == MNIST_DIGITS
+                else (args.stress_images, STRESS_SETS[name][1])
+            )
+            print(f"wrote {folder} ({count} images): {description}")
         return 0
     pools = record["pools"]
     print(

@@ -152,6 +152,7 @@ def test_stress_cli_writes_only_the_stress_sets(tmp_path, mnist_root, capsys):
     assert main(["--data-dir", str(tmp_path), "--mnist-root", str(mnist_root), "--stress", "--stress-images", "3"]) == 0
     out = capsys.readouterr().out
     assert all(f"stress/{name} (3 images)" in out for name in STRESS_SETS)
+    assert f"stress/{MNIST_DIGITS} (10000 images)" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stress"]
     images, _, metadata = read_dataset(tmp_path / "stress" / "height_14")
     assert images.shape == (3, 96, 96) and metadata["digit_height"] == [14, 14] and metadata["seed"] == 3
