@@ -4,7 +4,7 @@ peak.
 
     uv run python bench.py                       # the shipped model's size, on a GPU if there is one
     uv run python bench.py --device cpu --json bench.json
-    uv run python bench.py --precision bf16      # bf16 autocast (default: as training picks, model.choose_precision)
+    uv run python bench.py --precision bf16      # bf16 autocast (default: timed, precision.choose_precision)
 
 For each model, one run measures:
   training img/s        whole steps (forward, backward, gradient clipping, AdamW) on batches of
@@ -32,7 +32,6 @@ import copy
 import itertools
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -46,31 +45,24 @@ import torch.nn as nn
 from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
+from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_model
+from datasets import dataset_item
+from files import CommandLine
+from mnist import MnistUnavailableError, default_mnist_root, load_mnist
 from model import (
-    DEFAULT_CHECKPOINT,
     PIXEL_MEAN,
     PIXEL_STD,
-    CheckpointError,
     DecoderCache,
     DigitSequenceTransformer,
     ModelConfig,
     TrainingLoss,
-    choose_precision,
     configure_optimizer,
     encode_labels,
-    load_model,
     patch_targets,
-    pick_device,
     uint8_to_input,
 )
-from multidigit_generator import (
-    CommandLine,
-    MnistUnavailableError,
-    MultiDigitComposer,
-    dataset_item,
-    default_mnist_root,
-    load_mnist,
-)
+from multidigit_generator import MultiDigitComposer
+from precision import choose_precision, cpu_name, pick_device
 
 # The targets set for the 2-core development CPU (docs/performance.md discusses them).
 CPU_TARGETS = {"training_ratio": 1.0, "inference_images_per_second": 2000, "latency_p50_ms": 10.0}
@@ -318,18 +310,7 @@ def measure(workloads: dict[str, Workload], *, rounds: int, seconds: float, late
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        name = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in cpuinfo.read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            name,
-        )
-    return f"{name}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def report(results: dict) -> str:
@@ -406,7 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("auto", "fp32", "bf16"),
         default="auto",
         help="bf16: autocast to bfloat16; auto: as training picks it, bf16 where timing a training step here finds it "
-        "faster (model.choose_precision)",
+        "faster (precision.choose_precision)",
     )
     p.add_argument(
         "--compile",

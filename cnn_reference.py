@@ -30,14 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from multidigit_generator import (
-    CommandLine,
-    MnistUnavailableError,
-    Staging,
-    check_destination,
-    default_mnist_root,
-    load_mnist,
-)
+from files import CommandLine, Staging, check_destination
+from mnist import MnistUnavailableError, default_mnist_root, load_mnist
 
 
 def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:

@@ -39,31 +39,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from model import (
-    PAD,
-    VOCAB_SIZE,
-    Calibration,
-    CheckpointError,
-    DigitSequenceTransformer,
-    Ensemble,
-    add_reader_options,
-    decoder_inputs,
-    load_reader,
-    pick_device,
-    uint8_to_input,
-)
-from multidigit_generator import (
-    BLANK_INK_LEVEL,
-    LAYOUTS,
-    CommandLine,
-    Staging,
-    check_destination,
-    preview_sheet,
-    read_dataset,
-    to_canvas,
-)
+from canvas import BLANK_INK_LEVEL, to_canvas
+from checkpoint import CheckpointError
+from datasets import preview_sheet, read_dataset
+from files import CommandLine, Staging, check_destination
+from model import NO_DIGIT, PAD, VOCAB_SIZE, Calibration, DigitSequenceTransformer, decoder_inputs, uint8_to_input
+from multidigit_generator import LAYOUTS
+from precision import pick_device
+from reader import Ensemble, add_reader_options, load_reader
 
-NONE = 10  # index of the "none" row (extra digits) and column (missed digits) of the confusion matrix
 MATRIX_LABELS = [str(d) for d in range(10)] + ["none"]
 # PIL's built-in font has no arrow glyph, so pictures say "->" where text says "→".
 IMAGE_ARROW = "->"
@@ -135,30 +119,30 @@ def align_digits(prediction: str, truth: str) -> list[tuple[str | None, str | No
 
 def confusion_matrix(predictions: list[str], labels: list[str]) -> np.ndarray:
     """(11, 11) counts: row = true digit, column = read digit, both 0-9 then "none" (index
-    NONE). A missed digit counts in the "none" column, an extra digit in the "none" row."""
-    matrix = np.zeros((NONE + 1, NONE + 1), dtype=np.int64)
+    NO_DIGIT). A missed digit counts in the "none" column, an extra digit in the "none" row."""
+    matrix = np.zeros((NO_DIGIT + 1, NO_DIGIT + 1), dtype=np.int64)
     for prediction, label in zip(predictions, labels, strict=True):
         for true, read in align_digits(prediction, label):
-            matrix[NONE if true is None else int(true), NONE if read is None else int(read)] += 1
+            matrix[NO_DIGIT if true is None else int(true), NO_DIGIT if read is None else int(read)] += 1
     return matrix
 
 
 def digit_counts(matrix: np.ndarray) -> dict[str, int]:
     """Digit-level totals of a confusion matrix."""
-    digits = matrix[:NONE, :NONE]
+    digits = matrix[:NO_DIGIT, :NO_DIGIT]
     return {
-        "true_digits": int(matrix[:NONE].sum()),
+        "true_digits": int(matrix[:NO_DIGIT].sum()),
         "correct": int(np.trace(digits)),
         "substitutions": int(digits.sum() - np.trace(digits)),
-        "missed": int(matrix[:NONE, NONE].sum()),
-        "extra": int(matrix[NONE, :NONE].sum()),
+        "missed": int(matrix[:NO_DIGIT, NO_DIGIT].sum()),
+        "extra": int(matrix[NO_DIGIT, :NO_DIGIT].sum()),
     }
 
 
 def most_confused(matrix: np.ndarray) -> tuple[str, str, int] | None:
     """(true digit, read digit, count) of the commonest substitution, or None when no digit was
     read as another; missed and extra digits are counted apart (digit_counts)."""
-    errors = matrix[:NONE, :NONE].copy()
+    errors = matrix[:NO_DIGIT, :NO_DIGIT].copy()
     np.fill_diagonal(errors, 0)
     true, read = np.unravel_index(errors.argmax(), errors.shape)
     return (str(true), str(read), int(errors[true, read])) if errors[true, read] else None
@@ -200,9 +184,9 @@ def confusion_matrix_image(matrix: np.ndarray, title: str, cell: int = 44) -> Im
                 font=small,
                 anchor="mm",
             )
-    edge = top + NONE * cell  # set the "none" row and column apart from the digits
+    edge = top + NO_DIGIT * cell  # set the "none" row and column apart from the digits
     draw.line((left, edge, left + size * cell, edge), fill="black")
-    draw.line((left + NONE * cell, top, left + NONE * cell, top + size * cell), fill="black")
+    draw.line((left + NO_DIGIT * cell, top, left + NO_DIGIT * cell, top + size * cell), fill="black")
     legend = (
         "blue: correct digits, red: errors (each on its own scale)\n"
         "none column: a missed digit, none row: an extra digit"
@@ -350,12 +334,12 @@ def fit_calibration(
     images: np.ndarray,
     labels: list[str],
     *,
-    shifted: tuple[np.ndarray, list[str]] | None = None,
+    composed_as_in_training: tuple[np.ndarray, list[str]] | None = None,
     batch_size: int = 256,
     target: float = TARGET_ACCEPTED_ACCURACY,
 ) -> Calibration:
     """The temperature and unsure threshold for a trained model, from its readings of held-out
-    images (validation) and, if given, of `shifted` ones (validation digits composed as training
+    images (validation) and, if given, of `composed_as_in_training` ones (validation digits composed as training
     composes them: pen strokes, noisy paper, marks). Greedy readings do not depend on the
     temperature (dividing the logits keeps their order), so the images are read once and only the
     readings' probabilities are recomputed for each temperature of a grid: the one that best
@@ -365,8 +349,8 @@ def fit_calibration(
     `target` right."""
     model.calibration = Calibration()
     clean = len(images)
-    if shifted is not None:
-        images, labels = np.concatenate([images, shifted[0]]), [*labels, *shifted[1]]
+    if composed_as_in_training is not None:
+        images, labels = np.concatenate([images, composed_as_in_training[0]]), [*labels, *composed_as_in_training[1]]
     all_logits, all_tokens, correct = greedy_logits(model, images, labels, batch_size)
     right = torch.tensor(correct, dtype=torch.float64)
     real = all_tokens != PAD
@@ -397,11 +381,11 @@ def calibration_image(
     """A reliability diagram: for each confidence bin, a bar as high as the accuracy of the
     readings in it (its width shaded by how many there are), against the diagonal of a model
     whose confidence is exactly its accuracy."""
-    size, margin = 360, 40
-    out = Image.new("RGB", (size + 2 * margin, size + 2 * margin), "white")
+    size, left, top, right, bottom = 360, 64, 36, 20, 48
+    out = Image.new("RGB", (left + size + right, top + size + bottom), "white")
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default(size=13)
-    conf, right = np.asarray(confidences), np.asarray(correct, dtype=np.float64)
+    conf, hits = np.asarray(confidences), np.asarray(correct, dtype=np.float64)
     which = np.minimum((conf * bins).astype(int), bins - 1)
     width = size / bins
     for b in range(bins):
@@ -409,14 +393,22 @@ def calibration_image(
         if not members.any():
             continue
         share = members.mean()
-        top = margin + size * (1 - right[members].mean())
+        bar_top = top + size * (1 - hits[members].mean())
         shade = _mix((31, 119, 180), 0.25 + 0.75 * min(1.0, share * bins))
-        draw.rectangle((margin + b * width + 1, top, margin + (b + 1) * width - 1, margin + size), fill=shade)
-    draw.line((margin, margin + size, margin + size, margin), fill=(200, 60, 60), width=2)
-    draw.rectangle((margin, margin, margin + size, margin + size), outline="black")
-    draw.text((margin + size / 2, margin + size + 22), "confidence", fill="black", font=font, anchor="mm")
-    draw.text((margin - 8, margin + size / 2), "accuracy", fill="black", font=font, anchor="rm")
-    draw.text((margin, margin - 20), title, fill="black", font=font, anchor="lm")
+        draw.rectangle((left + b * width + 1, bar_top, left + (b + 1) * width - 1, top + size), fill=shade)
+    draw.line((left, top + size, left + size, top), fill=(200, 60, 60), width=2)
+    draw.rectangle((left, top, left + size, top + size), outline="black")
+    for tick in np.linspace(0, 1, 6):  # the same values on both axes
+        x, y = left + tick * size, top + size * (1 - tick)
+        draw.line((x, top + size, x, top + size + 4), fill="black")
+        draw.text((x, top + size + 6), f"{tick:.1f}", fill="black", font=font, anchor="mt")
+        draw.line((left - 4, y, left, y), fill="black")
+        draw.text((left - 6, y), f"{tick:.1f}", fill="black", font=font, anchor="rm")
+    draw.text((left + size / 2, top + size + 26), "confidence", fill="black", font=font, anchor="mt")
+    label = Image.new("RGB", (120, 18), "white")
+    ImageDraw.Draw(label).text((60, 9), "accuracy", fill="black", font=font, anchor="mm")
+    out.paste(label.rotate(90, expand=True), (6, top + size // 2 - 60))
+    draw.text((left, top - 18), title, fill="black", font=font, anchor="lm")
     return out
 
 
@@ -459,7 +451,7 @@ def evaluate_folder(
         else "greedy"
         if beam_size == 1
         else f"beam {beam_size}",
-        "precision": "bf16" if model.reading["read_batch"].bf16 else "fp32",
+        "precision": "bf16" if model.read_bf16["read_batch"] else "fp32",
         "read_as": "files, through to_canvas" if as_files else "canvases, straight into the model",
         "device": str(next(model.parameters()).device),
         "images_per_second": len(records) / readings.seconds,

@@ -31,15 +31,11 @@ import streamlit as st
 import torch
 from PIL import Image
 
-from model import DEFAULT_CHECKPOINT, CheckpointError, DigitSequenceTransformer, load_model
-from multidigit_generator import (
-    BLANK_INK_LEVEL,
-    MnistUnavailableError,
-    MultiDigitComposer,
-    default_mnist_root,
-    load_mnist,
-    to_canvas,
-)
+from canvas import BLANK_INK_LEVEL, to_canvas
+from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_model
+from mnist import MnistUnavailableError, default_mnist_root, load_mnist
+from model import DigitSequenceTransformer
+from multidigit_generator import MultiDigitComposer
 from predict import IMAGE_SUFFIXES, Reading, open_image, read_canvases
 from split_multidigit_dataset import EVAL_COMPOSER
 
@@ -223,7 +219,7 @@ def attention_overlay(canvas: np.ndarray, attention: np.ndarray) -> Image.Image:
     return upscale(np.round(rgb * 255).astype(np.uint8))
 
 
-def percent(p: float) -> str:
+def shown_probability(p: float) -> str:
     """A probability for people: never "100.0 %" for one that is not 1."""
     return ">99.9%" if 0.999 < p < 1 else f"{p:.1%}"
 
@@ -239,7 +235,7 @@ def big_text(text: str, css_class: str, size_rem: float, spacing_em: float = 0.0
 def alternative_line(digits: str, too_many: bool, probability: float, max_digits: int) -> str:
     shown = f"**{digits}**" if digits else "*nothing*"
     more = f" and more (more than {max_digits} digits)" if too_many else ""
-    return f"- {shown}{more}: {percent(probability)}"
+    return f"- {shown}{more}: {shown_probability(probability)}"
 
 
 def show_verdict(model: DigitSequenceTransformer, reading: Reading) -> None:
@@ -281,7 +277,7 @@ def show_reading(model: DigitSequenceTransformer, image: Image.Image, truth: str
             if truth is None
             else (" - right" if reading.digits == truth else f" - wrong, the truth is {truth or '(none)'}")
         )
-        st.caption(f"Whole reading {percent(reading.confidence)} sure{verdict}. Read in {elapsed_ms:.0f} ms.")
+        st.caption(f"Whole reading {shown_probability(reading.confidence)} sure{verdict}. Read in {elapsed_ms:.0f} ms.")
         if reading.digits:
             st.caption(PROBABILITIES_NOTE)
     if reading.digits:
@@ -290,7 +286,7 @@ def show_reading(model: DigitSequenceTransformer, image: Image.Image, truth: str
         for column, digit, prob, attention in zip(
             st.columns(len(reading.digits)), reading.digits, reading.digit_probs, reading.attention
         ):
-            column.image(attention_overlay(canvas, attention), caption=f"{digit}: {percent(prob)} sure")
+            column.image(attention_overlay(canvas, attention), caption=f"{digit}: {shown_probability(prob)} sure")
 
 
 def main() -> None:

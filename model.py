@@ -16,25 +16,17 @@ autoregressively at inference (greedy or beam search), one token per step: a Dec
 keeps the earlier tokens' keys and values and the memory's projections. Everything that reads
 images reads them through DigitSequenceTransformer.read.
 
-Also here: ModelConfig (whose defaults are the shipped model), the training loss, the optimiser
-set-up, and the checkpoint format (save_checkpoint, load_checkpoint, load_model). This file
-imports nothing from the rest of the repository.
+Also here: ModelConfig (whose defaults are the shipped model), the training loss and the optimiser
+set-up. This file imports nothing from the rest of the repository; checkpoint.py saves and loads
+models, precision.py chooses how they run.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import copy
 import itertools
-import json
 import math
-import os
-import tempfile
-import time
 import typing
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -60,11 +52,6 @@ IGNORE = -100  # patch targets the loss skips (F.cross_entropy's default ignore_
 
 STEMS = ("conv", "linear")
 MAX_GRID = 64  # most patches per side of the image
-
-DEFAULT_CHECKPOINT = Path("checkpoints/digit_transformer.pt")  # the shipped model (docs/results.md is its card)
-# Version of the checkpoint layout that save_checkpoint writes (see its docstring); load_checkpoint
-# refuses any other, so that a file is never half-understood.
-CHECKPOINT_VERSION = 3
 
 
 def uint8_to_input(images: torch.Tensor) -> torch.Tensor:
@@ -561,7 +548,9 @@ class DigitSequenceTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.calibration = Calibration()  # load_model sets the checkpoint's
-        self.reading = dict.fromkeys(("read_one", "read_batch"), FP32)  # load_model's choice (choose_precision)
+        # Whether read() multiplies in bf16, reading one image and reading batches: load_model sets
+        # what precision.choose_precision finds faster on this machine.
+        self.read_bf16 = {"read_one": False, "read_batch": False}
         c = config
         block = dict(
             d_model=c.d_model,
@@ -677,7 +666,8 @@ class DigitSequenceTransformer(nn.Module):
         attention, also where the decoder looked for each token it emitted (Decoded.attention).
         Prediction, evaluation, validation, the benchmark and the front end all read through it."""
         device = next(self.parameters()).device
-        with self.reading["read_one" if len(images) == 1 else "read_batch"].autocast(device):
+        bf16 = self.read_bf16["read_one" if len(images) == 1 else "read_batch"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             memory = self.encode(uint8_to_input(images.to(device)))
             decoded = self.greedy_decode(memory) if beam_size == 1 else self.beam_search(memory, beam_size)
         if attention:
@@ -782,93 +772,6 @@ def greedy_tokens(
     return Decoded(tokens=tokens[:, 1:], token_probs=probs)
 
 
-# Test-time augmentation: the image itself and four copies moved diagonally by a quarter patch of
-# the shipped model, so that the digits fall differently on the patch grid.
-TTA_SHIFTS = ((0, 0), (-3, -3), (3, 3), (-3, 3), (3, -3))
-
-
-def shift_images(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """(B, H, W) canvases moved dx pixels right and dy down, black where nothing moves in."""
-    h, w = images.shape[-2:]
-    moved = torch.zeros_like(images)
-    moved[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = images[
-        :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
-    ]
-    return moved
-
-
-class Ensemble(nn.Module):
-    """Several trained models, each reading the images as they are and, with shifts, moved copies
-    of them, read as one model: at every decoding step the members' calibrated token probabilities
-    are averaged and the most probable token is fed to all of them. It reads like the first model
-    (its config, calibration and threshold); attention maps are the first model's, and beam search
-    takes the first model's candidates and re-scores them (rescored)."""
-
-    def __init__(self, models: list[DigitSequenceTransformer], shifts: tuple[tuple[int, int], ...] = ((0, 0),)):
-        super().__init__()
-        if len({(m.config.image_size, m.config.max_digits) for m in models}) > 1:
-            raise ValueError("the models of an ensemble must read the same canvas size and number of digits")
-        self.members, self.shifts = nn.ModuleList(models), shifts
-        self.config, self.calibration = models[0].config, models[0].calibration
-        self.reading = dict.fromkeys(models[0].reading, FP32)  # members read in fp32 here
-
-    @property
-    def decoding(self) -> str:
-        """How it reads, in words (evaluate.py's reports say it)."""
-        views = f", {len(self.shifts)} views each (test-time augmentation)" if len(self.shifts) > 1 else ""
-        models = f"{len(self.members)} model{'s' * (len(self.members) > 1)}"
-        return f"greedy, token probabilities averaged over {models}{views}"
-
-    @torch.inference_mode()
-    def read(self, images: torch.Tensor, *, beam_size: int = 1, attention: bool = False) -> Decoded:
-        if beam_size > 1 or attention:  # candidates and attention maps from the first model
-            decoded = self.members[0].read(images, beam_size=beam_size, attention=attention)
-            if decoded.beams:
-                decoded.beams = self.rescored(images, decoded.beams)
-            return decoded
-        readers = []  # (model, memory of one view, its decoder cache)
-        for model in self.members:
-            device = next(model.parameters()).device
-            for dx, dy in self.shifts:
-                memory = model.encode(uint8_to_input(shift_images(images, dx, dy).to(device)))
-                readers.append((model, memory, DecoderCache(model.config.decoder_layers)))
-
-        def averaged(last: torch.Tensor, step: int) -> torch.Tensor:
-            probs = [m.token_log_probs(m.decode(mem, last, cache=c), step)[:, -1].exp() for m, mem, c in readers]
-            return torch.stack(probs).mean(dim=0).log()
-
-        return greedy_tokens(averaged, len(images), self.config.max_digits, readers[0][1].device)
-
-    @torch.inference_mode()
-    def rescored(
-        self, images: torch.Tensor, beams: list[list[tuple[str, bool, float]]]
-    ) -> list[list[tuple[str, bool, float]]]:
-        """Each image's candidate readings (digits, too_many, _) with the probability the ensemble
-        gives them, most probable first: every member and view scores each candidate teacher-forced
-        and, token by token, the probabilities are averaged as read averages them, so a candidate
-        that is also the greedy reading gets that reading's confidence."""
-        rows = [i for i, options in enumerate(beams) for _ in options]
-        targets = torch.tensor(
-            [
-                [*map(int, digits), MANY if too_many else EOS] + [PAD] * (self.config.max_digits - len(digits))
-                for options in beams
-                for digits, too_many, _ in options
-            ]
-        )
-        probs = []
-        for model in self.members:
-            device = next(model.parameters()).device
-            for dx, dy in self.shifts:
-                memory = model.encode(uint8_to_input(shift_images(images[rows], dx, dy).to(device)))
-                log_probs = model.token_log_probs(model.decode(memory, decoder_inputs(targets).to(device)))
-                probs.append(log_probs.gather(-1, targets.to(device)[..., None])[..., 0].exp().cpu())
-        confidence = torch.stack(probs).mean(dim=0).masked_fill(targets == PAD, 1.0).prod(dim=1).tolist()
-        scored: list[list[tuple[str, bool, float]]] = [[] for _ in beams]
-        for row, (digits, too_many), p in zip(rows, [(d, t) for o in beams for d, t, _ in o], confidence):
-            scored[row].append((digits, too_many, p))
-        return [sorted(options, key=lambda option: -option[2]) for options in scored]
-
-
 def sequence_losses(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
     """(B, T, V) logits, (B, T) targets -> (B,) summed token cross-entropy per sequence (PAD ignored)."""
     losses = F.cross_entropy(
@@ -971,359 +874,3 @@ def configure_optimizer(
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
-
-
-# ---- precision and threads: chosen by timing this model's own work on this machine
-
-PRECISION_JOBS = ("train", "read_batch", "read_one")  # a training step, reading a batch, reading one image
-PROBE_BATCH = 64  # images per probed training step or batch reading
-PROBE_ROUNDS = 5  # fp32 and bf16 timed back to back this many times; the median of the rounds' ratios decides
-# bf16 must save at least this share of the time: on shared machines one round's ratio strays by
-# several per cent (docs/training.md), and bf16 rounds every product, so a near-tie goes to fp32.
-BF16_MIN_SAVING = 0.1
-
-
-@dataclass
-class Precision:
-    """How a job runs: matrix products in bf16 under autocast or in fp32, on how many CPU threads, and why."""
-
-    bf16: bool
-    threads: int
-    why: str
-
-    def autocast(self, device: torch.device) -> typing.ContextManager:
-        return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-
-
-FP32 = Precision(False, 0, "fp32")  # how a model reads until load_model chooses (threads: as they are)
-
-
-def precision_cache_file() -> Path:
-    """Where probe results are kept, per machine, model shape and job ($XDG_CACHE_HOME or ~/.cache)."""
-    return (
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        / "digit-sequence-transformer"
-        / "precision.json"
-    )
-
-
-def machine_name(device: torch.device) -> str:
-    """What the probe's result depends on: the processor (or GPU) and the PyTorch build."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "cpu")
-    return f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}"
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
-def probe_work(model: DigitSequenceTransformer, job: str) -> typing.Callable[[], None]:
-    """One unit of the job on random canvases, on a copy of the model (a training pass would move
-    BatchNorm's statistics): a whole training step (forward, backward, gradient clipping and the
-    AdamW update, whose fp32 share of the step dilutes what bf16 saves), or greedy reading."""
-    model = copy.deepcopy(model).train(job == "train")
-    device, size = next(model.parameters()).device, model.config.image_size
-    images = torch.randint(
-        0, 256, (1 if job == "read_one" else PROBE_BATCH, size, size), dtype=torch.uint8, device=device
-    )
-    if job != "train":
-        return lambda: model.read(images)
-    tokens = torch.randint(0, 10, (len(images), model.config.max_tokens), device=device)
-    optimizer = configure_optimizer(model, lr=1e-6, weight_decay=0.0)
-
-    def step() -> None:
-        model(uint8_to_input(images), tokens).float().logsumexp(-1).mean().backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def timed(
-    work: typing.Callable[[], object], precision: Precision, device: torch.device, runs: int
-) -> tuple[float, float]:
-    """(median seconds per run, CPU seconds per wall second) of work after a warm-up run."""
-    torch.set_num_threads(precision.threads)
-    times, busy = [], []
-    with precision.autocast(device):
-        for run in range(runs + 1):
-            started, cpu = time.perf_counter(), time.process_time()
-            work()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if run:  # the first run warms up: allocations, autocast's weight casts, kernels chosen
-                times.append(time.perf_counter() - started)
-                busy.append((time.process_time() - cpu) / times[-1])
-    return sorted(times)[len(times) // 2], sum(busy) / len(busy)
-
-
-def bf16_product_slowdown(device: torch.device) -> float:
-    """How many times longer a bf16 matrix product, of the sizes this model multiplies, takes than
-    fp32: tens of times on CPUs that emulate bf16, so the whole job need not be timed there."""
-    a, b = torch.randn(512, 256, device=device), torch.randn(256, 512, device=device)
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    as_is = Precision(False, torch.get_num_threads(), "")
-    return timed(lambda: a16 @ b16, as_is, device, runs=5)[0] / timed(lambda: a @ b, as_is, device, runs=5)[0]
-
-
-def choose_precision(
-    requested: str, model: DigitSequenceTransformer, job: str, *, probe_threads: bool = True
-) -> Precision:
-    """The precision, and on a busy CPU the thread count, for a job of this model on this machine.
-    "fp32" and "bf16" are taken as asked; "auto" times the job both ways, interleaved, and takes
-    bf16 only where it saved at least BF16_MIN_SAVING of the time (where bf16 products alone are
-    far slower, as on CPUs that emulate them, without timing the job). The choice is cached per
-    machine, model shape and job (precision_cache_file). Threads are timed afresh, one count after
-    another, whenever the job's threads find their cores taken (less CPU time than wall time),
-    which changes from run to run."""
-    device, threads = next(model.parameters()).device, torch.get_num_threads()
-    # The probe's random canvases and dropout draw from torch's generators: put back as they were,
-    # so that a run draws the same numbers whether or not its precision was timed or cached.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if requested != "auto":
-            chosen = Precision(requested == "bf16", threads, f"{requested}, as asked")
-        else:
-            chosen = _measured_precision(model, job, device, threads)
-        if device.type == "cpu" and threads > 1 and probe_threads:
-            chosen = _fewer_threads_if_busy(probe_work(model, job), device, chosen)
-    torch.set_num_threads(chosen.threads)
-    return chosen
-
-
-def _measured_precision(model: DigitSequenceTransformer, job: str, device: torch.device, threads: int) -> Precision:
-    # The rule is part of the key: a choice made by another rule is timed again.
-    rule = f"median of {PROBE_ROUNDS} rounds, bf16 if {BF16_MIN_SAVING:.0%} faster"
-    shape = json.dumps(asdict(model.config), sort_keys=True)
-    key = f"{job} | {rule} | {machine_name(device)} | {shape} | {threads} threads"
-    cache = precision_cache_file()
-    cached = _read_cache(cache).get(key)
-    if isinstance(cached, dict) and isinstance(cached.get("bf16"), bool) and isinstance(cached.get("why"), str):
-        return Precision(cached["bf16"], threads, cached["why"] + " (timed before, cached)")
-    if device.type == "cpu" and (slowdown := bf16_product_slowdown(device)) > 2:
-        chosen = Precision(False, threads, f"fp32: bf16 matrix products take {slowdown:.0f}x longer here")
-    else:
-        chosen = _time_both(probe_work(model, job), device, threads, job)
-    _write_cache(cache, key, {"bf16": chosen.bf16, "why": chosen.why})
-    return chosen
-
-
-def _time_both(work: typing.Callable[[], object], device: torch.device, threads: int, job: str) -> Precision:
-    ratios = []  # bf16's time over fp32's, per round: a pair timed back to back shares the machine's mood
-    for round_ in range(PROBE_ROUNDS):
-        seconds = {}
-        for bf16 in (False, True) if round_ % 2 == 0 else (True, False):
-            seconds[bf16] = timed(work, Precision(bf16, threads, ""), device, runs=2)[0]
-        ratios.append(seconds[True] / seconds[False])
-    ratio = sorted(ratios)[len(ratios) // 2]
-    faster = ratio < 1 - BF16_MIN_SAVING
-    return Precision(
-        faster,
-        threads,
-        f"{'bf16' if faster else 'fp32'}: {job} timed {ratio:.2f}x fp32's time in bf16 "
-        f"(median of {PROBE_ROUNDS} rounds, {min(ratios):.2f}-{max(ratios):.2f})",
-    )
-
-
-def _fewer_threads_if_busy(work: typing.Callable[[], object], device: torch.device, chosen: Precision) -> Precision:
-    seconds, cpu_share = timed(work, chosen, device, runs=2)
-    if cpu_share >= 0.75 * chosen.threads:
-        return chosen
-    tried = {chosen.threads: seconds}
-    for threads in range(chosen.threads - 1, 0, -1):
-        tried[threads] = timed(work, Precision(chosen.bf16, threads, ""), device, runs=2)[0]
-    best = min(tried, key=tried.get)
-    times = ", ".join(f"{n} thread{'s' * (n > 1)} {t * 1e3:.0f} ms" for n, t in sorted(tried.items()))
-    return Precision(
-        chosen.bf16, best, f"{chosen.why}; machine busy ({cpu_share:.1f} cores for {chosen.threads} threads): {times}"
-    )
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: probe again
-        return {}
-    return cache if isinstance(cache, dict) else {}
-
-
-def _write_cache(path: Path, key: str, value: dict) -> None:
-    written = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cache = {**_read_cache(path), key: value}
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            written = Path(f.name)
-            json.dump(cache, f, indent=1)
-        os.replace(written, path)
-    except OSError:  # a read-only home or a full disk: the probe runs again next time
-        if written is not None:
-            written.unlink(missing_ok=True)  # no half-written file left beside the cache
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    """'auto': the first of cuda, mps and cpu that this machine has; anything else as given
-    ("cuda:1"), if this machine has it (ValueError saying what it has otherwise)."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError as error:
-        raise ValueError(f"unknown device {requested!r}: expected auto, cpu, cuda, cuda:N or mps") from error
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {requested!r}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {requested!r}: MPS is not available here")
-    return device
-
-
-class CheckpointError(RuntimeError):
-    """The checkpoint is missing, unreadable or not one this code can load."""
-
-
-def save_checkpoint(path: str | Path, config: ModelConfig, weights: dict, **extra: object) -> None:
-    """Write a checkpoint atomically: a uniquely named temporary file in the same folder, then a
-    rename, so an interruption (or a second writer) never leaves half a file under `path`, and
-    whatever was at `path` before stays whole until the new file replaces it.
-
-    The layout (CHECKPOINT_VERSION 3), a dict of tensors and plain values only, so that
-    torch.load(weights_only=True) reads it without running any pickled code:
-        checkpoint_version  3
-        model_config        asdict(ModelConfig): the model's shape
-        model               state_dict of the weights to read with (the averaged ones, if any)
-        calibration         asdict(Calibration), optional: the temperature and the unsure threshold
-    and what the training script adds (see train_encoder_decoder.py): train_config, step,
-    metrics and, in a run's last.pt / best.pt, training (the optimiser and the rest of the state
-    that --resume needs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"checkpoint_version": CHECKPOINT_VERSION, "model_config": asdict(config), "model": weights, **extra}
-    # A new name beside the target, made as open() makes any file (the umask applies, where mkstemp's
-    # would be private), then renamed over the target: no reader ever sees half a checkpoint.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    """The checkpoint at path, its model_config checked (types and bounds) before any model is
-    built; CheckpointError, with a one-line reason, for a file that is missing or not ours."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"no checkpoint at {path}: train one with `uv run python train_encoder_decoder.py` "
-            "(it writes runs/default/model.pt) or pass --checkpoint PATH"
-        )
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # not a zip, a truncated file, a pickle needing code: all mean "not ours"
-        # torch's first sentence says what failed; the rest (for a pickle that needs code to load,
-        # the advice to load it unsafely) is not for our users.
-        reason = str(error).strip().split("\n")[0].split(". ")[0][:160]
-        raise CheckpointError(
-            f"{path} is not a digit-sequence checkpoint ({type(error).__name__}: {reason})"
-        ) from error
-    version = checkpoint.get("checkpoint_version") if isinstance(checkpoint, dict) else None
-    if version != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path} is not a digit-sequence checkpoint of version {CHECKPOINT_VERSION} (it has "
-            f"{'no version' if version is None else f'version {version}'}): retrain it with this code"
-        )
-    try:
-        checkpoint["model_config"] = ModelConfig.from_dict(checkpoint["model_config"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: unusable model_config ({error})") from error
-    return checkpoint
-
-
-def load_model(
-    path: str | Path, device: str | torch.device = "auto", precision: str = "auto"
-) -> DigitSequenceTransformer:
-    """The model saved at path, in eval mode on device ("auto": a GPU when there is one), reading
-    one image and batches each in the precision choose_precision picks for it."""
-    device = pick_device(str(device))
-    checkpoint = load_checkpoint(path, device)
-    model = DigitSequenceTransformer(checkpoint["model_config"])
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (KeyError, RuntimeError) as error:  # missing, extra or misshapen weights
-        raise CheckpointError(
-            f"{path}: the weights do not fit its model_config ({str(error).splitlines()[0]})"
-        ) from error
-    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
-        raise CheckpointError(f"{path} holds weights that are NaN or infinite: the run that wrote it diverged")
-    try:
-        model.calibration = Calibration(**checkpoint.get("calibration", {}))
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: unusable calibration ({error})") from error
-    model = model.to(device).eval()
-    for job in model.reading:
-        model.reading[job] = choose_precision(precision, model, job, probe_threads=False)
-    return model
-
-
-def load_reader(
-    path: str | Path,
-    device: str | torch.device = "auto",
-    precision: str = "auto",
-    *,
-    tta: bool = False,
-    ensemble: typing.Sequence[str | Path] = (),
-) -> DigitSequenceTransformer | Ensemble:
-    """The model at path; with tta or more checkpoints, an Ensemble of them that reads like it."""
-    model = load_model(path, device, precision)
-    if not tta and not ensemble:
-        return model
-    members = [model] + [load_model(other, device, precision) for other in ensemble]
-    for other, member in zip(ensemble, members[1:]):
-        if (member.config.image_size, member.config.max_digits) != (model.config.image_size, model.config.max_digits):
-            raise CheckpointError(
-                f"{other} reads {member.config.image_size}x{member.config.image_size} canvases of up to "
-                f"{member.config.max_digits} digits, {path} {model.config.image_size}x{model.config.image_size} "
-                f"of up to {model.config.max_digits}: an ensemble's models must read alike"
-            )
-    return Ensemble(members, TTA_SHIFTS if tta else ((0, 0),))
-
-
-def add_reader_options(parser: argparse.ArgumentParser) -> None:
-    """The options with which predict.py and evaluate.py load what reads (load_reader's arguments)."""
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ...")
-    parser.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="auto: bf16 where timing this model's reading on this machine finds it faster, one image and "
-        "batches each (model.choose_precision, cached per machine)",
-    )
-    parser.add_argument(
-        "--tta",
-        action="store_true",
-        help="test-time augmentation: also read 4 copies of each image moved by 3 pixels and average the "
-        "token probabilities (about 4 times the reading time; docs/results.md has what it buys)",
-    )
-    parser.add_argument(
-        "--ensemble",
-        action="append",
-        default=[],
-        metavar="CHECKPOINT",
-        help="also read with this checkpoint (repeatable) and average the models' token probabilities; "
-        "the confidence threshold stays --checkpoint's",
-    )

@@ -42,8 +42,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model import CheckpointError, DigitSequenceTransformer, Ensemble, add_reader_options, load_reader, pick_device
-from multidigit_generator import BLANK_INK_LEVEL, CommandLine, to_canvas
+from canvas import BLANK_INK_LEVEL, to_canvas
+from checkpoint import CheckpointError
+from files import CommandLine
+from model import DigitSequenceTransformer
+from precision import pick_device
+from reader import Ensemble, add_reader_options, load_reader
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)

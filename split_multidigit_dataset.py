@@ -34,24 +34,18 @@ from pathlib import Path
 
 import numpy as np
 
+from augment import ink_box
+from datasets import DATASET_FILES, write_dataset_files
+from files import CommandLine, Staging, check_destination
+from mnist import DIGIT_SIZE, MNIST_COUNTS, MnistUnavailableError, load_mnist
 from multidigit_generator import (
-    DATASET_FILES,
-    DIGIT_SIZE,
-    MNIST_COUNTS,
-    CommandLine,
     Composite,
-    MnistUnavailableError,
     MultiDigitComposer,
-    Staging,
     add_composer_arguments,
     check_composer_settings,
     check_dataset_size,
-    check_destination,
     composer_settings,
     generate,
-    ink_box,
-    load_mnist,
-    write_dataset_files,
 )
 
 SPLITS_FILE = "splits.json"

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from multidigit_generator import MNIST_FILES, MultiDigitComposer, load_mnist
+from mnist import MNIST_FILES, load_mnist
+from multidigit_generator import MultiDigitComposer
 from split_multidigit_dataset import prepare_splits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def run_script(script: str, *args: str, env: dict | None = None, check: bool = T
 
 @pytest.fixture(scope="session", autouse=True)
 def precision_cache(tmp_path_factory) -> Path:
-    """The precision probe's cache (model.precision_cache_file) in a folder of this session's, for
+    """The precision probe's cache (precision.precision_cache_file) in a folder of this session's, for
     the tests and the scripts they run: a test never reads a choice made before it, nor leaves one."""
     folder = tmp_path_factory.mktemp("cache")
     os.environ["XDG_CACHE_HOME"] = str(folder)
@@ -60,7 +61,7 @@ def precision_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def torch_threads():
-    """Training and reading in this process may set PyTorch's thread count (model.choose_precision,
+    """Training and reading in this process may set PyTorch's thread count (precision.choose_precision,
     --threads): each test starts with the count the process started with."""
     threads = torch.get_num_threads()
     yield

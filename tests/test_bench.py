@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bench import ReferenceTransformer, main
-from model import DEFAULT_CHECKPOINT, DigitSequenceTransformer, ModelConfig, encode_labels, load_model
+from checkpoint import DEFAULT_CHECKPOINT, load_model
+from model import DigitSequenceTransformer, ModelConfig, encode_labels
 
 CONFIG = ModelConfig(
     image_size=48,
@@ -88,7 +89,7 @@ def test_absurd_arguments_and_a_missing_checkpoint_are_refused(capsys):
 
 
 def test_a_model_nn_transformer_cannot_express_is_timed_alone(tmp_path, mnist_root, capsys):
-    from model import save_checkpoint
+    from checkpoint import save_checkpoint
 
     config = ModelConfig(**{**CONFIG.__dict__, "image_size": 96, "patch_size": 12, "dim_k": 4})
     assert ReferenceTransformer.expresses(CONFIG) and not ReferenceTransformer.expresses(config)

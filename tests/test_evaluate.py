@@ -5,9 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoint import load_model
 from conftest import run_script
+from datasets import MultiDigitFolder, read_dataset, write_dataset
 from evaluate import (
-    NONE,
     TARGET_ACCEPTED_ACCURACY,
     TEMPERATURES,
     SequenceAccuracy,
@@ -21,8 +22,8 @@ from evaluate import (
     read_images,
     worst_failures,
 )
-from model import Calibration, load_model
-from multidigit_generator import Composite, MultiDigitComposer, MultiDigitFolder, generate, read_dataset, write_dataset
+from model import NO_DIGIT, Calibration
+from multidigit_generator import Composite, MultiDigitComposer, generate
 
 
 @pytest.mark.parametrize(
@@ -76,7 +77,7 @@ def test_confusion_matrix_counts_aligned_digits():
         ("5", "5", 1),
         (None, "2", 1),
     ]:
-        expected[NONE if true is None else int(true), NONE if read is None else int(read)] += count
+        expected[NO_DIGIT if true is None else int(true), NO_DIGIT if read is None else int(read)] += count
     matrix = confusion_matrix(predictions, labels)
     assert np.array_equal(matrix, expected)
     assert digit_counts(matrix) == {"true_digits": 15, "correct": 12, "substitutions": 1, "missed": 2, "extra": 2}
@@ -316,14 +317,14 @@ def test_calibration_is_fitted_on_validation_and_travels_with_the_model(tiny_run
     clean, labels = np.array(val.images), [r["label"] for r in val.records]
     # Harder images, as training composes them, share in the temperature but not the threshold.
     hard = generate(MultiDigitComposer(*mnist_test, pen_share=1.0, paper_noise=1.0), 32, seed=0, progress=False)
-    shifted = (np.stack([c.image for c in hard]), [c.label for c in hard])
-    stored = fit_calibration(model, clean, labels, shifted=shifted)
+    composed = (np.stack([c.image for c in hard]), [c.label for c in hard])
+    stored = fit_calibration(model, clean, labels, composed_as_in_training=composed)
     model.calibration = Calibration(temperature=stored.temperature)
     readings = read_images(model, clean)
     right = np.array([d == t for d, t in zip(readings.scored, labels)])
     accepted = np.array(readings.confidences) >= stored.min_confidence  # the threshold comes from clean images
     assert stored.min_confidence == 1.0 or right[accepted].mean() >= TARGET_ACCEPTED_ACCURACY
-    images, labels = np.concatenate([clean, shifted[0]]), labels + shifted[1]
+    images, labels = np.concatenate([clean, composed[0]]), labels + composed[1]
 
     def log_loss(temperature: float) -> float:
         model.calibration = Calibration(temperature=temperature)

@@ -13,37 +13,24 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import multidigit_generator
+import marks as marks_module
+from augment import augment_digit, degrade_like_a_scan, elastic_distort, ink_box
 from conftest import run_script
+from datasets import DATASET_FILES, CachedComposites, FreshComposites, read_dataset, write_dataset
+from files import Staging
+from marks import MARK_KINDS, draw_mark, draw_mark_cell, draw_one_mark_cell, looks_like_a_zero
+from mnist import MNIST_FILES, MnistUnavailableError, load_mnist
 from multidigit_generator import (
-    DATASET_FILES,
     DIGIT_SPACING,
-    MARK_KINDS,
     MIN_DIGIT_WIDTH,
-    MNIST_FILES,
-    CachedComposites,
     Composite,
-    FreshComposites,
-    MnistUnavailableError,
     MultiDigitComposer,
-    Staging,
-    augment_digit,
     compose_row,
     compose_scatter,
-    degrade_like_a_scan,
-    draw_mark,
-    draw_mark_cell,
-    draw_one_mark_cell,
-    elastic_distort,
     generate,
-    ink_box,
-    load_mnist,
-    looks_like_a_zero,
     main,
-    read_dataset,
     row_capacity,
     scatter_capacity,
-    write_dataset,
 )
 
 
@@ -765,7 +752,7 @@ def test_no_mark_is_a_loop_round_a_wide_hole_as_a_0_is(mnist_test):
 
 @pytest.mark.parametrize("kind", MARK_KINDS)
 def test_every_kind_of_mark_is_still_drawn_once_zeros_are_left_out(kind, monkeypatch):
-    monkeypatch.setattr(multidigit_generator, "MARK_KINDS", (kind,))
+    monkeypatch.setattr(marks_module, "MARK_KINDS", (kind,))
     rng = np.random.default_rng(0)
     kept = np.mean([not looks_like_a_zero(draw_one_mark_cell(rng)) for _ in range(100)])
     assert kept > 0.15, f"{kind}: {kept:.0%} of its marks kept"
@@ -807,7 +794,7 @@ def test_touching_rows_bring_neighbouring_digits_together(mnist_test):
 
 
 def test_pen_redrawn_digits_have_even_full_strokes_whose_width_follows_the_pen(mnist_test):
-    from multidigit_generator import redraw_with_pen
+    from augment import redraw_with_pen
 
     digit = mnist_test[0][0]
     thin, thick = redraw_with_pen(digit, 1), redraw_with_pen(digit, 4)
@@ -819,7 +806,7 @@ def test_pen_redrawn_digits_have_even_full_strokes_whose_width_follows_the_pen(m
 
 @pytest.mark.parametrize("radius", [1, 2, 4])
 def test_a_dot_drawn_with_the_round_pen_is_a_disc_of_its_radius_even_at_the_border(radius):
-    from multidigit_generator import draw_with_round_pen
+    from augment import draw_with_round_pen
 
     dot = np.zeros((15, 15), bool)
     dot[7, 7] = dot[0, 0] = True
@@ -831,7 +818,7 @@ def test_a_dot_drawn_with_the_round_pen_is_a_disc_of_its_radius_even_at_the_bord
 
 
 def test_the_skeleton_of_a_bar_is_its_centre_line():
-    from multidigit_generator import morphological_skeleton
+    from augment import morphological_skeleton
 
     bar = np.zeros((9, 20), bool)
     bar[2:7, 3:17] = True  # five pixels thick: two erosions leave its centre row

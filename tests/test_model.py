@@ -1,38 +1,28 @@
-import json
 import os
 import pickle
-from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import model as model_module
 from model import (
     EOS,
     MANY,
     PAD,
-    PRECISION_JOBS,
     SOS,
-    TTA_SHIFTS,
     VOCAB_SIZE,
     Calibration,
     DecoderCache,
     DigitSequenceTransformer,
-    Ensemble,
     ModelConfig,
-    Precision,
     TrainingLoss,
-    choose_precision,
     configure_optimizer,
     encode_labels,
-    pick_device,
-    precision_cache_file,
-    shift_images,
     teacher_probabilities,
     tokens_to_string,
     uint8_to_input,
 )
+from reader import TTA_SHIFTS, Ensemble, shift_images
 
 CONFIG = ModelConfig(
     image_size=48,
@@ -330,18 +320,6 @@ def test_patch_head_classifies_every_patch():
     assert model.patch_head(memory).shape == (2, 36, 11)
 
 
-def test_pick_device_takes_what_the_machine_has_and_explains_what_it_lacks():
-    assert pick_device("cpu") == torch.device("cpu")
-    assert pick_device("auto").type in ("cuda", "mps", "cpu")
-    with pytest.raises(ValueError, match="unknown device 'tpu0': expected auto, cpu, cuda, cuda:N or mps"):
-        pick_device("tpu0")
-    with pytest.raises(
-        ValueError,
-        match=f"device 'cuda:{torch.cuda.device_count()}': PyTorch sees {torch.cuda.device_count()} CUDA GPU",
-    ):
-        pick_device(f"cuda:{torch.cuda.device_count()}")
-
-
 def test_read_is_greedy_decoding_of_uint8_canvases_with_attention_per_token(model):
     torch.manual_seed(3)
     canvases = (torch.rand(5, 48, 48) * 255).to(torch.uint8)
@@ -377,7 +355,7 @@ def test_config_bounds_are_checked_before_anything_is_built(settings, message):
 
 
 def test_checkpoints_round_trip_and_refuse_what_is_not_ours(model, tmp_path):
-    from model import CheckpointError, load_checkpoint, load_model, save_checkpoint
+    from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 
     path = tmp_path / "m.pt"
     save_checkpoint(path, CONFIG, model.state_dict(), step=7)
@@ -410,7 +388,7 @@ def test_checkpoints_round_trip_and_refuse_what_is_not_ours(model, tmp_path):
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_whole(model, tmp_path):
-    from model import load_model, save_checkpoint
+    from checkpoint import load_model, save_checkpoint
 
     path = tmp_path / "m.pt"
     save_checkpoint(path, CONFIG, model.state_dict())
@@ -422,7 +400,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(model, tmp_path):
 
 
 def test_a_checkpoint_gets_the_permissions_open_would_give(model, tmp_path):
-    from model import save_checkpoint
+    from checkpoint import save_checkpoint
 
     previous = os.umask(0o027)
     try:
@@ -462,7 +440,7 @@ def test_attention_widths_dim_k_and_dim_v_shape_the_projections_and_decode_alike
 
 
 def test_a_checkpoint_saved_without_dim_k_and_dim_v_loads_and_reads_as_before(model, tmp_path):
-    from model import load_model, save_checkpoint
+    from checkpoint import load_model, save_checkpoint
 
     save_checkpoint(tmp_path / "old.pt", CONFIG, model.state_dict())
     checkpoint = torch.load(tmp_path / "old.pt", weights_only=True)
@@ -474,115 +452,6 @@ def test_a_checkpoint_saved_without_dim_k_and_dim_v_loads_and_reads_as_before(mo
     canvases = (torch.rand(6, 48, 48) * 255).to(torch.uint8)
     before, after = model.read(canvases), loaded.read(canvases)
     assert after.strings() == before.strings() and torch.equal(after.token_probs, before.token_probs)
-
-
-def fake_timing(seconds: Callable[[Precision], float], cpu_share: Callable[[Precision], float] | None = None):
-    """A stand-in for model.timed: (seconds per run, cores busy) as a function of the precision timed."""
-    return lambda work, precision, device, runs: (seconds(precision), (cpu_share or (lambda p: p.threads))(precision))
-
-
-@pytest.mark.parametrize("bf16_seconds, picked", [(0.5, True), (0.85, True), (0.95, False), (2.0, False)])
-def test_auto_precision_takes_bf16_only_where_the_job_was_timed_faster(
-    model, monkeypatch, tmp_path, bf16_seconds, picked
-):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(model_module, "bf16_product_slowdown", lambda device: 1.0)  # a CPU with bf16 arithmetic
-    monkeypatch.setattr(model_module, "timed", fake_timing(lambda p: bf16_seconds if p.bf16 else 1.0))
-    chosen = choose_precision("auto", model, "train", probe_threads=False)
-    assert chosen.bf16 is picked and chosen.why.startswith("bf16" if picked else "fp32")
-    assert "train" in chosen.why  # the log says which job was timed
-
-
-def test_one_lucky_round_does_not_decide_the_precision(model, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(model_module, "bf16_product_slowdown", lambda device: 1.0)
-    bf16_rounds = iter([0.5, 1.0, 1.0, 1.0, 1.0])  # the machine was quiet for one bf16 timing only
-    monkeypatch.setattr(model_module, "timed", fake_timing(lambda p: next(bf16_rounds) if p.bf16 else 1.0))
-    chosen = choose_precision("auto", model, "train", probe_threads=False)
-    assert not chosen.bf16 and "1.00x" in chosen.why and "0.50-1.00" in chosen.why
-
-
-def test_the_choice_is_cached_per_job_and_a_damaged_cache_is_timed_again(model, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(model_module, "bf16_product_slowdown", lambda device: 1.0)
-    monkeypatch.setattr(model_module, "timed", fake_timing(lambda p: 0.5 if p.bf16 else 1.0))
-    assert choose_precision("auto", model, "read_batch", probe_threads=False).bf16
-
-    def no_timing(*args, **kwargs):
-        raise AssertionError("timed again although the choice was cached")
-
-    monkeypatch.setattr(model_module, "timed", no_timing)
-    again = choose_precision("auto", model, "read_batch", probe_threads=False)
-    assert again.bf16 and "cached" in again.why
-    with pytest.raises(AssertionError, match="timed again"):  # another job is timed for itself
-        choose_precision("auto", model, "read_one", probe_threads=False)
-    assert choose_precision("fp32", model, "read_one", probe_threads=False) == Precision(
-        False, again.threads, "fp32, as asked"
-    )
-    precision_cache_file().write_text("{not json")
-    monkeypatch.setattr(model_module, "timed", fake_timing(lambda p: 2.0 if p.bf16 else 1.0))
-    assert not choose_precision("auto", model, "read_batch", probe_threads=False).bf16
-
-
-def test_a_full_disk_keeps_the_precision_cache_as_it_was_and_leaves_no_partial_file(model, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(model_module, "bf16_product_slowdown", lambda device: 1.0)
-    monkeypatch.setattr(model_module, "timed", fake_timing(lambda p: 1.0 if p.bf16 else 2.0))
-    choose_precision("auto", model, "read_batch", probe_threads=False)
-    cache = precision_cache_file()
-    before = cache.read_bytes()
-
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(model_module.json, "dump", full_disk)
-    assert choose_precision("auto", model, "read_one", probe_threads=False).bf16  # the choice stands, uncached
-    assert cache.read_bytes() == before
-    assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]
-
-
-def test_slow_bf16_products_rule_bf16_out_without_timing_the_job(model, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(model_module, "bf16_product_slowdown", lambda device: 40.0)  # an AVX2-only CPU emulates bf16
-    monkeypatch.setattr(model_module, "probe_work", lambda *args: pytest.fail("the job was timed"))
-    chosen = choose_precision("auto", model, "train", probe_threads=False)
-    assert not chosen.bf16 and "40x" in chosen.why
-
-
-def test_a_busy_cpu_runs_the_job_on_the_thread_count_timed_fastest(model, monkeypatch):
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(model_module, "timed", fake_timing(lambda p: {1: 1.0}.get(p.threads, 3.0), lambda p: 1.0))
-    try:
-        torch.set_num_threads(2)
-        busy = choose_precision("fp32", model, "train")  # two threads get one core's time between them
-        assert busy.threads == 1 and torch.get_num_threads() == 1 and "busy" in busy.why
-        torch.set_num_threads(2)
-        monkeypatch.setattr(model_module, "timed", fake_timing(lambda p: 1.0))  # each thread a core of its own
-        assert choose_precision("fp32", model, "train").threads == 2
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_a_real_probe_picks_a_precision_reads_in_it_and_leaves_the_model_as_it_was(model, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    for job in PRECISION_JOBS:
-        chosen = choose_precision("auto", model, job, probe_threads=False)
-        assert isinstance(chosen.bf16, bool) and chosen.why
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not model.training and all(p.grad is None for p in model.parameters())
-    assert len(json.loads(precision_cache_file().read_text())) == len(PRECISION_JOBS)
-    autocast_seen = []
-    encode = model.encode
-    monkeypatch.setattr(
-        model, "encode", lambda x, **kw: autocast_seen.append(torch.is_autocast_enabled("cpu")) or encode(x, **kw)
-    )
-    images = torch.zeros(2, CONFIG.image_size, CONFIG.image_size, dtype=torch.uint8)
-    model.read(images)
-    model.reading["read_batch"] = Precision(True, torch.get_num_threads(), "bf16, as asked")
-    model.read(images)
-    model.read(images[:1])
-    assert autocast_seen == [False, True, False]  # a batch now read in bf16, one image still in fp32
 
 
 def test_shift_images_moves_the_ink_and_fills_with_black():
@@ -604,16 +473,6 @@ def test_an_ensemble_reads_like_its_model_alone_or_twice_and_tta_reads_every_ima
     other = DigitSequenceTransformer(ModelConfig(**{**CONFIG.__dict__, "max_digits": 3}))
     with pytest.raises(ValueError, match="same canvas size and number of digits"):
         Ensemble([model, other])
-
-
-def test_timing_the_precision_leaves_torch_random_numbers_as_they_were(model, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(model_module, "bf16_product_slowdown", lambda device: 1.0)  # so that the job is timed
-    torch.manual_seed(3)
-    expected = torch.rand(4)
-    torch.manual_seed(3)
-    choose_precision("auto", model, "train")
-    assert torch.equal(torch.rand(4), expected)  # a run's dropout draws the same masks, timed or cached
 
 
 def test_an_ensemble_rescores_beam_candidates_as_it_reads_them(model):

@@ -13,16 +13,11 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 import predict
+from canvas import ink_image, measure_ink, to_canvas
+from checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, load_model, save_checkpoint
 from drawing import draw_on_pad, number_strokes
-from model import (
-    DEFAULT_CHECKPOINT,
-    DigitSequenceTransformer,
-    ModelConfig,
-    load_checkpoint,
-    load_model,
-    save_checkpoint,
-)
-from multidigit_generator import MultiDigitComposer, generate, ink_image, measure_ink, to_canvas
+from model import DigitSequenceTransformer, ModelConfig
+from multidigit_generator import MultiDigitComposer, generate
 from predict import main, open_image
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from test_generator import copy_mnist, full_disk_after, snapshot
 
+from augment import crop_to_ink, resize
 from conftest import run_script
-from multidigit_generator import crop_to_ink, read_dataset, resize
+from datasets import read_dataset
 from split_multidigit_dataset import (
     MNIST_DIGITS,
     STRESS_SETS,

@@ -18,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from checkpoint import load_checkpoint, load_model
 from conftest import REPO, TINY_MODEL
-from model import ModelConfig, load_checkpoint, load_model
+from model import ModelConfig
 from predict import main as predict_main
 from train_encoder_decoder import RECIPES, SETTINGS, TrainConfig, all_settings, make_configs, parse_args
 from train_encoder_decoder import main as train_main
@@ -163,15 +164,15 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_d
 def test_ctrl_c_while_an_epoch_is_composed_first_stops_there_and_resume_composes_it(
     tmp_path, tiny_data_dir, mnist_root, monkeypatch, capsys
 ):
-    import multidigit_generator
+    import datasets
 
-    compose = multidigit_generator.FreshComposites.composites
+    compose = datasets.FreshComposites.composites
 
     def interrupted(self, indices):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first batch of the epoch is composed
         return compose(self, indices)
 
-    monkeypatch.setattr(multidigit_generator.FreshComposites, "composites", interrupted)
+    monkeypatch.setattr(datasets.FreshComposites, "composites", interrupted)
     assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path, "--compose", "first")) == 0
     out = capsys.readouterr().out
     assert "stopped while composing epoch 1, at step 0" in out and "continue with --resume" in out
@@ -287,10 +288,10 @@ def test_absurd_arguments_are_refused_naming_the_flag(flag, value, message, caps
 def test_a_second_run_into_a_busy_folder_stops_naming_the_first_and_a_stale_lock_is_no_obstacle(
     tmp_path, tiny_data_dir, mnist_root, capsys
 ):
-    import train_encoder_decoder as training
+    from runs import Processes, RunLock
 
     folder = tmp_path / "run"
-    with training.RunLock(folder, training.Processes(torch.device("cpu"))):  # a run that is still going
+    with RunLock(folder, Processes(torch.device("cpu"))):  # a run that is still going
         assert train_main(train_args(tiny_data_dir, mnist_root, folder, "--max-steps", "1")) == 1
         err = capsys.readouterr().err
         assert f"{folder} is in use by another training run (pid {os.getpid()} on " in err
@@ -324,12 +325,12 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 
 def test_save_every_bounds_what_a_crash_can_lose(tmp_path, tiny_data_dir, mnist_root, monkeypatch):
-    import train_encoder_decoder as training
+    import runs
 
     saved = []
-    real_save = training.save_checkpoint
+    real_save = runs.save_checkpoint
     monkeypatch.setattr(
-        training,
+        runs,
         "save_checkpoint",
         lambda path, *a, **k: (saved.append((path.name, k["step"])), real_save(path, *a, **k)),
     )
@@ -411,7 +412,7 @@ def test_model_card_the_full_recipe_is_the_shipped_model():
     # are those checkpoints/digit_transformer.pt was trained with.
     from dataclasses import asdict
 
-    from model import DEFAULT_CHECKPOINT
+    from checkpoint import DEFAULT_CHECKPOINT
 
     shipped = load_checkpoint(DEFAULT_CHECKPOINT)
     model_config, train_config = make_configs(RECIPES["full"])

@@ -1,0 +1,191 @@
+"""Files written whole or not at all, and the scripts' command line.
+
+Staging writes folders and files beside their destinations and moves them into place together
+when its block ends, so that a reader, an interruption or a full disk never leaves half a file;
+check_destination refuses a bad destination before any work is done. CommandLine is the
+scripts' argument parser, whose usage errors are one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import reprlib
+import shutil
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class CommandLine(argparse.ArgumentParser):
+    """The scripts' argument parser: the script's docstring is its help, and a usage error is one
+    line saying what is wrong (argparse would print its whole usage block first)."""
+
+    def __init__(self, description: str | None):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def check_destination(path: str | Path, files: tuple[str, ...] | None) -> None:
+    """Raise ValueError unless Staging may write path: nothing is there yet, or what it would replace
+    is (with files) a folder holding only those files or (without) a file, and no file stands in the
+    way of its parent folders. Scripts call it before any work, so that a bad --out fails at once."""
+    path = Path(path)
+    if path.name in ("", ".."):
+        raise ValueError(f"{path} names no folder or file to write: give a path such as data/demo")
+    nearest = next(parent for parent in path.parents if parent.exists())
+    if not nearest.is_dir():
+        raise ValueError(f"cannot write {path}: {nearest} is a file, not a folder")
+    if not os.path.lexists(path):
+        return
+    if files is None:
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, where a file is to be written: move it away")
+        return
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, where a folder is to be written: choose another path")
+    others = sorted(entry.name for entry in path.iterdir() if entry.name not in files)
+    if others:
+        raise ValueError(
+            f"{path} is replaced whole when written, and it holds {', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''} besides {', '.join(files)}: choose another folder or move them away"
+        )
+
+
+def remove(path: Path) -> None:
+    """Delete a file, a link or a folder with everything in it, as far as possible."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+class Staging:
+    """Writes folders and files beside their destinations, then moves them all into place together,
+    so that each is written whole or not at all. As a context manager, its block writes into the
+    temporary paths that folder() and file() hand out; when the block ends they are moved into
+    place, each replacing what was there (see check_destination) only then, and if the block raises,
+    they are removed with any parent folders made for them. If a move fails, those already made are
+    undone: what was there before is put back."""
+
+    def __init__(self) -> None:
+        self.staged: list[tuple[Path, Path]] = []  # (temporary path, destination)
+        self.made: list[Path] = []  # parent folders made for the destinations, outermost first
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+    def folder(self, path: str | Path, files: tuple[str, ...]) -> Path:
+        """A new empty folder in which to write the files (these only) of the folder path."""
+        return self._stage(Path(path), files)
+
+    def file(self, path: str | Path) -> Path:
+        """A new empty file in which to write the file path."""
+        return self._stage(Path(path), None)
+
+    def _stage(self, path: Path, files: tuple[str, ...] | None) -> Path:
+        check_destination(path, files)
+        for parent in reversed(path.parents):
+            if not parent.exists():
+                parent.mkdir()
+                self.made.append(parent)
+        # A new name beside the destination, made as open() and mkdir() make any file or folder (the
+        # umask applies, where mkstemp's and mkdtemp's would be private).
+        name = path.with_name(f".{path.name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
+        if files is None:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        else:
+            name.mkdir()
+        self.staged.append((name, path))
+        return name
+
+    def commit(self) -> None:
+        """Move everything staged into place (what the block's end does)."""
+        renames: list[tuple[Path, Path]] = []  # (from, to) made so far, undone in reverse order if one fails
+        older: list[Path] = []  # where what was at the destinations went
+        try:
+            for temporary, path in self.staged:
+                if temporary.is_file():
+                    with open(temporary, "rb") as written:  # on disk before it takes the destination's name
+                        os.fsync(written.fileno())
+                if os.path.lexists(path):
+                    older.append(temporary.with_name(temporary.name + ".older"))
+                    if replaced_in_one_step(temporary, path, older[-1]):
+                        renames.append((path, older[-1]))
+                        continue
+                    os.rename(path, older[-1])
+                    renames.append((path, older[-1]))
+                os.rename(temporary, path)
+                renames.append((temporary, path))
+        except BaseException:
+            for source, target in reversed(renames):
+                os.rename(target, source)
+            self.discard()
+            raise
+        for path in older:
+            remove(path)
+        self.staged, self.made = [], []
+
+    def discard(self) -> None:
+        """Remove everything staged and the parent folders made for it (what an exception does)."""
+        for temporary, _ in self.staged:
+            remove(temporary)
+        for folder in reversed(self.made):
+            with contextlib.suppress(OSError):  # not empty: something else was written there meanwhile
+                folder.rmdir()
+        self.staged, self.made = [], []
+
+
+def read_json(path: Path, kind: type, description: str) -> Any:
+    """The JSON value in path, which must be of kind (list or dict); ValueError naming the file if not."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise ValueError(f"{path} is not valid JSON ({error})") from error
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} must hold {description}, not {reprlib.repr(value)}")
+    return value
+
+
+def replaced_in_one_step(new: Path, path: Path, older: Path) -> bool:
+    """Replace the file path by the file new in one rename, keeping the old one reachable as older
+    (a hard link) so that it can be put back; False, having done nothing, where either is not a
+    plain file or the file system has no hard links. A file replaced so never goes missing: a
+    reader opens either the old one or the new one."""
+    if not (new.is_file() and path.is_file() and not path.is_symlink()):
+        return False
+    try:
+        os.link(path, older)
+    except OSError:
+        return False
+    os.replace(new, path)
+    return True
+
+
+@contextlib.contextmanager
+def locked(path: Path, *, wait: bool) -> typing.Iterator[typing.IO[str] | None]:
+    """Hold an exclusive lock on the file path (made, with its folders, if need be) for the block,
+    yielding the open file; None where another process holds it and wait is False. The operating
+    system drops the lock when the file is closed or its process ends, however it ends, so a crash
+    leaves no stale lock behind. (The filelock package truncates the file on every attempt, which
+    would erase what a holder wrote there about itself.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)  # exist_ok: another process may make it at once
+    with open(path, "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield None
+            return
+        yield file

@@ -1,0 +1,161 @@
+"""What reads images for predict.py and evaluate.py: one trained model, or several and shifted
+views of each averaged as one (Ensemble, test-time augmentation), and the options that choose it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_model
+from model import (
+    EOS,
+    MANY,
+    PAD,
+    Decoded,
+    DecoderCache,
+    DigitSequenceTransformer,
+    decoder_inputs,
+    greedy_tokens,
+    uint8_to_input,
+)
+
+# Test-time augmentation: the image itself and four copies moved diagonally by a quarter patch of
+# the shipped model, so that the digits fall differently on the patch grid.
+TTA_SHIFTS = ((0, 0), (-3, -3), (3, 3), (-3, 3), (3, -3))
+
+
+def shift_images(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """(B, H, W) canvases moved dx pixels right and dy down, black where nothing moves in."""
+    h, w = images.shape[-2:]
+    moved = torch.zeros_like(images)
+    moved[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = images[
+        :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return moved
+
+
+class Ensemble(nn.Module):
+    """Several trained models, each reading the images as they are and, with shifts, moved copies
+    of them, read as one model: at every decoding step the members' calibrated token probabilities
+    are averaged and the most probable token is fed to all of them. It reads like the first model
+    (its config, calibration and threshold); attention maps are the first model's, and beam search
+    takes the first model's candidates and re-scores them (rescored)."""
+
+    def __init__(self, models: list[DigitSequenceTransformer], shifts: tuple[tuple[int, int], ...] = ((0, 0),)):
+        super().__init__()
+        if len({(m.config.image_size, m.config.max_digits) for m in models}) > 1:
+            raise ValueError("the models of an ensemble must read the same canvas size and number of digits")
+        self.members, self.shifts = nn.ModuleList(models), shifts
+        self.config, self.calibration = models[0].config, models[0].calibration
+        self.read_bf16 = dict.fromkeys(models[0].read_bf16, False)  # members read in fp32 here
+
+    @property
+    def decoding(self) -> str:
+        """How it reads, in words (evaluate.py's reports say it)."""
+        views = f", {len(self.shifts)} views each (test-time augmentation)" if len(self.shifts) > 1 else ""
+        models = f"{len(self.members)} model{'s' * (len(self.members) > 1)}"
+        return f"greedy, token probabilities averaged over {models}{views}"
+
+    @torch.inference_mode()
+    def read(self, images: torch.Tensor, *, beam_size: int = 1, attention: bool = False) -> Decoded:
+        if beam_size > 1 or attention:  # candidates and attention maps from the first model
+            decoded = self.members[0].read(images, beam_size=beam_size, attention=attention)
+            if decoded.beams:
+                decoded.beams = self.rescored(images, decoded.beams)
+            return decoded
+        readers = []  # (model, memory of one view, its decoder cache)
+        for model in self.members:
+            device = next(model.parameters()).device
+            for dx, dy in self.shifts:
+                memory = model.encode(uint8_to_input(shift_images(images, dx, dy).to(device)))
+                readers.append((model, memory, DecoderCache(model.config.decoder_layers)))
+
+        def averaged(last: torch.Tensor, step: int) -> torch.Tensor:
+            probs = [m.token_log_probs(m.decode(mem, last, cache=c), step)[:, -1].exp() for m, mem, c in readers]
+            return torch.stack(probs).mean(dim=0).log()
+
+        return greedy_tokens(averaged, len(images), self.config.max_digits, readers[0][1].device)
+
+    @torch.inference_mode()
+    def rescored(
+        self, images: torch.Tensor, beams: list[list[tuple[str, bool, float]]]
+    ) -> list[list[tuple[str, bool, float]]]:
+        """Each image's candidate readings (digits, too_many, _) with the probability the ensemble
+        gives them, most probable first: every member and view scores each candidate teacher-forced
+        and, token by token, the probabilities are averaged as read averages them, so a candidate
+        that is also the greedy reading gets that reading's confidence."""
+        rows = [i for i, options in enumerate(beams) for _ in options]
+        targets = torch.tensor(
+            [
+                [*map(int, digits), MANY if too_many else EOS] + [PAD] * (self.config.max_digits - len(digits))
+                for options in beams
+                for digits, too_many, _ in options
+            ]
+        )
+        probs = []
+        for model in self.members:
+            device = next(model.parameters()).device
+            for dx, dy in self.shifts:
+                memory = model.encode(uint8_to_input(shift_images(images[rows], dx, dy).to(device)))
+                log_probs = model.token_log_probs(model.decode(memory, decoder_inputs(targets).to(device)))
+                probs.append(log_probs.gather(-1, targets.to(device)[..., None])[..., 0].exp().cpu())
+        confidence = torch.stack(probs).mean(dim=0).masked_fill(targets == PAD, 1.0).prod(dim=1).tolist()
+        scored: list[list[tuple[str, bool, float]]] = [[] for _ in beams]
+        for row, (digits, too_many), p in zip(rows, [(d, t) for o in beams for d, t, _ in o], confidence):
+            scored[row].append((digits, too_many, p))
+        return [sorted(options, key=lambda option: -option[2]) for options in scored]
+
+
+def load_reader(
+    path: str | Path,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    *,
+    tta: bool = False,
+    ensemble: typing.Sequence[str | Path] = (),
+) -> DigitSequenceTransformer | Ensemble:
+    """The model at path; with tta or more checkpoints, an Ensemble of them that reads like it."""
+    model = load_model(path, device, precision)
+    if not tta and not ensemble:
+        return model
+    members = [model] + [load_model(other, device, precision) for other in ensemble]
+    for other, member in zip(ensemble, members[1:]):
+        if (member.config.image_size, member.config.max_digits) != (model.config.image_size, model.config.max_digits):
+            raise CheckpointError(
+                f"{other} reads {member.config.image_size}x{member.config.image_size} canvases of up to "
+                f"{member.config.max_digits} digits, {path} {model.config.image_size}x{model.config.image_size} "
+                f"of up to {model.config.max_digits}: an ensemble's models must read alike"
+            )
+    return Ensemble(members, TTA_SHIFTS if tta else ((0, 0),))
+
+
+def add_reader_options(parser: argparse.ArgumentParser) -> None:
+    """The options with which predict.py and evaluate.py load what reads (load_reader's arguments)."""
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ...")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto: bf16 where timing this model's reading on this machine finds it faster, one image and "
+        "batches each (precision.choose_precision, cached per machine)",
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: also read 4 copies of each image moved by 3 pixels and average the "
+        "token probabilities (about 4 times the reading time; docs/results.md has what it buys)",
+    )
+    parser.add_argument(
+        "--ensemble",
+        action="append",
+        default=[],
+        metavar="CHECKPOINT",
+        help="also read with this checkpoint (repeatable) and average the models' token probabilities; "
+        "the confidence threshold stays --checkpoint's",
+    )

@@ -1,0 +1,223 @@
+"""The training script's command line: a flag for every field of its config dataclasses (from each
+field's type, default, help and bounds), the run options beside them, and the checks that refuse
+what no run can take with one line, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+from mnist import default_mnist_root
+from multidigit_generator import parse_weights
+from precision import pick_device
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, config_class: type, title: str, settings: list[str]) -> None:
+    """One flag per field of config_class, from its type, default and help. Defaults stay out of
+    the parsed arguments (SUPPRESS), so that they hold exactly the settings the user gave."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(config_class)
+    for f in fields(config_class):
+        if f.name not in settings:
+            continue
+        kind, default = hints[f.name], f.default
+        shown = ",".join(f"{w:g}" for w in default) if isinstance(default, list) else default
+        options = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {shown})")
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind in (int, float, str):
+            options.update(type=kind, choices=f.metadata["choices"] or None)
+        else:
+            options.update(type=parse_weights, metavar="W0,W1,...")
+        group.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def add_run_options(p: argparse.ArgumentParser, recipes: dict[str, dict]) -> None:
+    run = p.add_argument_group("run options")
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON object of settings, as OUT_DIR/config.json and a sweep's "
+        'best_config.json hold ({"lr": 0.002, "d_model": 96, ...}); flags given on the command line win',
+    )
+    run.add_argument(
+        "--recipe",
+        choices=tuple(recipes),
+        help="quick (the default): the defaults below; full: the recipe meant for the shipped model ("
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipes["full"].items())
+        + "); --config and flags change either",
+    )
+    run.add_argument(
+        "--run-type",
+        choices=("train", "sweep"),
+        default="train",
+        help="sweep: train one trial after another with settings from sweep_config.py (online with a W&B "
+        "login, else sampled here), print a summary and write the best settings to best_config.json",
+    )
+    run.add_argument(
+        "--count", type=int, help="sweep: number of trials (default: 8; a grid sweep: all its combinations)"
+    )
+    run.add_argument(
+        "--out-dir",
+        help="last.pt, best.pt, config.json, test_metrics.json and model.pt go here "
+        "(default: runs/default, or the folder of the checkpoint given to --resume)",
+    )
+    run.add_argument(
+        "--max-steps",
+        type=int,
+        default=0,
+        help="stop (and save last.pt) after this many steps, the schedule unchanged; 0: run all epochs",
+    )
+    run.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also save last.pt every STEPS steps, so that a crash loses at most that many (default 0: at each "
+        "epoch's end only)",
+    )
+    run.add_argument(
+        "--data-dir", help="holds splits.json, val/ and test/; made on first use (default: data, or the resumed run's)"
+    )
+    run.add_argument(
+        "--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)"
+    )
+
+
+def add_starting_point_options(p: argparse.ArgumentParser) -> None:
+    start = p.add_argument_group("where a run starts (default: random weights)")
+    start.add_argument(
+        "--resume", metavar="CHECKPOINT", help="continue the run saved in this last.pt, with its settings"
+    )
+    start.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="start from the weights of this checkpoint (a model.pt or last.pt of the same model settings) "
+        "instead of random ones; the optimiser and the learning-rate schedule start afresh",
+    )
+    start.add_argument(
+        "--distill-from",
+        nargs="+",
+        default=[],
+        metavar="CHECKPOINT",
+        help="distil these trained models (an ensemble of one or more, of any size) into the one trained here: "
+        "the token loss also matches their averaged probabilities (--distill-weight)",
+    )
+
+
+def add_machine_and_logging_options(p: argparse.ArgumentParser) -> None:
+    machine = p.add_argument_group("machine and logging options")
+    machine.add_argument(
+        "--num-workers",
+        type=int,
+        help="processes composing training images (default: composing alongside, 1 on a CPU and all of a "
+        "process's share of the cores but one on a GPU; composing first, all of its share)",
+    )
+    machine.add_argument(
+        "--compose",
+        choices=("auto", "alongside", "first"),
+        default="auto",
+        help="alongside: worker processes compose the next batches while the model trains; first: every "
+        "epoch is composed with every core just before it is trained on, into OUT_DIR/composing, and "
+        "deleted after it; auto: first on a CPU with one training process (alongside, the composing workers "
+        "slow the training threads sharing their cores), alongside otherwise. --composite-cache composes "
+        "every epoch first and keeps them",
+    )
+    machine.add_argument(
+        "--composite-cache",
+        metavar="DIR",
+        help="compose the run's training epochs once, with every core, into DIR (memory-mapped dataset folders "
+        "named for the training world and seed), then train from them: the same images as composing while "
+        "training, and any later run of the same world and seed reuses them (sweeps; a GPU that composing "
+        "would hold back)",
+    )
+    machine.add_argument(
+        "--threads",
+        type=int,
+        help="PyTorch threads on a CPU (default: PyTorch's count, or fewer where a busy CPU was timed "
+        "faster with fewer; a resumed run keeps its count, so that it continues bit for bit)",
+    )
+    machine.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ... "
+        "(under torchrun, each process takes the GPU of its LOCAL_RANK)",
+    )
+    machine.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16: matrix products in bfloat16 under autocast (weights, optimiser and loss stay fp32); "
+        "auto: bf16 where a short timing of this model's training step (and of its reading, for validation) "
+        "on this machine finds it faster, cached per machine; on a busy CPU also fewer threads where faster "
+        "(precision.choose_precision)",
+    )
+    machine.add_argument(
+        "--compile", action="store_true", help="train through torch.compile (a minute or so of compiling first)"
+    )
+    machine.add_argument(
+        "--wandb",
+        choices=("auto", "online", "offline", "disabled"),
+        help="auto (the default): online when logged in to W&B, offline otherwise; a resumed run keeps its run's",
+    )
+    machine.add_argument(
+        "--offline", dest="wandb", action="store_const", const="offline", help="the same as --wandb offline"
+    )
+    machine.add_argument("--wandb-project", default="digit-sequence-transformer")
+    machine.add_argument("--log-every", type=int, default=25, help="steps between training-loss logs")
+
+
+def cache_folder_problem(path: str) -> str | None:
+    """What stops --composite-cache's path from being a folder to write in (made if need be), or None."""
+    existing = Path(path)
+    while not existing.exists():
+        existing = existing.parent
+    if not path or not existing.is_dir():
+        return f"--composite-cache {path!r}: {existing} is not a folder; name a folder to keep epochs in"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--composite-cache {path}: {existing} cannot be written to"
+    return None
+
+
+def flag_names(message: str, settings: list[str]) -> str:
+    """A settings error as the command line spells it: d_model -> --d-model."""
+    return re.sub(r"\b(" + "|".join(settings) + r")\b", lambda m: "--" + m[1].replace("_", "-"), message)
+
+
+def read_config_file(path: str, settings: list[str]) -> dict:
+    """The settings in a --config file; ValueError saying what is wrong with it."""
+    try:
+        given = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--config {path}: {error}") from None
+    if not isinstance(given, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of settings, got {type(given).__name__}")
+    unknown = sorted(set(given) - set(settings))
+    if unknown:
+        raise ValueError(f"--config {path}: not settings: {', '.join(unknown)}")
+    return given
+
+
+def check_run_options(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None:
+    """Exit with a usage error for run options no run can take."""
+    for name in ("max_steps", "num_workers", "log_every", "save_every", "threads"):
+        least = 1 if name in ("log_every", "threads") else 0
+        value = getattr(options, name)
+        if value is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}")
+    if options.count is not None and (options.count < 1 or options.run_type != "sweep"):
+        parser.error(f"--count is the number of sweep trials: at least 1, with --run-type sweep (got {options.count})")
+    try:
+        pick_device(options.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
+    if options.composite_cache is not None and (problem := cache_folder_problem(options.composite_cache)):
+        parser.error(problem)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and options.run_type == "sweep":
+        parser.error("a sweep runs its trials one after another in one process: start it without torchrun")
