@@ -122,27 +122,11 @@ class CachedComposites(Dataset):
             yield file is not None
 
     def compose_epoch(self, epoch: int, workers: int, bar: tqdm, stopped: Callable[[], bool]) -> None:
-        fresh = copy.copy(self.fresh)
-        fresh.set_epoch(epoch)
-        # The workers compose in the batching step (collate_fn), so each hands back whole
-        # Composites, in index order. A generator of its own keeps the loader from drawing on
-        # torch's, which training's dropout draws on.
-        loader = DataLoader(
-            range(len(fresh)),
-            batch_size=64,
-            num_workers=workers,
-            collate_fn=fresh.composites,
-            generator=torch.Generator(),
-            worker_init_fn=leave_ctrl_c_to_the_parent,
-        )
-        composites = []
-        for batch in loader:
-            if stopped():
-                return
-            composites += batch
-            bar.update(len(batch))
-        composer = fresh.composer
-        settings = dict(seed=fresh.seed, images_per_epoch=len(fresh), composer=composer.settings())
+        composites = composed_epoch(self.fresh, epoch, workers, bar, stopped)
+        if composites is None:
+            return
+        composer = self.fresh.composer
+        settings = dict(seed=self.fresh.seed, images_per_epoch=len(self.fresh), composer=composer.settings())
         metadata = dict(settings, epoch=epoch + 1, max_digits=composer.most_digits, canvas_size=composer.canvas_size)
         write_dataset(self.epoch_folder(epoch), composites, metadata)
 
@@ -168,6 +152,67 @@ class CachedComposites(Dataset):
         if self.opened is None or self.opened[0] != self.fresh.epoch:
             self.opened = (self.fresh.epoch, MultiDigitFolder(self.epoch_folder(self.fresh.epoch)))
         return self.opened[1]
+
+
+class EpochInMemory(Dataset):
+    """The items of a FreshComposites, each epoch composed whole by worker processes (compose) before
+    it is trained on, then held in memory: the same items, composed by every core, and no worker
+    takes a core from the training threads while they train (docs/performance.md)."""
+
+    def __init__(self, fresh: FreshComposites):
+        self.fresh, self.epoch, self.items = fresh, None, []
+
+    def compose(
+        self, epoch: int, workers: int, progress: bool = True, stopped: Callable[[], bool] = lambda: False
+    ) -> None:
+        """Compose the epoch, unless it is the one held already, until stopped() says to stop."""
+        if epoch == self.epoch:
+            return
+        self.epoch, self.items = None, []  # the memory of the epoch before is free for this one
+        with tqdm(total=len(self), desc="composing epochs", unit="img", disable=not progress) as bar:
+            composites = composed_epoch(self.fresh, epoch, workers, bar, stopped)
+        if composites is not None:
+            most = self.fresh.composer.most_digits
+            self.items = [dataset_item(c.image, c.label, c.layout, c.boxes, most) for c in composites]
+            self.epoch = epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            raise RuntimeError(f"epoch {epoch + 1} is not composed: compose it first (EpochInMemory.compose)")
+        self.fresh.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.fresh)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, torch.Tensor]:
+        return self.items[index]
+
+
+def composed_epoch(
+    fresh: FreshComposites, epoch: int, workers: int, bar: tqdm, stopped: Callable[[], bool]
+) -> list[Composite] | None:
+    """Every composite of one epoch of fresh, in index order, composed by workers processes (0: here);
+    None if stopped() said to stop first."""
+    fresh = copy.copy(fresh)
+    fresh.set_epoch(epoch)
+    # The workers compose in the batching step (collate_fn), so each hands back whole Composites,
+    # in index order. A generator of its own keeps the loader from drawing on torch's, which
+    # training's dropout draws on.
+    loader = DataLoader(
+        range(len(fresh)),
+        batch_size=64,
+        num_workers=workers,
+        collate_fn=fresh.composites,
+        generator=torch.Generator(),
+        worker_init_fn=leave_ctrl_c_to_the_parent,
+    )
+    composites = []
+    for batch in loader:
+        if stopped():
+            return None
+        composites += batch
+        bar.update(len(batch))
+    return composites
 
 
 def leave_ctrl_c_to_the_parent(worker_id: int) -> None:

@@ -11,7 +11,6 @@ import contextlib
 import math
 import netrc
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -324,9 +323,6 @@ def start_wandb(job: Job, training: Training, run: object = None) -> object:
     return run
 
 
-COMPOSING_FOLDER = "composing"  # in the run's folder: the epoch being trained on, when composing first
-
-
 @dataclass
 class Job:
     """What every stage of one training run reads: its settings, its processes, where it writes."""
@@ -410,25 +406,15 @@ def compose_ahead(job: Job, training: Training, data: Data, stop: StopSignal) ->
 
 
 def compose_epoch_first(job: Job, data: Data, epoch: int, stop: StopSignal) -> bool:
-    """Compose the epoch (unless a stopped run left it whole) into OUT_DIR/composing with
-    --num-workers processes, before it is trained on; False if asked to stop meanwhile."""
+    """Compose the epoch in memory with --num-workers processes (unless it is held already), before
+    it is trained on; False if asked to stop meanwhile."""
     data.train_set.compose(
-        [epoch],
+        epoch,
         workers=job.composing_workers,
         progress=job.procs.is_main,
         stopped=lambda: stop.requested_at is not None,
     )
     return not stop.agreed()
-
-
-def drop_composed_epoch(job: Job) -> None:
-    """Delete the epoch just trained on, its lock files too, once every process is past it."""
-    if job.procs.world_size > 1:
-        dist.barrier()
-    if job.procs.is_main and (job.out_dir / COMPOSING_FOLDER).exists():
-        shutil.rmtree(job.out_dir / COMPOSING_FOLDER)
-    if job.procs.world_size > 1:
-        dist.barrier()  # before any process takes the next epoch's lock
 
 
 def composing(job: Job) -> str:

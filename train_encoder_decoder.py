@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, save_checkpoint
-from datasets import CachedComposites, FreshComposites, MultiDigitFolder
+from datasets import CachedComposites, EpochInMemory, FreshComposites, MultiDigitFolder
 from evaluate import SequenceAccuracy, as_expected, as_read, expected_calibration_error, fit_calibration
 from files import CommandLine
 from mnist import MnistUnavailableError, load_mnist
@@ -77,7 +77,6 @@ from model import (
 from multidigit_generator import MultiDigitComposer, check_composer_settings, generate
 from precision import Precision, choose_precision
 from runs import (
-    COMPOSING_FOLDER,
     Job,
     Processes,
     RunFolderBusyError,
@@ -89,7 +88,6 @@ from runs import (
     compose_ahead,
     compose_epoch_first,
     composing,
-    drop_composed_epoch,
     gather,
     initial_weights,
     load_teachers,
@@ -259,7 +257,7 @@ def training_composer(model_config: ModelConfig, train_config: TrainConfig) -> d
 
 @dataclass
 class Data:
-    train_set: FreshComposites | CachedComposites
+    train_set: FreshComposites | EpochInMemory | CachedComposites
     val_set: MultiDigitFolder
     test_set: MultiDigitFolder
     steps_per_epoch: int
@@ -294,9 +292,12 @@ def build_data(job: Job) -> Data:
     )
     steps_per_epoch = math.ceil(train_config.train_images / train_config.batch_size)
     train_set = FreshComposites(composer, train_config.train_images, seed=train_config.seed)
-    cache = options.composite_cache or (job.out_dir / COMPOSING_FOLDER if job.composing_workers is not None else None)
+    if options.composite_cache:
+        train_set = CachedComposites(train_set, options.composite_cache)
+    elif job.composing_workers is not None:
+        train_set = EpochInMemory(train_set)
     return Data(
-        CachedComposites(train_set, cache) if cache else train_set,
+        train_set,
         MultiDigitFolder(data_dir / "val"),
         MultiDigitFolder(data_dir / "test"),
         steps_per_epoch,
@@ -638,8 +639,6 @@ def run_epochs(job: Job, training: Training, data: Data, stop: StopSignal) -> bo
             job.procs.say(f"stopped at step {training.step}; saved {job.out_dir / 'last.pt'} (continue with --resume)")
             return False
         end_of_epoch(job, training, data, epoch)
-        if job.composing_workers is not None:
-            drop_composed_epoch(job)
     if training.step < data.total_steps:
         job.procs.say(f"at step {training.step}, which --max-steps {max_steps} does not go past: nothing to train")
     return training.step >= data.total_steps

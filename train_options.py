@@ -124,8 +124,8 @@ def add_machine_and_logging_options(p: argparse.ArgumentParser) -> None:
         choices=("auto", "alongside", "first"),
         default="auto",
         help="alongside: worker processes compose the next batches while the model trains; first: every "
-        "epoch is composed with every core just before it is trained on, into OUT_DIR/composing, and "
-        "deleted after it; auto: first on a CPU with one training process (alongside, the composing workers "
+        "epoch is composed in memory with every core just before it is trained on; "
+        "auto: first on a CPU with one training process (alongside, the composing workers "
         "slow the training threads sharing their cores), alongside otherwise. --composite-cache composes "
         "every epoch first and keeps them",
     )
