@@ -34,7 +34,6 @@ import json
 import math
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_model
 from datasets import dataset_item
-from files import CommandLine
+from files import CommandLine, markdown_table
 from mnist import MnistUnavailableError, default_mnist_root, load_mnist
 from model import (
     PIXEL_MEAN,
@@ -62,7 +61,7 @@ from model import (
     uint8_to_input,
 )
 from multidigit_generator import MultiDigitComposer
-from precision import choose_precision, cpu_name, pick_device
+from precision import choose_precision, cpu_name, pick_device, timed
 
 # The targets set for the 2-core development CPU (docs/performance.md discusses them).
 CPU_TARGETS = {"training_ratio": 1.0, "inference_images_per_second": 2000, "latency_p50_ms": 10.0}
@@ -155,31 +154,13 @@ class ReferenceTransformer(DigitSequenceTransformer):
         return self.head(self.transformer.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True))[:, -new:]
 
 
-def timed(
-    run: Callable[[], object], *, seconds: float, device: torch.device, min_runs: int = 3, warm_up: int = 2
-) -> list[float]:
-    """Wall time of each call of run, after warm_up calls, for about `seconds` in all."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for _ in range(warm_up):
-        run()
-    sync()
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - started < seconds:
-        t0 = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def peak_matmul_flops(dtype: torch.dtype, device: torch.device, *, seconds: float) -> tuple[float, int]:
     """(FLOP/s, size) of the fastest n x n by n x n product over growing n. Sizes stop growing
     once one product takes over 0.1 s (a CPU without bf16 emulates it about 100x slower)."""
     best = (0.0, 0)
     for n in (256, 512, 1024, 2048, 4096, 8192):
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        seconds_each = statistics.median(timed(lambda a=a, b=b: a @ b, seconds=seconds, device=device, min_runs=2))
+        seconds_each = statistics.median(timed(lambda a=a, b=b: a @ b, device, runs=2, seconds=seconds, warm_up=2)[0])
         best = max(best, (2 * n**3 / seconds_each, n))
         if seconds_each > 0.1:
             break
@@ -274,20 +255,15 @@ def measure(workloads: dict[str, Workload], *, rounds: int, seconds: float, late
     slows down (a shared CPU's does, by up to 2x here) weighs on each alike; medians over all
     rounds."""
     for work in workloads.values():
-        timed(work.training_step, seconds=0, device=work.device, min_runs=2)
-        timed(work.read_batch, seconds=0, device=work.device, min_runs=2)
+        timed(work.training_step, work.device, runs=2, warm_up=2)
+        timed(work.read_batch, work.device, runs=2, warm_up=2)
     times: dict[str, dict[str, list[float]]] = {name: {"train": [], "read": [], "one": []} for name in workloads}
     for _ in range(rounds):
         for name, work in workloads.items():
-            times[name]["train"] += timed(
-                work.training_step, seconds=seconds / rounds, device=work.device, min_runs=1, warm_up=0
-            )
-            times[name]["read"] += timed(
-                work.read_batch, seconds=seconds / rounds, device=work.device, min_runs=1, warm_up=0
-            )
-            times[name]["one"] += timed(
-                work.read_one, seconds=0, device=work.device, min_runs=max(1, latency_runs // rounds), warm_up=0
-            )
+            each = dict(runs=1, seconds=seconds / rounds, warm_up=0)
+            times[name]["train"] += timed(work.training_step, work.device, **each)[0]
+            times[name]["read"] += timed(work.read_batch, work.device, **each)[0]
+            times[name]["one"] += timed(work.read_one, work.device, runs=max(1, latency_runs // rounds), warm_up=0)[0]
     results = {}
     for name, work in workloads.items():
         train_rate = work.batch_size / statistics.median(times[name]["train"])
@@ -330,21 +306,21 @@ def report(results: dict) -> str:
         ("inference achieved GFLOP/s", "inference_flops_per_second", "{:.1f}"),
     ]
     scale = lambda key: 1e-9 if "flops" in key else 1
-    lines = ["| | ours | nn.Transformer | ours / reference |", "|---|---|---|---|"]
+    lines = []
     for label, key, fmt in rows:
         theirs = fmt.format(reference[key] * scale(key)) if reference else "-"
         ratio = f"{ours[key] / reference[key]:.2f}x" if reference else "-"
-        lines.append(f"| {label} | {fmt.format(ours[key] * scale(key))} | {theirs} | {ratio} |")
+        lines.append([label, fmt.format(ours[key] * scale(key)), theirs, ratio])
     for dtype in ("fp32", "bf16"):
         for kind in ("training", "inference"):
             label = f"{kind} MFU, of the {dtype} peak" + (" (the precision used)" if dtype == used else "")
             theirs = f"{reference[f'{kind}_flops_per_second'] / peak[dtype]:.1%}" if reference else "-"
-            lines.append(f"| {label} | {ours[f'{kind}_flops_per_second'] / peak[dtype]:.1%} | {theirs} | |")
+            lines.append([label, f"{ours[f'{kind}_flops_per_second'] / peak[dtype]:.1%}", theirs, ""])
     header = (
         f"{results['machine']}; torch {results['torch']}; {used}{', compiled' if results['compile'] else ''}; "
         f"peak matrix product: fp32 {peak['fp32'] / 1e9:,.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.1f} GFLOP/s"
     )
-    return header + "\n\n" + "\n".join(lines)
+    return header + "\n\n" + markdown_table(["", "ours", "nn.Transformer", "ours / reference"], lines)
 
 
 def target_report(results: dict) -> str:

@@ -1,9 +1,10 @@
 """Composites on disk and as torch Datasets.
 
 A dataset folder (write_dataset, read_dataset) holds images.npy, labels.json, metadata.json and
-a preview. Training reads composites three ways, each item shaped by dataset_item:
-FreshComposites composes new ones every epoch, CachedComposites reads the same ones from epochs
-composed ahead into a cache, MultiDigitFolder reads a dataset folder (validation and test).
+a preview. Training reads composites four ways, each item shaped by dataset_item:
+FreshComposites composes new ones as they are asked for, EpochInMemory the same ones an epoch at a
+time before it is trained on (a CPU's default), CachedComposites reads them from epochs composed
+ahead into a cache, MultiDigitFolder reads a dataset folder (validation and test).
 """
 
 from __future__ import annotations

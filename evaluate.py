@@ -42,7 +42,7 @@ from tqdm import tqdm
 from canvas import BLANK_INK_LEVEL, to_canvas
 from checkpoint import CheckpointError
 from datasets import preview_sheet, read_dataset
-from files import CommandLine, Staging, check_destination
+from files import CommandLine, Staging, check_destination, markdown_table
 from model import NO_DIGIT, PAD, VOCAB_SIZE, Calibration, DigitSequenceTransformer, decoder_inputs, uint8_to_input
 from multidigit_generator import LAYOUTS
 from precision import pick_device
@@ -529,13 +529,11 @@ def percent(value: float | None) -> str:
 
 def accuracy_table(report: dict) -> str:
     """Markdown table: one row per subset (all, layouts, lengths), columns n, exact %, order-free %."""
-    lines = ["| subset | n | exact % | order-free % |", "|---|---:|---:|---:|"]
-    for key, n in report["count"].items():
-        lines.append(
-            f"| {key} | {n} | {percent(report['exact_accuracy'][key])} "
-            f"| {percent(report['order_free_accuracy'][key])} |"
-        )
-    return "\n".join(lines)
+    rows = [
+        [key, n, percent(report["exact_accuracy"][key]), percent(report["order_free_accuracy"][key])]
+        for key, n in report["count"].items()
+    ]
+    return markdown_table(["subset", "n", "exact %", "order-free %"], rows, numbers_from=1)
 
 
 def report_markdown(report: dict) -> str:
@@ -579,20 +577,15 @@ def summary_table(reports: dict[str, dict]) -> str:
     """Markdown table across datasets: exact accuracy (all, scatter, row), order-free accuracy, and
     the confidence: calibration error, coverage and accuracy of the accepted readings, and the
     share read as nothing or unsure."""
-    lines = [
-        "| dataset | n | exact % | order-free % | scatter % | row % | ECE % | accepted % | accepted right % "
-        "| nothing or unsure % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ["dataset", "n", "exact %", "order-free %", "scatter %", "row %", "ECE %", "accepted %"]
+    header += ["accepted right %", "nothing or unsure %"]
+    rows = []
     for name, r in reports.items():
         exact, c = r["exact_accuracy"], r["calibration"]
-        lines.append(
-            f"| {name} | {r['num_images']} | {percent(exact['all'])} | {percent(r['order_free_accuracy']['all'])} "
-            f"| {percent(exact.get('scatter'))} | {percent(exact.get('row'))} "
-            f"| {percent(c['expected_calibration_error'])} | {percent(c['coverage'])} "
-            f"| {percent(c['accepted_accuracy'])} | {percent(c['read_nothing_or_unsure'])} |"
-        )
-    return "\n".join(lines)
+        shares = [exact["all"], r["order_free_accuracy"]["all"], exact.get("scatter"), exact.get("row")]
+        shares += [c["expected_calibration_error"], c["coverage"], c["accepted_accuracy"], c["read_nothing_or_unsure"]]
+        rows.append([name, r["num_images"], *map(percent, shares)])
+    return markdown_table(header, rows, numbers_from=1)
 
 
 def build_parser() -> argparse.ArgumentParser:

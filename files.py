@@ -1,4 +1,4 @@
-"""Files written whole or not at all, and the scripts' command line.
+"""Files written whole or not at all, the Markdown tables they hold, and the scripts' command line.
 
 Staging writes folders and files beside their destinations and moves them into place together
 when its block ends, so that a reader, an interruption or a full disk never leaves half a file;
@@ -189,3 +189,15 @@ def locked(path: Path, *, wait: bool) -> typing.Iterator[typing.IO[str] | None]:
             yield None
             return
         yield file
+
+
+def markdown_table(
+    header: typing.Sequence[str], rows: typing.Iterable[typing.Sequence[object]], *, numbers_from: int | None = None
+) -> str:
+    """A Markdown table of the rows under the header, each cell as str() gives it; the columns from
+    numbers_from on are aligned right, as columns of numbers read best."""
+    align = ["---" if numbers_from is None or i < numbers_from else "---:" for i in range(len(header))]
+    lines = [header, align, *rows]
+    return "\n".join(
+        "| " + " | ".join(map(str, line)) + " |" if line is not align else "|" + "|".join(align) + "|" for line in lines
+    )

@@ -6,7 +6,7 @@ Three ways in: draw on the pad, upload an image, or press "New random example" f
 of MNIST test digits (its true digits are shown). The pad fits the page's column, a phone's
 too (it is as wide as the column, up to 640 px), with the pen width and "Clear the pad" beside
 it; the drawing stays when you switch to another source and back. Every image goes through
-predict.py's preprocessing (to_canvas: ink found and made white on black, digits scaled to the
+the preprocessing predict.py uses (canvas.to_canvas: ink found and made white on black, digits scaled to the
 height the model was trained on, centred), and the page shows what the model sees and the
 digits read, with how sure the model is of the whole reading and of each digit, and where it
 looked for each digit (decoder cross-attention over the image patches). A reading below the

@@ -1,7 +1,8 @@
 """Encoder-decoder Transformer that reads the digit string in an image.
 
 image (B, 1, H, W)
-  -> patches -> linear projection + fixed 2D sin-cos position   (B, N, D)
+  -> patches: a small CNN stem (or a linear projection)
+     + fixed 2D sin-cos position                                (B, N, D)
   -> encoder: pre-norm blocks of self-attention + feed-forward  (B, N, D) "memory"
   -> decoder: pre-norm blocks of causal self-attention over the tokens read so far,
      cross-attention to the memory, feed-forward                (B, T, D)
@@ -300,9 +301,8 @@ class ConvPatchEmbedding(nn.Module):
 
     A linear projection must learn strokes and their shifts inside a patch from scratch; the
     convolutions bring that locality with them, and the encoder learns much faster from far
-    fewer images. The extra convolutions widen what one patch vector sees from 15 px (less
-    than a digit) to 47 px (a whole digit and its neighbours) for about 5 % more compute;
-    docs/design.md has the measured differences."""
+    fewer images; the extra convolutions widen what one patch vector sees to a whole digit and
+    its neighbours (docs/design.md has the measured differences)."""
 
     def __init__(
         self,

@@ -1,12 +1,13 @@
 """Compose MNIST digits into multi-digit images, as a library and as a command.
 
-Two layouts, both white digits on a black canvas (96x96 by default), 0-4 digits each:
+Two layouts (and "mixed", either one at random per image), both white digits on a black canvas
+(96x96 by default), 0-4 digits each:
   scatter  digits dropped at random, their ink boxes never overlapping or touching; the label
            reads them left to right by centre, and placements whose centres are horizontally
            closer than --min-center-gap are redrawn so that order is never ambiguous.
   row      a number written left to right, all digits about one height, with random gaps
            and a little vertical jitter.
-Every digit is augmented first (small rotation, shear, scale; thinner or thicker strokes),
+Every digit is augmented first (augment.py: small rotation, shear, scale; thinner or thicker strokes),
 then cropped to its ink and scaled to an ink height within --digit-height (18-28 px by
 default) in both layouts, so that nothing the model sees keeps MNIST's own normalisation
 (every digit in a 20x20 box, centred by mass).
@@ -458,8 +459,8 @@ class MultiDigitComposer:
         return crop
 
     def compose(self, rng: np.random.Generator) -> Composite:
-        # Each option draws from rng only when it is on, so that settings without it give the
-        # same composites as before it existed.
+        # Each option draws from rng only when it is on, so that turning one on changes no composite
+        # of the settings without it.
         kind = rng.random() if self.nondigit_share or self.overflow_share else 1.0
         if kind < self.nondigit_share:
             canvas = draw_marks(rng, self.canvas_size, self.prepare_digit)

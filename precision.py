@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import os
+import statistics
 import time
 import typing
 from dataclasses import asdict, dataclass
@@ -94,21 +95,33 @@ def probe_work(model: DigitSequenceTransformer, job: str) -> typing.Callable[[],
 
 
 def timed(
+    work: typing.Callable[[], object], device: torch.device, *, runs: int, seconds: float = 0.0, warm_up: int = 1
+) -> tuple[list[float], float]:
+    """Wall seconds of each call of work, after warm_up calls (allocations, autocast's weight casts,
+    kernels chosen): at least runs calls and at least seconds in all; and the CPU seconds this
+    process spent per wall second meanwhile (below the thread count: the cores are shared)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(warm_up):
+        work()
+    sync()
+    times, cpu_seconds = [], 0.0
+    while len(times) < runs or sum(times) < seconds:
+        started, cpu = time.perf_counter(), time.process_time()
+        work()
+        sync()
+        times.append(time.perf_counter() - started)
+        cpu_seconds += time.process_time() - cpu
+    return times, cpu_seconds / sum(times)
+
+
+def time_job(
     work: typing.Callable[[], object], precision: Precision, device: torch.device, runs: int
 ) -> tuple[float, float]:
-    """(median seconds per run, CPU seconds per wall second) of work after a warm-up run."""
+    """(median seconds per run, CPU seconds per wall second) of work in precision."""
     torch.set_num_threads(precision.threads)
-    times, busy = [], []
     with precision.autocast(device):
-        for run in range(runs + 1):
-            started, cpu = time.perf_counter(), time.process_time()
-            work()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if run:  # the first run warms up: allocations, autocast's weight casts, kernels chosen
-                times.append(time.perf_counter() - started)
-                busy.append((time.process_time() - cpu) / times[-1])
-    return sorted(times)[len(times) // 2], sum(busy) / len(busy)
+        times, busy = timed(work, device, runs=runs)
+    return statistics.median(times), busy
 
 
 def bf16_product_slowdown(device: torch.device) -> float:
@@ -117,7 +130,7 @@ def bf16_product_slowdown(device: torch.device) -> float:
     a, b = torch.randn(512, 256, device=device), torch.randn(256, 512, device=device)
     a16, b16 = a.bfloat16(), b.bfloat16()
     as_is = Precision(False, torch.get_num_threads(), "")
-    return timed(lambda: a16 @ b16, as_is, device, runs=5)[0] / timed(lambda: a @ b, as_is, device, runs=5)[0]
+    return time_job(lambda: a16 @ b16, as_is, device, runs=5)[0] / time_job(lambda: a @ b, as_is, device, runs=5)[0]
 
 
 def choose_precision(
@@ -166,7 +179,7 @@ def _time_both(work: typing.Callable[[], object], device: torch.device, threads:
     for round_ in range(PROBE_ROUNDS):
         seconds = {}
         for bf16 in (False, True) if round_ % 2 == 0 else (True, False):
-            seconds[bf16] = timed(work, Precision(bf16, threads, ""), device, runs=2)[0]
+            seconds[bf16] = time_job(work, Precision(bf16, threads, ""), device, runs=2)[0]
         ratios.append(seconds[True] / seconds[False])
     ratio = sorted(ratios)[len(ratios) // 2]
     faster = ratio < 1 - BF16_MIN_SAVING
@@ -179,12 +192,12 @@ def _time_both(work: typing.Callable[[], object], device: torch.device, threads:
 
 
 def _fewer_threads_if_busy(work: typing.Callable[[], object], device: torch.device, chosen: Precision) -> Precision:
-    seconds, cpu_share = timed(work, chosen, device, runs=2)
+    seconds, cpu_share = time_job(work, chosen, device, runs=2)
     if cpu_share >= 0.75 * chosen.threads:
         return chosen
     tried = {chosen.threads: seconds}
     for threads in range(chosen.threads - 1, 0, -1):
-        tried[threads] = timed(work, Precision(chosen.bf16, threads, ""), device, runs=2)[0]
+        tried[threads] = time_job(work, Precision(chosen.bf16, threads, ""), device, runs=2)[0]
     best = min(tried, key=tried.get)
     times = ", ".join(f"{n} thread{'s' * (n > 1)} {t * 1e3:.0f} ms" for n, t in sorted(tried.items()))
     return Precision(

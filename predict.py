@@ -12,7 +12,7 @@ than the model reads (4 for the shipped model) gets its first digits and "+" ("t
 Any PNG/JPEG/... of any size and mode works, 16-bit and float greyscale included: it is turned
 into white digits on black (dark ink on light paper is inverted, transparent backgrounds
 handled), its digits are scaled to the height the model was trained on keeping their aspect
-ratio, and the ink is centred on the model's canvas (multidigit_generator.to_canvas, which the
+ratio, and the ink is centred on the model's canvas (canvas.to_canvas, which the
 front end and evaluate.py --as-files use too). A file that cannot be read gets an error line,
 the others are still read, and the exit code is 1; only regular files are opened (a named pipe
 or a device would block or never end). A blank image reads as "".

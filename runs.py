@@ -354,11 +354,10 @@ def start_job(options: argparse.Namespace, model_config: ModelConfig, train_conf
     options.data_dir = options.data_dir or "data"
     out_dir = Path(options.out_dir or "runs/default")
     # A CPU composes each epoch first, with every core, then trains on it: a worker composing
-    # alongside took a third of the speed of the training threads whose cores it shared, and the
-    # training process reads a composed epoch itself at a hundredth of composing's cost. A GPU
-    # takes all the composing its cores can give, alongside (docs/performance.md), or, reading
-    # composed epochs (--composite-cache), two workers. The processes of a torchrun compose
-    # alongside unless asked: one epoch at a time, all but one of them would wait for it.
+    # alongside slows the training threads whose cores it shares (docs/performance.md). A GPU
+    # takes all the composing its cores can give, alongside, or, reading composed epochs
+    # (--composite-cache), two workers. The processes of a torchrun compose alongside unless
+    # asked: one epoch at a time, all but one of them would wait for it.
     compose_first = not options.composite_cache and (
         options.compose == "first"
         or (options.compose == "auto" and procs.device.type == "cpu" and procs.world_size == 1)

@@ -12,7 +12,7 @@ height within the digit-height range and placed, but not rotated, sheared or giv
 measures it on its own.
 
 Writes data_dir/splits.json (the digit pools and every setting) and data_dir/val/ and
-data_dir/test/ dataset folders (see multidigit_generator.write_dataset), all three moved into
+data_dir/test/ dataset folders (see datasets.write_dataset), all three moved into
 place together once all are written: a failed run leaves what was there before. Splitting comes
 before generating because composites cannot be split afterwards without sharing digits.
 

@@ -4,8 +4,9 @@
     uv run python train_encoder_decoder.py --run-type sweep --count 8 --offline   # sampled here, no server
 
 Online, SWEEP goes to wandb.sweep and wandb's agent picks the trials (and stops weak ones
-early). Offline, train_encoder_decoder.py samples the same parameters itself (method "random"
-or "grid"; early termination needs the server, so offline every trial runs its whole budget).
+early). Offline, sample_trials (below) samples the same parameters and sweeps.py runs them
+(method "random" or "grid"; early termination needs the server, so offline every trial runs its
+whole budget).
 Each parameter is a setting of ModelConfig or TrainConfig (the flag --d-model is d_model); the metric is one
 the training loop logs after every epoch.
 """

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from files import markdown_table
 from runs import wandb_mode
 from sweep_config import SWEEP, sample_trials
 
@@ -33,15 +34,12 @@ def trials_table(rows: list[dict], metric: str) -> str:
     """Markdown table of the trials: number, searched settings, metric, minutes."""
     names = list(SWEEP["parameters"])
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = ["| trial | " + " | ".join(names) + f" | {metric} | minutes |", "|---" * (len(names) + 3) + "|"]
-    for row in rows:
-        score = "failed: " + row["error"] if "error" in row else f"{row[metric]:.4f}"
-        lines.append(
-            f"| {row['trial']} | "
-            + " | ".join(cell(row["parameters"][n]) for n in names)
-            + f" | {score} | {row['minutes']:.1f} |"
-        )
-    return "\n".join(lines)
+    score = lambda row: "failed: " + row["error"] if "error" in row else f"{row[metric]:.4f}"
+    lines = [
+        [row["trial"], *(cell(row["parameters"][n]) for n in names), score(row), f"{row['minutes']:.1f}"]
+        for row in rows
+    ]
+    return markdown_table(["trial", *names, metric, "minutes"], lines)
 
 
 def sweep(

@@ -1,6 +1,6 @@
 """Train the digit-sequence Transformer on fresh MNIST composites.
 
-    uv run python train_encoder_decoder.py                             # the quick recipe: under an hour on a CPU
+    uv run python train_encoder_decoder.py                             # the quick recipe: about half an hour on a CPU
     uv run python train_encoder_decoder.py --recipe full --out-dir runs/full   # 50 epochs: minutes on a GPU
     uv run python train_encoder_decoder.py --resume runs/default/last.pt
     uv run python train_encoder_decoder.py --d-model 96 --epochs 4     # any setting of ModelConfig or TrainConfig
@@ -192,7 +192,7 @@ class TrainConfig:
 
 
 # The two named recipes, as settings over TrainConfig's defaults. quick is the default command,
-# about an hour on a 2-core CPU; full trains the shipped model: minutes on a GPU, hours in
+# about half an hour on a 2-core CPU; full trains the shipped model: minutes on a GPU, hours in
 # the background on a CPU (docs/training.md has both recipes' figures).
 RECIPES = {"quick": {}, "full": {"epochs": 50}}
 

@@ -29,7 +29,7 @@ def test_pick_device_takes_what_the_machine_has_and_explains_what_it_lacks():
 
 
 def fake_timing(seconds: Callable[[Precision], float], cpu_share: Callable[[Precision], float] | None = None):
-    """A stand-in for precision.timed: (seconds per run, cores busy) as a function of the precision timed."""
+    """A stand-in for precision.time_job: (seconds per run, cores busy) as a function of the precision timed."""
     return lambda work, precision, device, runs: (seconds(precision), (cpu_share or (lambda p: p.threads))(precision))
 
 
@@ -39,7 +39,7 @@ def test_auto_precision_takes_bf16_only_where_the_job_was_timed_faster(
 ):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(precision_module, "bf16_product_slowdown", lambda device: 1.0)  # a CPU with bf16 arithmetic
-    monkeypatch.setattr(precision_module, "timed", fake_timing(lambda p: bf16_seconds if p.bf16 else 1.0))
+    monkeypatch.setattr(precision_module, "time_job", fake_timing(lambda p: bf16_seconds if p.bf16 else 1.0))
     chosen = choose_precision("auto", model, "train", probe_threads=False)
     assert chosen.bf16 is picked and chosen.why.startswith("bf16" if picked else "fp32")
     assert "train" in chosen.why  # the log says which job was timed
@@ -49,7 +49,7 @@ def test_one_lucky_round_does_not_decide_the_precision(model, monkeypatch, tmp_p
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(precision_module, "bf16_product_slowdown", lambda device: 1.0)
     bf16_rounds = iter([0.5, 1.0, 1.0, 1.0, 1.0])  # the machine was quiet for one bf16 timing only
-    monkeypatch.setattr(precision_module, "timed", fake_timing(lambda p: next(bf16_rounds) if p.bf16 else 1.0))
+    monkeypatch.setattr(precision_module, "time_job", fake_timing(lambda p: next(bf16_rounds) if p.bf16 else 1.0))
     chosen = choose_precision("auto", model, "train", probe_threads=False)
     assert not chosen.bf16 and "1.00x" in chosen.why and "0.50-1.00" in chosen.why
 
@@ -57,13 +57,13 @@ def test_one_lucky_round_does_not_decide_the_precision(model, monkeypatch, tmp_p
 def test_the_choice_is_cached_per_job_and_a_damaged_cache_is_timed_again(model, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(precision_module, "bf16_product_slowdown", lambda device: 1.0)
-    monkeypatch.setattr(precision_module, "timed", fake_timing(lambda p: 0.5 if p.bf16 else 1.0))
+    monkeypatch.setattr(precision_module, "time_job", fake_timing(lambda p: 0.5 if p.bf16 else 1.0))
     assert choose_precision("auto", model, "read_batch", probe_threads=False).bf16
 
     def no_timing(*args, **kwargs):
         raise AssertionError("timed again although the choice was cached")
 
-    monkeypatch.setattr(precision_module, "timed", no_timing)
+    monkeypatch.setattr(precision_module, "time_job", no_timing)
     again = choose_precision("auto", model, "read_batch", probe_threads=False)
     assert again.bf16 and "cached" in again.why
     with pytest.raises(AssertionError, match="timed again"):  # another job is timed for itself
@@ -72,14 +72,14 @@ def test_the_choice_is_cached_per_job_and_a_damaged_cache_is_timed_again(model, 
         False, again.threads, "fp32, as asked"
     )
     precision_cache_file().write_text("{not json")
-    monkeypatch.setattr(precision_module, "timed", fake_timing(lambda p: 2.0 if p.bf16 else 1.0))
+    monkeypatch.setattr(precision_module, "time_job", fake_timing(lambda p: 2.0 if p.bf16 else 1.0))
     assert not choose_precision("auto", model, "read_batch", probe_threads=False).bf16
 
 
 def test_a_full_disk_keeps_the_precision_cache_as_it_was_and_leaves_no_partial_file(model, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(precision_module, "bf16_product_slowdown", lambda device: 1.0)
-    monkeypatch.setattr(precision_module, "timed", fake_timing(lambda p: 1.0 if p.bf16 else 2.0))
+    monkeypatch.setattr(precision_module, "time_job", fake_timing(lambda p: 1.0 if p.bf16 else 2.0))
     choose_precision("auto", model, "read_batch", probe_threads=False)
     cache = precision_cache_file()
     before = cache.read_bytes()
@@ -105,13 +105,15 @@ def test_slow_bf16_products_rule_bf16_out_without_timing_the_job(model, monkeypa
 
 def test_a_busy_cpu_runs_the_job_on_the_thread_count_timed_fastest(model, monkeypatch):
     threads = torch.get_num_threads()
-    monkeypatch.setattr(precision_module, "timed", fake_timing(lambda p: {1: 1.0}.get(p.threads, 3.0), lambda p: 1.0))
+    monkeypatch.setattr(
+        precision_module, "time_job", fake_timing(lambda p: {1: 1.0}.get(p.threads, 3.0), lambda p: 1.0)
+    )
     try:
         torch.set_num_threads(2)
         busy = choose_precision("fp32", model, "train")  # two threads get one core's time between them
         assert busy.threads == 1 and torch.get_num_threads() == 1 and "busy" in busy.why
         torch.set_num_threads(2)
-        monkeypatch.setattr(precision_module, "timed", fake_timing(lambda p: 1.0))  # each thread a core of its own
+        monkeypatch.setattr(precision_module, "time_job", fake_timing(lambda p: 1.0))  # each thread a core of its own
         assert choose_precision("fp32", model, "train").threads == 2
     finally:
         torch.set_num_threads(threads)
