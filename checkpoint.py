@@ -46,7 +46,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     """The checkpoint at path, its model_config checked (types and bounds) before any model is
     built; CheckpointError, with a one-line reason, for a file that is missing or not ours."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as error:  # a name too long for the file system, say
+        raise CheckpointError(f"cannot read the checkpoint {path}: {error.strerror or error}") from error
+    if not found:
         raise CheckpointError(
             f"no checkpoint at {path}: train one with `uv run python train_encoder_decoder.py` "
             "(it writes runs/default/model.pt) or pass --checkpoint PATH"

@@ -45,8 +45,7 @@ from datasets import preview_sheet, read_dataset
 from files import CommandLine, Staging, check_destination, markdown_table
 from model import NO_DIGIT, PAD, VOCAB_SIZE, Calibration, DigitSequenceTransformer, decoder_inputs, uint8_to_input
 from multidigit_generator import LAYOUTS
-from precision import pick_device
-from reader import Ensemble, add_reader_options, load_reader
+from reader import Ensemble, add_reader_options, check_reader_options, load_reader
 
 MATRIX_LABELS = [str(d) for d in range(10)] + ["none"]
 # PIL's built-in font has no arrow glyph, so pictures say "->" where text says "→".
@@ -67,8 +66,10 @@ class SequenceAccuracy:
         self.total: dict[str, int] = defaultdict(int)
 
     def update(self, predictions: list[str], labels: list[str], layouts: list[str]) -> None:
+        """Count readings against labels as scores write them (as_read, as_expected): an image with
+        more digits than the model reads is counted under "too_many", not under a length."""
         for prediction, label, layout in zip(predictions, labels, layouts, strict=True):
-            for key in ("all", layout, f"len{len(label)}"):
+            for key in ("all", layout, "too_many" if label == TOO_MANY else f"len{len(label)}"):
                 self.exact[key] += prediction == label
                 self.order_free[key] += sorted(prediction) == sorted(label)
                 self.total[key] += 1
@@ -82,11 +83,11 @@ class SequenceAccuracy:
 def report_keys(keys: list[str] | set[str]) -> list[str]:
     """The keys of a SequenceAccuracy in reading order: all, then layouts, then lengths."""
     layouts = sorted(
-        (k for k in keys if k != "all" and not k.startswith("len")),
+        (k for k in keys if k not in ("all", "too_many") and not k.startswith("len")),
         key=lambda k: (LAYOUTS.index(k) if k in LAYOUTS else len(LAYOUTS), k),
     )
     lengths = sorted((k for k in keys if k.startswith("len")), key=lambda k: int(k[3:]))
-    return ["all"] * ("all" in keys) + layouts + lengths
+    return ["all"] * ("all" in keys) + layouts + lengths + ["too_many"] * ("too_many" in keys)
 
 
 def align_digits(prediction: str, truth: str) -> list[tuple[str | None, str | None]]:
@@ -593,9 +594,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("datasets", nargs="+", metavar="DATASET_DIR")
     add_reader_options(parser)
     parser.add_argument("--out", default="reports", help="each dataset's report goes to OUT/<dataset folder name>/")
-    parser.add_argument(
-        "--beam-size", type=int, default=1, help="1: greedy decoding (beam search is refused with --tta and --ensemble)"
-    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--gallery-size", type=int, default=48, help="most misread images shown in failures.png")
     parser.add_argument(
@@ -609,14 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.beam_size < 1 or args.batch_size < 1 or args.gallery_size < 0:
-        parser.error("--beam-size and --batch-size must be at least 1, --gallery-size at least 0")
-    if args.beam_size > 1 and (args.tta or args.ensemble):
-        parser.error("--beam-size searches with one model: drop it, or drop --tta and --ensemble")
-    try:
-        args.device = pick_device(args.device)
-    except ValueError as error:
-        parser.error(f"--device: {error}")
+    if args.batch_size < 1 or args.gallery_size < 0:
+        parser.error("--batch-size must be at least 1, --gallery-size at least 0")
+    check_reader_options(parser, args)
     names = [Path(folder).resolve().name for folder in args.datasets]
     if len(set(names)) < len(names):
         parser.error(

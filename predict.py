@@ -46,8 +46,7 @@ from canvas import BLANK_INK_LEVEL, to_canvas
 from checkpoint import CheckpointError
 from files import CommandLine
 from model import DigitSequenceTransformer
-from precision import pick_device
-from reader import Ensemble, add_reader_options, load_reader
+from reader import Ensemble, add_reader_options, check_reader_options, load_reader
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
@@ -187,9 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     add_reader_options(parser)
     parser.add_argument("--jsonl", action="store_true", help="one JSON object per line")
     parser.add_argument(
-        "--beam-size", type=int, default=1, help="1: greedy decoding (beam search is refused with --tta and --ensemble)"
-    )
-    parser.add_argument(
         "--min-confidence",
         type=float,
         help="readings less sure than this are marked unsure (default: the threshold stored in the checkpoint, "
@@ -197,16 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
-    if args.beam_size < 1 or args.batch_size < 1:
-        parser.error("--beam-size and --batch-size must be at least 1")
-    if args.beam_size > 1 and (args.tta or args.ensemble):
-        parser.error("--beam-size searches with one model: drop it, or drop --tta and --ensemble")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         parser.error(f"--min-confidence must be 0 to 1, got {args.min_confidence:g}")
-    try:
-        args.device = pick_device(args.device)
-    except ValueError as error:
-        parser.error(f"--device: {error}")
+    check_reader_options(parser, args)
     try:
         model = load_reader(args.checkpoint, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
     except CheckpointError as error:

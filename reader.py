@@ -23,6 +23,11 @@ from model import (
     greedy_tokens,
     uint8_to_input,
 )
+from precision import pick_device
+
+# Beams kept per image at most: past a few, a wider search finds no other reading, and each beam
+# costs a batch row at every step.
+MAX_BEAM_SIZE = 32
 
 # Test-time augmentation: the image itself and four copies moved diagonally by a quarter patch of
 # the shipped model, so that the digits fall differently on the patch grid.
@@ -159,3 +164,22 @@ def add_reader_options(parser: argparse.ArgumentParser) -> None:
         help="also read with this checkpoint (repeatable) and average the models' token probabilities; "
         "the confidence threshold stays --checkpoint's",
     )
+    parser.add_argument(
+        "--beam-size",
+        type=int,
+        default=1,
+        help=f"1: greedy decoding; up to {MAX_BEAM_SIZE} (beam search is refused with --tta and --ensemble)",
+    )
+
+
+def check_reader_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a usage error for reader options no reading can take, before anything is loaded;
+    args.device becomes the torch device."""
+    if not 1 <= args.beam_size <= MAX_BEAM_SIZE:
+        parser.error(f"--beam-size must be 1 to {MAX_BEAM_SIZE}, got {args.beam_size}")
+    if args.beam_size > 1 and (args.tta or args.ensemble):
+        parser.error("--beam-size searches with one model: drop it, or drop --tta and --ensemble")
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")

@@ -30,7 +30,7 @@ from model import DigitSequenceTransformer, ModelConfig
 from precision import Precision, pick_device
 
 if typing.TYPE_CHECKING:  # for annotations only: nothing imports the training script
-    from train_encoder_decoder import Data, TrainConfig, Training
+    from train_encoder_decoder import RunData, TrainConfig, TrainingState
 
 
 @dataclass
@@ -196,7 +196,7 @@ class TrainingDivergedError(RuntimeError):
     """The loss or the weights stopped being finite numbers."""
 
 
-def check_finite(training: Training, loss: torch.Tensor | None, kept: str) -> None:
+def check_finite(training: TrainingState, loss: torch.Tensor | None, kept: str) -> None:
     """Stop a run whose loss or weights became NaN or infinite before anything is saved from it:
     raise TrainingDivergedError saying where, what is kept, and what to try."""
     weights_ok = all(torch.isfinite(p).all() for p in training.model.parameters())
@@ -212,7 +212,11 @@ def check_finite(training: Training, loss: torch.Tensor | None, kept: str) -> No
 
 def load_named_checkpoint(flag: str, path: str, load: typing.Callable[[str], typing.Any]) -> typing.Any:
     """What load makes of the checkpoint a flag names; ValueError naming the flag if it cannot."""
-    if not Path(path).is_file():
+    try:
+        found = Path(path).is_file()
+    except OSError as error:  # a name too long for the file system, say
+        raise ValueError(f"{flag} {path}: {error.strerror or error}") from None
+    if not found:
         raise ValueError(f"{flag} {path}: no such file")
     try:
         return load(path)
@@ -251,7 +255,7 @@ def load_teachers(paths: list[str], config: ModelConfig, train_config: TrainConf
     return teachers
 
 
-def restore(training: Training, checkpoint: dict, procs: Processes) -> None:
+def restore(training: TrainingState, checkpoint: dict, procs: Processes) -> None:
     """Continue exactly where last.pt stopped: weights, averaged weights, optimiser, step and
     each rank's random state (on another number of processes, reseeded: the dropout masks of
     a different split of the batch cannot be replayed)."""
@@ -271,7 +275,7 @@ def restore(training: Training, checkpoint: dict, procs: Processes) -> None:
         torch.manual_seed(checkpoint["train_config"]["seed"] + procs.rank + procs.world_size * training.step)
 
 
-def save_run_checkpoint(name: str, job: Job, training: Training) -> None:
+def save_run_checkpoint(name: str, job: RunContext, training: TrainingState) -> None:
     """OUT_DIR/name (last.pt, best.pt): the model_config, train_config and weights to read with, as
     every checkpoint has them, plus what --resume needs. Every rank calls it (the random states
     are gathered); rank 0 writes. Weights that are no longer finite are never written."""
@@ -301,7 +305,7 @@ def save_run_checkpoint(name: str, job: Job, training: Training) -> None:
         )
 
 
-def start_wandb(job: Job, training: Training, run: object = None) -> object:
+def start_wandb(job: RunContext, training: TrainingState, run: object = None) -> object:
     """A wandb run logging every setting (offline without a W&B login; disabled on ranks > 0), or
     the sweep agent's run given, updated with them."""
     import wandb  # imported here: slow to import, and not needed for --help
@@ -324,7 +328,7 @@ def start_wandb(job: Job, training: Training, run: object = None) -> object:
 
 
 @dataclass
-class Job:
+class RunContext:
     """What every stage of one training run reads: its settings, its processes, where it writes."""
 
     options: argparse.Namespace
@@ -348,7 +352,9 @@ class Job:
         return self.precision.bf16
 
 
-def start_job(options: argparse.Namespace, model_config: ModelConfig, train_config: TrainConfig, settings: dict) -> Job:
+def start_job(
+    options: argparse.Namespace, model_config: ModelConfig, train_config: TrainConfig, settings: dict
+) -> RunContext:
     """Start the processes and pick the data workers."""
     procs = start_processes(options.device)
     options.data_dir = options.data_dir or "data"
@@ -364,15 +370,15 @@ def start_job(options: argparse.Namespace, model_config: ModelConfig, train_conf
     )
     if compose_first:
         composing_workers = cores_per_process() if options.num_workers is None else options.num_workers
-        return Job(options, model_config, train_config, procs, out_dir, 0, composing_workers, settings=settings)
+        return RunContext(options, model_config, train_config, procs, out_dir, 0, composing_workers, settings=settings)
     num_workers = options.num_workers
     if num_workers is None:
         num_workers = max(1, cores_per_process() - 1) if procs.device.type != "cpu" else 1
         num_workers = min(num_workers, 2) if options.composite_cache else num_workers
-    return Job(options, model_config, train_config, procs, out_dir, num_workers, settings=settings)
+    return RunContext(options, model_config, train_config, procs, out_dir, num_workers, settings=settings)
 
 
-def compose_ahead(job: Job, training: Training, data: Data, stop: StopSignal) -> bool:
+def compose_ahead(job: RunContext, training: TrainingState, data: RunData, stop: StopSignal) -> bool:
     """With --composite-cache, compose the epochs this run is still to train (up to --max-steps)
     that are not cached yet, with every core; the processes of a torchrun share them out. False
     if asked to stop first."""
@@ -404,7 +410,7 @@ def compose_ahead(job: Job, training: Training, data: Data, stop: StopSignal) ->
     return True
 
 
-def compose_epoch_first(job: Job, data: Data, epoch: int, stop: StopSignal) -> bool:
+def compose_epoch_first(job: RunContext, data: RunData, epoch: int, stop: StopSignal) -> bool:
     """Compose the epoch in memory with --num-workers processes (unless it is held already), before
     it is trained on; False if asked to stop meanwhile."""
     data.train_set.compose(
@@ -416,7 +422,7 @@ def compose_epoch_first(job: Job, data: Data, epoch: int, stop: StopSignal) -> b
     return not stop.agreed()
 
 
-def composing(job: Job) -> str:
+def composing(job: RunContext) -> str:
     """How the training images are composed, as the run's log says it."""
     if job.options.composite_cache:
         return f"every epoch composed first and kept in {job.options.composite_cache}"

@@ -77,8 +77,8 @@ from model import (
 from multidigit_generator import MultiDigitComposer, check_composer_settings, generate
 from precision import Precision, choose_precision
 from runs import (
-    Job,
     Processes,
+    RunContext,
     RunFolderBusyError,
     RunLock,
     StopSignal,
@@ -256,7 +256,9 @@ def training_composer(model_config: ModelConfig, train_config: TrainConfig) -> d
 
 
 @dataclass
-class Data:
+class RunData:
+    """What a run trains, validates and tests on, and how many steps it takes."""
+
     train_set: FreshComposites | EpochInMemory | CachedComposites
     val_set: MultiDigitFolder
     test_set: MultiDigitFolder
@@ -265,7 +267,7 @@ class Data:
     val_composer: MultiDigitComposer  # validation digits composed as training composes: calibration's harder half
 
 
-def build_data(job: Job) -> Data:
+def build_data(job: RunContext) -> RunData:
     options, model_config, train_config, procs = job.options, job.model_config, job.train_config, job.procs
     data_dir = Path(options.data_dir)
     if procs.is_main and not (data_dir / SPLITS_FILE).is_file():
@@ -296,7 +298,7 @@ def build_data(job: Job) -> Data:
         train_set = CachedComposites(train_set, options.composite_cache)
     elif job.composing_workers is not None:
         train_set = EpochInMemory(train_set)
-    return Data(
+    return RunData(
         train_set,
         MultiDigitFolder(data_dir / "val"),
         MultiDigitFolder(data_dir / "test"),
@@ -310,7 +312,9 @@ def build_data(job: Job) -> Data:
 
 
 @dataclass
-class Training:
+class TrainingState:
+    """What training changes, step by step, and what last.pt keeps of it for --resume."""
+
     model: DigitSequenceTransformer  # the weights the optimiser trains
     ema: DigitSequenceTransformer | None  # their moving average, when ema_decay > 0
     optimizer: torch.optim.Optimizer
@@ -332,7 +336,7 @@ class Training:
         return [self.model] + ([self.ema] if self.ema is not None else [])
 
 
-def build_training(job: Job) -> Training:
+def build_training(job: RunContext) -> TrainingState:
     train_config, procs = job.train_config, job.procs
     torch.manual_seed(train_config.seed)  # the same on every rank: the replicas start as one model
     model = DigitSequenceTransformer(job.model_config).to(procs.device)
@@ -356,7 +360,7 @@ def build_training(job: Job) -> Training:
     if job.options.compile:
         objective = torch.compile(objective)
     teachers = [teacher.to(procs.device) for teacher in job.options.teachers]
-    return Training(model, ema, optimizer, objective, teachers)
+    return TrainingState(model, ema, optimizer, objective, teachers)
 
 
 # ---- the training step, an epoch of them, and validation
@@ -384,7 +388,7 @@ def update_ema(ema_model: nn.Module, model: nn.Module, *, step: int, decay: floa
             averaged.copy_(current)  # BatchNorm's batch counter
 
 
-def training_step(job: Job, training: Training, data: Data, batch: tuple) -> tuple[torch.Tensor, float]:
+def training_step(job: RunContext, training: TrainingState, data: RunData, batch: tuple) -> tuple[torch.Tensor, float]:
     """One optimiser step on a batch of (images, labels, layouts, ink boxes); (loss, learning rate)."""
     config, device, model_config = job.train_config, job.procs.device, job.model_config
     images, labels, _, boxes = batch
@@ -424,7 +428,7 @@ def training_step(job: Job, training: Training, data: Data, batch: tuple) -> tup
 
 
 def epoch_loader(
-    data: Data, epoch: int, training: Training, batch_size: int, procs: Processes, num_workers: int
+    data: RunData, epoch: int, training: TrainingState, batch_size: int, procs: Processes, num_workers: int
 ) -> DataLoader:
     """This rank's batches of the rest of the epoch (all of it, unless resumed mid-epoch)."""
     data.train_set.set_epoch(epoch)  # item i of epoch e is drawn from its own seed [seed, e, i]
@@ -448,7 +452,7 @@ def epoch_loader(
     )
 
 
-def train_one_epoch(job: Job, training: Training, data: Data, epoch: int, stop: StopSignal) -> bool:
+def train_one_epoch(job: RunContext, training: TrainingState, data: RunData, epoch: int, stop: StopSignal) -> bool:
     """Train on the rest of the epoch's batches; True if a stop was asked for or --max-steps reached.
     Every --log-every steps the loss is logged and checked; every --save-every steps last.pt is saved."""
     procs, options = job.procs, job.options
@@ -601,7 +605,7 @@ def train(
     return {**result, "finished": finished, "step": training.step, "val": training.val_metrics}
 
 
-def describe(job: Job, training: Training, data: Data) -> str:
+def describe(job: RunContext, training: TrainingState, data: RunData) -> str:
     """The model's size, the run's length, where and in which precision it trains, how its data is composed."""
     procs, config = job.procs, job.train_config
     split = f" ({procs.world_size} processes x {config.batch_size // procs.world_size})" if procs.world_size > 1 else ""
@@ -616,7 +620,7 @@ def describe(job: Job, training: Training, data: Data) -> str:
     )
 
 
-def run_epochs(job: Job, training: Training, data: Data, stop: StopSignal) -> bool:
+def run_epochs(job: RunContext, training: TrainingState, data: RunData, stop: StopSignal) -> bool:
     """Train and validate epoch after epoch; whether every epoch ran. Saves last.pt (and best.pt
     when validation improves) at every epoch's end and last.pt when stopped."""
     max_steps = job.options.max_steps
@@ -644,7 +648,7 @@ def run_epochs(job: Job, training: Training, data: Data, stop: StopSignal) -> bo
     return training.step >= data.total_steps
 
 
-def end_of_epoch(job: Job, training: Training, data: Data, epoch: int) -> None:
+def end_of_epoch(job: RunContext, training: TrainingState, data: RunData, epoch: int) -> None:
     """Validate, log (with a table of sample readings) and save."""
     import wandb
 
@@ -667,7 +671,7 @@ def end_of_epoch(job: Job, training: Training, data: Data, epoch: int) -> None:
     save_run_checkpoint("last.pt", job, training)
 
 
-def time_left(job: Job, training: Training, data: Data) -> str:
+def time_left(job: RunContext, training: TrainingState, data: RunData) -> str:
     """How far the run is and, at the pace of this process so far (validation included), when it ends."""
     done, total = training.step, data.total_steps
     seconds = (time.time() - job.started) / max(1, done - job.first_step) * (total - done)
@@ -679,7 +683,7 @@ def time_left(job: Job, training: Training, data: Data) -> str:
     )
 
 
-def calibrate(job: Job, training: Training, data: Data) -> Calibration:
+def calibrate(job: RunContext, training: TrainingState, data: RunData) -> Calibration:
     """The temperature and unsure threshold of the final weights: fitted on validation and on as many
     validation digits composed as training composes them (evaluate.fit_calibration)."""
     val_set, model = data.val_set, training.evaluated.eval()  # eval: BatchNorm reads with its running statistics
@@ -697,7 +701,7 @@ def calibrate(job: Job, training: Training, data: Data) -> Calibration:
     return calibration
 
 
-def export(job: Job, training: Training, data: Data, *, wall: float, steps: int) -> dict:
+def export(job: RunContext, training: TrainingState, data: RunData, *, wall: float, steps: int) -> dict:
     """The final weights (averaged, at the end of the cosine decay) on the test set, written to
     test_metrics.json and model.pt. They are what ships, not best.pt's: on a few thousand
     validation images the last epochs differ by a few images, and picking among them picks noise

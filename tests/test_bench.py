@@ -80,10 +80,14 @@ def test_a_short_run_prints_the_comparison_and_writes_json(tmp_path, mnist_root,
     assert ours["training_images_per_second"] > 0 and ours["latency_p95_ms"] >= ours["latency_p50_ms"] > 0
 
 
-def test_absurd_arguments_and_a_missing_checkpoint_are_refused(capsys):
-    with pytest.raises(SystemExit):
-        main(["--batch-size", "0"])
-    assert "--batch-size >= 1" in capsys.readouterr().err
+def test_absurd_arguments_and_a_missing_checkpoint_are_refused(capsys, tmp_path):
+    for size in ("0", "100000000"):
+        with pytest.raises(SystemExit):
+            main(["--batch-size", size])
+        assert "--batch-size 1 to 4096" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a --json that cannot be written is refused before the benchmark
+        main(["--json", str(tmp_path)])
+    assert "--json: " in capsys.readouterr().err
     assert main(["--checkpoint", "missing.pt"]) == 2
     assert "error: no checkpoint at missing.pt" in capsys.readouterr().err
 

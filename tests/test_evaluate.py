@@ -20,6 +20,7 @@ from evaluate import (
     main,
     most_confused,
     read_images,
+    report_keys,
     worst_failures,
 )
 from model import NO_DIGIT, Calibration
@@ -42,6 +43,16 @@ from multidigit_generator import Composite, MultiDigitComposer, generate
 )
 def test_align_digits_by_edit_distance(prediction, truth, pairs):
     assert align_digits(prediction, truth) == pairs
+
+
+def test_images_with_more_digits_than_the_model_reads_are_counted_apart_from_every_length():
+    # Scores write both "more digits than the model reads" readings and labels as TOO_MANY ("+"),
+    # a one-character string: it must not be counted as a one-digit image.
+    accuracy = SequenceAccuracy()
+    accuracy.update(["+", "7", "+", "12"], ["+", "7", "+", "+"], ["row", "row", "scatter", "scatter"])
+    assert accuracy.total["len1"] == 1 and accuracy.total["too_many"] == 3
+    assert accuracy.compute()["too_many"] == 2 / 3 and accuracy.compute()["len1"] == 1.0
+    assert report_keys(accuracy.total) == ["all", "scatter", "row", "len1", "too_many"]
 
 
 def test_order_free_accuracy_ignores_the_order_only():

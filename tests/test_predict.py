@@ -368,8 +368,22 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_is_read(tmp_path
     assert "--device: unknown device 'tpu'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("beam_size", ["0", "33", "1000000"])
+def test_a_beam_size_out_of_bounds_is_refused_before_anything_is_loaded(tmp_path, capsys, beam_size):
+    import evaluate
+
+    for script, target in ((main, str(tmp_path / "x.png")), (evaluate.main, str(tmp_path))):
+        with pytest.raises(SystemExit) as exited:
+            script(["--checkpoint", str(tmp_path / "none.pt"), "--beam-size", beam_size, target])
+        assert exited.value.code == 2 and f"--beam-size must be 1 to 32, got {beam_size}" in capsys.readouterr().err
+
+
 def test_missing_or_foreign_checkpoint_is_reported(tmp_path, capsys):
     Image.new("L", (96, 96)).save(tmp_path / "x.png")
+    too_long = tmp_path / ("9" * 300 + ".pt")  # more than a file name may hold
+    assert main(["--checkpoint", str(too_long), str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read the checkpoint" in err and "File name too long" in err
     assert main(["--checkpoint", str(tmp_path / "nope.pt"), str(tmp_path / "x.png")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
     (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")

@@ -483,6 +483,7 @@ def test_init_from_starts_a_new_run_from_trained_weights_and_refuses_another_sha
     for init_from, message in (
         (tiny_run / "model.pt", "its model differs from this run's in d_model"),
         (tmp_path / "none.pt", "no such file"),
+        (tmp_path / ("9" * 300 + ".pt"), "File name too long"),  # more than a file name may hold
     ):
         with pytest.raises(SystemExit) as exited:
             train_main([*other_shape, "--init-from", str(init_from)])
