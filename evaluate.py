@@ -619,8 +619,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             check_destination(Path(args.out) / name, REPORT_FILES)
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # made now, so that a folder no one can make fails first
     except ValueError as error:
         parser.error(f"--out: {error}")
+    except OSError as error:
+        parser.error(f"--out {args.out}: cannot make the folder ({error.strerror or error})")
     try:
         model = load_reader(args.checkpoint, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
     except CheckpointError as error:

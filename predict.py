@@ -64,6 +64,7 @@ def open_image(path: str | Path | BinaryIO) -> Image.Image:
             with Image.open(path) as image:
                 width, height = image.size
                 if 0 < width * height <= MAX_IMAGE_PIXELS:
+                    image.info["frames"] = getattr(image, "n_frames", 1)  # an animation or a multi-page file
                     image.load()
                     ImageOps.exif_transpose(image, in_place=True)  # a copy would double a large image's memory
                     return image
@@ -253,7 +254,12 @@ def read_files(
     for i, path in enumerate(paths):
         try:
             check_regular_file(path)
-            canvases[i] = to_canvas(open_image(path), model.config.image_size)
+            image = open_image(path)
+            if image.info["frames"] > 1:
+                print(
+                    f"{printable(path)}: note: {image.info['frames']} frames or pages, the first read", file=sys.stderr
+                )
+            canvases[i] = to_canvas(image, model.config.image_size)
         except ValueError as error:
             errors[i] = str(error)
     readings = dict(

@@ -68,6 +68,19 @@ def cores_per_process() -> int:
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
+# What a run writes in its folder: a folder holding any of them belongs to that run.
+RUN_FILES = ("config.json", "last.pt", "best.pt", "model.pt", "test_metrics.json")
+
+
+def refuse_a_used_run_folder(out_dir: Path) -> None:
+    """Raise ValueError if out_dir holds another run's files: a new run there would replace some
+    of them and leave the others, two runs mixed in one folder and the first one's last.pt lost."""
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if held:
+        go_on = f"continue it with --resume {out_dir / 'last.pt'}, " if "last.pt" in held else ""
+        raise ValueError(f"{out_dir} holds another run ({', '.join(held)}): {go_on}or give this run another --out-dir")
+
+
 class RunFolderBusyError(RuntimeError):
     """Another training run holds the run folder."""
 
@@ -301,6 +314,7 @@ def save_run_checkpoint(name: str, job: RunContext, training: TrainingState) -> 
                 "distill_from": job.options.distill_from,
                 "wandb": job.options.wandb,
                 "composite_cache": job.options.composite_cache,
+                "splits_digest": job.options.splits_digest,
             },
         )
 
@@ -457,4 +471,5 @@ def restore_settings(
     options.teachers = load_teachers(options.distill_from, checkpoint["model_config"], train_config)
     options.wandb = options.wandb or checkpoint["training"].get("wandb", "auto")
     options.composite_cache = options.composite_cache or checkpoint["training"].get("composite_cache")
+    options.splits_digest = checkpoint["training"].get("splits_digest")  # written by runs since it was recorded
     return checkpoint["model_config"], train_config, checkpoint

@@ -54,6 +54,11 @@ def sweep(
     settings added to this command line; the summary and the best trial's whole settings are
     written to OUT_DIR (default runs/sweep-DATE-TIME)."""
     sweep_dir = Path(options.out_dir or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    earlier = sorted(p.name for p in sweep_dir.glob("*") if p.name.startswith(("trial-", "summary.", "best_config")))
+    if earlier:
+        raise ValueError(
+            f"{sweep_dir} holds an earlier sweep ({', '.join(earlier[:3])}, ...): give this one another --out-dir"
+        )
     sweep_dir.mkdir(parents=True, exist_ok=True)
     metric = SWEEP["metric"]["name"]
     count = options.count or (None if SWEEP["method"] == "grid" else 8)  # None: every combination of the grid

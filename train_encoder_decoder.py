@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -58,7 +59,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, save_checkpoint
 from datasets import CachedComposites, EpochInMemory, FreshComposites, MultiDigitFolder
 from evaluate import SequenceAccuracy, as_expected, as_read, expected_calibration_error, fit_calibration
-from files import CommandLine
+from files import CommandLine, Staging
 from mnist import MnistUnavailableError, load_mnist
 from model import (
     PAD,
@@ -91,6 +92,7 @@ from runs import (
     gather,
     initial_weights,
     load_teachers,
+    refuse_a_used_run_folder,
     restore,
     restore_settings,
     save_run_checkpoint,
@@ -270,6 +272,12 @@ class RunData:
 def build_data(job: RunContext) -> RunData:
     options, model_config, train_config, procs = job.options, job.model_config, job.train_config, job.procs
     data_dir = Path(options.data_dir)
+    trained_on = options.splits_digest  # a resumed run's split, which it must go on with
+    if trained_on and not (data_dir / SPLITS_FILE).is_file():
+        raise ValueError(
+            f"{data_dir / SPLITS_FILE} is gone, and the run being resumed trained on the split it held: put "
+            "that data folder back, or pass its --data-dir (a new split would give the run other digits)"
+        )
     if procs.is_main and not (data_dir / SPLITS_FILE).is_file():
         print(f"{data_dir / SPLITS_FILE} not found: splitting MNIST and composing val/test sets")
         prepare_splits(
@@ -280,6 +288,12 @@ def build_data(job: RunContext) -> RunData:
     if procs.world_size > 1:
         dist.barrier()  # the other ranks wait for rank 0's val/test sets
     splits = load_splits(data_dir)
+    options.splits_digest = hashlib.sha256((data_dir / SPLITS_FILE).read_bytes()).hexdigest()[:16]
+    if trained_on and options.splits_digest != trained_on:
+        raise ValueError(
+            f"{data_dir / SPLITS_FILE} is not the split the run being resumed trained on (split again since?): "
+            "put that split back, or pass the --data-dir that holds it"
+        )
     made = splits["composer"]
     if made["max_digits"] > model_config.max_digits or made["canvas_size"] != model_config.image_size:
         raise ValueError(
@@ -737,7 +751,6 @@ def export(job: RunContext, training: TrainingState, data: RunData, *, wall: flo
         "settings": job.settings,
     }
     if procs.is_main:
-        (out_dir / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         save_checkpoint(
             out_dir / "model.pt",
             job.model_config,
@@ -747,6 +760,8 @@ def export(job: RunContext, training: TrainingState, data: RunData, *, wall: flo
             metrics={"test": test_metrics},
             calibration=asdict(calibration),
         )
+        with Staging() as staging:  # last: a folder with test_metrics.json in it holds a finished run
+            staging.file(out_dir / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         if test_metrics is not None:
             print(format_metrics("test", test_metrics))
         print(
@@ -804,6 +819,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     except ValueError as error:
         parser.error(flag_names(str(error), SETTINGS))
     options.started_from = options.init_from  # kept in the run's checkpoints, so that a resumed run still says it
+    options.splits_digest = None  # the data split the run trains on, once build_data has read it
     try:
         if options.init_from:
             options.init_weights = initial_weights(options.init_from, model_config)
@@ -837,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = None
         if options.resume:
             model_config, train_config, checkpoint = restore_settings(options, TrainConfig)
+        else:  # on every process, before any of them can write: torchrun starts them together
+            refuse_a_used_run_folder(Path(options.out_dir or "runs/default"))
         train(options, model_config, train_config, checkpoint=checkpoint)
     except (CheckpointError, MnistUnavailableError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -219,5 +219,7 @@ def check_run_options(parser: argparse.ArgumentParser, options: argparse.Namespa
         parser.error(f"--device: {error}")
     if options.composite_cache is not None and (problem := cache_folder_problem(options.composite_cache)):
         parser.error(problem)
+    if options.composite_cache is not None and options.compose == "alongside":
+        parser.error("--composite-cache composes every epoch before training: it does not go with --compose alongside")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and options.run_type == "sweep":
         parser.error("a sweep runs its trials one after another in one process: start it without torchrun")

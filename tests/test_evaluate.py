@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,6 +185,14 @@ def test_cli_reports_agree_with_an_independent_greedy_decode(tmp_path, tiny_data
             with Image.open(out / picture) as image:
                 image.verify()
     assert not (tmp_path / "reports" / "not_a_dataset").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_an_out_folder_that_cannot_be_made_is_refused_before_any_reading(tiny_data_dir, tiny_run, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([str(tiny_data_dir / "test"), "--checkpoint", str(tiny_run / "best.pt"), "--out", "/proc/no-such/reports"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "--out /proc/no-such/reports: cannot make the folder" in err
 
 
 def test_missing_checkpoint_exits_2(tmp_path, tiny_data_dir, capsys):

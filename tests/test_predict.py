@@ -368,6 +368,20 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_is_read(tmp_path
     assert "--device: unknown device 'tpu'" in capsys.readouterr().err
 
 
+def test_an_animation_or_a_multi_page_file_is_read_from_its_first_frame_and_says_so(
+    tmp_path, untrained_checkpoint, capsys
+):
+    frames = [Image.new("L", (64, 64), shade) for shade in (0, 255, 128)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "pages.tif", save_all=True, append_images=frames[1:2])
+    frames[0].save(tmp_path / "still.png")
+    assert main(["--checkpoint", untrained_checkpoint, str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'moving.gif'}: note: 3 frames or pages, the first read" in captured.err
+    assert f"{tmp_path / 'pages.tif'}: note: 2 frames or pages, the first read" in captured.err
+    assert "still.png" not in captured.err and len(captured.out.splitlines()) == 3
+
+
 @pytest.mark.parametrize("beam_size", ["0", "33", "1000000"])
 def test_a_beam_size_out_of_bounds_is_refused_before_anything_is_loaded(tmp_path, capsys, beam_size):
     import evaluate

@@ -63,7 +63,7 @@ def test_the_offline_sampler_follows_wandbs_spec():
 
 
 def test_an_offline_sweep_of_two_tiny_trials_writes_a_summary_and_a_best_config_a_run_loads(
-    tmp_path, tiny_data_dir, mnist_root
+    tmp_path, tiny_data_dir, mnist_root, capsys
 ):
     sweep_dir = tmp_path / "sweep"
     result = run_script(
@@ -108,6 +108,12 @@ def test_an_offline_sweep_of_two_tiny_trials_writes_a_summary_and_a_best_config_
     # A normal run takes the best settings from the file; a flag on the command line still wins.
     _, model_config, train_config = parse_args(["--config", str(sweep_dir / "best_config.json"), "--lr", "0.0005"])
     assert all_settings(model_config, train_config) == {**best, "lr": 0.0005}
+    # The same sweep again into its folder is refused, and the first one's files stay as they were.
+    before = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()}
+    again = ["--run-type", "sweep", "--count", "1", "--offline", "--out-dir", str(sweep_dir)]
+    assert train_main(again) == 2
+    assert f"{sweep_dir} holds an earlier sweep" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,8 @@ def test_training_writes_loadable_checkpoints_metrics_and_wandb_logs(tiny_run):
         assert {"weights", "optimizer", "random_states", "best_score"} <= set(checkpoint["training"])
     assert load_checkpoint(tiny_run / "last.pt")["step"] == 8
     metrics = json.loads((tiny_run / "test_metrics.json").read_text())
+    # Written last: a folder holding test_metrics.json holds a finished run, model.pt included.
+    assert (tiny_run / "model.pt").stat().st_mtime_ns <= (tiny_run / "test_metrics.json").stat().st_mtime_ns
     test = metrics["test"]
     # The script's accuracies agree with its own counts: 48 test images, so multiples of 1/48.
     assert test["sequence_accuracy"] == pytest.approx(round(test["sequence_accuracy"] * 48) / 48)
@@ -132,6 +134,49 @@ def test_interrupted_training_resumes_exactly_and_the_composite_cache_trains_the
     with pytest.raises(SystemExit) as exited:
         train_main([*train_args(tiny_data_dir, mnist_root, tmp_path), "--composite-cache", str(tmp_path / "a-file/x")])
     assert exited.value.code == 2 and "a-file is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # a cache composes every epoch first: never alongside
+        train_main(
+            [
+                *train_args(tiny_data_dir, mnist_root, tmp_path),
+                "--composite-cache",
+                str(cache),
+                "--compose",
+                "alongside",
+            ]
+        )
+    assert exited.value.code == 2 and "does not go with --compose alongside" in capsys.readouterr().err
+
+
+def test_a_new_run_into_a_used_folder_is_refused_and_leaves_the_first_run_whole(
+    tmp_path, tiny_data_dir, mnist_root, capsys
+):
+    folder = tmp_path / "run"
+    assert train_main(train_args(tiny_data_dir, mnist_root, folder, "--max-steps", "1")) == 0
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert train_main(train_args(tiny_data_dir, mnist_root, folder, "--max-steps", "1", "--lr", "0.003")) == 2
+    err = capsys.readouterr().err
+    assert f"{folder} holds another run (config.json, last.pt" in err
+    assert f"continue it with --resume {folder / 'last.pt'}" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
+def test_resume_goes_on_with_the_data_split_it_trained_on_or_not_at_all(tmp_path, tiny_data_dir, mnist_root, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    assert train_main(train_args(data, mnist_root, tmp_path / "run", "--max-steps", "1")) == 0
+    last = tmp_path / "run" / "last.pt"
+    before = last.read_bytes()
+    resume = ["--resume", str(last), "--max-steps", "2", "--wandb", "disabled"]
+    split = (data / "splits.json").read_text()
+    (data / "splits.json").unlink()  # the data folder is gone: no new split is made in its place
+    assert train_main(resume) == 2
+    assert "splits.json is gone, and the run being resumed trained on the split it held" in capsys.readouterr().err
+    assert not (data / "splits.json").exists() and last.read_bytes() == before
+    (data / "splits.json").write_text(split.replace('"seed": ', '"seed": 1'))  # split again, by hand
+    assert train_main(resume) == 2
+    assert "is not the split the run being resumed trained on" in capsys.readouterr().err
+    (data / "splits.json").write_text(split)
+    assert train_main(resume) == 0 and torch.load(last, weights_only=True)["step"] == 2
 
 
 def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_dir, mnist_root, capsys):
