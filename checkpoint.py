@@ -14,6 +14,7 @@ from model import Calibration, DigitSequenceTransformer, ModelConfig
 from precision import choose_precision, pick_device
 
 DEFAULT_CHECKPOINT = Path("checkpoints/digit_transformer.pt")  # the shipped model (docs/results.md is its card)
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / DEFAULT_CHECKPOINT  # the default, found from any folder
 # Version of the checkpoint layout that save_checkpoint writes (see its docstring); load_checkpoint
 # refuses any other, so that a file is never half-understood.
 CHECKPOINT_VERSION = 3
@@ -46,6 +47,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     """The checkpoint at path, its model_config checked (types and bounds) before any model is
     built; CheckpointError, with a one-line reason, for a file that is missing or not ours."""
     path = Path(path)
+    if path == DEFAULT_CHECKPOINT and not path.exists():  # run from another folder than the repository's
+        path = SHIPPED_CHECKPOINT
     try:
         found = path.is_file()
     except OSError as error:  # a name too long for the file system, say

@@ -86,7 +86,17 @@ class CachedComposites(Dataset):
         return self.folder / f"epoch-{epoch + 1:03d}"
 
     def missing(self, epochs: range | list[int]) -> list[int]:
-        return [e for e in epochs if not self.epoch_folder(e).is_dir()]  # a folder there was written whole
+        return [e for e in epochs if not self.holds(e)]
+
+    def holds(self, epoch: int) -> bool:
+        """Whether the epoch's folder holds that epoch whole: written whole (Staging), it can still
+        have been damaged, emptied or swapped with another since, and is then composed again."""
+        try:
+            images, records, metadata = read_dataset(self.epoch_folder(epoch))
+        except (OSError, ValueError):  # missing, cut short, not a dataset folder
+            return False
+        whole = len(images) == len(records) == len(self.fresh)
+        return whole and metadata.get("epoch") == epoch + 1 and metadata.get("seed") == self.fresh.seed
 
     def compose(
         self,
@@ -103,6 +113,9 @@ class CachedComposites(Dataset):
         missing = self.missing(epochs)
         if not missing:
             return
+        for epoch in missing:
+            if progress and self.epoch_folder(epoch).exists():
+                print(f"{self.epoch_folder(epoch)} does not hold epoch {epoch + 1} whole: composing it again")
         pending = [(epoch, False) for epoch in missing]  # (epoch, whether to wait for its lock)
         with tqdm(total=len(missing) * len(self), desc="composing epochs", unit="img", disable=not progress) as bar:
             while pending and not stopped():
@@ -111,7 +124,7 @@ class CachedComposites(Dataset):
                     if not held:  # another process is composing it: come back to it last, and wait then
                         pending.append((epoch, True))
                         continue
-                    if not self.epoch_folder(epoch).is_dir():  # else the lock's last holder wrote it
+                    if not self.holds(epoch):  # else the lock's last holder wrote it
                         self.compose_epoch(epoch, workers, bar, stopped)
                         continue
                 bar.update(len(self))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import reprlib
@@ -101,6 +102,7 @@ class Staging:
             if not parent.exists():
                 parent.mkdir()
                 self.made.append(parent)
+        remove_left_by_the_dead(path)
         # A new name beside the destination, made as open() and mkdir() make any file or folder (the
         # umask applies, where mkstemp's and mkdtemp's would be private).
         name = path.with_name(f".{path.name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
@@ -201,3 +203,23 @@ def markdown_table(
     return "\n".join(
         "| " + " | ".join(map(str, line)) + " |" if line is not align else "|" + "|".join(align) + "|" for line in lines
     )
+
+
+def remove_left_by_the_dead(path: Path) -> None:
+    """Remove what a writer of path that was killed (kill -9, a power cut) left beside it: the
+    partial files and folders Staging names after their writer's process, where that process is
+    no longer running."""
+    for left in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+        writer = left.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if writer.isdigit() and not process_running(int(writer)):
+            remove(left)
+
+
+def process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: delivers nothing, says whether the process is there
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -2,6 +2,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -151,11 +153,41 @@ def test_processes_composing_one_cache_at_once_share_its_epochs(tmp_path, mnist_
     with caches[1].epoch_lock(0, wait=True):
         other = threading.Thread(target=caches[0].compose, args=(range(2), 0, False))
         other.start()
+        deadline = time.monotonic() + 120
         while caches[0].missing([1]):
+            assert time.monotonic() < deadline, "the other process never composed epoch 2"
             time.sleep(0.05)
         caches[1].compose_epoch(0, 0, tqdm(disable=True), lambda: False)
     other.join(timeout=60)
     assert not other.is_alive() and composed == [1, 0] and caches[0].missing(range(2)) == []
+
+
+def test_a_damaged_emptied_or_swapped_cache_epoch_is_composed_again(tmp_path, mnist_test, capsys):
+    images, labels = mnist_test
+    fresh = FreshComposites(MultiDigitComposer(images, labels), 12, seed=5)
+    cached = CachedComposites(FreshComposites(MultiDigitComposer(images, labels), 12, seed=5), tmp_path)
+    cached.compose(range(4), workers=0, progress=False)
+    cut, emptied, second, third = (cached.epoch_folder(e) for e in range(4))
+    (cut / "images.npy").write_bytes((cut / "images.npy").read_bytes()[:500])
+    for name in DATASET_FILES:
+        (emptied / name).unlink()
+    second.rename(tmp_path / "aside")
+    third.rename(second)
+    (tmp_path / "aside").rename(third)
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = cached.folder / f".{cut.name}.partial-{killed.stdout.strip()}-0123abcd"  # a killed writer's
+    left.mkdir()
+    assert cached.missing(range(4)) == [0, 1, 2, 3]
+    cached.compose(range(4), workers=0, progress=True)
+    said = capsys.readouterr().out
+    assert all(
+        f"{cached.epoch_folder(e)} does not hold epoch {e + 1} whole: composing it again" in said for e in range(4)
+    )
+    assert cached.missing(range(4)) == [] and not left.exists()
+    for epoch in range(4):
+        fresh.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        assert all(torch.equal(fresh[i][0], cached[i][0]) and fresh[i][1] == cached[i][1] for i in range(12))
 
 
 def test_cached_composites_are_the_fresh_ones_and_each_training_world_has_its_own(tmp_path, mnist_test):

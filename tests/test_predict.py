@@ -2,6 +2,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
@@ -13,8 +15,9 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 import predict
-from canvas import ink_image, measure_ink, to_canvas
+from canvas import BLANK_INK_LEVEL, ink_image, measure_ink, to_canvas
 from checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, load_model, save_checkpoint
+from conftest import REPO
 from drawing import draw_on_pad, number_strokes
 from model import DigitSequenceTransformer, ModelConfig
 from multidigit_generator import MultiDigitComposer, generate
@@ -344,7 +347,7 @@ def test_only_regular_files_are_opened(tmp_path, untrained_checkpoint, composite
         watchdog_fired.set()
         os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
 
-    watchdog = threading.Timer(5.0, unblock)
+    watchdog = threading.Timer(60.0, unblock)  # far longer than reading three files takes, however slow the machine
     watchdog.start()
     try:
         code = main(["--checkpoint", untrained_checkpoint, str(pipe), "/dev/null", str(tmp_path / "y.png")])
@@ -390,6 +393,19 @@ def test_a_beam_size_out_of_bounds_is_refused_before_anything_is_loaded(tmp_path
         with pytest.raises(SystemExit) as exited:
             script(["--checkpoint", str(tmp_path / "none.pt"), "--beam-size", beam_size, target])
         assert exited.value.code == 2 and f"--beam-size must be 1 to 32, got {beam_size}" in capsys.readouterr().err
+
+
+def test_the_shipped_model_is_the_default_from_any_folder(tmp_path):
+    Image.new("L", (96, 96)).save(tmp_path / "blank.png")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "predict.py"), "blank.png", "--device", "cpu", "--precision", "fp32"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "blank.png\t\n"  # read with checkpoints/digit_transformer.pt of the repository
 
 
 def test_missing_or_foreign_checkpoint_is_reported(tmp_path, capsys):
@@ -538,6 +554,12 @@ def small_images(draw) -> Image.Image:
 def test_any_small_image_of_any_mode_becomes_a_canvas(image):
     canvas = to_canvas(image, 96)
     assert canvas.shape == (96, 96) and canvas.dtype == np.uint8
+    # One opaque colour everywhere holds no ink. (With transparency it can: what is opaque on a
+    # transparent sheet is ink, so a wholly opaque sheet is one blot.)
+    opaque = "A" not in image.mode and "transparency" not in image.info
+    values = np.asarray(image.convert("RGB") if image.mode == "P" else image)  # as stored: 16 bits stay 16
+    if opaque and (values == values.flat[0]).all():
+        assert canvas.max() < BLANK_INK_LEVEL
 
 
 def test_numbers_and_doodles_made_unlike_the_training_world_are_read_or_doubted(shipped_model):

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import typing
 from dataclasses import fields
 
@@ -179,7 +180,8 @@ def test_resume_goes_on_with_the_data_split_it_trained_on_or_not_at_all(tmp_path
     assert train_main(resume) == 0 and torch.load(last, weights_only=True)["step"] == 2
 
 
-def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_dir, mnist_root, capsys):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and a cluster's preemption notice
+def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_dir, mnist_root, capsys, stop):
     # Composing alongside, so that the first thing Ctrl-C can stop is a training step.
     args = train_args(tiny_data_dir, mnist_root, tmp_path, "--compose", "alongside")
     process = subprocess.Popen(
@@ -190,11 +192,14 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_d
         text=True,
         env={**os.environ, "WANDB_SILENT": "true"},
     )
+    watchdog = threading.Timer(300, process.kill)  # a run that hangs ends its output, and the test fails
+    watchdog.start()
     for line in process.stdout:
         if line.startswith("model:"):  # printed once Ctrl-C is handled, before the first step
-            process.send_signal(signal.SIGINT)
+            process.send_signal(stop)
             break
     out, err = process.communicate(timeout=300)
+    watchdog.cancel()
     assert process.returncode == 0, err
     assert "stopped at step 1" in out and "continue with --resume" in out
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 1
