@@ -378,8 +378,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=12, help="the models are timed in turn this many times")
     p.add_argument("--json", metavar="FILE", help="also write the results here")
     args = p.parse_args(argv)
-    if not 1 <= args.batch_size <= MAX_BATCH_SIZE or args.latency_runs < 2 or args.rounds < 1 or not args.seconds > 0:
-        p.error(f"need --batch-size 1 to {MAX_BATCH_SIZE}, --latency-runs >= 2, --rounds >= 1 and --seconds > 0")
+    bounds = (
+        ("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE),
+        ("--seconds", args.seconds, 0.01, 3600),
+        ("--latency-runs", args.latency_runs, 2, 100_000),
+        ("--rounds", args.rounds, 1, 1000),
+    )
+    for flag, value, low, high in bounds:
+        if not low <= value <= high:  # false for NaN too
+            p.error(f"{flag} must be {low:g} to {high:g}, got {value:g}")
     if args.json:
         try:
             check_destination(args.json, None)  # before the benchmark, not after it

@@ -45,12 +45,13 @@ from datasets import preview_sheet, read_dataset
 from files import CommandLine, Staging, check_destination, markdown_table
 from model import NO_DIGIT, PAD, VOCAB_SIZE, Calibration, DigitSequenceTransformer, decoder_inputs, uint8_to_input
 from multidigit_generator import LAYOUTS
-from reader import Ensemble, add_reader_options, check_reader_options, load_reader
+from reader import MAX_BATCH_SIZE, Ensemble, add_reader_options, check_reader_options, load_reader
 
 MATRIX_LABELS = [str(d) for d in range(10)] + ["none"]
 # PIL's built-in font has no arrow glyph, so pictures say "->" where text says "→".
 IMAGE_ARROW = "->"
 # a report folder, as written
+MAX_GALLERY_SIZE = 1000  # misread images drawn in failures.png at most: the picture grows with them
 REPORT_FILES = ("report.json", "report.md", "confusion_matrix.png", "failures.png", "calibration.png")
 
 
@@ -607,8 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.gallery_size < 0:
-        parser.error("--batch-size must be at least 1, --gallery-size at least 0")
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        parser.error(f"--batch-size must be 1 to {MAX_BATCH_SIZE}, got {args.batch_size}")
+    if not 0 <= args.gallery_size <= MAX_GALLERY_SIZE:
+        parser.error(f"--gallery-size must be 0 to {MAX_GALLERY_SIZE}, got {args.gallery_size}")
     check_reader_options(parser, args)
     names = [Path(folder).resolve().name for folder in args.datasets]
     if len(set(names)) < len(names):

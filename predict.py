@@ -46,7 +46,7 @@ from canvas import BLANK_INK_LEVEL, to_canvas
 from checkpoint import CheckpointError
 from files import CommandLine
 from model import DigitSequenceTransformer
-from reader import Ensemble, add_reader_options, check_reader_options, load_reader
+from reader import MAX_BATCH_SIZE, Ensemble, add_reader_options, check_reader_options, load_reader
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        parser.error(f"--batch-size must be 1 to {MAX_BATCH_SIZE}, got {args.batch_size}")
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         parser.error(f"--min-confidence must be 0 to 1, got {args.min_confidence:g}")
     check_reader_options(parser, args)

@@ -28,6 +28,7 @@ from precision import pick_device
 # Beams kept per image at most: past a few, a wider search finds no other reading, and each beam
 # costs a batch row at every step.
 MAX_BEAM_SIZE = 32
+MAX_BATCH_SIZE = 4096  # images read at once at most: a batch's canvases and activations are held together
 
 # Test-time augmentation: the image itself and four copies moved diagonally by a quarter patch of
 # the shipped model, so that the digits fall differently on the patch grid.

@@ -84,7 +84,7 @@ def test_absurd_arguments_and_a_missing_checkpoint_are_refused(capsys, tmp_path)
     for size in ("0", "100000000"):
         with pytest.raises(SystemExit):
             main(["--batch-size", size])
-        assert "--batch-size 1 to 4096" in capsys.readouterr().err
+        assert "--batch-size must be 1 to 4096" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a --json that cannot be written is refused before the benchmark
         main(["--json", str(tmp_path)])
     assert "--json: " in capsys.readouterr().err
