@@ -32,7 +32,9 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -280,70 +282,86 @@ def check_length_weights(weights: list[float] | tuple[float, ...], max_digits: i
         )
 
 
+def parse_weights(text: str) -> list[float]:
+    """Parse "1,3,5,7,9" into [1.0, 3.0, 5.0, 7.0, 9.0], for argparse."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,3,5,7,9, got {text!r}") from None
+
+
+def option(default: Any, help: str = "", flag: str | None = None, **argparse_options: Any) -> Any:
+    """A composer setting: its default and what it does, and, with flag ("main" or "wider", the
+    group), the command-line flag add_composer_arguments makes of it (argparse_options as
+    add_argument takes them, where its type alone would not do)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "argparse": argparse_options})
+
+
+@dataclass(kw_only=True)
+class ComposerSettings:
+    """Everything that shapes the composites, each setting declared once: MultiDigitComposer takes
+    them as keyword arguments, settings() gives them back, and the flags of this command and of
+    split_multidigit_dataset.py are made from them. The stress options (no flag: `--stress` sets
+    them) and the wider world training draws from are off by default, so that evaluation sets
+    hold digits as written."""
+
+    canvas_size: int = option(96, flag="main")
+    min_digits: int = option(0, flag="main")
+    max_digits: int = option(4, flag="main")
+    length_weights: list[float] | None = option(
+        None,
+        "relative frequencies of 0, 1, ..., max-digits digits (default: min to max digits equally often)",
+        "main",
+        type=parse_weights,
+        metavar="W0,W1,...",
+    )
+    layout: str = option("mixed", "", "main", choices=LAYOUTS)
+    augment_strength: float = option(1.0, "0 turns per-digit augmentation off", "main")
+    min_center_gap: int = option(12, "scatter: least horizontal distance between digit centres", "main")
+    digit_height: tuple[int, int] = option(
+        DIGIT_HEIGHT_RANGE,
+        "range of digit ink heights in pixels, both layouts (default: %(default)s)",
+        "main",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+    )
+    stroke_width_change: int | None = option(
+        None, "stress: every stroke grows (> 0) or shrinks (< 0) by exactly this many pixels, not at random"
+    )
+    aspect_stretch: tuple[float, float] = option((1.0, 1.0), "stress: each digit's width times a factor in this range")
+    hug_borders: bool = option(False, "stress: digits pushed against the canvas edges")
+    row_tilt: float = option(0.0, "rows tilted by up to this many degrees", "wider")
+    scan_degradation: bool = option(False, "stress: every composite degraded like a scan (degrade_like_a_scan)")
+    thickest_stroke: int = option(1, "random thickening of up to this many pixels", "wider")
+    pen_share: float = option(
+        0.0, "share of digits and marks redrawn with a round pen, as a drawing pad makes them", "wider"
+    )
+    paper_noise: float = option(
+        0.0, "share of composites on imperfect paper: grey, ruled, speckled, dusty, scanned", "wider"
+    )
+    touching_share: float = option(0.0, "share of rows whose digits touch", "wider")
+    nondigit_share: float = option(0.0, 'share of composites holding marks that are not digits (label "")', "wider")
+    overflow_share: float = option(
+        0.0, f"share of composites with 1-{OVERFLOW_EXTRA} digits more than --max-digits", "wider"
+    )
+    elastic_share: float = option(0.0, "share of digits bent by an elastic distortion (elastic_distort)", "wider")
+
+
 class MultiDigitComposer:
-    """Draws composites from a pool of MNIST digits. Arguments are checked here, before any work.
+    """Draws composites from a pool of MNIST digits, with the ComposerSettings given as keyword
+    arguments; they are checked here, before any work. A canvas with more digits than fit at the
+    top of digit_height draws them smaller (height_limit)."""
 
-    length_weights are the relative frequencies of 0, 1, ..., max_digits digits (None: every count
-    from min_digits to max_digits equally often). digit_height is the range of ink heights in both
-    layouts. The rest are stress options, off by default: stroke_width_change replaces the random
-    stroke augmentation by exactly that many pixels; aspect_stretch multiplies each digit's width
-    by a random factor in that range; hug_borders pushes digits against the canvas edges;
-    row_tilt rotates rows by up to that many degrees; scan_degradation passes every composite
-    through degrade_like_a_scan.
-
-    The wider world training draws from (off by default, so that evaluation sets hold digits as
-    written): thickest_stroke spreads random thickening up to that many pixels; pen_share of the
-    digits are redrawn with a round pen (redraw_with_pen); paper_noise of the composites lie on
-    imperfect paper (add_paper_noise); touching_share of the rows are written with touching
-    digits; nondigit_share of the composites hold marks that are not digits (draw_marks, label
-    ""); overflow_share hold max_digits + 1 to max_digits + OVERFLOW_EXTRA digits, more than the
-    model reads (their labels hold them all); elastic_share of the digits are bent by an elastic
-    distortion (elastic_distort). A canvas with more digits than fit at the top of
-    digit_height draws them smaller (height_limit)."""
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        *,
-        canvas_size: int = 96,
-        min_digits: int = 0,
-        max_digits: int = 4,
-        length_weights: tuple[float, ...] | list[float] | None = None,
-        layout: str = "mixed",
-        augment_strength: float = 1.0,
-        min_center_gap: int = 12,
-        digit_height: tuple[int, int] | list[int] = DIGIT_HEIGHT_RANGE,
-        stroke_width_change: int | None = None,
-        aspect_stretch: tuple[float, float] | list[float] = (1.0, 1.0),
-        hug_borders: bool = False,
-        row_tilt: float = 0.0,
-        scan_degradation: bool = False,
-        thickest_stroke: int = 1,
-        pen_share: float = 0.0,
-        paper_noise: float = 0.0,
-        touching_share: float = 0.0,
-        nondigit_share: float = 0.0,
-        overflow_share: float = 0.0,
-        elastic_share: float = 0.0,
-    ):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, **settings: Any):
         self.images, self.labels = images, labels
-        self.canvas_size, self.min_digits, self.max_digits = canvas_size, min_digits, max_digits
-        self.length_weights, self.layout, self.augment_strength = length_weights, layout, augment_strength
-        self.min_center_gap, self.digit_height, self.stroke_width_change = (
-            min_center_gap,
-            digit_height,
-            stroke_width_change,
-        )
-        self.aspect_stretch, self.hug_borders = aspect_stretch, hug_borders
-        self.row_tilt, self.scan_degradation = row_tilt, scan_degradation
-        self.thickest_stroke, self.pen_share, self.paper_noise = thickest_stroke, pen_share, paper_noise
-        self.touching_share, self.nondigit_share, self.overflow_share = touching_share, nondigit_share, overflow_share
-        self.elastic_share = elastic_share
+        chosen = ComposerSettings(**settings)  # a name that is no setting is a TypeError, as for any function
+        for f in fields(chosen):  # read as the composer's own attributes: self.canvas_size, ...
+            setattr(self, f.name, getattr(chosen, f.name))
         self.check()  # before any work
-        self.length_weights = None if length_weights is None else [float(w) for w in length_weights]
-        self.digit_height = (int(digit_height[0]), int(digit_height[1]))
-        self.aspect_stretch = (float(aspect_stretch[0]), float(aspect_stretch[1]))
+        self.length_weights = None if self.length_weights is None else [float(w) for w in self.length_weights]
+        self.digit_height = (int(self.digit_height[0]), int(self.digit_height[1]))
+        self.aspect_stretch = (float(self.aspect_stretch[0]), float(self.aspect_stretch[1]))
 
     def check(self) -> None:
         """Raise ValueError for a pool or settings that cannot make composites."""
@@ -509,28 +527,8 @@ class MultiDigitComposer:
     def settings(self) -> dict:
         """Everything that shapes the composites, JSON-ready: MultiDigitComposer(images, labels, **settings)
         rebuilds it."""
-        return dict(
-            canvas_size=self.canvas_size,
-            min_digits=self.min_digits,
-            max_digits=self.max_digits,
-            length_weights=self.length_weights,
-            layout=self.layout,
-            augment_strength=self.augment_strength,
-            min_center_gap=self.min_center_gap,
-            digit_height=list(self.digit_height),
-            stroke_width_change=self.stroke_width_change,
-            aspect_stretch=list(self.aspect_stretch),
-            hug_borders=self.hug_borders,
-            row_tilt=self.row_tilt,
-            scan_degradation=self.scan_degradation,
-            thickest_stroke=self.thickest_stroke,
-            pen_share=self.pen_share,
-            paper_noise=self.paper_noise,
-            touching_share=self.touching_share,
-            nondigit_share=self.nondigit_share,
-            overflow_share=self.overflow_share,
-            elastic_share=self.elastic_share,
-        )
+        chosen = {f.name: getattr(self, f.name) for f in fields(ComposerSettings)}
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in chosen.items()}
 
 
 def generate(
@@ -571,78 +569,29 @@ def check_dataset_size(num_images: int, canvas_size: int, setting: str) -> None:
         )
 
 
-def parse_weights(text: str) -> list[float]:
-    """Parse "1,3,5,7,9" into [1.0, 3.0, 5.0, 7.0, 9.0], for argparse."""
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,3,5,7,9, got {text!r}") from None
-
-
 def add_composer_arguments(parser: argparse.ArgumentParser) -> None:
-    """The composition flags shared by this command and split_multidigit_dataset.py."""
+    """The composition flags shared by this command and split_multidigit_dataset.py: --mnist-root,
+    and one for each ComposerSettings field that has a flag."""
     parser.add_argument(
         "--mnist-root",
         default=default_mnist_root(),
         help="folder holding MNIST/raw/ (default: $MNIST_ROOT or data); downloaded there if missing",
     )
-    parser.add_argument("--canvas-size", type=int, default=96)
-    parser.add_argument("--min-digits", type=int, default=0)
-    parser.add_argument("--max-digits", type=int, default=4)
-    parser.add_argument(
-        "--length-weights",
-        type=parse_weights,
-        metavar="W0,W1,...",
-        help="relative frequencies of 0, 1, ..., max-digits digits (default: min to max digits equally often)",
-    )
-    parser.add_argument("--layout", choices=LAYOUTS, default="mixed")
-    parser.add_argument("--augment-strength", type=float, default=1.0, help="0 turns per-digit augmentation off")
-    parser.add_argument(
-        "--min-center-gap", type=int, default=12, help="scatter: least horizontal distance between digit centres"
-    )
-    parser.add_argument(
-        "--digit-height",
-        type=int,
-        nargs=2,
-        metavar=("MIN", "MAX"),
-        default=list(DIGIT_HEIGHT_RANGE),
-        help="range of digit ink heights in pixels, both layouts (default: %(default)s)",
-    )
-    wider = parser.add_argument_group("the wider world training draws from (off by default)")
-    wider.add_argument("--thickest-stroke", type=int, default=1, help="random thickening of up to this many pixels")
-    wider.add_argument("--row-tilt", type=float, default=0.0, help="rows tilted by up to this many degrees")
-    for name, what in (
-        ("pen-share", "share of digits and marks redrawn with a round pen, as a drawing pad makes them"),
-        ("paper-noise", "share of composites on imperfect paper: grey, ruled, speckled, dusty, scanned"),
-        ("touching-share", "share of rows whose digits touch"),
-        ("nondigit-share", 'share of composites holding marks that are not digits (label "")'),
-        ("overflow-share", f"share of composites with 1-{OVERFLOW_EXTRA} digits more than --max-digits"),
-    ):
-        wider.add_argument(f"--{name}", type=float, default=0.0, help=what)
-
-
-# The composition flags add_composer_arguments defines, by their MultiDigitComposer names.
-COMPOSER_FLAGS = (
-    "canvas_size",
-    "min_digits",
-    "max_digits",
-    "length_weights",
-    "layout",
-    "augment_strength",
-    "min_center_gap",
-    "digit_height",
-    "thickest_stroke",
-    "row_tilt",
-    "pen_share",
-    "paper_noise",
-    "touching_share",
-    "nondigit_share",
-    "overflow_share",
-)
+    groups = {
+        "main": parser,
+        "wider": parser.add_argument_group("the wider world training draws from (off by default)"),
+    }
+    kinds = typing.get_type_hints(ComposerSettings)
+    for f in fields(ComposerSettings):
+        if f.metadata["flag"]:
+            default = list(f.default) if isinstance(f.default, tuple) else f.default
+            options = {"type": kinds[f.name], "default": default, "help": f.metadata["help"] or None}
+            groups[f.metadata["flag"]].add_argument("--" + f.name.replace("_", "-"), **options | f.metadata["argparse"])
 
 
 def composer_settings(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in COMPOSER_FLAGS}
+    """The ComposerSettings that add_composer_arguments made flags of, as the command line gave them."""
+    return {f.name: getattr(args, f.name) for f in fields(ComposerSettings) if f.metadata["flag"]}
 
 
 def main(argv: list[str] | None = None) -> int:
