@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import inspect
 import json
 import math
 import reprlib
@@ -74,8 +73,9 @@ class CachedComposites(Dataset):
     composed once, by every core, for any number of runs. Epoch e is a dataset folder (see
     write_dataset), read memory-mapped, at root/KEY/epoch-NNN, numbered from 1 as training counts
     epochs, where KEY is a digest of all that shapes the data: the composer's settings and digit
-    pool, the seed, the images an epoch, this file's code and the libraries that draw pixels (an
-    older cache must not serve what today's code would draw differently)."""
+    pool, the seed, the images an epoch, the code that draws and keeps composites
+    (MultiDigitComposer.drawing_code and this file) and the libraries that draw pixels (an older
+    cache must not serve what today's code would draw differently)."""
 
     def __init__(self, fresh: FreshComposites, root: str | Path):
         self.fresh = fresh
@@ -239,7 +239,7 @@ def composites_key(fresh: FreshComposites) -> str:
     """A digest naming everything that decides a FreshComposites' data (see CachedComposites)."""
     composer = fresh.composer
     digest = hashlib.sha256()
-    for code in (Path(inspect.getsourcefile(type(composer))), Path(__file__)):  # how composites are drawn and kept
+    for code in (*composer.drawing_code, Path(__file__)):  # how composites are drawn, and how they are kept
         digest.update(code.read_bytes())
     versions = [np.__version__, torch.__version__, PIL.__version__]
     digest.update(json.dumps([composer.settings(), fresh.seed, len(fresh), versions], sort_keys=True).encode())

@@ -34,12 +34,15 @@ import os
 import sys
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import augment
+import marks
 from augment import (
     add_paper_noise,
     augment_digit,
@@ -352,6 +355,10 @@ class MultiDigitComposer:
     """Draws composites from a pool of MNIST digits, with the ComposerSettings given as keyword
     arguments; they are checked here, before any work. A canvas with more digits than fit at the
     top of digit_height draws them smaller (height_limit)."""
+
+    # The files whose code draws the composites: a cache of composites (datasets.composites_key)
+    # made by other code is not used.
+    drawing_code = tuple(Path(module.__file__) for module in (sys.modules[__name__], augment, marks))
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, **settings: Any):
         self.images, self.labels = images, labels

@@ -162,6 +162,25 @@ def test_processes_composing_one_cache_at_once_share_its_epochs(tmp_path, mnist_
     assert not other.is_alive() and composed == [1, 0] and caches[0].missing(range(2)) == []
 
 
+def test_a_change_to_any_code_that_draws_composites_names_another_cache(tmp_path, mnist_test, monkeypatch):
+    from datasets import composites_key
+
+    images, labels = mnist_test
+    drawn_by = {path.name for path in MultiDigitComposer.drawing_code}
+    assert {"multidigit_generator.py", "augment.py", "marks.py"} <= drawn_by  # the composer and what it calls
+    fresh = FreshComposites(MultiDigitComposer(images, labels), 12, seed=5)
+    key = composites_key(fresh)
+    for changed in MultiDigitComposer.drawing_code:
+        copies = []
+        for path in MultiDigitComposer.drawing_code:
+            copies.append(tmp_path / changed.stem / path.name)
+            copies[-1].parent.mkdir(exist_ok=True)
+            copies[-1].write_bytes(path.read_bytes() + (b"# changed\n" if path == changed else b""))
+        with monkeypatch.context() as patch:
+            patch.setattr(MultiDigitComposer, "drawing_code", tuple(copies))
+            assert composites_key(fresh) != key, changed.name
+
+
 def test_a_damaged_emptied_or_swapped_cache_epoch_is_composed_again(tmp_path, mnist_test, capsys):
     images, labels = mnist_test
     fresh = FreshComposites(MultiDigitComposer(images, labels), 12, seed=5)
