@@ -190,13 +190,13 @@ class ModelConfig:
         64, "conv stem: channels at 1/4 resolution (half that before, twice that on the patch grid)", 2, 512
     )
     stem_full_res: int = setting(
-        8,
+        16,
         "conv stem: channels of a stride-1 3x3 convolution at full resolution, before the first stride (0: none)",
         0,
         256,
     )
     stem_half_res: int = setting(
-        0, "conv stem: stride-1 3x3 convolutions at half resolution, after the first stride (0: none)", 0, 8
+        2, "conv stem: stride-1 3x3 convolutions at half resolution, after the first stride (0: none)", 0, 8
     )
     d_model: int = setting(128, "width of every token vector", 8, 2048)
     n_heads: int = setting(4, "attention heads per layer", 1, 64)
@@ -237,7 +237,8 @@ class ModelConfig:
         unknown = sorted(set(settings) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"not model settings: {', '.join(map(str, unknown))}")
-        return cls(**settings)
+        # Checkpoints written before the stem had half-resolution convolutions have none.
+        return cls(**{"stem_half_res": 0, **settings})
 
     @property
     def head_dim_k(self) -> int:

@@ -371,6 +371,15 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_is_read(tmp_path
     assert "--device: unknown device 'tpu'" in capsys.readouterr().err
 
 
+def test_a_lossless_webp_reads_as_the_png_of_the_same_pixels(tmp_path, untrained_checkpoint, composite, capsys):
+    Image.fromarray(composite.image).save(tmp_path / "a.png")
+    Image.fromarray(composite.image).save(tmp_path / "b.webp", lossless=True)
+    assert main(["--checkpoint", untrained_checkpoint, "--jsonl", str(tmp_path)]) == 0
+    png, webp = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert webp["path"].endswith("b.webp") and "error" not in webp
+    assert {k: v for k, v in png.items() if k != "path"} == {k: v for k, v in webp.items() if k != "path"}
+
+
 def test_an_animation_or_a_multi_page_file_is_read_from_its_first_frame_and_says_so(
     tmp_path, untrained_checkpoint, capsys
 ):
