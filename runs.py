@@ -68,6 +68,7 @@ def cores_per_process() -> int:
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
+DEFAULT_RUN_FOLDER = "runs/default"  # a run's --out-dir unless it says otherwise
 # What a run writes in its folder: a folder holding any of them belongs to that run.
 RUN_FILES = ("config.json", "last.pt", "best.pt", "model.pt", "test_metrics.json")
 
@@ -372,7 +373,7 @@ def start_job(
     """Start the processes and pick the data workers."""
     procs = start_processes(options.device)
     options.data_dir = options.data_dir or "data"
-    out_dir = Path(options.out_dir or "runs/default")
+    out_dir = Path(options.out_dir or DEFAULT_RUN_FOLDER)
     # A CPU composes each epoch first, with every core, then trains on it: a worker composing
     # alongside slows the training threads whose cores it shares (docs/performance.md). A GPU
     # takes all the composing its cores can give, alongside, or, reading composed epochs

@@ -42,6 +42,18 @@ def trials_table(rows: list[dict], metric: str) -> str:
     return markdown_table(["trial", *names, metric, "minutes"], lines)
 
 
+def new_sweep_folder(path: str) -> Path:
+    """The sweep's folder, made; ValueError if it holds an earlier sweep, whose trials it would overwrite."""
+    folder = Path(path)
+    earlier = sorted(p.name for p in folder.glob("*") if p.name.startswith(("trial-", "summary.", "best_config")))
+    if earlier:
+        raise ValueError(
+            f"{folder} holds an earlier sweep ({', '.join(earlier[:3])}, ...): give this one another --out-dir"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def sweep(
     options: argparse.Namespace,
     argv: list[str],
@@ -53,13 +65,7 @@ def sweep(
     sampled here, each an offline wandb run. Every trial is a normal train() with the trial's
     settings added to this command line; the summary and the best trial's whole settings are
     written to OUT_DIR (default runs/sweep-DATE-TIME)."""
-    sweep_dir = Path(options.out_dir or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    earlier = sorted(p.name for p in sweep_dir.glob("*") if p.name.startswith(("trial-", "summary.", "best_config")))
-    if earlier:
-        raise ValueError(
-            f"{sweep_dir} holds an earlier sweep ({', '.join(earlier[:3])}, ...): give this one another --out-dir"
-        )
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    sweep_dir = new_sweep_folder(options.out_dir or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     metric = SWEEP["metric"]["name"]
     count = options.count or (None if SWEEP["method"] == "grid" else 8)  # None: every combination of the grid
     rows: list[dict] = []

@@ -78,6 +78,7 @@ from model import (
 from multidigit_generator import MultiDigitComposer, check_composer_settings, generate
 from precision import Precision, choose_precision
 from runs import (
+    DEFAULT_RUN_FOLDER,
     Processes,
     RunContext,
     RunFolderBusyError,
@@ -854,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         if options.resume:
             model_config, train_config, checkpoint = restore_settings(options, TrainConfig)
         else:  # on every process, before any of them can write: torchrun starts them together
-            refuse_a_used_run_folder(Path(options.out_dir or "runs/default"))
+            refuse_a_used_run_folder(Path(options.out_dir or DEFAULT_RUN_FOLDER))
         train(options, model_config, train_config, checkpoint=checkpoint)
     except (CheckpointError, MnistUnavailableError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
