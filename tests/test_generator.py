@@ -413,6 +413,32 @@ def test_missing_mnist_says_which_files_to_put_where(tmp_path, monkeypatch):
     assert all(name in message for name in MNIST_FILES)
 
 
+@pytest.mark.parametrize(
+    "script", ["multidigit_generator", "split_multidigit_dataset", "train_encoder_decoder", "bench", "cnn_reference"]
+)
+def test_every_script_says_where_to_put_mnist_when_it_is_missing(tmp_path, monkeypatch, capsys, script):
+    import importlib
+
+    import torchvision
+
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")  # what torchvision raises offline
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    nowhere = ["--mnist-root", str(tmp_path / "no-mnist")]
+    args = {
+        "multidigit_generator": ["--out", str(tmp_path / "set")],
+        "split_multidigit_dataset": ["--data-dir", str(tmp_path / "data")],
+        "train_encoder_decoder": ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")],
+        "bench": ["--device", "cpu"],
+        "cnn_reference": ["--steps", "1"],
+    }[script]
+    assert importlib.import_module(script).main([*args, *nowhere]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: MNIST is not in") and "MNIST_ROOT" in err and "Traceback" not in err
+    assert not (tmp_path / "set").exists() and not (tmp_path / "data" / "splits.json").exists()
+
+
 def test_mnist_loads_offline_from_raw_files(mnist_root):
     images, labels = load_mnist(mnist_root, train=False)
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8

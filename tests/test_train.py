@@ -161,6 +161,16 @@ def test_a_new_run_into_a_used_folder_is_refused_and_leaves_the_first_run_whole(
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
 
 
+def test_a_data_folder_composed_for_another_model_is_refused_before_training(
+    tmp_path, tiny_data_dir, mnist_root, capsys
+):
+    # tiny_data_dir holds 96x96 images of up to 4 digits: a model that reads 3 cannot be scored on them.
+    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path / "run", "--max-digits", "3")) == 2
+    err = capsys.readouterr().err
+    assert "images of up to 4 digits; this model reads 96x96 images of up to 3" in err and "--data-dir" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_resume_goes_on_with_the_data_split_it_trained_on_or_not_at_all(tmp_path, tiny_data_dir, mnist_root, capsys):
     data = tmp_path / "data"
     shutil.copytree(tiny_data_dir, data)
