@@ -199,10 +199,8 @@ def markdown_table(
     """A Markdown table of the rows under the header, each cell as str() gives it; the columns from
     numbers_from on are aligned right, as columns of numbers read best."""
     align = ["---" if numbers_from is None or i < numbers_from else "---:" for i in range(len(header))]
-    lines = [header, align, *rows]
-    return "\n".join(
-        "| " + " | ".join(map(str, line)) + " |" if line is not align else "|" + "|".join(align) + "|" for line in lines
-    )
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"
+    return "\n".join([line(header), "|" + "|".join(align) + "|", *map(line, rows)])
 
 
 def remove_left_by_the_dead(path: Path) -> None:
