@@ -46,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_model
 from datasets import dataset_item
 from files import CommandLine, Staging, check_destination, markdown_table
+from losses import TrainingLoss, patch_targets
 from mnist import MnistUnavailableError, default_mnist_root, load_mnist
 from model import (
     PIXEL_MEAN,
@@ -53,10 +54,8 @@ from model import (
     DecoderCache,
     DigitSequenceTransformer,
     ModelConfig,
-    TrainingLoss,
     configure_optimizer,
     encode_labels,
-    patch_targets,
     uint8_to_input,
 )
 from multidigit_generator import MultiDigitComposer

@@ -9,22 +9,20 @@ image (B, 1, H, W)
   -> linear head over the vocabulary                            (B, T, VOCAB_SIZE)
 
 With patch_head, a linear classifier also reads every memory vector: which digit (or none)
-covers that patch. It only serves an auxiliary training loss (see patch_targets), which gives
-the encoder a dense recognition signal; decoding never uses it.
+covers that patch. It only serves an auxiliary training loss (losses.py), which gives the
+encoder a dense recognition signal; decoding never uses it.
 
-The decoder is trained with teacher forcing (it sees the true previous tokens) and run
-autoregressively at inference (greedy or beam search), one token per step: a DecoderCache
-keeps the earlier tokens' keys and values and the memory's projections. Everything that reads
-images reads them through DigitSequenceTransformer.read.
+The decoder is trained with teacher forcing (it sees the true previous tokens) and run one token
+per step at inference (greedy or beam search), a DecoderCache keeping the earlier tokens' keys and
+values. Everything that reads images reads them through DigitSequenceTransformer.read.
 
-Also here: ModelConfig (whose defaults are the shipped model), the training loss and the optimiser
-set-up. This file imports nothing from the rest of the repository; checkpoint.py saves and loads
-models, precision.py chooses how they run.
+Also here: ModelConfig (whose defaults are the shipped model) and the optimiser set-up. This file
+imports nothing from the rest of the repository; losses.py holds what it is taught, checkpoint.py
+saves and loads models, precision.py chooses how they run.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import typing
 from dataclasses import dataclass, field, fields
@@ -33,23 +31,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Vocabulary: digits are their own token ids 0-9, then four special tokens.
 # Canvases are mostly black; standardising pixels with these statistics of the composites
 # makes the patch content as loud as the position code from the first step.
 PIXEL_MEAN, PIXEL_STD = 0.03, 0.14
 
+# Vocabulary: digits are their own token ids 0-9, then four special tokens.
 SOS = 10  # start of sequence: the first decoder input
 EOS = 11  # end of sequence: the model emits it after the last digit (or at once for a blank image)
 PAD = 12  # fills sequences up to a fixed length; ignored by the loss
-# Ends a sequence in EOS's place when the image holds more digits than max_digits: the model reads
-# the first max_digits and then says there are more, rather than stopping as if that were all.
-MANY = 13
+MANY = 13  # ends a reading in EOS's place when more than max_digits digits are written: "and more"
 VOCAB_SIZE = 14
 
 # Classes of the optional per-patch head: the digit written over a patch, or none.
 NO_DIGIT = 10
 PATCH_CLASSES = 11
-IGNORE = -100  # patch targets the loss skips (F.cross_entropy's default ignore_index)
 
 STEMS = ("conv", "linear")
 MAX_GRID = 64  # most patches per side of the image
@@ -101,42 +96,6 @@ def tokens_to_string(tokens: list[int] | torch.Tensor) -> str:
     return "".join(out)
 
 
-def patch_targets(boxes: torch.Tensor, labels: list[str], *, image_size: int, patch_size: int) -> torch.Tensor:
-    """Targets for the per-patch head: (B, K, 4) ink boxes (x0, y0, x1, y1 in label order, rows
-    of -1 after the last digit) -> (B, N) patch classes, row-major like the encoder's patches.
-
-    A patch is labelled with a digit when its centre lies in that digit's box (the patch holding
-    the box centre always counts, so a thin "1" gets one too), NO_DIGIT when it touches no box,
-    and IGNORE when it only grazes a box or its centre lies in two: half a digit is not a
-    wrong answer, so it is not taught as one.
-
-    Computed where boxes are: training gives it the loader's boxes on the CPU and moves the
-    result, since boxes on a GPU would make every step wait for the device here (the check
-    below reads them back)."""
-    b, k, _ = boxes.shape
-    grid = image_size // patch_size
-    edges = torch.arange(grid, device=boxes.device) * patch_size
-    py0, px0 = (z.flatten() for z in torch.meshgrid(edges, edges, indexing="ij"))  # (N,) top-left corners
-    cy, cx = py0 + patch_size // 2, px0 + patch_size // 2
-    x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))  # (B, K, 1) each
-    real = x1 > 0
-    overlaps = real & (px0 < x1) & (px0 + patch_size > x0) & (py0 < y1) & (py0 + patch_size > y0)  # (B, K, N)
-    centre = ((y0 + y1) // 2).clamp(0, image_size - 1) // patch_size * grid + ((x0 + x1) // 2).clamp(
-        0, image_size - 1
-    ) // patch_size
-    holds = real & (
-        ((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)) | (torch.arange(grid * grid, device=boxes.device) == centre)
-    )
-    for label, count in zip(labels, real.sum(dim=(1, 2)).tolist()):
-        assert len(label) == count, f"label {label!r} has {len(label)} digits but {count} boxes"
-    rows = [[int(ch) for ch in label] + [0] * (k - len(label)) for label in labels]
-    digits = torch.tensor(rows, dtype=torch.long, device=boxes.device).view(b, k)  # made at once: one copy
-    targets = torch.where(overlaps.any(dim=1), IGNORE, NO_DIGIT)
-    single = holds.sum(dim=1) == 1
-    owner = (holds.long() * digits[..., None]).sum(dim=1)  # the digit of the one box that holds it
-    return torch.where(single, owner, targets)
-
-
 def setting(
     default: object, help: str, low: float | None = None, high: float | None = None, choices: tuple = ()
 ) -> object:
@@ -146,9 +105,8 @@ def setting(
 
 
 def check_settings(config: object) -> None:
-    """Raise ValueError naming the first field of a config dataclass whose value has the wrong type
-    or lies outside its bounds: a checkpoint or a config file can hold anything, and a size
-    checked only after it was allocated may already have taken the machine's memory."""
+    """Raise ValueError naming the first field of a config dataclass of the wrong type or out of bounds:
+    a checkpoint or config file can hold anything, and a size checked after allocating is too late."""
     hints = typing.get_type_hints(type(config))
     for f in fields(config):
         value, kind, meta = getattr(config, f.name), hints[f.name], f.metadata
@@ -165,10 +123,9 @@ def check_settings(config: object) -> None:
         for number in numbers if kind not in (bool, str) else []:
             if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
                 raise ValueError(f"{f.name} must hold finite numbers, got {value!r}")
-            if not (meta.get("low") is None or number >= meta["low"]) or not (
-                meta.get("high") is None or number <= meta["high"]
-            ):
-                raise ValueError(f"{f.name} must be between {meta['low']} and {meta['high']}, got {value!r}")
+            low, high = meta.get("low"), meta.get("high")
+            if (low is not None and number < low) or (high is not None and number > high):
+                raise ValueError(f"{f.name} must be between {low} and {high}, got {value!r}")
         if meta.get("choices") and value not in meta["choices"]:
             raise ValueError(f"{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
 
@@ -189,15 +146,8 @@ class ModelConfig:
     stem_width: int = setting(
         64, "conv stem: channels at 1/4 resolution (half that before, twice that on the patch grid)", 2, 512
     )
-    stem_full_res: int = setting(
-        16,
-        "conv stem: channels of a stride-1 3x3 convolution at full resolution, before the first stride (0: none)",
-        0,
-        256,
-    )
-    stem_half_res: int = setting(
-        2, "conv stem: stride-1 3x3 convolutions at half resolution, after the first stride (0: none)", 0, 8
-    )
+    stem_full_res: int = setting(16, "conv stem: channels of a 3x3 convolution at full resolution (0: none)", 0, 256)
+    stem_half_res: int = setting(2, "conv stem: stride-1 3x3 convolutions at half resolution (0: none)", 0, 8)
     d_model: int = setting(128, "width of every token vector", 8, 2048)
     n_heads: int = setting(4, "attention heads per layer", 1, 64)
     dim_k: int = setting(0, "query and key width of each attention head (0: d_model / n_heads)", 0, 1024)
@@ -280,30 +230,20 @@ class PatchEmbedding(nn.Module):
         self.register_buffer("position", sincos_position_2d(image_size // patch_size, d_model), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = images.shape
+        b, _, h, w = images.shape
         p = self.patch_size
-        assert c == 1 and h % p == 0 and w % p == 0, (
-            f"expected (B, 1, H, W) with H, W multiples of {p}, got {tuple(images.shape)}"
-        )
         patches = images.reshape(b, h // p, p, w // p, p).permute(0, 1, 3, 2, 4).reshape(b, -1, p * p)
         return self.proj(patches) + self.position
 
 
 class ConvPatchEmbedding(nn.Module):
-    """Patch embeddings made by a small CNN: 3x3 convolutions with strides 2, 2 and
-    patch_size / 4, then a 1x1 projection to d_model, so each output vector still stands for
-    one patch_size**2 square (same grid, same 2D position code as PatchEmbedding). With depth
-    > 0, that many stride-1 3x3 convolutions follow the second stride (at 1/4 resolution) and
-    the third (on the patch grid). With full_res > 0, a stride-1 3x3 convolution with that
-    many channels reads the image before the first stride, so that the first features (thin
-    strokes included) are computed at every pixel rather than at every other one; with
-    half_res > 0, that many stride-1 convolutions work at half resolution, where a plain MNIST
-    CNN spends most of its work on stroke shapes.
-
-    A linear projection must learn strokes and their shifts inside a patch from scratch; the
-    convolutions bring that locality with them, and the encoder learns much faster from far
-    fewer images; the extra convolutions widen what one patch vector sees to a whole digit and
-    its neighbours (docs/design.md has the measured differences)."""
+    """Patch embeddings made by a small CNN: 3x3 convolutions with strides 2, 2 and patch_size / 4,
+    then a 1x1 projection to d_model, so each vector still stands for one patch (same grid and
+    position code as PatchEmbedding). Optional stride-1 convolutions: full_res channels before the
+    first stride (thin strokes seen at every pixel), half_res layers at half resolution (where a
+    plain MNIST CNN works on stroke shapes), depth layers at 1/4 resolution and on the grid.
+    Convolutions bring the locality a linear projection must learn, so the encoder learns from
+    far fewer images (docs/design.md)."""
 
     def __init__(
         self,
@@ -317,7 +257,6 @@ class ConvPatchEmbedding(nn.Module):
         half_res: int = 0,
     ):
         super().__init__()
-        self.patch_size = patch_size
 
         def conv(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
             kernel = max(3, stride)
@@ -339,57 +278,44 @@ class ConvPatchEmbedding(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Conv2d(2 * width, d_model, 1)
         self.register_buffer("position", sincos_position_2d(image_size // patch_size, d_model), persistent=False)
-        # Channels-last (NHWC) is the layout oneDNN's CPU convolutions run natively (faster
-        # training, docs/performance.md). It also makes the (B, D, h, w) output already laid out
-        # as the (B, h * w, D) sequence the encoder wants.
+        # Channels-last (NHWC): the layout oneDNN's CPU convolutions run natively, and the (B, D, h, w)
+        # output is then already laid out as the (B, h * w, D) sequence the encoder wants.
         self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        _, c, h, w = images.shape
-        p = self.patch_size
-        assert c == 1 and h % p == 0 and w % p == 0, (
-            f"expected (B, 1, H, W) with H, W multiples of {p}, got {tuple(images.shape)}"
-        )
         features = self.proj(self.convs(images.contiguous(memory_format=torch.channels_last)))  # (B, D, H / p, W / p)
-        assert features.shape[-2:] == (h // p, w // p), f"stem produced a {tuple(features.shape[-2:])} grid"
         return features.flatten(2).transpose(1, 2) + self.position
 
 
+@dataclass
 class KeyValueCache:
-    """The keys and values one attention layer computed at earlier decoding steps, so that
-    each step of autoregressive decoding feeds only the newest token through the decoder:
-    cross-attention projects the memory once, self-attention appends one key and value per
-    token. Keys are (B, heads, tokens, dim_k), values (B, heads, tokens, dim_v)."""
+    """One attention layer's keys (B, heads, tokens, dim_k) and values (B, heads, tokens, dim_v)
+    from earlier decoding steps, so each step feeds only the newest token: cross-attention
+    projects the memory once, self-attention appends one key and value per token."""
 
-    def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
 
 class DecoderCache:
-    """A self- and a cross-attention KeyValueCache per decoder layer, and how many tokens
-    they hold (the position of the next token)."""
+    """A self- and a cross-attention KeyValueCache per decoder layer; length: the tokens they hold."""
 
     def __init__(self, layers: int):
         self.layers = [(KeyValueCache(), KeyValueCache()) for _ in range(layers)]
         self.length = 0
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep the given batch rows (beam search: each surviving beam's parent). The cross-
-        attention caches stay: a beam's parent reads the same image, so its memory rows match."""
+        """Keep the given batch rows (beam search: each surviving beam's parent); the cross-attention
+        caches stay, as a beam's parent reads the same image."""
         for self_cache, _ in self.layers:
             self_cache.keys, self_cache.values = self_cache.keys[rows], self_cache.values[rows]
 
 
 class MultiHeadAttention(nn.Module):
-    """Self-attention when context is None, cross-attention to `context` otherwise. With a
-    cache, self-attention adds x's keys and values to the earlier tokens' and cross-attention
-    reuses the context's once computed.
-
-    Each head compares queries and keys of dim_k channels and mixes values of dim_v channels;
-    the heads' values, side by side, are projected back to d_model. dim_k sets how finely a head
-    can tell positions and contents apart (and the cost of the scores), dim_v how much each head
-    carries; the usual choice, and the default, is d_model / n_heads for both."""
+    """Self-attention when context is None, cross-attention to `context` otherwise; with a cache,
+    self-attention adds x's keys and values to the earlier tokens' and cross-attention reuses the
+    context's. Each head compares queries and keys of dim_k channels (how finely it tells things
+    apart) and mixes values of dim_v channels (how much it carries); usually both d_model / n_heads."""
 
     def __init__(self, *, d_model: int, n_heads: int, dim_k: int, dim_v: int):
         super().__init__()
@@ -498,17 +424,12 @@ class DecoderBlock(nn.Module):
 
 @dataclass
 class Decoded:
-    """Result of greedy or beam decoding for a batch.
+    """Result of greedy or beam decoding for a batch."""
 
-    tokens: (B, L) the emitted tokens after SOS (digits, then EOS or MANY, then PAD).
-    token_probs: (B, L) the model's probability for each emitted token (1.0 on PAD).
-    beams: with beam search, each image's finished beams, most probable first, as
-        (digits, too_many, probability) tuples: the alternative readings.
-    """
-
-    tokens: torch.Tensor
-    token_probs: torch.Tensor
+    tokens: torch.Tensor  # (B, L) emitted after SOS: digits, then EOS or MANY, then PAD
+    token_probs: torch.Tensor  # (B, L) the model's probability of each emitted token (1.0 on PAD)
     attention: torch.Tensor | None = None  # (B, L, grid, grid) with read(attention=True): see token_attention
+    # With beam search, each image's finished beams, most probable first: (digits, too_many, probability).
     beams: list[list[tuple[str, bool, float]]] | None = None
 
     def strings(self) -> list[str]:
@@ -581,9 +502,8 @@ class DigitSequenceTransformer(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        # Xavier keeps query-key products away from zero at this small width; with the tiny
-        # N(0, 0.02) init of wide language models every attention map starts uniform and the
-        # decoder sat for hundreds of steps predicting only how many digits there are.
+        # Xavier keeps query-key products away from zero at this small width; with the N(0, 0.02)
+        # of wide language models every attention map starts uniform, and learning stalls.
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
@@ -597,8 +517,8 @@ class DigitSequenceTransformer(nn.Module):
     def encode(self, images: torch.Tensor, *, attention: dict | None = None) -> torch.Tensor:
         """(B, 1, H, W) images in [0, 1], white ink on black -> (B, N, D) memory."""
         c = self.config
-        assert images.shape[-2:] == (c.image_size, c.image_size), (
-            f"expected {c.image_size}x{c.image_size} images, got {tuple(images.shape)}"
+        assert images.shape[1:] == (1, c.image_size, c.image_size), (
+            f"expected {c.image_size}x{c.image_size} images of one channel, got {tuple(images.shape)}"
         )
         x = self.drop(self.patch_embed((images - PIXEL_MEAN) / PIXEL_STD))
         for i, block in enumerate(self.encoder):
@@ -643,11 +563,9 @@ class DigitSequenceTransformer(nn.Module):
         return (logits, attention) if return_attention else logits
 
     def token_log_probs(self, logits: torch.Tensor, first_step: int = 0) -> torch.Tensor:
-        """(B, T, V) decoder logits for steps first_step, first_step + 1, ... -> the log-probabilities
-        decoding chooses from: divided by the calibrated temperature, and only the tokens a reading
-        may hold at each step. SOS and PAD are never predictions. MANY can only follow max_digits
-        digits, where no further digit is allowed: the reading either ends there (EOS) or says
-        there are more."""
+        """(B, T, V) decoder logits for steps first_step, ... -> the log-probabilities decoding chooses
+        from: divided by the calibrated temperature, and only tokens a reading may hold at each step
+        (never SOS or PAD; after max_digits digits only EOS, or MANY to say there are more)."""
         logits = logits.float() / self.calibration.temperature
         steps = torch.arange(first_step, first_step + logits.shape[1], device=logits.device)[None, :, None]
         tokens = torch.arange(VOCAB_SIZE, device=logits.device)
@@ -662,10 +580,9 @@ class DigitSequenceTransformer(nn.Module):
     # bookkeeping of tensor versions and views, a large share of the time at one image per call.
     @torch.inference_mode()
     def read(self, images: torch.Tensor, *, beam_size: int = 1, attention: bool = False) -> Decoded:
-        """The one way to read: (B, H, W) uint8 canvases, white ink on black -> the digits, with the
-        probability of each token, by greedy decoding (beam_size 1) or beam search. With
-        attention, also where the decoder looked for each token it emitted (Decoded.attention).
-        Prediction, evaluation, validation, the benchmark and the front end all read through it."""
+        """The one way to read, for every script: (B, H, W) uint8 canvases, white ink on black -> the
+        digits and each token's probability, by greedy decoding (beam_size 1) or beam search; with
+        attention, also where the decoder looked for each token it emitted (Decoded.attention)."""
         device = next(self.parameters()).device
         bf16 = self.read_bf16["read_one" if len(images) == 1 else "read_batch"]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -677,10 +594,9 @@ class DigitSequenceTransformer(nn.Module):
 
     @torch.inference_mode()
     def token_attention(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) memory and (B, L) emitted tokens -> (B, L, grid, grid): the cross-attention
-        over the image patches of the step that emitted each token, averaged over heads and
-        layers and scaled so that each map's most attended patch is 1. Teacher forcing on SOS +
-        the emitted tokens repeats exactly the steps that emitted them."""
+        """(B, N, D) memory and (B, L) emitted tokens -> (B, L, grid, grid): the cross-attention over
+        the patches at the step that emitted each token (teacher forcing on SOS + the emitted tokens
+        repeats those steps), averaged over heads and layers, each map's largest weight scaled to 1."""
         inputs = decoder_inputs(tokens)
         weights: dict[str, torch.Tensor] = {}
         self.decode(memory, inputs, attention=weights)
@@ -692,8 +608,7 @@ class DigitSequenceTransformer(nn.Module):
 
     @torch.inference_mode()
     def greedy_decode(self, memory: torch.Tensor) -> Decoded:
-        """Read (B, N, D) memory by taking the most probable token at every step; the batch
-        stops early once every sequence has emitted EOS."""
+        """Read (B, N, D) memory taking the most probable token at every step (see greedy_tokens)."""
         cache = DecoderCache(self.config.decoder_layers)  # each step feeds only the token chosen last
         return greedy_tokens(
             lambda last, step: self.token_log_probs(self.decode(memory, last, cache=cache), step)[:, -1],
@@ -771,99 +686,6 @@ def greedy_tokens(
         if finished.all():
             break
     return Decoded(tokens=tokens[:, 1:], token_probs=probs)
-
-
-def sequence_losses(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) targets -> (B,) summed token cross-entropy per sequence (PAD ignored)."""
-    losses = F.cross_entropy(
-        logits.transpose(1, 2), targets, ignore_index=PAD, reduction="none", label_smoothing=label_smoothing
-    )
-    return losses.sum(dim=1)
-
-
-def order_free_loss(
-    model: DigitSequenceTransformer, memory: torch.Tensor, labels: list[str], *, label_smoothing: float = 0.0
-) -> torch.Tensor:
-    """Permutation-invariant training: each image is scored against every distinct ordering of
-    its digits (at most 4! = 24) and only the cheapest ordering counts, so the decoder may read
-    the digits in any order it finds easy. The encoder runs once; the decoder runs over all the
-    orderings of the batch at once."""
-    max_digits = model.config.max_digits
-    orderings: list[str] = []
-    owner: list[int] = []
-    for i, label in enumerate(labels):
-        # A label longer than the model reads is taught in its own order: which max_digits digits
-        # come before MANY is then fixed.
-        distinct = [label] if len(label) > max_digits else sorted({"".join(p) for p in itertools.permutations(label)})
-        orderings += distinct
-        owner += [i] * len(distinct)
-    owner_index = torch.tensor(owner, device=memory.device)
-    inputs, targets = (t.to(memory.device) for t in encode_labels(orderings, max_digits))
-    losses = sequence_losses(model.decode(memory[owner_index], inputs), targets, label_smoothing=label_smoothing)
-    best = torch.full((len(labels),), float("inf"), device=memory.device).scatter_reduce(0, owner_index, losses, "amin")
-    num_tokens = sum(min(len(label), max_digits) + 1 for label in labels)  # digits + end, for every ordering
-    return best.sum() / num_tokens
-
-
-class TrainingLoss(nn.Module):
-    """The training objective as one module: DistributedDataParallel synchronises gradients
-    through its wrapped module's forward, and torch.compile compiles a forward, so both wrap
-    this rather than the model (whose encode and decode are called separately)."""
-
-    def __init__(
-        self,
-        model: DigitSequenceTransformer,
-        *,
-        label_smoothing: float,
-        patch_loss_weight: float,
-        order_free: bool,
-        distill_weight: float = 0.0,
-    ):
-        super().__init__()
-        self.model = model
-        self.label_smoothing, self.patch_loss_weight, self.order_free = label_smoothing, patch_loss_weight, order_free
-        self.distill_weight = distill_weight
-
-    def forward(
-        self,
-        pixels: torch.Tensor,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        patch_classes: torch.Tensor | None,
-        labels: list[str] | None = None,
-        teacher_probs: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The loss of one batch; labels (the digit strings) only for the order-free loss;
-        teacher_probs (B, T, vocabulary) only when distilling (teacher_probabilities)."""
-        memory = self.model.encode(pixels)
-        if self.order_free:
-            loss = order_free_loss(self.model, memory, labels, label_smoothing=self.label_smoothing)
-        else:
-            logits = self.model.decode(memory, inputs).flatten(0, 1)
-            loss = F.cross_entropy(logits, targets.flatten(), ignore_index=PAD, label_smoothing=self.label_smoothing)
-            if teacher_probs is not None:
-                # Distillation: the teachers' probabilities also say which wrong tokens were
-                # nearly right, more to learn from than the one right token. Positions after
-                # <eos> (PAD targets) are left out here too.
-                taught = targets.flatten() != PAD
-                soft = F.cross_entropy(logits[taught], teacher_probs.flatten(0, 1)[taught])
-                loss = (1 - self.distill_weight) * loss + self.distill_weight * soft
-        if self.patch_loss_weight > 0:
-            # Every patch vector is told which digit it lies on: a dense recognition signal
-            # beside the decoder's three or so tokens per image.
-            loss = loss + self.patch_loss_weight * F.cross_entropy(
-                self.model.patch_head(memory).flatten(0, 1), patch_classes.flatten()
-            )
-        return loss
-
-
-@torch.no_grad()
-def teacher_probabilities(
-    teachers: list[DigitSequenceTransformer], pixels: torch.Tensor, inputs: torch.Tensor
-) -> torch.Tensor:
-    """The teachers' next-token probabilities (B, T, vocabulary), averaged, on the decoder inputs
-    the student is taught on: what distilling an ensemble into one model learns from."""
-    return torch.stack([t.decode(t.encode(pixels), inputs).float().softmax(-1) for t in teachers]).mean(0)
 
 
 def configure_optimizer(

@@ -60,19 +60,17 @@ from checkpoint import CheckpointError, save_checkpoint
 from datasets import CachedComposites, EpochInMemory, FreshComposites, MultiDigitFolder
 from evaluate import SequenceAccuracy, as_expected, as_read, expected_calibration_error, fit_calibration
 from files import CommandLine, Staging
+from losses import TrainingLoss, patch_targets, teacher_probabilities
 from mnist import MnistUnavailableError, load_mnist
 from model import (
     PAD,
     Calibration,
     DigitSequenceTransformer,
     ModelConfig,
-    TrainingLoss,
     check_settings,
     configure_optimizer,
     encode_labels,
-    patch_targets,
     setting,
-    teacher_probabilities,
     uint8_to_input,
 )
 from multidigit_generator import MultiDigitComposer, check_composer_settings, generate

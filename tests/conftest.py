@@ -149,6 +149,14 @@ def train_tiny(out_dir: Path, tiny_data_dir: Path, mnist_root: Path) -> None:
 
 
 @pytest.fixture(scope="session")
+def shipped_model():
+    """The model the repository ships (checkpoints/), read in fp32 on the CPU."""
+    from checkpoint import DEFAULT_CHECKPOINT, load_model
+
+    return load_model(DEFAULT_CHECKPOINT, "cpu", precision="fp32")
+
+
+@pytest.fixture(scope="session")
 def composite(mnist_test):
     """A three-digit row of MNIST test digits, composed as the evaluation sets are: the digits
     as written, no augmentation."""

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from losses import TrainingLoss, teacher_probabilities
 from model import (
     EOS,
     MANY,
@@ -15,10 +16,8 @@ from model import (
     DecoderCache,
     DigitSequenceTransformer,
     ModelConfig,
-    TrainingLoss,
     configure_optimizer,
     encode_labels,
-    teacher_probabilities,
     tokens_to_string,
     uint8_to_input,
 )
@@ -259,7 +258,7 @@ def test_config_rejects_impossible_stems(settings, message):
 
 
 def test_order_free_loss_takes_the_cheapest_ordering_of_each_label(model):
-    from model import order_free_loss, sequence_losses
+    from losses import order_free_loss, sequence_losses
 
     images = torch.rand(3, 1, 48, 48)  # the model is in eval mode: no dropout, so every decode is comparable
     labels = ["12", "7", "335"]
@@ -280,7 +279,7 @@ def test_order_free_loss_takes_the_cheapest_ordering_of_each_label(model):
 
 
 def test_order_free_loss_keeps_the_order_of_a_label_longer_than_the_model_reads(model):
-    from model import order_free_loss, sequence_losses
+    from losses import order_free_loss, sequence_losses
 
     images = torch.rand(2, 1, 48, 48)
     memory = model.encode(images)
@@ -296,7 +295,8 @@ def test_order_free_loss_keeps_the_order_of_a_label_longer_than_the_model_reads(
 
 
 def test_patch_targets_mark_the_digit_under_each_patch():
-    from model import IGNORE, NO_DIGIT, patch_targets
+    from losses import IGNORE, patch_targets
+    from model import NO_DIGIT
 
     # 48x48 image, 8x8 patches (6x6 grid). A "7" fills patches (1, 1)-(2, 2) exactly; a thin "1"
     # is 3 px wide inside patch (4, 4), where no patch centre falls; the second image is blank.

@@ -16,17 +16,12 @@ from PIL import Image, ImageDraw
 
 import predict
 from canvas import BLANK_INK_LEVEL, ink_image, measure_ink, to_canvas
-from checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, load_model, save_checkpoint
+from checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
 from conftest import REPO
 from drawing import draw_on_pad, number_strokes
 from model import DigitSequenceTransformer, ModelConfig
 from multidigit_generator import MultiDigitComposer, generate
 from predict import main, open_image
-
-
-@pytest.fixture(scope="module")
-def shipped_model():
-    return load_model(DEFAULT_CHECKPOINT)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +194,7 @@ def test_unreadable_and_oversized_files_raise_clear_errors(tmp_path, monkeypatch
         open_image(tmp_path / "big.png")
 
 
-def test_predict_cli_reads_good_files_and_reports_bad_ones(tmp_path, tiny_run, composite, capsys):
+def test_predict_cli_reads_good_files_and_reports_bad_ones(tmp_path, composite, capsys):
     folder = tmp_path / "images"
     folder.mkdir()
     Image.fromarray(composite.image).save(folder / "a_gray.png")
@@ -210,13 +205,16 @@ def test_predict_cli_reads_good_files_and_reports_bad_ones(tmp_path, tiny_run, c
     Image.new("RGB", (64, 64), "white").save(folder / "d_blank.png")
     (folder / "e_corrupt.png").write_bytes(b"garbage")
     (folder / "notes.txt").write_text("not an image, and not a picture suffix: skipped")
-    code = main(["--checkpoint", str(tiny_run / "best.pt"), str(folder), str(tmp_path / "missing.png")])
+    code = main(["--device", "cpu", "--precision", "fp32", str(folder), str(tmp_path / "missing.png")])
     out, err = capsys.readouterr()
     assert code == 1
     lines = dict(line.split("\t") for line in out.splitlines())
-    assert set(lines) == {str(folder / n) for n in ("a_gray.png", "b_paper.jpg", "c_alpha.png", "d_blank.png")}
-    assert all(re.fullmatch(r"\d{0,4}\+?\??", v) for v in lines.values())  # the tiny model may read nothing yet
-    assert lines[str(folder / "d_blank.png")] == ""
+    # The same digits as white ink, as dark ink on light paper (resized, JPEG) and as opaque ink
+    # on a transparent sheet: the shipped model reads the three alike.
+    assert lines == {
+        **{str(folder / n): composite.label for n in ("a_gray.png", "b_paper.jpg", "c_alpha.png")},
+        str(folder / "d_blank.png"): "",
+    }
     assert "e_corrupt.png: error: not an image file that can be read (PNG, JPEG" in err
     assert "missing.png: error: no such file" in err
 
@@ -404,17 +402,26 @@ def test_a_beam_size_out_of_bounds_is_refused_before_anything_is_loaded(tmp_path
         assert exited.value.code == 2 and f"--beam-size must be 1 to 32, got {beam_size}" in capsys.readouterr().err
 
 
-def test_the_shipped_model_is_the_default_from_any_folder(tmp_path):
+def test_the_shipped_model_is_the_default_from_any_folder_and_flags_too_many_digits(tmp_path, mnist_test):
+    six = MultiDigitComposer(*mnist_test, min_digits=6, max_digits=6, layout="row", augment_strength=0.0)
+    Image.fromarray(six.compose(np.random.default_rng(1)).image).save(tmp_path / "six.png")
     Image.new("L", (96, 96)).save(tmp_path / "blank.png")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "predict.py"), "blank.png", "--device", "cpu", "--precision", "fp32"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "blank.png\t\n"  # read with checkpoints/digit_transformer.pt of the repository
+
+    def predict_here(*options: str) -> str:
+        command = [sys.executable, str(REPO / "predict.py"), "blank.png", "six.png", "--device", "cpu", *options]
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    # Read with the repository's checkpoints/digit_transformer.pt: nothing on the blank page, and
+    # for six digits the first four the model reads, then "+".
+    blank, six_digits = predict_here("--precision", "fp32").splitlines()
+    assert blank == "blank.png\t" and re.fullmatch(r"six\.png\t\d{4}\+\??", six_digits)
+    records = [json.loads(line) for line in predict_here("--precision", "fp32", "--jsonl").splitlines()]
+    assert [(r["path"], r["digits"], r["too_many"]) for r in records] == [
+        ("blank.png", "", False),
+        ("six.png", six_digits.split("\t")[1][:4], True),
+    ]
 
 
 def test_missing_or_foreign_checkpoint_is_reported(tmp_path, capsys):
