@@ -386,7 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, value, low, high in bounds:
         if not low <= value <= high:  # false for NaN too
             p.error(f"{flag} must be {low:g} to {high:g}, got {value:g}")
-    if args.json:
+    if args.json is not None:
         try:
             check_destination(args.json, None)  # before the benchmark, not after it
         except ValueError as error:

@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -141,6 +142,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--batch-size must be 1-4096, --lr above 0 and at most 1, --weight-decay 0-10")
     if not 0 <= args.threads <= 1024:
         parser.error("--threads must be 0 (every core) to 1024")
+    if not 0 <= args.seed < 2**31:
+        parser.error(f"--seed must be 0 to {2**31 - 1}, got {args.seed}")
+    if args.out and args.save and Path(args.out).resolve() == Path(args.save).resolve():
+        parser.error("--out (the result, JSON) and --save (the weights) must be different files")
     for flag, path in (("--out", args.out), ("--save", args.save)):
         try:
             if path:

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import reprlib
@@ -42,6 +43,12 @@ def check_destination(path: str | Path, files: tuple[str, ...] | None) -> None:
     nearest = next(parent for parent in path.parents if parent.exists())
     if not nearest.is_dir():
         raise ValueError(f"cannot write {path}: {nearest} is a file, not a folder")
+    try:  # a folder may refuse new files (read-only, /proc): found out now, not after the work
+        probe = nearest / f".write-probe-{os.getpid()}-{os.urandom(4).hex()}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write {path}: {nearest} takes no new files ({error.strerror or error})") from None
     if not os.path.lexists(path):
         return
     if files is None:
@@ -204,13 +211,17 @@ def markdown_table(
 
 
 def remove_left_by_the_dead(path: Path) -> None:
-    """Remove what a writer of path that was killed (kill -9, a power cut) left beside it: the
-    partial files and folders Staging names after their writer's process, where that process is
-    no longer running."""
+    """Clear up after a writer of path that was killed (kill -9, a power cut): the partial files and
+    folders Staging names after their writer's process, where that process is no longer running,
+    are removed, but for what was at path before: killed between moving it aside and moving the new
+    one in, the writer left path empty, and the old one is put back."""
     for left in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
         writer = left.name.rsplit(".partial-", 1)[1].split("-")[0]
         if writer.isdigit() and not process_running(int(writer)):
-            remove(left)
+            if left.name.endswith(".older") and not os.path.lexists(path):
+                os.rename(left, path)
+            else:
+                remove(left)
 
 
 def process_running(pid: int) -> bool:
@@ -221,3 +232,13 @@ def process_running(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def file_digest(*paths: Path) -> str:
+    """A short SHA-256 of the files' bytes, in order: what tells one split or teacher from another."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]

@@ -7,6 +7,7 @@ the file. MNIST_ROOT (or --mnist-root) says where they are.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -94,6 +95,7 @@ def load_mnist(root: str | Path, *, train: bool) -> tuple[np.ndarray, np.ndarray
     giving digits wrong labels."""
     files = mnist_files(root, train=train)
     if not all(path.is_file() for path in files.values()):
+        check_gz_copies([path for path in files.values() if not path.is_file()])
         download_mnist(root, train=train)
     check_mnist_files(root, train=train)
     images = np.fromfile(files["images"], dtype=np.uint8, offset=16).reshape(-1, DIGIT_SIZE, DIGIT_SIZE)
@@ -103,6 +105,23 @@ def load_mnist(root: str | Path, *, train: bool) -> tuple[np.ndarray, np.ndarray
             f"{files['labels']} holds labels up to {labels.max()}, MNIST's are 0-9: restore the original file"
         )
     return images, labels
+
+
+def check_gz_copies(missing: list[Path]) -> None:
+    """Raise MnistUnavailableError naming a .gz copy of a missing file that cannot be unpacked
+    (cut short, not gzip): torchvision would unpack it, fail, and blame the network."""
+    for path in missing:
+        packed = path.with_name(path.name + ".gz")
+        if packed.is_file():
+            try:
+                with gzip.open(packed) as file:
+                    while file.read(1 << 20):
+                        pass
+            except (OSError, EOFError) as error:
+                raise MnistUnavailableError(
+                    f"{packed} cannot be unpacked ({error or type(error).__name__}): the file is cut short or "
+                    "damaged; restore the original file, or delete it to download MNIST again"
+                ) from None
 
 
 def download_mnist(root: str | Path, *, train: bool) -> None:

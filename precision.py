@@ -235,6 +235,8 @@ def pick_device(requested: str = "auto") -> torch.device:
         device = torch.device(requested)
     except RuntimeError as error:
         raise ValueError(f"unknown device {requested!r}: expected auto, cpu, cuda, cuda:N or mps") from error
+    if device.type not in ("cpu", "cuda", "mps") or (device.type == "cpu" and device.index):
+        raise ValueError(f"device {requested!r}: expected auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {requested!r}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) here")
     if device.type == "mps" and not torch.backends.mps.is_available():

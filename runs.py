@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from datasets import CachedComposites, leave_ctrl_c_to_the_parent
-from files import locked
+from files import file_digest, locked
 from model import DigitSequenceTransformer, ModelConfig
 from precision import Precision, pick_device
 
@@ -70,7 +70,8 @@ def cores_per_process() -> int:
 
 DEFAULT_RUN_FOLDER = "runs/default"  # a run's --out-dir unless it says otherwise
 # What a run writes in its folder: a folder holding any of them belongs to that run.
-RUN_FILES = ("config.json", "last.pt", "best.pt", "model.pt", "test_metrics.json")
+# What a run has to show for its work; a folder with only config.json holds a start that failed.
+RUN_FILES = ("last.pt", "best.pt", "model.pt", "test_metrics.json")
 
 
 def refuse_a_used_run_folder(out_dir: Path) -> None:
@@ -78,8 +79,8 @@ def refuse_a_used_run_folder(out_dir: Path) -> None:
     of them and leave the others, two runs mixed in one folder and the first one's last.pt lost."""
     held = [name for name in RUN_FILES if (out_dir / name).exists()]
     if held:
-        go_on = f"continue it with --resume {out_dir / 'last.pt'}, " if "last.pt" in held else ""
-        raise ValueError(f"{out_dir} holds another run ({', '.join(held)}): {go_on}or give this run another --out-dir")
+        go_on = f"continue it with --resume {out_dir / 'last.pt'}, or " if "last.pt" in held else ""
+        raise ValueError(f"{out_dir} holds another run ({', '.join(held)}): {go_on}give this run another --out-dir")
 
 
 class RunFolderBusyError(RuntimeError):
@@ -279,6 +280,7 @@ def restore(training: TrainingState, checkpoint: dict, procs: Processes) -> None
         training.ema.load_state_dict(checkpoint["model"])
     training.optimizer.load_state_dict(state["optimizer"])
     training.step, training.best_score, training.wandb_id = checkpoint["step"], state["best_score"], state["wandb_id"]
+    training.seconds_before = state.get("train_seconds", 0.0)  # recorded by runs since it was
     training.val_metrics = checkpoint["metrics"]["val"]
     saved = state["random_states"]
     if len(saved) == procs.world_size:
@@ -316,6 +318,8 @@ def save_run_checkpoint(name: str, job: RunContext, training: TrainingState) -> 
                 "wandb": job.options.wandb,
                 "composite_cache": job.options.composite_cache,
                 "splits_digest": job.options.splits_digest,
+                "teacher_digests": job.options.teacher_digests,
+                "train_seconds": training.seconds_trained(job),
             },
         )
 
@@ -455,6 +459,8 @@ def restore_settings(
 ) -> tuple[ModelConfig, TrainConfig, dict]:
     """The configs (the model's, and one of train_config_class) and the checkpoint of the run to
     resume; --out-dir defaults to its folder."""
+    if not Path(options.resume).is_file():
+        raise CheckpointError(f"--resume {options.resume}: no such file (a run keeps its last.pt in its --out-dir)")
     checkpoint = load_checkpoint(options.resume)
     if "training" not in checkpoint:
         raise CheckpointError(
@@ -470,6 +476,14 @@ def restore_settings(
     options.started_from = checkpoint["training"].get("init_from")
     options.distill_from = checkpoint["training"].get("distill_from", [])
     options.teachers = load_teachers(options.distill_from, checkpoint["model_config"], train_config)
+    options.teacher_digests = [file_digest(Path(path)) for path in options.distill_from]
+    recorded = checkpoint["training"].get("teacher_digests")  # recorded by runs since it was
+    for path, now, then in zip(options.distill_from, options.teacher_digests, recorded or options.teacher_digests):
+        if now != then:
+            raise CheckpointError(
+                f"--distill-from {path} is not the file the run was distilled from (its bytes changed since): "
+                "put that teacher back, or start a new run"
+            )
     options.wandb = options.wandb or checkpoint["training"].get("wandb", "auto")
     options.composite_cache = options.composite_cache or checkpoint["training"].get("composite_cache")
     options.splits_digest = checkpoint["training"].get("splits_digest")  # written by runs since it was recorded

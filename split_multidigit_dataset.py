@@ -36,7 +36,7 @@ import numpy as np
 
 from augment import ink_box
 from datasets import DATASET_FILES, write_dataset_files
-from files import CommandLine, Staging, check_destination
+from files import CommandLine, Staging, check_destination, file_digest
 from mnist import DIGIT_SIZE, MNIST_COUNTS, MnistUnavailableError, load_mnist
 from multidigit_generator import (
     Composite,
@@ -151,6 +151,7 @@ def prepare_splits(
     counts = {"val": val_images, "test": test_images}
     # All three are moved into place together once written, splits.json last: it is there only with
     # the val/ and test/ it describes.
+    contents = {}
     with Staging() as staging:
         for offset, split in enumerate(("val", "test"), start=1):
             images, labels, mnist_split = sources[split]
@@ -159,7 +160,9 @@ def prepare_splits(
             # Different seeds per split, so val and test are not the same draws from different digits.
             composites = generate(split_composer, counts[split], seed + offset, pool_indices=pool)
             metadata = dict(split_composer.settings(), seed=seed + offset, mnist_split=mnist_split)
-            write_dataset_files(staging.folder(data_dir / split, DATASET_FILES), composites, metadata)
+            written = staging.folder(data_dir / split, DATASET_FILES)
+            write_dataset_files(written, composites, metadata)
+            contents[split] = split_digest(written)
         record = dict(
             seed=seed,
             val_fraction=val_fraction,
@@ -167,6 +170,7 @@ def prepare_splits(
             test_images=test_images,
             composer=split_composer.settings(),
             pools=pools,
+            contents=contents,  # which val/ and test/ these are: a run checks them before using them
         )
         staging.file(data_dir / SPLITS_FILE).write_text(json.dumps(record))
     return record
@@ -231,6 +235,27 @@ def mnist_digits(images: np.ndarray, labels: np.ndarray, canvas_size: int) -> li
         x0, y0, x1, y1 = ink_box(digit) or (0, 0, DIGIT_SIZE, DIGIT_SIZE)
         composites.append(Composite(canvas, str(label), "scatter", [(x0 + at, y0 + at, x1 + at, y1 + at)], [index]))
     return composites
+
+
+def split_digest(folder: Path) -> str:
+    """What tells one val/ or test/ set from another: a digest of its images and records."""
+    return file_digest(folder / "labels.json", folder / "images.npy")
+
+
+def check_split_folders(data_dir: Path, splits: dict) -> None:
+    """ValueError unless data_dir's val/ and test/ are the sets its splits.json was written with:
+    a set of another split would hold digits the run trains on."""
+    if "contents" not in splits:
+        raise ValueError(
+            f"{data_dir / SPLITS_FILE} does not say which val/ and test/ it was written with (an earlier "
+            f"version wrote it): split again with split_multidigit_dataset.py --data-dir {data_dir}"
+        )
+    for split, digest in splits["contents"].items():
+        if not (data_dir / split / "labels.json").is_file() or split_digest(data_dir / split) != digest:
+            raise ValueError(
+                f"{data_dir / split} is not the set {data_dir / SPLITS_FILE} was written with (missing, changed or "
+                f"from another split): split again with split_multidigit_dataset.py --data-dir {data_dir}"
+            )
 
 
 def load_splits(data_dir: str | Path) -> dict:

@@ -84,9 +84,12 @@ def sweep(
             if run is not None:
                 run.finish(exit_code=1)
         else:
-            if not result["finished"]:
+            if result["interrupted"]:
                 return False
-            row[metric], row["settings"] = result["val"][metric], result["settings"]
+            if metric not in result["val"]:  # --max-steps stopped it before its first validation
+                row["error"] = "stopped by --max-steps before its first validation"
+            else:
+                row[metric], row["settings"] = result["val"][metric], result["settings"]
         rows.append({**row, "minutes": (time.time() - started) / 60})
         return True
 

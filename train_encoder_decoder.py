@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -59,7 +58,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, save_checkpoint
 from datasets import CachedComposites, EpochInMemory, FreshComposites, MultiDigitFolder
 from evaluate import SequenceAccuracy, as_expected, as_read, expected_calibration_error, fit_calibration
-from files import CommandLine, Staging
+from files import CommandLine, Staging, file_digest
 from losses import TrainingLoss, patch_targets, teacher_probabilities
 from mnist import MnistUnavailableError, load_mnist
 from model import (
@@ -100,7 +99,7 @@ from runs import (
     start_wandb,
     wandb_mode,
 )
-from split_multidigit_dataset import SPLITS_FILE, load_splits, prepare_splits
+from split_multidigit_dataset import SPLITS_FILE, check_split_folders, load_splits, prepare_splits
 from sweep_config import TRIAL_BUDGET
 from sweeps import sweep
 from train_options import (
@@ -287,12 +286,13 @@ def build_data(job: RunContext) -> RunData:
     if procs.world_size > 1:
         dist.barrier()  # the other ranks wait for rank 0's val/test sets
     splits = load_splits(data_dir)
-    options.splits_digest = hashlib.sha256((data_dir / SPLITS_FILE).read_bytes()).hexdigest()[:16]
+    options.splits_digest = file_digest(data_dir / SPLITS_FILE)
     if trained_on and options.splits_digest != trained_on:
         raise ValueError(
             f"{data_dir / SPLITS_FILE} is not the split the run being resumed trained on (split again since?): "
             "put that split back, or pass the --data-dir that holds it"
         )
+    check_split_folders(data_dir, splits)
     made = splits["composer"]
     if made["max_digits"] > model_config.max_digits or made["canvas_size"] != model_config.image_size:
         raise ValueError(
@@ -334,6 +334,7 @@ class TrainingState:
     objective: nn.Module  # the loss; under torchrun wrapped in DDP, with --compile compiled
     teachers: list[DigitSequenceTransformer] = field(default_factory=list)  # --distill-from's models
     step: int = 0
+    seconds_before: float = 0.0  # training time of the processes before this one, when resumed
     best_score: float = -1.0
     wandb_id: str | None = None
     val_metrics: dict = field(default_factory=dict)  # the last validation's, as logged
@@ -347,6 +348,10 @@ class TrainingState:
     def replicas(self) -> list[nn.Module]:
         """What every rank holds a copy of."""
         return [self.model] + ([self.ema] if self.ema is not None else [])
+
+    def seconds_trained(self, job: RunContext) -> float:
+        """The run's training time so far, over every process that trained it."""
+        return self.seconds_before + (time.time() - job.started if job.started else 0.0)
 
 
 def build_training(job: RunContext) -> TrainingState:
@@ -489,7 +494,9 @@ def train_one_epoch(job: RunContext, training: TrainingState, data: RunData, epo
             bar.set_postfix(loss=f"{logged_loss.item():.4f}", lr=f"{lr:.2e}")
             epochs_done = training.step / data.steps_per_epoch
             job.log.log({"train/loss": logged_loss.item(), "train/lr": lr, "epoch": epochs_done}, step=training.step)
-        if stop.agreed() or 0 < options.max_steps <= training.step:
+        # --max-steps on an epoch's last step lets the epoch end as usual: validated, best.pt kept.
+        last_of_epoch = training.step % data.steps_per_epoch == 0
+        if stop.agreed() or (0 < options.max_steps <= training.step and not last_of_epoch):
             bar.close()
             return True
         if options.save_every and training.step % options.save_every == 0:
@@ -580,13 +587,12 @@ def train(
     checkpoint: dict | None = None,
     run: object = None,
 ) -> dict:
-    """One training run; returns its results ("finished": False when it stopped early), with the
-    last validation metrics under "val" by the names they are logged with. checkpoint: the
-    last.pt to resume; run: a wandb run already started (by a sweep agent)."""
+    """One training run; returns its results ("finished": False when it stopped early, "interrupted"
+    when by Ctrl-C or SIGTERM rather than --max-steps), with the last validation metrics under "val"
+    by the names they are logged with. checkpoint: the last.pt to resume; run: a wandb run already
+    started (by a sweep agent)."""
     job = start_job(options, model_config, train_config, all_settings(model_config, train_config))
     with RunLock(job.out_dir, job.procs):  # one run per folder, from before anything is written
-        if job.procs.is_main:
-            (job.out_dir / "config.json").write_text(json.dumps(job.settings, indent=2) + "\n")
         data = build_data(job)
         training = build_training(job)
         # A resumed run keeps its thread count: matrix products split over other counts round differently.
@@ -599,6 +605,9 @@ def train(
         )
         if checkpoint is not None:
             restore(training, checkpoint, job.procs)
+            if training.step >= data.total_steps and (job.out_dir / "test_metrics.json").is_file():
+                job.procs.say(f"{job.out_dir} holds a finished run (model.pt, test_metrics.json): nothing to resume")
+                return {"finished": True, "interrupted": False, "step": training.step, "val": training.val_metrics}
             epoch = training.step // data.steps_per_epoch
             job.procs.say(f"resumed from {options.resume} at step {training.step} (epoch {epoch + 1})")
         elif options.init_from:
@@ -607,15 +616,18 @@ def train(
             job.procs.say(f"distilling {', '.join(options.distill_from)} (weight {train_config.distill_weight})")
         with StopSignal(job.procs) as stop:  # from here on, Ctrl-C stops after a step (or a batch composed)
             if not compose_ahead(job, training, data, stop):
-                return {"finished": False, "step": training.step, "val": training.val_metrics}
+                return {"finished": False, "interrupted": True, "step": training.step, "val": training.val_metrics}
+            if job.procs.is_main:  # only once the run can train: a start that failed leaves nothing
+                (job.out_dir / "config.json").write_text(json.dumps(job.settings, indent=2) + "\n")
             job.started, job.first_step = time.time(), training.step
             job.procs.say(describe(job, training, data), flush=True)
             job.log = start_wandb(job, training, run)
             finished = run_epochs(job, training, data, stop)
-            wall = time.time() - job.started
-            result = export(job, training, data, wall=wall, steps=training.step - job.first_step) if finished else {}
+            result = export(job, training, data) if finished else {}
+            interrupted = stop.requested_at is not None
         job.log.finish()
-    return {**result, "finished": finished, "step": training.step, "val": training.val_metrics}
+    stopped = {"finished": finished, "interrupted": interrupted, "settings": job.settings}
+    return {**result, **stopped, "step": training.step, "val": training.val_metrics}
 
 
 def describe(job: RunContext, training: TrainingState, data: RunData) -> str:
@@ -657,7 +669,10 @@ def run_epochs(job: RunContext, training: TrainingState, data: RunData, stop: St
             return False
         end_of_epoch(job, training, data, epoch)
     if training.step < data.total_steps:
-        job.procs.say(f"at step {training.step}, which --max-steps {max_steps} does not go past: nothing to train")
+        job.procs.say(
+            f"stopped at step {training.step} by --max-steps {max_steps}; {job.out_dir / 'last.pt'} holds the run "
+            "(continue with --resume)"
+        )
     return training.step >= data.total_steps
 
 
@@ -714,7 +729,7 @@ def calibrate(job: RunContext, training: TrainingState, data: RunData) -> Calibr
     return calibration
 
 
-def export(job: RunContext, training: TrainingState, data: RunData, *, wall: float, steps: int) -> dict:
+def export(job: RunContext, training: TrainingState, data: RunData) -> dict:
     """The final weights (averaged, at the end of the cosine decay) on the test set, written to
     test_metrics.json and model.pt. They are what ships, not best.pt's: on a few thousand
     validation images the last epochs differ by a few images, and picking among them picks noise
@@ -732,10 +747,11 @@ def export(job: RunContext, training: TrainingState, data: RunData, *, wall: flo
             training.evaluated, data.test_set, procs, precision=job.validation_precision, desc="testing"
         )
         job.log.summary.update({f"test/{k}": v for k, v in test_metrics.items()})
+    wall = training.seconds_trained(job)  # every process's of the run, if it was resumed
     result = {
         "test": test_metrics,
         "train_wall_seconds": wall,
-        "train_images_per_second": steps * job.train_config.batch_size / wall,  # this process's steps, if resumed
+        "train_images_per_second": training.step * job.train_config.batch_size / wall,
         "parameters": training.model.num_parameters(),
         "device": str(procs.device),
         "world_size": procs.world_size,
@@ -823,6 +839,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
         if options.init_from:
             options.init_weights = initial_weights(options.init_from, model_config)
         options.teachers = load_teachers(options.distill_from, model_config, train_config)
+        options.teacher_digests = [file_digest(Path(path)) for path in options.distill_from]
     except (CheckpointError, ValueError) as error:
         parser.error(str(error))
     if train_config.batch_size % world_size:

@@ -206,17 +206,19 @@ def read_config_file(path: str, settings: list[str]) -> dict:
 
 def check_run_options(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None:
     """Exit with a usage error for run options no run can take."""
-    for name in ("max_steps", "num_workers", "log_every", "save_every", "threads"):
-        least = 1 if name in ("log_every", "threads") else 0
+    bounds = {"max_steps": (0, 10**9), "num_workers": (0, 64), "log_every": (1, 10**9), "save_every": (0, 10**9)}
+    for name, (least, most) in {**bounds, "threads": (1, 1024)}.items():
         value = getattr(options, name)
-        if value is not None and value < least:
-            parser.error(f"--{name.replace('_', '-')} must be at least {least}")
+        if value is not None and not least <= value <= most:
+            parser.error(f"--{name.replace('_', '-')} must be {least} to {most:,}, got {value}")
     if options.count is not None and (options.count < 1 or options.run_type != "sweep"):
         parser.error(f"--count is the number of sweep trials: at least 1, with --run-type sweep (got {options.count})")
     try:
         pick_device(options.device)
     except ValueError as error:
         parser.error(f"--device: {error}")
+    if options.out_dir and Path(options.out_dir).exists() and not Path(options.out_dir).is_dir():
+        parser.error(f"--out-dir {options.out_dir} is a file: a run writes a folder; give another path")
     if options.composite_cache is not None and (problem := cache_folder_problem(options.composite_cache)):
         parser.error(problem)
     if options.composite_cache is not None and options.compose == "alongside":

@@ -85,9 +85,10 @@ def test_absurd_arguments_and_a_missing_checkpoint_are_refused(capsys, tmp_path)
         with pytest.raises(SystemExit):
             main(["--batch-size", size])
         assert "--batch-size must be 1 to 4096" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # a --json that cannot be written is refused before the benchmark
-        main(["--json", str(tmp_path)])
-    assert "--json: " in capsys.readouterr().err
+    for unwritable in (str(tmp_path), "", "/proc/no-such-folder/bench.json"):  # refused before the benchmark
+        with pytest.raises(SystemExit):
+            main(["--json", unwritable])
+        assert "--json: " in capsys.readouterr().err
     assert main(["--checkpoint", "missing.pt"]) == 2
     assert "error: no checkpoint at missing.pt" in capsys.readouterr().err
 

@@ -48,7 +48,17 @@ def test_a_short_training_reads_most_digits(tmp_path, mnist_root, mnist_test, ca
     assert errors == [tuple(e) for e in record["errors"] if e[0] < 2000], "the saved weights are the ones scored"
 
 
-BAD_FLAGS = [["--minutes", "0"], ["--steps", "-1"], ["--batch-size", "0"], ["--out", "."], ["--save", "."]]
+BAD_FLAGS = [
+    ["--minutes", "0"],
+    ["--steps", "-1"],
+    ["--batch-size", "0"],
+    ["--out", "."],
+    ["--save", "."],
+    ["--seed", "99999999999999999999999"],
+    ["--seed", "-1"],
+    ["--out", "/proc/no-such-folder/result.json"],  # a folder that takes no files: refused before training
+    ["--out", "same.json", "--save", "same.json"],  # the weights would overwrite the result
+]
 
 
 @pytest.mark.parametrize("flags", BAD_FLAGS)

@@ -195,7 +195,7 @@ def test_an_out_folder_that_cannot_be_made_is_refused_before_any_reading(tiny_da
     with pytest.raises(SystemExit) as exited:
         main([str(tiny_data_dir / "test"), "--checkpoint", str(tiny_run / "best.pt"), "--out", "/proc/no-such/reports"])
     err = capsys.readouterr().err
-    assert exited.value.code == 2 and "--out /proc/no-such/reports: cannot make the folder" in err
+    assert exited.value.code == 2 and "--out: cannot write /proc/no-such/reports/test: /proc takes no new files" in err
 
 
 def test_missing_checkpoint_exits_2(tmp_path, tiny_data_dir, capsys):

@@ -1,3 +1,4 @@
+import gzip
 import json
 import math
 import os
@@ -613,8 +614,17 @@ def test_cli_refuses_mnist_files_from_different_splits(tmp_path, mnist_root, cap
             ),
             "t10k-labels-idx1-ubyte holds labels up to 10, MNIST's are 0-9",
         ),
+        (
+            lambda raw: (
+                (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(
+                    gzip.compress((raw / "t10k-labels-idx1-ubyte").read_bytes())[:3000]
+                ),
+                (raw / "t10k-labels-idx1-ubyte").unlink(),
+            ),
+            "t10k-labels-idx1-ubyte.gz cannot be unpacked",
+        ),
     ],
-    ids=["labels for images", "cut short", "no header", "labels over 9"],
+    ids=["labels for images", "cut short", "no header", "labels over 9", "gz copy cut short"],
 )
 def test_damaged_mnist_files_are_named(tmp_path, mnist_root, alter, message):
     alter(copy_mnist(mnist_root, tmp_path))
@@ -775,6 +785,19 @@ def test_staging_puts_everything_back_when_a_move_fails(tmp_path, monkeypatch):
             (staging.folder(tmp_path / name, DATASET_FILES) / "images.npy").write_text("new")
         staging.file(tmp_path / "record.json").write_text("new")
     assert snapshot(tmp_path) == kept and sorted(os.listdir(tmp_path)) == ["a", "b", "record.json"]
+
+
+def test_what_a_killed_writer_had_moved_aside_is_put_back_not_deleted(tmp_path):
+    # Killed (kill -9) between moving the old dataset aside and moving the new one in: the old one
+    # is the only copy. The next writer puts it back before it writes; if that write fails, it stays.
+    write_dataset(tmp_path / "set", tiny_composites(2), {"seed": 1})
+    old = snapshot(tmp_path / "set")
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "set").rename(tmp_path / f".set.partial-{killed.stdout.strip()}-0123abcd.older")
+    with pytest.raises(RuntimeError, match="interrupted"), Staging() as staging:
+        (staging.folder(tmp_path / "set", DATASET_FILES) / "images.npy").write_text("new")
+        raise RuntimeError("interrupted")
+    assert snapshot(tmp_path / "set") == old and os.listdir(tmp_path) == ["set"]
 
 
 def test_written_folders_and_files_get_the_permissions_mkdir_and_open_would_give(tmp_path):

@@ -363,10 +363,12 @@ def test_a_name_too_long_for_the_file_system_gets_an_error_line(tmp_path, untrai
     assert capsys.readouterr().err == f"{too_long}: error: cannot read file (File name too long)\n"
 
 
-def test_a_device_this_machine_lacks_is_refused_before_anything_is_read(tmp_path, capsys):
+@pytest.mark.parametrize("device", ["tpu", "meta", "xpu", "cpu:7"])
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_read(tmp_path, capsys, device):
     with pytest.raises(SystemExit):
-        main(["--device", "tpu", str(tmp_path / "x.png")])
-    assert "--device: unknown device 'tpu'" in capsys.readouterr().err
+        main(["--device", device, str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert "--device: " in err and f"{device!r}" in err and "expected auto, cpu, cuda, cuda:N or mps" in err
 
 
 def test_a_lossless_webp_reads_as_the_png_of_the_same_pixels(tmp_path, untrained_checkpoint, composite, capsys):

@@ -23,6 +23,7 @@ from checkpoint import load_checkpoint, load_model
 from conftest import REPO, TINY_MODEL
 from model import ModelConfig
 from predict import main as predict_main
+from split_multidigit_dataset import prepare_splits
 from train_encoder_decoder import RECIPES, SETTINGS, TrainConfig, all_settings, make_configs, parse_args
 from train_encoder_decoder import main as train_main
 
@@ -156,9 +157,21 @@ def test_a_new_run_into_a_used_folder_is_refused_and_leaves_the_first_run_whole(
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     assert train_main(train_args(tiny_data_dir, mnist_root, folder, "--max-steps", "1", "--lr", "0.003")) == 2
     err = capsys.readouterr().err
-    assert f"{folder} holds another run (config.json, last.pt" in err
-    assert f"continue it with --resume {folder / 'last.pt'}" in err
+    assert f"{folder} holds another run (last.pt" in err
+    assert f"continue it with --resume {folder / 'last.pt'}, or give this run another --out-dir" in err
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
+def test_a_start_that_failed_leaves_the_folder_free_for_the_next_run(tmp_path, tiny_data_dir, mnist_root, capsys):
+    folder = tmp_path / "run"
+    (tmp_path / "a-file").write_text("")
+    for refused in (["--data-dir", str(tmp_path / "a-file" / "data")], ["--device", "meta"]):
+        with contextlib.suppress(SystemExit):
+            assert train_main([*train_args(tiny_data_dir, mnist_root, folder, "--max-steps", "1"), *refused]) == 2
+        assert "error:" in capsys.readouterr().err
+        assert not [p for p in folder.glob("*") if p.name != ".lock"]  # no config.json of a run that never ran
+    assert train_main(train_args(tiny_data_dir, mnist_root, folder, "--max-steps", "1")) == 0
+    assert json.loads((folder / "config.json").read_text())["train_images"] and (folder / "last.pt").is_file()
 
 
 def test_a_data_folder_composed_for_another_model_is_refused_before_training(
@@ -188,6 +201,13 @@ def test_resume_goes_on_with_the_data_split_it_trained_on_or_not_at_all(tmp_path
     assert "is not the split the run being resumed trained on" in capsys.readouterr().err
     (data / "splits.json").write_text(split)
     assert train_main(resume) == 0 and torch.load(last, weights_only=True)["step"] == 2
+    # A val/ of another split beside this splits.json would hold digits the run trains on.
+    prepare_splits(tmp_path / "other", mnist_root=mnist_root, val_images=48, test_images=48, seed=1)
+    shutil.rmtree(data / "val")
+    shutil.copytree(tmp_path / "other" / "val", data / "val")
+    assert train_main([*resume[:3], "3", *resume[4:]]) == 2
+    assert f"{data / 'val'} is not the set {data / 'splits.json'} was written with" in capsys.readouterr().err
+    assert torch.load(last, weights_only=True)["step"] == 2
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and a cluster's preemption notice
@@ -217,7 +237,7 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, tiny_data_d
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
     # A run already at or past --max-steps trains no further (and exports nothing).
     assert train_main(["--resume", str(tmp_path / "last.pt"), "--max-steps", "1", "--wandb", "disabled"]) == 0
-    assert "at step 2, which --max-steps 1 does not go past: nothing to train" in capsys.readouterr().out
+    assert "stopped at step 2 by --max-steps 1" in capsys.readouterr().out
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
 
 
@@ -403,8 +423,9 @@ def test_write_faults_are_one_line_and_leave_saved_files_whole(
     import model
 
     (tmp_path / "a_file").write_text("not a folder")
-    assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path / "a_file")) == 1
-    assert "error: File exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        train_main(train_args(tiny_data_dir, mnist_root, tmp_path / "a_file"))
+    assert exited.value.code == 2 and "--out-dir " + str(tmp_path / "a_file") + " is a file" in capsys.readouterr().err
     assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path / "run", "--max-steps", "1")) == 0
     before = (tmp_path / "run" / "last.pt").read_bytes()
 
@@ -482,9 +503,14 @@ def test_resuming_a_finished_run_says_so_and_exports_its_final_weights_again(
 ):
     # A run whose export did not finish (a crash while testing) is completed by --resume.
     assert train_main(train_args(tiny_data_dir, mnist_root, tmp_path, "--epochs", "1", "--train-images", "32")) == 0
-    exported = load_checkpoint(tmp_path / "model.pt")
-    (tmp_path / "model.pt").unlink()
+    exported, metrics = load_checkpoint(tmp_path / "model.pt"), json.loads((tmp_path / "test_metrics.json").read_text())
+    finished = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != ".lock"}
     capsys.readouterr()
+    assert train_main(["--resume", str(tmp_path / "last.pt"), "--wandb", "disabled"]) == 0
+    assert "holds a finished run (model.pt, test_metrics.json): nothing to resume" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != ".lock"} == finished
+    (tmp_path / "model.pt").unlink()
+    (tmp_path / "test_metrics.json").unlink()
     assert train_main(["--resume", str(tmp_path / "last.pt"), "--wandb", "disabled"]) == 0
     out = capsys.readouterr().out
     assert "all 1 steps were trained already: scoring and exporting the final weights" in out
@@ -493,12 +519,33 @@ def test_resuming_a_finished_run_says_so_and_exports_its_final_weights_again(
     # The same model as the first export: reading to calibrate must not move BatchNorm's statistics.
     assert again["calibration"] == exported["calibration"]
     assert all(torch.equal(t, again["model"][k]) for k, t in exported["model"].items())
+    # Its training time is the first process's, not the exporting one's (which trained nothing).
+    redone = json.loads((tmp_path / "test_metrics.json").read_text())
+    for figure in ("train_wall_seconds", "train_images_per_second"):
+        assert redone[figure] == pytest.approx(metrics[figure], rel=0.3) and redone[figure] > 0
+
+
+def test_max_steps_at_an_epochs_end_validates_it_and_resuming_picks_the_same_best(
+    tmp_path, tiny_data_dir, mnist_root, capsys
+):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert train_main(train_args(tiny_data_dir, mnist_root, straight, "--epochs", "2")) == 0
+    assert train_main(train_args(tiny_data_dir, mnist_root, stopped, "--epochs", "2", "--max-steps", "3")) == 0
+    assert "stopped at step 3 by --max-steps 3" in capsys.readouterr().out  # 3 steps of 32 make epoch 1
+    assert load_checkpoint(stopped / "best.pt")["step"] == 3  # epoch 1 was validated
+    assert train_main(["--resume", str(stopped / "last.pt")]) == 0
+    assert load_checkpoint(stopped / "best.pt")["step"] == load_checkpoint(straight / "best.pt")["step"]
+    assert torch.equal(
+        load_checkpoint(stopped / "model.pt")["model"]["head.weight"],
+        load_checkpoint(straight / "model.pt")["model"]["head.weight"],
+    )
 
 
 def test_distill_from_teaches_with_trained_models_through_a_resume_and_refuses_what_cannot_teach(
     tmp_path, tiny_run, tiny_data_dir, mnist_root, capsys
 ):
-    teacher = str(tiny_run / "model.pt")
+    teacher = str(tmp_path / "teacher.pt")
+    shutil.copyfile(tiny_run / "model.pt", teacher)
     args = train_args(tiny_data_dir, mnist_root, tmp_path / "student", "--distill-from", teacher, teacher)
     assert train_main([*args, "--max-steps", "1"]) == 0
     assert "distilling" in capsys.readouterr().out
@@ -506,6 +553,12 @@ def test_distill_from_teaches_with_trained_models_through_a_resume_and_refuses_w
     resumed = load_checkpoint(tmp_path / "student" / "last.pt")
     assert resumed["step"] == 2 and resumed["training"]["distill_from"] == [teacher, teacher]
     assert "distilling" in capsys.readouterr().out
+    # The teacher's file replaced by another model: the run would go on learning from someone else.
+    shutil.copyfile(tiny_run / "best.pt", teacher)
+    assert train_main(["--resume", str(tmp_path / "student" / "last.pt"), "--max-steps", "3"]) == 2
+    assert f"--distill-from {teacher} is not the file the run was distilled from" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "student" / "last.pt")["step"] == 2
+    shutil.copyfile(tiny_run / "model.pt", teacher)
     missing = str(tmp_path / "none.pt")
     for extra, message in (
         (["--distill-from", missing], f"--distill-from {missing}: no such file"),
@@ -576,11 +629,21 @@ def test_wandb_auto_is_saved_as_the_mode_it_chose(tmp_path, monkeypatch):
     assert parse_args(["--wandb", "disabled"])[0].wandb == "disabled"
 
 
-def test_a_usage_error_is_one_line(capsys):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--threads", "0"], "--threads must be 1 to 1,024, got 0"),
+        (["--threads", "1000000"], "--threads must be 1 to 1,024"),
+        (["--num-workers", "1000"], "--num-workers must be 0 to 64"),
+        (["--max-steps", "-1"], "--max-steps must be 0 to"),
+        (["--device", "meta"], "expected auto, cpu, cuda, cuda:N or mps"),
+    ],
+)
+def test_a_usage_error_is_one_line(capsys, flags, message):
     with pytest.raises(SystemExit) as exited:
-        parse_args(["--threads", "0"])
+        parse_args(flags)
     err = capsys.readouterr().err
-    assert exited.value.code == 2 and err.count("\n") == 1 and "--threads must be at least 1" in err
+    assert exited.value.code == 2 and err.count("\n") == 1 and message in err
 
 
 def test_weight_averaging_moves_every_float_tensor_by_the_ramped_decay_and_copies_counters():
