@@ -365,6 +365,7 @@ class RunContext:
     started: float = 0.0  # when this process started training, and at which step: the ETA's basis
     first_step: int = 0
     settings: dict = field(default_factory=dict)  # every setting of both configs, as config.json holds them
+    after_epoch: typing.Callable[[int, dict], bool] | None = None  # a sweep's pruner: False stops the run
 
     @property
     def bf16(self) -> bool:

@@ -43,6 +43,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -586,12 +587,15 @@ def train(
     *,
     checkpoint: dict | None = None,
     run: object = None,
+    after_epoch: Callable[[int, dict], bool] | None = None,
 ) -> dict:
     """One training run; returns its results ("finished": False when it stopped early, "interrupted"
     when by Ctrl-C or SIGTERM rather than --max-steps), with the last validation metrics under "val"
     by the names they are logged with. checkpoint: the last.pt to resume; run: a wandb run already
-    started (by a sweep agent)."""
+    started (by a sweep agent); after_epoch(epoch, validation metrics): False stops the run there
+    (a sweep's pruner)."""
     job = start_job(options, model_config, train_config, all_settings(model_config, train_config))
+    job.after_epoch = after_epoch
     with RunLock(job.out_dir, job.procs):  # one run per folder, from before anything is written
         data = build_data(job)
         training = build_training(job)
@@ -668,7 +672,9 @@ def run_epochs(job: RunContext, training: TrainingState, data: RunData, stop: St
             job.procs.say(f"stopped at step {training.step}; saved {job.out_dir / 'last.pt'} (continue with --resume)")
             return False
         end_of_epoch(job, training, data, epoch)
-    if training.step < data.total_steps:
+        if job.after_epoch is not None and not job.after_epoch(epoch + 1, training.val_metrics):
+            return False
+    if training.step < data.total_steps and 0 < max_steps <= training.step:
         job.procs.say(
             f"stopped at step {training.step} by --max-steps {max_steps}; {job.out_dir / 'last.pt'} holds the run "
             "(continue with --resume)"
@@ -850,10 +856,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     return options, model_config, train_config
 
 
-def train_trial(argv: list[str], run: object = None) -> dict:
-    """A sweep's trial: a training run with this command line, logging to the agent's wandb run if given."""
+def train_trial(argv: list[str], run: object = None, after_epoch: Callable[[int, dict], bool] | None = None) -> dict:
+    """A sweep's trial: a training run with this command line, logging to the agent's wandb run if
+    given, reporting to after_epoch (see train)."""
     options, model_config, train_config = parse_args(argv)
-    return train(options, model_config, train_config, run=run)
+    return train(options, model_config, train_config, run=run, after_epoch=after_epoch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -865,7 +872,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if options.run_type == "sweep":
             full_budget = {k: getattr(TrainConfig(), k) for k in ("epochs", "train_images")}
-            return sweep(options, argv, train_config.seed, train_trial, full_budget)
+            trial_budget = {"seed": train_config.seed, "epochs": train_config.epochs}
+            return sweep(options, argv, trial_budget, train_trial, full_budget)
         checkpoint = None
         if options.resume:
             model_config, train_config, checkpoint = restore_settings(options, TrainConfig)

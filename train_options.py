@@ -57,11 +57,25 @@ def add_run_options(p: argparse.ArgumentParser, recipes: dict[str, dict]) -> Non
         "--run-type",
         choices=("train", "sweep"),
         default="train",
-        help="sweep: train one trial after another with settings from sweep_config.py (online with a W&B "
-        "login, else sampled here), print a summary and write the best settings to best_config.json",
+        help="sweep: trials with settings from sweep_config.py (through W&B's server with a login, else an "
+        "Optuna study in the sweep folder), a summary, pictures and the best settings in best_config.json",
     )
     run.add_argument(
         "--count", type=int, help="sweep: number of trials (default: 8; a grid sweep: all its combinations)"
+    )
+    run.add_argument(
+        "--storage",
+        metavar="URL",
+        help="offline sweep: the Optuna study's database (default: sqlite in the sweep folder; e.g. "
+        "postgresql://host/db, shared by the machines that run the same sweep)",
+    )
+    run.add_argument(
+        "--workers", type=int, default=1, help="offline sweep: processes taking trials from the study at once"
+    )
+    run.add_argument(
+        "--no-pruning",
+        action="store_true",
+        help="offline sweep: run every trial to its whole budget (default: sweep_config's hyperband stops weak trials)",
     )
     run.add_argument(
         "--out-dir",
@@ -211,6 +225,11 @@ def check_run_options(parser: argparse.ArgumentParser, options: argparse.Namespa
         value = getattr(options, name)
         if value is not None and not least <= value <= most:
             parser.error(f"--{name.replace('_', '-')} must be {least} to {most:,}, got {value}")
+    sweeping = options.storage or options.workers != 1 or options.no_pruning
+    if sweeping and options.run_type != "sweep":
+        parser.error("--storage, --workers and --no-pruning are sweep options: add --run-type sweep")
+    if not 1 <= options.workers <= 64:
+        parser.error(f"--workers must be 1 to 64, got {options.workers}")
     if options.count is not None and (options.count < 1 or options.run_type != "sweep"):
         parser.error(f"--count is the number of sweep trials: at least 1, with --run-type sweep (got {options.count})")
     try:
