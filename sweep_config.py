@@ -15,8 +15,8 @@ from __future__ import annotations
 SWEEP = {
     "method": "random",
     "metric": {"name": "val/sequence_accuracy", "goal": "maximize"},
-    # Hyperband: brackets of successive halving that stop a trial after 1, 2 or 4 validations
-    # (epochs) when it trails the others that got as far.
+    # Hyperband: a trial is stopped after 1, 2 or 4 validations (epochs) when it is not in the
+    # better half (1 / eta) of the trials that got as far.
     "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
     "parameters": {
         # Around the default recipe (lr 1e-3, d_model 128, 3 + 2 layers, 4 heads, 12 px patches,

@@ -103,17 +103,19 @@ def sampler_for(sweep: dict, seed: int) -> optuna.samplers.BaseSampler:
     raise ValueError(f"sweep method {method!r}: random, grid or bayes")
 
 
-def pruner_for(sweep: dict, epochs: int) -> optuna.pruners.BasePruner:
-    """early_terminate's hyperband (min_iter, eta) over the trial's epochs; none: every trial runs whole."""
+def pruner_for(sweep: dict) -> optuna.pruners.BasePruner:
+    """early_terminate's hyperband (min_iter, eta): W&B's stops a run at each band (min_iter, then
+    times eta) when it trails the runs that reached that band, all of them compared as one pool:
+    asynchronous successive halving, Optuna's SuccessiveHalvingPruner. (Optuna's HyperbandPruner
+    splits the trials over several brackets, too few in each to compare in a sweep of 8.)
+    None: every trial runs whole."""
     stop = sweep.get("early_terminate")
     if not stop:
         return optuna.pruners.NopPruner()
     if stop.get("type") != "hyperband":
         raise ValueError(f"early_terminate {stop.get('type')!r}: only hyperband has an offline equivalent")
-    return optuna.pruners.HyperbandPruner(
-        min_resource=stop.get("min_iter", 1),
-        max_resource=max(epochs, stop.get("min_iter", 1)),
-        reduction_factor=stop.get("eta", 3),
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=stop.get("min_iter", 1), reduction_factor=stop.get("eta", 3)
     )
 
 
@@ -153,9 +155,7 @@ def refuse_a_foreign_folder(folder: Path, storage_url: str | None) -> None:
         raise ValueError(f"{folder} holds a sweep's files but no {STUDY_FILE} to continue it from: another --out-dir")
 
 
-def open_study(
-    sweep_dir: Path, storage_url: str | None, command: list[str], seed: int, epochs: int, prune: bool
-) -> optuna.Study:
+def open_study(sweep_dir: Path, storage_url: str | None, command: list[str], seed: int, prune: bool) -> optuna.Study:
     """The sweep's study, made or continued; ValueError if it was started with another command line."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -179,7 +179,7 @@ def open_study(
     # A fresh study's first process draws what the seed says; a rerun or another worker draws anew.
     others = len(study.trials) > 0 or os.environ.get(WORKER_VARIABLE)
     study.sampler = sampler_for(SWEEP, seed + (7919 * len(study.trials) + os.getpid() if others else 0))
-    study.pruner = pruner_for(SWEEP, epochs) if prune else optuna.pruners.NopPruner()
+    study.pruner = pruner_for(SWEEP) if prune else optuna.pruners.NopPruner()
     return study
 
 
@@ -256,11 +256,11 @@ def sweep_trial(
     return objective
 
 
-def start_workers(argv: list[str], workers: int, threads: int) -> list[subprocess.Popen]:
+def start_workers(argv: list[str], workers: int) -> list[subprocess.Popen]:
     """workers - 1 more processes running this sweep's command, each taking trials from the study."""
     alone = [a for a, before in zip(argv, ["", *argv]) if "--workers" not in (a.split("=")[0], before)]
     script = Path(__file__).with_name("train_encoder_decoder.py")
-    command = [sys.executable, str(script), *alone, "--workers", "1", "--threads", str(threads)]
+    command = [sys.executable, str(script), *alone, "--workers", "1"]
     return [subprocess.Popen(command, env={**os.environ, WORKER_VARIABLE: "1"}) for _ in range(workers - 1)]
 
 
@@ -282,13 +282,10 @@ def sweep(
     refuse_a_foreign_folder(sweep_dir, options.storage)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     prune = not options.no_pruning
-    study = open_study(
-        sweep_dir, options.storage, study_command(argv), trial_budget["seed"], trial_budget["epochs"], prune
-    )
-    threads = options.threads or max(1, (os.cpu_count() or 1) // options.workers)
-    if options.workers > 1 and not options.threads:
-        argv = [*argv, "--threads", str(threads)]  # the cores shared among the workers
-    children = start_workers(argv, options.workers, threads) if options.workers > 1 else []
+    study = open_study(sweep_dir, options.storage, study_command(argv), trial_budget["seed"], prune)
+    if options.workers > 1 and not options.threads:  # the cores shared among the workers
+        argv = [*argv, "--threads", str(max(1, (os.cpu_count() or 1) // options.workers))]
+    children = start_workers(argv, options.workers) if options.workers > 1 else []
     print(
         f"sweep offline: Optuna study {sweep_dir.name} in {options.storage or sweep_dir / STUDY_FILE} "
         f"({len(study.trials)} trials so far), {SWEEP['method']} search, "

@@ -16,21 +16,17 @@ writes all of them to OUT_DIR/config.json, which `--config` reads back. The othe
 options (where, on what, how to log) and change no result beyond rounding (`--precision`,
 `--threads`), but for `--init-from`, which starts from a trained model's weights.
 
-Reads top to bottom: the settings (TrainConfig), the data (the digit pools and the val/test sets
-are made on the first run), the model and optimiser, the training step, an epoch of steps,
-validation, then the whole run: every epoch trains on fresh composites (warm-up + cosine learning
-rate) and saves `last.pt` and `best.pt`, and export scores the final averaged weights on the test
-set and writes test_metrics.json and `model.pt`, ready to ship as checkpoints/digit_transformer.pt.
-The command line comes last. Ctrl-C (or SIGTERM) stops after the current step and saves last.pt;
---resume continues exactly, with the settings saved in the checkpoint. The machinery around a run
-(processes, the run folder's lock, stop signals, checkpoints, wandb) is in runs.py, the flags in
-train_options.py, sweeps in sweeps.py.
+Reads top to bottom: the settings (TrainConfig), the data, the model and optimiser, the training
+step, an epoch, validation, then the whole run: every epoch trains on fresh composites (warm-up +
+cosine learning rate) and saves last.pt and best.pt; export scores the final averaged weights on
+the test set and writes test_metrics.json and model.pt, ready to ship. The command line comes
+last. Ctrl-C (or SIGTERM) stops after the current step and saves last.pt; --resume continues
+exactly. The machinery around a run (processes, locks, stop signals, checkpoints, wandb) is in
+runs.py, the flags in train_options.py, sweeps in sweeps.py.
 
-Under torchrun the same script trains data-parallel (DistributedDataParallel: gloo on CPUs,
-nccl on GPUs): --batch-size stays the global batch, split evenly over the processes, so a run
-takes the same steps with the same learning-rate schedule whatever the number of processes.
-Validation and test sets are split too and the metrics gathered; rank 0 alone prints, logs
-to wandb and writes files.
+Under torchrun the same script trains data-parallel (DistributedDataParallel: gloo on CPUs, nccl
+on GPUs): --batch-size stays the global batch, split over the processes, so a run takes the same
+steps whatever their number; rank 0 alone prints, logs to wandb and writes files.
 """
 
 from __future__ import annotations
@@ -569,12 +565,10 @@ def format_metrics(name: str, metrics: dict) -> str:
         f"(order-free {metrics['order_free_accuracy']:.2%}, token {metrics['token_accuracy']:.2%}, "
         f"calibration error {metrics['expected_calibration_error']:.2%})"
     ]
-    parts += [
-        f"{k.removeprefix('sequence_accuracy_')} {v:.2%}"
-        for k, v in metrics.items()
-        if k.startswith("sequence_accuracy_")
+    subsets = [
+        (k.removeprefix("sequence_accuracy_"), v) for k, v in metrics.items() if k.startswith("sequence_accuracy_")
     ]
-    return " | ".join(parts)
+    return " | ".join(parts + [f"{subset} {value:.2%}" for subset, value in subsets])
 
 
 # ---- the whole run
@@ -672,7 +666,8 @@ def run_epochs(job: RunContext, training: TrainingState, data: RunData, stop: St
             job.procs.say(f"stopped at step {training.step}; saved {job.out_dir / 'last.pt'} (continue with --resume)")
             return False
         end_of_epoch(job, training, data, epoch)
-        if job.after_epoch is not None and not job.after_epoch(epoch + 1, training.val_metrics):
+        more = training.step < data.total_steps  # a sweep's pruner can stop a run that has epochs left
+        if more and job.after_epoch is not None and not job.after_epoch(epoch + 1, training.val_metrics):
             return False
     if training.step < data.total_steps and 0 < max_steps <= training.step:
         job.procs.say(

@@ -56,9 +56,9 @@ def test_every_parameter_maps_to_the_study_and_every_draw_makes_valid_configs():
 def test_wandbs_methods_distributions_and_early_termination_map_to_optuna():
     assert isinstance(sweeps.sampler_for({**SWEEP, "method": "bayes"}, 0), optuna.samplers.TPESampler)
     assert isinstance(sweeps.sampler_for({**SWEEP, "method": "random"}, 0), optuna.samplers.RandomSampler)
-    pruner = sweeps.pruner_for({"early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2}}, epochs=4)
-    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
-    assert isinstance(sweeps.pruner_for({}, epochs=4), optuna.pruners.NopPruner)
+    pruner = sweeps.pruner_for({"early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2}})
+    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
+    assert isinstance(sweeps.pruner_for({}), optuna.pruners.NopPruner)
     spec = {"a": {"values": [1, 2, 3]}, "b": {"value": "x"}, "c": {"values": [0.1, 0.2]}}
     grid = optuna.create_study(sampler=sweeps.sampler_for({"method": "grid", "parameters": spec}, 0))
     grid.optimize(lambda t: float(sweeps.suggest(t, spec)["a"]), n_trials=6)
