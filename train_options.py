@@ -61,23 +61,6 @@ def add_run_options(p: argparse.ArgumentParser, recipes: dict[str, dict]) -> Non
         "Optuna study in the sweep folder), a summary, pictures and the best settings in best_config.json",
     )
     run.add_argument(
-        "--count", type=int, help="sweep: number of trials (default: 8; a grid sweep: all its combinations)"
-    )
-    run.add_argument(
-        "--storage",
-        metavar="URL",
-        help="offline sweep: the Optuna study's database (default: sqlite in the sweep folder; e.g. "
-        "postgresql://host/db, shared by the machines that run the same sweep)",
-    )
-    run.add_argument(
-        "--workers", type=int, default=1, help="offline sweep: processes taking trials from the study at once"
-    )
-    run.add_argument(
-        "--no-pruning",
-        action="store_true",
-        help="offline sweep: run every trial to its whole budget (default: sweep_config's hyperband stops weak trials)",
-    )
-    run.add_argument(
         "--out-dir",
         help="last.pt, best.pt, config.json, test_metrics.json and model.pt go here "
         "(default: runs/default, or the folder of the checkpoint given to --resume)",
@@ -101,6 +84,28 @@ def add_run_options(p: argparse.ArgumentParser, recipes: dict[str, dict]) -> Non
     )
     run.add_argument(
         "--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)"
+    )
+    add_sweep_options(p)
+
+
+def add_sweep_options(p: argparse.ArgumentParser) -> None:
+    sweep = p.add_argument_group("sweep options (--run-type sweep)")
+    sweep.add_argument(
+        "--count", type=int, help="sweep: number of trials (default: 8; a grid sweep: all its combinations)"
+    )
+    sweep.add_argument(
+        "--storage",
+        metavar="URL",
+        help="offline sweep: the Optuna study's database (default: sqlite in the sweep folder; e.g. "
+        "postgresql://host/db, shared by the machines that run the same sweep)",
+    )
+    sweep.add_argument(
+        "--workers", type=int, default=1, help="offline sweep: processes taking trials from the study at once"
+    )
+    sweep.add_argument(
+        "--no-pruning",
+        action="store_true",
+        help="offline sweep: run every trial to its whole budget (default: sweep_config's hyperband stops weak trials)",
     )
 
 
