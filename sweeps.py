@@ -214,9 +214,7 @@ def take_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float],
             study.optimize(objective, n_trials=1, catch=(TrialRefusedError,))
 
 
-def sweep_trial(
-    sweep_dir: Path, argv: list[str], train_trial: Callable[..., dict], prune: bool
-) -> Callable[[optuna.Trial], float]:
+def sweep_trial(sweep_dir: Path, argv: list[str], train_trial: Callable[..., dict]) -> Callable[[optuna.Trial], float]:
     """The objective: one training run with the trial's settings, reporting after every epoch."""
     metric = SWEEP["metric"]["name"]
 
@@ -229,7 +227,7 @@ def sweep_trial(
 
         def after_epoch(epoch: int, metrics: dict) -> bool:
             trial.report(metrics[metric], epoch)
-            if prune and trial.should_prune():
+            if trial.should_prune():  # never, with --no-pruning: the study's pruner is then NopPruner
                 pruned_after.append(epoch)
             return not pruned_after
 
@@ -293,7 +291,7 @@ def sweep(
         f"worker{'s' * (options.workers > 1)}; each trial an offline wandb run"
     )
     try:
-        take_trials(study, sweep_trial(sweep_dir, argv, train_trial, prune), count)
+        take_trials(study, sweep_trial(sweep_dir, argv, train_trial), count)
     except KeyboardInterrupt:
         print("sweep interrupted: the same command continues it; summarising the trials so far")
     for child in children:
