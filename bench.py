@@ -60,10 +60,9 @@ from model import (
 )
 from multidigit_generator import MultiDigitComposer
 from precision import choose_precision, cpu_name, pick_device, timed
+from reader import MAX_BATCH_SIZE
 
 # The targets set for the 2-core development CPU (docs/performance.md discusses them).
-# Most images in a batch: they are composed, and trained on, at once, and this many take a few GB.
-MAX_BATCH_SIZE = 4096
 CPU_TARGETS = {"training_ratio": 1.0, "inference_images_per_second": 2000, "latency_p50_ms": 10.0}
 
 

@@ -17,22 +17,17 @@ from augment import ink_box
 from multidigit_generator import DIGIT_HEIGHT_RANGE
 
 BLANK_INK_LEVEL = 48  # a canvas whose brightest pixel is dimmer than this has no ink
-
-
 MIN_CONTRAST = 32  # ink must stand this far above the background to count as ink
-
 
 # Ink larger than this (longer side) is shrunk to it before it is measured: a 96-pixel canvas
 # needs no more detail, and measuring the ink costs time in proportion to the pixels.
 WORKING_SIZE = 512
-
 
 # A round dab of ink is as long as it is wide (1 stroke width). Digits are longer, though less
 # than one might think: a small thick-stroked digit, whose blur fills its loops, comes close
 # (docs/design.md has the ratios measured on the test and stress sets).
 DOT_STROKES = 1.2
 CANVAS_MARGIN = 2  # pixels kept clear around ink that had to be shrunk to fit the canvas
-
 
 # Greyscale modes deeper than 8 bits: 16-bit (in either byte order), 32-bit integer, float.
 DEEP_GREY_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}

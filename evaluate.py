@@ -450,9 +450,7 @@ def evaluate_folder(
         "num_images": len(records),
         "decoding": model.decoding
         if isinstance(model, Ensemble)
-        else "greedy"
-        if beam_size == 1
-        else f"beam {beam_size}",
+        else ("greedy" if beam_size == 1 else f"beam {beam_size}"),
         "precision": "bf16" if model.read_bf16["read_batch"] else "fp32",
         "read_as": "files, through to_canvas" if as_files else "canvases, straight into the model",
         "device": str(next(model.parameters()).device),

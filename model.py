@@ -223,11 +223,11 @@ def sincos_position_2d(grid_size: int, dim: int) -> torch.Tensor:
 class PatchEmbedding(nn.Module):
     """Cut the image into non-overlapping patch_size**2 squares and project each to d_model."""
 
-    def __init__(self, *, image_size: int, patch_size: int, d_model: int):
+    def __init__(self, c: ModelConfig):
         super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Linear(patch_size * patch_size, d_model)
-        self.register_buffer("position", sincos_position_2d(image_size // patch_size, d_model), persistent=False)
+        self.patch_size = c.patch_size
+        self.proj = nn.Linear(c.patch_size**2, c.d_model)
+        self.register_buffer("position", sincos_position_2d(c.grid_size, c.d_model), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b, _, h, w = images.shape
@@ -245,18 +245,9 @@ class ConvPatchEmbedding(nn.Module):
     Convolutions bring the locality a linear projection must learn, so the encoder learns from
     far fewer images (docs/design.md)."""
 
-    def __init__(
-        self,
-        *,
-        image_size: int,
-        patch_size: int,
-        d_model: int,
-        width: int = 32,
-        depth: int = 0,
-        full_res: int = 0,
-        half_res: int = 0,
-    ):
+    def __init__(self, c: ModelConfig):
         super().__init__()
+        width, depth, full_res, half_res = c.stem_width, c.stem_depth, c.stem_full_res, c.stem_half_res
 
         def conv(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
             kernel = max(3, stride)
@@ -272,12 +263,12 @@ class ConvPatchEmbedding(nn.Module):
         layers += conv(width // 2, width, 2)
         for _ in range(depth):
             layers += conv(width, width, 1)
-        layers += conv(width, 2 * width, patch_size // 4)
+        layers += conv(width, 2 * width, c.patch_size // 4)
         for _ in range(depth):
             layers += conv(2 * width, 2 * width, 1)
         self.convs = nn.Sequential(*layers)
-        self.proj = nn.Conv2d(2 * width, d_model, 1)
-        self.register_buffer("position", sincos_position_2d(image_size // patch_size, d_model), persistent=False)
+        self.proj = nn.Conv2d(2 * width, c.d_model, 1)
+        self.register_buffer("position", sincos_position_2d(c.grid_size, c.d_model), persistent=False)
         # Channels-last (NHWC): the layout oneDNN's CPU convolutions run natively, and the (B, D, h, w)
         # output is then already laid out as the (B, h * w, D) sequence the encoder wants.
         self.to(memory_format=torch.channels_last)
@@ -317,12 +308,12 @@ class MultiHeadAttention(nn.Module):
     context's. Each head compares queries and keys of dim_k channels (how finely it tells things
     apart) and mixes values of dim_v channels (how much it carries); usually both d_model / n_heads."""
 
-    def __init__(self, *, d_model: int, n_heads: int, dim_k: int, dim_v: int):
+    def __init__(self, c: ModelConfig):
         super().__init__()
-        self.n_heads, self.dim_k, self.dim_v = n_heads, dim_k, dim_v
-        self.query = nn.Linear(d_model, n_heads * dim_k)
-        self.key_value = nn.Linear(d_model, n_heads * (dim_k + dim_v))  # keys, then values
-        self.out = nn.Linear(n_heads * dim_v, d_model)
+        self.n_heads, self.dim_k, self.dim_v = c.n_heads, c.head_dim_k, c.head_dim_v
+        self.query = nn.Linear(c.d_model, c.n_heads * self.dim_k)
+        self.key_value = nn.Linear(c.d_model, c.n_heads * (self.dim_k + self.dim_v))  # keys, then values
+        self.out = nn.Linear(c.n_heads * self.dim_v, c.d_model)
 
     def forward(
         self,
@@ -364,23 +355,19 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Sequential):
-    def __init__(self, *, d_model: int, ff_mult: int, dropout: float):
-        super().__init__(
-            nn.Linear(d_model, ff_mult * d_model),
-            nn.GELU(),
-            nn.Linear(ff_mult * d_model, d_model),
-            nn.Dropout(dropout),
-        )
+    def __init__(self, c: ModelConfig):
+        width = c.ff_mult * c.d_model
+        super().__init__(nn.Linear(c.d_model, width), nn.GELU(), nn.Linear(width, c.d_model), nn.Dropout(c.dropout))
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, *, d_model: int, n_heads: int, dim_k: int, dim_v: int, ff_mult: int, dropout: float):
+    def __init__(self, c: ModelConfig):
         super().__init__()
-        self.norm_attn = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dim_k=dim_k, dim_v=dim_v)
-        self.norm_ff = nn.LayerNorm(d_model)
-        self.ff = FeedForward(d_model=d_model, ff_mult=ff_mult, dropout=dropout)
-        self.drop = nn.Dropout(dropout)
+        self.norm_attn = nn.LayerNorm(c.d_model)
+        self.attn = MultiHeadAttention(c)
+        self.norm_ff = nn.LayerNorm(c.d_model)
+        self.ff = FeedForward(c)
+        self.drop = nn.Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor, *, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         y, attention = self.attn(self.norm_attn(x), return_attention=return_attention)
@@ -389,15 +376,15 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, *, d_model: int, n_heads: int, dim_k: int, dim_v: int, ff_mult: int, dropout: float):
+    def __init__(self, c: ModelConfig):
         super().__init__()
-        self.norm_self = nn.LayerNorm(d_model)
-        self.self_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dim_k=dim_k, dim_v=dim_v)
-        self.norm_cross = nn.LayerNorm(d_model)
-        self.cross_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dim_k=dim_k, dim_v=dim_v)
-        self.norm_ff = nn.LayerNorm(d_model)
-        self.ff = FeedForward(d_model=d_model, ff_mult=ff_mult, dropout=dropout)
-        self.drop = nn.Dropout(dropout)
+        self.norm_self = nn.LayerNorm(c.d_model)
+        self.self_attn = MultiHeadAttention(c)
+        self.norm_cross = nn.LayerNorm(c.d_model)
+        self.cross_attn = MultiHeadAttention(c)
+        self.norm_ff = nn.LayerNorm(c.d_model)
+        self.ff = FeedForward(c)
+        self.drop = nn.Dropout(c.dropout)
 
     def forward(
         self,
@@ -474,26 +461,12 @@ class DigitSequenceTransformer(nn.Module):
         # what precision.choose_precision finds faster on this machine.
         self.read_bf16 = {"read_one": False, "read_batch": False}
         c = config
-        block = dict(
-            d_model=c.d_model,
-            n_heads=c.n_heads,
-            dim_k=c.head_dim_k,
-            dim_v=c.head_dim_v,
-            ff_mult=c.ff_mult,
-            dropout=c.dropout,
-        )
-        patches = dict(image_size=c.image_size, patch_size=c.patch_size, d_model=c.d_model)
-        if c.stem == "conv":
-            self.patch_embed = ConvPatchEmbedding(
-                **patches, width=c.stem_width, depth=c.stem_depth, full_res=c.stem_full_res, half_res=c.stem_half_res
-            )
-        else:
-            self.patch_embed = PatchEmbedding(**patches)
-        self.encoder = nn.ModuleList(EncoderBlock(**block) for _ in range(c.encoder_layers))
+        self.patch_embed = ConvPatchEmbedding(c) if c.stem == "conv" else PatchEmbedding(c)
+        self.encoder = nn.ModuleList(EncoderBlock(c) for _ in range(c.encoder_layers))
         self.encoder_norm = nn.LayerNorm(c.d_model)
         self.token_embed = nn.Embedding(VOCAB_SIZE, c.d_model)
         self.token_position = nn.Embedding(c.max_tokens, c.d_model)
-        self.decoder = nn.ModuleList(DecoderBlock(**block) for _ in range(c.decoder_layers))
+        self.decoder = nn.ModuleList(DecoderBlock(c) for _ in range(c.decoder_layers))
         self.decoder_norm = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, VOCAB_SIZE)
         self.patch_head = nn.Linear(c.d_model, PATCH_CLASSES) if c.patch_head else None

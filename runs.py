@@ -87,34 +87,28 @@ class RunFolderBusyError(RuntimeError):
     """Another training run holds the run folder."""
 
 
-class RunLock:
+@contextlib.contextmanager
+def run_lock(folder: Path, procs: Processes) -> typing.Iterator[None]:
     """One training run per folder: rank 0 holds an exclusive lock on OUT_DIR/.lock while it trains,
     so that a second run into the same folder stops at once, naming the first, instead of the two
     overwriting each other's checkpoints. A crashed run leaves nothing stale behind (files.locked)."""
-
-    def __init__(self, folder: Path, procs: Processes):
-        self.path, self.procs, self.held = folder / ".lock", procs, contextlib.ExitStack()
-
-    def __enter__(self) -> RunLock:
-        if not self.procs.is_main:
-            return self
-        file = self.held.enter_context(locked(self.path, wait=False))
+    if not procs.is_main:
+        yield
+        return
+    path = folder / ".lock"
+    with locked(path, wait=False) as file:  # closing the file releases the lock
         if file is None:
-            self.held.close()
             holder = ""
             with contextlib.suppress(OSError):
-                holder = self.path.read_text().strip()
+                holder = path.read_text().strip()
             raise RunFolderBusyError(
-                f"{self.path.parent} is in use by another training run ({holder or 'another process'}): wait for "
+                f"{folder} is in use by another training run ({holder or 'another process'}): wait for "
                 "it to finish, stop it, or give this run another --out-dir"
             )
         file.truncate(0)
         file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         file.flush()
-        return self
-
-    def __exit__(self, *exception: object) -> None:
-        self.held.close()  # closing the file releases the lock
+        yield
 
 
 def align_replicas(*modules: nn.Module) -> None:

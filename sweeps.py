@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -120,10 +121,7 @@ def pruner_for(sweep: dict) -> optuna.pruners.BasePruner:
 
 
 def grid_size(sweep: dict) -> int:
-    size = 1
-    for spec in sweep["parameters"].values():
-        size *= len(spec.get("values", [None]))
-    return size
+    return math.prod(len(spec.get("values", [None])) for spec in sweep["parameters"].values())
 
 
 # ---- the study

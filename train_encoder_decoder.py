@@ -76,7 +76,6 @@ from runs import (
     Processes,
     RunContext,
     RunFolderBusyError,
-    RunLock,
     StopSignal,
     TrainingDivergedError,
     align_replicas,
@@ -90,6 +89,7 @@ from runs import (
     refuse_a_used_run_folder,
     restore,
     restore_settings,
+    run_lock,
     save_run_checkpoint,
     start_data_worker,
     start_job,
@@ -381,12 +381,12 @@ def build_training(job: RunContext) -> TrainingState:
 # ---- the training step, an epoch of them, and validation
 
 
-def learning_rate(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr_ratio: float) -> float:
-    """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at total_steps."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+def learning_rate(step: int, total_steps: int, c: TrainConfig) -> float:
+    """Linear warm-up to c.lr, then cosine decay to c.lr * c.min_lr_ratio at total_steps."""
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    progress = min(1.0, (step - c.warmup_steps) / max(1, total_steps - c.warmup_steps))
+    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()
@@ -407,13 +407,7 @@ def training_step(job: RunContext, training: TrainingState, data: RunData, batch
     """One optimiser step on a batch of (images, labels, layouts, ink boxes); (loss, learning rate)."""
     config, device, model_config = job.train_config, job.procs.device, job.model_config
     images, labels, _, boxes = batch
-    lr = learning_rate(
-        training.step,
-        total_steps=data.total_steps,
-        warmup_steps=config.warmup_steps,
-        lr=config.lr,
-        min_lr_ratio=config.min_lr_ratio,
-    )
+    lr = learning_rate(training.step, data.total_steps, config)
     for group in training.optimizer.param_groups:
         group["lr"] = lr
     labels = list(labels)
@@ -590,7 +584,7 @@ def train(
     (a sweep's pruner)."""
     job = start_job(options, model_config, train_config, all_settings(model_config, train_config))
     job.after_epoch = after_epoch
-    with RunLock(job.out_dir, job.procs):  # one run per folder, from before anything is written
+    with run_lock(job.out_dir, job.procs):  # one run per folder, from before anything is written
         data = build_data(job)
         training = build_training(job)
         # A resumed run keeps its thread count: matrix products split over other counts round differently.

@@ -366,10 +366,10 @@ def test_absurd_arguments_are_refused_naming_the_flag(flag, value, message, caps
 def test_a_second_run_into_a_busy_folder_stops_naming_the_first_and_a_stale_lock_is_no_obstacle(
     tmp_path, tiny_data_dir, mnist_root, capsys
 ):
-    from runs import Processes, RunLock
+    from runs import Processes, run_lock
 
     folder = tmp_path / "run"
-    with RunLock(folder, Processes(torch.device("cpu"))):  # a run that is still going
+    with run_lock(folder, Processes(torch.device("cpu"))):  # a run that is still going
         assert train_main(train_args(tiny_data_dir, mnist_root, folder, "--max-steps", "1")) == 1
         err = capsys.readouterr().err
         assert f"{folder} is in use by another training run (pid {os.getpid()} on " in err
