@@ -336,7 +336,7 @@ class ComposerSettings:
     hug_borders: bool = option(False, "stress: digits pushed against the canvas edges")
     row_tilt: float = option(0.0, "rows tilted by up to this many degrees", "wider")
     scan_degradation: bool = option(False, "stress: every composite degraded like a scan (degrade_like_a_scan)")
-    thickest_stroke: int = option(1, "random thickening of up to this many pixels", "wider")
+    thickest_stroke: int = option(1, "random stroke thickening of up to this many pixels", "wider")
     pen_share: float = option(
         0.0, "share of digits and marks redrawn with a round pen, as a drawing pad makes them", "wider"
     )
@@ -348,7 +348,9 @@ class ComposerSettings:
     overflow_share: float = option(
         0.0, f"share of composites with 1-{OVERFLOW_EXTRA} digits more than --max-digits", "wider"
     )
-    elastic_share: float = option(0.0, "share of digits bent by an elastic distortion (elastic_distort)", "wider")
+    elastic_share: float = option(
+        0.0, "share of digits (and marks) bent by an elastic distortion (Simard et al., 2003)", "wider"
+    )
 
 
 class MultiDigitComposer:

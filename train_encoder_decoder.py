@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ from model import (
     setting,
     uint8_to_input,
 )
-from multidigit_generator import MultiDigitComposer, check_composer_settings, generate
+from multidigit_generator import ComposerSettings, MultiDigitComposer, check_composer_settings, generate
 from precision import Precision, choose_precision
 from runs import (
     DEFAULT_RUN_FOLDER,
@@ -109,6 +110,14 @@ from train_options import (
     read_config_file,
 )
 
+COMPOSER_OPTIONS = {f.name: f for f in fields(ComposerSettings)}
+
+
+def world(name: str, default: float, low: float, high: float) -> Any:
+    """A setting of the world training composes: the composer's option of that name (what it means is
+    said once, in multidigit_generator.ComposerSettings) at the value training draws with."""
+    return setting(default, COMPOSER_OPTIONS[name].metadata["help"], low, high)
+
 
 @dataclass
 class TrainConfig:
@@ -129,22 +138,14 @@ class TrainConfig:
     max_digit_height: int = setting(
         34, "largest ink height of a training digit (fewer digits per canvas can be this tall)", 6, 1024
     )
-    thickest_stroke: int = setting(2, "random stroke thickening of up to this many pixels", 1, 3)
-    row_tilt: float = setting(8.0, "rows tilted by up to this many degrees", 0.0, 20.0)
-    pen_share: float = setting(
-        0.25, "share of digits (and marks) redrawn with a round pen, as a drawing pad makes them", 0.0, 1.0
-    )
-    paper_noise: float = setting(
-        0.2, "share of composites on imperfect paper (grey, ruled, speckled, dusty, scanned)", 0.0, 1.0
-    )
-    touching_share: float = setting(0.2, "share of rows written with touching digits", 0.0, 1.0)
-    nondigit_share: float = setting(0.06, 'share of composites holding marks that are not digits, read as ""', 0.0, 1.0)
-    overflow_share: float = setting(
-        0.04, "share of composites with one or two digits more than max-digits, read as too many", 0.0, 1.0
-    )
-    elastic_share: float = setting(
-        0.0, "share of digits (and marks) bent by an elastic distortion (Simard et al., 2003)", 0.0, 1.0
-    )
+    thickest_stroke: int = world("thickest_stroke", 2, 1, 3)
+    row_tilt: float = world("row_tilt", 8.0, 0.0, 20.0)
+    pen_share: float = world("pen_share", 0.25, 0.0, 1.0)
+    paper_noise: float = world("paper_noise", 0.2, 0.0, 1.0)
+    touching_share: float = world("touching_share", 0.2, 0.0, 1.0)
+    nondigit_share: float = world("nondigit_share", 0.06, 0.0, 1.0)
+    overflow_share: float = world("overflow_share", 0.04, 0.0, 1.0)
+    elastic_share: float = world("elastic_share", 0.0, 0.0, 1.0)
     epochs: int = setting(11, "passes over --train-images fresh composites", 1, 100_000)
     batch_size: int = setting(64, "images per optimiser step, over all processes together", 1, 65536)
     lr: float = setting(1e-3, "peak learning rate", 1e-8, 1.0)
@@ -230,22 +231,14 @@ def all_settings(model_config: ModelConfig, train_config: TrainConfig) -> dict:
 
 def training_composer(model_config: ModelConfig, train_config: TrainConfig) -> dict:
     """How training composes its images (the evaluation sets' own settings are in splits.json)."""
-    weights = train_config.length_weights or [2.0 * n + 1 for n in range(model_config.max_digits + 1)]
     c = train_config
+    world = {name: getattr(c, name) for name in TRAIN_SETTINGS if name in COMPOSER_OPTIONS}  # pen_share, ...
     return dict(
+        world,
         canvas_size=model_config.image_size,
         max_digits=model_config.max_digits,
-        length_weights=weights,
-        augment_strength=c.augment_strength,
+        length_weights=c.length_weights or [2.0 * n + 1 for n in range(model_config.max_digits + 1)],
         digit_height=(c.min_digit_height, c.max_digit_height),
-        thickest_stroke=c.thickest_stroke,
-        row_tilt=c.row_tilt,
-        pen_share=c.pen_share,
-        paper_noise=c.paper_noise,
-        touching_share=c.touching_share,
-        nondigit_share=c.nondigit_share,
-        overflow_share=c.overflow_share,
-        elastic_share=c.elastic_share,
     )
 
 
