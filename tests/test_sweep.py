@@ -89,7 +89,8 @@ def test_wandbs_methods_distributions_and_early_termination_map_to_optuna():
         sweeps.sampler_for({"method": "grid", "parameters": {"x": {"min": 0.0, "max": 1.0}}}, 0)
 
 
-TINY_SWEEP = ["--stem-width", "16", "--stem-full-res", "0", "--num-workers", "0"]
+# fp32 as asked: each trial is a new model shape, which the precision probe would time first.
+TINY_SWEEP = ["--stem-width", "16", "--stem-full-res", "0", "--num-workers", "0", "--precision", "fp32"]
 
 
 def sweep_command(data_dir, mnist_root, out_dir, *extra):
@@ -315,6 +316,8 @@ def test_an_online_sweep_runs_its_trials_through_wandbs_agent(tmp_path, tiny_dat
         "1",
         "--train-images",
         "32",
+        "--precision",
+        "fp32",
         env={"PYTHONPATH": str(tmp_path / "fake"), "WANDB_API_KEY": "not-a-real-key", "FAKE_WANDB_LOG": str(log)},
     )
     calls = json.loads(log.read_text())
