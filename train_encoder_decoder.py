@@ -42,7 +42,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -113,7 +112,7 @@ from train_options import (
 COMPOSER_OPTIONS = {f.name: f for f in fields(ComposerSettings)}
 
 
-def world(name: str, default: float, low: float, high: float) -> Any:
+def world(name: str, default: float, low: float, high: float) -> object:
     """A setting of the world training composes: the composer's option of that name (what it means is
     said once, in multidigit_generator.ComposerSettings) at the value training draws with."""
     return setting(default, COMPOSER_OPTIONS[name].metadata["help"], low, high)
