@@ -212,6 +212,25 @@ def take_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float],
             study.optimize(objective, n_trials=1, catch=(TrialRefusedError,))
 
 
+def trial_command(argv: list[str], parameters: dict, sweep_dir: Path, number: int) -> list[str]:
+    """A trial's command line, said as the trial starts: the sweep's flags, the trial's settings, its folder."""
+    print(f"\n== trial {number}: " + " ".join(trial_flags(parameters)), flush=True)
+    return [*argv, *trial_flags(parameters), "--out-dir", str(sweep_dir / f"trial-{number:02d}")]
+
+
+def trial_value(result: dict) -> float:
+    """The metric a finished trial scores (its last validation: --max-steps may have stopped it early);
+    ValueError if it was stopped before any."""
+    if SWEEP["metric"]["name"] not in result["val"]:
+        raise ValueError("stopped by --max-steps before its first validation")
+    return result["val"][SWEEP["metric"]["name"]]
+
+
+def refusal(error: ValueError | SystemExit) -> str:
+    """Why a trial was refused: settings the data refuses, or the argument parser (which exits)."""
+    return "refused by the argument parser (see above)" if isinstance(error, SystemExit) else str(error)
+
+
 def sweep_trial(sweep_dir: Path, argv: list[str], train_trial: Callable[..., dict]) -> Callable[[optuna.Trial], float]:
     """The objective: one training run with the trial's settings, reporting after every epoch."""
     metric = SWEEP["metric"]["name"]
@@ -220,7 +239,7 @@ def sweep_trial(sweep_dir: Path, argv: list[str], train_trial: Callable[..., dic
         parameters = suggest(trial, SWEEP["parameters"])
         number = trial.number + 1
         trial.set_user_attr("worker", [socket.gethostname(), os.getpid()])
-        print(f"\n== trial {number}: " + " ".join(trial_flags(parameters)), flush=True)
+        flags = trial_command(argv, parameters, sweep_dir, number)
         started, pruned_after = time.time(), []
 
         def after_epoch(epoch: int, metrics: dict) -> bool:
@@ -229,13 +248,11 @@ def sweep_trial(sweep_dir: Path, argv: list[str], train_trial: Callable[..., dic
                 pruned_after.append(epoch)
             return not pruned_after
 
-        flags = [*argv, *trial_flags(parameters), "--out-dir", str(sweep_dir / f"trial-{number:02d}")]
         try:
             result = train_trial(flags, None, after_epoch)
-        except (ValueError, SystemExit) as error:  # settings the data refuses, or the parser (which exits)
-            why = "refused by the argument parser (see above)" if isinstance(error, SystemExit) else str(error)
-            trial.set_user_attr("error", why)
-            raise TrialRefusedError(why) from None
+        except (ValueError, SystemExit) as error:
+            trial.set_user_attr("error", refusal(error))
+            raise TrialRefusedError(refusal(error)) from None
         finally:
             trial.set_user_attr("minutes", (time.time() - started) / 60)
         if pruned_after:
@@ -243,11 +260,13 @@ def sweep_trial(sweep_dir: Path, argv: list[str], train_trial: Callable[..., dic
             raise optuna.TrialPruned()
         if result["interrupted"]:
             raise KeyboardInterrupt  # Ctrl-C or SIGTERM: the trial is marked failed, the sweep stops
-        if metric not in result["val"]:
-            trial.set_user_attr("error", "stopped by --max-steps before its first validation")
-            raise TrialRefusedError(trial.user_attrs["error"])
+        try:
+            value = trial_value(result)
+        except ValueError as error:
+            trial.set_user_attr("error", str(error))
+            raise TrialRefusedError(str(error)) from None
         trial.set_user_attr("settings", result["settings"])
-        return result["val"][metric]  # --max-steps may have stopped it early: its last validation
+        return value
 
     return objective
 
@@ -314,16 +333,12 @@ def online_sweep(
         run = wandb.init()
         parameters, started = dict(run.config), time.time()
         number = len(rows) + 1
-        print(f"\n== trial {number}: " + " ".join(trial_flags(parameters)), flush=True)
         row: dict = {"trial": number, "parameters": parameters, "state": "finished"}
         try:
-            flags = [*argv, *trial_flags(parameters), "--out-dir", str(sweep_dir / f"trial-{number:02d}")]
-            result = train_trial(flags, run, None)
-            row.update(value=result["val"][SWEEP["metric"]["name"]], settings=result["settings"])
-        except (ValueError, SystemExit) as error:  # settings the data refuses, or the parser (which exits)
-            row["state"] = "failed: " + (
-                "refused by the argument parser" if isinstance(error, SystemExit) else str(error)
-            )
+            result = train_trial(trial_command(argv, parameters, sweep_dir, number), run, None)
+            row.update(value=trial_value(result), settings=result["settings"])
+        except (ValueError, SystemExit) as error:
+            row.update(state="failed: " + refusal(error), value=None)
             run.finish(exit_code=1)
         rows.append({**row, "minutes": (time.time() - started) / 60})
 

@@ -231,9 +231,9 @@ def all_settings(model_config: ModelConfig, train_config: TrainConfig) -> dict:
 def training_composer(model_config: ModelConfig, train_config: TrainConfig) -> dict:
     """How training composes its images (the evaluation sets' own settings are in splits.json)."""
     c = train_config
-    world = {name: getattr(c, name) for name in TRAIN_SETTINGS if name in COMPOSER_OPTIONS}  # pen_share, ...
+    shared = {name: getattr(c, name) for name in TRAIN_SETTINGS if name in COMPOSER_OPTIONS}  # pen_share, ...
     return dict(
-        world,
+        shared,
         canvas_size=model_config.image_size,
         max_digits=model_config.max_digits,
         length_weights=c.length_weights or [2.0 * n + 1 for n in range(model_config.max_digits + 1)],
