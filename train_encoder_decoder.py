@@ -100,10 +100,8 @@ from split_multidigit_dataset import SPLITS_FILE, check_split_folders, load_spli
 from sweep_config import TRIAL_BUDGET
 from sweeps import sweep
 from train_options import (
-    add_machine_and_logging_options,
     add_run_options,
     add_settings_flags,
-    add_starting_point_options,
     check_run_options,
     flag_names,
     read_config_file,
@@ -782,8 +780,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(p, ModelConfig, "model settings (ModelConfig in model.py)", SETTINGS)
     add_settings_flags(p, TrainConfig, "training settings (TrainConfig)", SETTINGS)
     add_run_options(p, RECIPES)
-    add_starting_point_options(p)
-    add_machine_and_logging_options(p)
     return p
 
 

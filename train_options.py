@@ -38,158 +38,150 @@ def add_settings_flags(parser: argparse.ArgumentParser, config_class: type, titl
         group.add_argument("--" + f.name.replace("_", "-"), **options)
 
 
+def add_group(p: argparse.ArgumentParser, title: str, flags: dict[str, dict]) -> None:
+    """A group of flags in --help, each given with its add_argument keywords."""
+    group = p.add_argument_group(title)
+    for flag, options in flags.items():
+        group.add_argument(flag, **options)
+
+
 def add_run_options(p: argparse.ArgumentParser, recipes: dict[str, dict]) -> None:
-    run = p.add_argument_group("run options")
-    run.add_argument(
-        "--config",
-        metavar="FILE",
-        help="JSON object of settings, as OUT_DIR/config.json and a sweep's "
-        'best_config.json hold ({"lr": 0.002, "d_model": 96, ...}); flags given on the command line win',
-    )
-    run.add_argument(
-        "--recipe",
-        choices=tuple(recipes),
-        help="quick (the default): the defaults below; full: the recipe meant for the shipped model ("
-        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipes["full"].items())
-        + "); --config and flags change either",
-    )
-    run.add_argument(
-        "--run-type",
-        choices=("train", "sweep"),
-        default="train",
-        help="sweep: trials with settings from sweep_config.py (through W&B's server with a login, else an "
-        "Optuna study in the sweep folder), a summary, pictures and the best settings in best_config.json",
-    )
-    run.add_argument(
-        "--out-dir",
-        help="last.pt, best.pt, config.json, test_metrics.json and model.pt go here "
-        "(default: runs/default, or the folder of the checkpoint given to --resume)",
-    )
-    run.add_argument(
-        "--max-steps",
-        type=int,
-        default=0,
-        help="stop (and save last.pt) after this many steps, the schedule unchanged; 0: run all epochs",
-    )
-    run.add_argument(
-        "--save-every",
-        type=int,
-        default=0,
-        metavar="STEPS",
-        help="also save last.pt every STEPS steps, so that a crash loses at most that many (default 0: at each "
-        "epoch's end only)",
-    )
-    run.add_argument(
-        "--data-dir", help="holds splits.json, val/ and test/; made on first use (default: data, or the resumed run's)"
-    )
-    run.add_argument(
-        "--mnist-root", default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)"
-    )
+    """The flags beside the settings: the run's, a sweep's, its starting point, the machine and logging."""
+    full = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipes["full"].items())
+    run_options = {
+        "--config": dict(
+            metavar="FILE",
+            help="JSON object of settings, as OUT_DIR/config.json and a sweep's "
+            'best_config.json hold ({"lr": 0.002, "d_model": 96, ...}); flags given on the command line win',
+        ),
+        "--recipe": dict(
+            choices=tuple(recipes),
+            help=f"quick (the default): the defaults below; full: the recipe meant for the shipped model ({full}); "
+            "--config and flags change either",
+        ),
+        "--run-type": dict(
+            choices=("train", "sweep"),
+            default="train",
+            help="sweep: trials with settings from sweep_config.py (through W&B's server with a login, else an "
+            "Optuna study in the sweep folder), a summary, pictures and the best settings in best_config.json",
+        ),
+        "--out-dir": dict(
+            help="last.pt, best.pt, config.json, test_metrics.json and model.pt go here "
+            "(default: runs/default, or the folder of the checkpoint given to --resume)",
+        ),
+        "--max-steps": dict(
+            type=int,
+            default=0,
+            help="stop (and save last.pt) after this many steps, the schedule unchanged; 0: run all epochs",
+        ),
+        "--save-every": dict(
+            type=int,
+            default=0,
+            metavar="STEPS",
+            help="also save last.pt every STEPS steps, so that a crash loses at most that many (default 0: at each "
+            "epoch's end only)",
+        ),
+        "--data-dir": dict(
+            help="holds splits.json, val/ and test/; made on first use (default: data, or the resumed run's)"
+        ),
+        "--mnist-root": dict(
+            default=default_mnist_root(), help="folder with MNIST/raw/ (default: $MNIST_ROOT or data)"
+        ),
+    }
+    add_group(p, "run options", run_options)
     add_sweep_options(p)
+    add_starting_point_options(p)
+    add_machine_and_logging_options(p)
 
 
 def add_sweep_options(p: argparse.ArgumentParser) -> None:
-    sweep = p.add_argument_group("sweep options (--run-type sweep)")
-    sweep.add_argument(
-        "--count", type=int, help="sweep: number of trials (default: 8; a grid sweep: all its combinations)"
-    )
-    sweep.add_argument(
-        "--storage",
-        metavar="URL",
-        help="offline sweep: the Optuna study's database (default: sqlite in the sweep folder; e.g. "
-        "postgresql://host/db, shared by the machines that run the same sweep)",
-    )
-    sweep.add_argument(
-        "--workers", type=int, default=1, help="offline sweep: processes taking trials from the study at once"
-    )
-    sweep.add_argument(
-        "--no-pruning",
-        action="store_true",
-        help="offline sweep: run every trial to its whole budget (default: sweep_config's hyperband stops weak trials)",
-    )
+    flags = {
+        "--count": dict(type=int, help="sweep: number of trials (default: 8; a grid sweep: all its combinations)"),
+        "--storage": dict(
+            metavar="URL",
+            help="offline sweep: the Optuna study's database (default: sqlite in the sweep folder; e.g. "
+            "postgresql://host/db, shared by the machines that run the same sweep)",
+        ),
+        "--workers": dict(type=int, default=1, help="offline sweep: processes taking trials from the study at once"),
+        "--no-pruning": dict(
+            action="store_true",
+            help="offline sweep: run every trial to its whole budget "
+            "(default: sweep_config's hyperband stops weak trials)",
+        ),
+    }
+    add_group(p, "sweep options (--run-type sweep)", flags)
 
 
 def add_starting_point_options(p: argparse.ArgumentParser) -> None:
-    start = p.add_argument_group("where a run starts (default: random weights)")
-    start.add_argument(
-        "--resume", metavar="CHECKPOINT", help="continue the run saved in this last.pt, with its settings"
-    )
-    start.add_argument(
-        "--init-from",
-        metavar="CHECKPOINT",
-        help="start from the weights of this checkpoint (a model.pt or last.pt of the same model settings) "
-        "instead of random ones; the optimiser and the learning-rate schedule start afresh",
-    )
-    start.add_argument(
-        "--distill-from",
-        nargs="+",
-        default=[],
-        metavar="CHECKPOINT",
-        help="distil these trained models (an ensemble of one or more, of any size) into the one trained here: "
-        "the token loss also matches their averaged probabilities (--distill-weight)",
-    )
+    flags = {
+        "--resume": dict(metavar="CHECKPOINT", help="continue the run saved in this last.pt, with its settings"),
+        "--init-from": dict(
+            metavar="CHECKPOINT",
+            help="start from the weights of this checkpoint (a model.pt or last.pt of the same model settings) "
+            "instead of random ones; the optimiser and the learning-rate schedule start afresh",
+        ),
+        "--distill-from": dict(
+            nargs="+",
+            default=[],
+            metavar="CHECKPOINT",
+            help="distil these trained models (an ensemble of one or more, of any size) into the one trained here: "
+            "the token loss also matches their averaged probabilities (--distill-weight)",
+        ),
+    }
+    add_group(p, "where a run starts (default: random weights)", flags)
 
 
 def add_machine_and_logging_options(p: argparse.ArgumentParser) -> None:
-    machine = p.add_argument_group("machine and logging options")
-    machine.add_argument(
-        "--num-workers",
-        type=int,
-        help="processes composing training images (default: composing alongside, 1 on a CPU and all of a "
-        "process's share of the cores but one on a GPU; composing first, all of its share)",
-    )
-    machine.add_argument(
-        "--compose",
-        choices=("auto", "alongside", "first"),
-        default="auto",
-        help="alongside: worker processes compose the next batches while the model trains; first: every "
-        "epoch is composed in memory with every core just before it is trained on; "
-        "auto: first on a CPU with one training process (alongside, the composing workers "
-        "slow the training threads sharing their cores), alongside otherwise. --composite-cache composes "
-        "every epoch first and keeps them",
-    )
-    machine.add_argument(
-        "--composite-cache",
-        metavar="DIR",
-        help="compose the run's training epochs once, with every core, into DIR (memory-mapped dataset folders "
-        "named for the training world and seed), then train from them: the same images as composing while "
-        "training, and any later run of the same world and seed reuses them (sweeps; a GPU that composing "
-        "would hold back)",
-    )
-    machine.add_argument(
-        "--threads",
-        type=int,
-        help="PyTorch threads on a CPU (default: PyTorch's count, or fewer where a busy CPU was timed "
-        "faster with fewer; a resumed run keeps its count, so that it continues bit for bit)",
-    )
-    machine.add_argument(
-        "--device",
-        default="auto",
-        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ... "
-        "(under torchrun, each process takes the GPU of its LOCAL_RANK)",
-    )
-    machine.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="bf16: matrix products in bfloat16 under autocast (weights, optimiser and loss stay fp32); "
-        "auto: bf16 where a short timing of this model's training step (and of its reading, for validation) "
-        "on this machine finds it faster, cached per machine; on a busy CPU also fewer threads where faster "
-        "(precision.choose_precision)",
-    )
-    machine.add_argument(
-        "--compile", action="store_true", help="train through torch.compile (a minute or so of compiling first)"
-    )
-    machine.add_argument(
-        "--wandb",
-        choices=("auto", "online", "offline", "disabled"),
-        help="auto (the default): online when logged in to W&B, offline otherwise; a resumed run keeps its run's",
-    )
-    machine.add_argument(
-        "--offline", dest="wandb", action="store_const", const="offline", help="the same as --wandb offline"
-    )
-    machine.add_argument("--wandb-project", default="digit-sequence-transformer")
-    machine.add_argument("--log-every", type=int, default=25, help="steps between training-loss logs")
+    flags = {
+        "--num-workers": dict(
+            type=int,
+            help="processes composing training images (default: composing alongside, 1 on a CPU and all of a "
+            "process's share of the cores but one on a GPU; composing first, all of its share)",
+        ),
+        "--compose": dict(
+            choices=("auto", "alongside", "first"),
+            default="auto",
+            help="alongside: worker processes compose the next batches while the model trains; first: every "
+            "epoch is composed in memory with every core just before it is trained on; "
+            "auto: first on a CPU with one training process (alongside, the composing workers "
+            "slow the training threads sharing their cores), alongside otherwise. --composite-cache composes "
+            "every epoch first and keeps them",
+        ),
+        "--composite-cache": dict(
+            metavar="DIR",
+            help="compose the run's training epochs once, with every core, into DIR (memory-mapped dataset folders "
+            "named for the training world and seed), then train from them: the same images as composing while "
+            "training, and any later run of the same world and seed reuses them (sweeps; a GPU that composing "
+            "would hold back)",
+        ),
+        "--threads": dict(
+            type=int,
+            help="PyTorch threads on a CPU (default: PyTorch's count, or fewer where a busy CPU was timed "
+            "faster with fewer; a resumed run keeps its count, so that it continues bit for bit)",
+        ),
+        "--device": dict(
+            default="auto",
+            help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ... "
+            "(under torchrun, each process takes the GPU of its LOCAL_RANK)",
+        ),
+        "--precision": dict(
+            choices=("auto", "fp32", "bf16"),
+            default="auto",
+            help="bf16: matrix products in bfloat16 under autocast (weights, optimiser and loss stay fp32); "
+            "auto: bf16 where a short timing of this model's training step (and of its reading, for validation) "
+            "on this machine finds it faster, cached per machine; on a busy CPU also fewer threads where faster "
+            "(precision.choose_precision)",
+        ),
+        "--compile": dict(action="store_true", help="train through torch.compile (a minute or so of compiling first)"),
+        "--wandb": dict(
+            choices=("auto", "online", "offline", "disabled"),
+            help="auto (the default): online when logged in to W&B, offline otherwise; a resumed run keeps its run's",
+        ),
+        "--offline": dict(dest="wandb", action="store_const", const="offline", help="the same as --wandb offline"),
+        "--wandb-project": dict(default="digit-sequence-transformer"),
+        "--log-every": dict(type=int, default=25, help="steps between training-loss logs"),
+    }
+    add_group(p, "machine and logging options", flags)
 
 
 def cache_folder_problem(path: str) -> str | None:
