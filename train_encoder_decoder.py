@@ -1,7 +1,7 @@
 """Train the digit-sequence Transformer on fresh MNIST composites.
 
-    uv run python train_encoder_decoder.py                             # the quick recipe: about half an hour on a CPU
-    uv run python train_encoder_decoder.py --recipe full --out-dir runs/full   # 50 epochs: minutes on a GPU
+    uv run python train_encoder_decoder.py                             # the quick recipe
+    uv run python train_encoder_decoder.py --recipe full --out-dir runs/full   # the shipped model's recipe
     uv run python train_encoder_decoder.py --resume runs/default/last.pt
     uv run python train_encoder_decoder.py --d-model 96 --epochs 4     # any setting of ModelConfig or TrainConfig
     uv run python train_encoder_decoder.py --config best_config.json   # settings from a JSON file
@@ -17,12 +17,11 @@ options (where, on what, how to log) and change no result beyond rounding (`--pr
 `--threads`), but for `--init-from`, which starts from a trained model's weights.
 
 Reads top to bottom: the settings (TrainConfig), the data, the model and optimiser, the training
-step, an epoch, validation, then the whole run: every epoch trains on fresh composites (warm-up +
-cosine learning rate) and saves last.pt and best.pt; export scores the final averaged weights on
-the test set and writes test_metrics.json and model.pt, ready to ship. The command line comes
-last. Ctrl-C (or SIGTERM) stops after the current step and saves last.pt; --resume continues
-exactly. The machinery around a run (processes, locks, stop signals, checkpoints, wandb) is in
-runs.py, the flags in train_options.py, sweeps in sweeps.py.
+step, an epoch, validation, the whole run (every epoch on fresh composites, saving last.pt and
+best.pt; export tests the final averaged weights and writes test_metrics.json and model.pt), then
+the command line. Ctrl-C (or SIGTERM) stops after the current step and saves last.pt; --resume
+continues exactly. The machinery around a run is in runs.py, the flags in train_options.py, sweeps
+in sweeps.py.
 
 Under torchrun the same script trains data-parallel (DistributedDataParallel: gloo on CPUs, nccl
 on GPUs): --batch-size stays the global batch, split over the processes, so a run takes the same
@@ -111,8 +110,7 @@ COMPOSER_OPTIONS = {f.name: f for f in fields(ComposerSettings)}
 
 
 def world(name: str, default: float, low: float, high: float) -> object:
-    """A setting of the world training composes: the composer's option of that name (what it means is
-    said once, in multidigit_generator.ComposerSettings) at the value training draws with."""
+    """The training setting of the composer's option of that name, its help said once in ComposerSettings."""
     return setting(default, COMPOSER_OPTIONS[name].metadata["help"], low, high)
 
 
@@ -186,9 +184,8 @@ class TrainConfig:
             )
 
 
-# The two named recipes, as settings over TrainConfig's defaults. quick is the default command,
-# about half an hour on a 2-core CPU; full trains the shipped model: minutes on a GPU, hours in
-# the background on a CPU (docs/training.md has both recipes' figures).
+# The two named recipes, as settings over TrainConfig's defaults: quick is the default command, full trains
+# the shipped model (docs/training.md has both recipes' figures).
 RECIPES = {"quick": {}, "full": {"epochs": 50}}
 
 # The settings a run is made of: every field of both configs except patch_head, which follows
@@ -635,19 +632,16 @@ def run_epochs(job: RunContext, training: TrainingState, data: RunData, stop: St
         job.procs.say(f"all {data.total_steps} steps were trained already: scoring and exporting the final weights")
     while training.step < data.total_steps and not 0 < max_steps <= training.step:
         epoch = training.step // data.steps_per_epoch
-        if job.composing_workers is not None and not compose_epoch_first(job, data, epoch, stop):
-            save_run_checkpoint("last.pt", job, training)
-            job.procs.say(
-                f"stopped while composing epoch {epoch + 1}, at step {training.step}; saved "
-                f"{job.out_dir / 'last.pt'} (continue with --resume)"
-            )
-            return False
-        stopped = train_one_epoch(job, training, data, epoch, stop)
+        composed = job.composing_workers is None or compose_epoch_first(job, data, epoch, stop)
+        stopped = not composed or train_one_epoch(job, training, data, epoch, stop)
         if job.procs.world_size > 1:
             align_replicas(*training.replicas)  # what rank 0 validates and writes is what every rank trained
         if stopped:
             save_run_checkpoint("last.pt", job, training)
-            job.procs.say(f"stopped at step {training.step}; saved {job.out_dir / 'last.pt'} (continue with --resume)")
+            where = "" if composed else f"while composing epoch {epoch + 1}, "
+            job.procs.say(
+                f"stopped {where}at step {training.step}; saved {job.out_dir / 'last.pt'} (continue with --resume)"
+            )
             return False
         end_of_epoch(job, training, data, epoch)
         more = training.step < data.total_steps  # a sweep's pruner can stop a run that has epochs left
@@ -791,13 +785,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     given = {k: v for k, v in vars(args).items() if k in SETTINGS}
     options = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in SETTINGS})
     check_run_options(parser, options)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
     if options.resume:
-        started = options.init_from or options.distill_from or options.recipe
-        if given or options.config or options.run_type == "sweep" or started:
-            named = [flag_names(k, SETTINGS) for k in given] + ["--config"] * bool(options.config)
-            named += ["--init-from"] * bool(options.init_from) + ["--recipe"] * bool(options.recipe)
-            named += ["--distill-from"] * bool(options.distill_from)
+        other = {"--config": options.config, "--init-from": options.init_from, "--recipe": options.recipe}
+        named = [flag_names(k, SETTINGS) for k in given] + [flag for flag, value in other.items() if value]
+        named += ["--distill-from"] * bool(options.distill_from)
+        if named or options.run_type == "sweep":
             parser.error(
                 f"--resume continues a run with the settings saved in it; drop {', '.join(named) or '--run-type'} "
                 "(or start a new run in another --out-dir)"
@@ -806,13 +798,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     options.wandb = wandb_mode(options.wandb or "auto")  # saved as resolved: a resumed run logs where it began
     try:
         budget = TRIAL_BUDGET if options.run_type == "sweep" else {}
+        from_file = read_config_file(options.config, SETTINGS) if options.config else {}
         model_config, train_config = make_configs(
-            {
-                **RECIPES[options.recipe or "quick"],
-                **budget,
-                **(read_config_file(options.config, SETTINGS) if options.config else {}),
-                **given,
-            }
+            {**RECIPES[options.recipe or "quick"], **budget, **from_file, **given}
         )
     except ValueError as error:
         parser.error(flag_names(str(error), SETTINGS))
@@ -825,6 +813,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
         options.teacher_digests = [file_digest(Path(path)) for path in options.distill_from]
     except (CheckpointError, ValueError) as error:
         parser.error(str(error))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     if train_config.batch_size % world_size:
         parser.error(
             f"--batch-size {train_config.batch_size} is the global batch: "
@@ -834,8 +823,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
 
 
 def train_trial(argv: list[str], run: object = None, after_epoch: Callable[[int, dict], bool] | None = None) -> dict:
-    """A sweep's trial: a training run with this command line, logging to the agent's wandb run if
-    given, reporting to after_epoch (see train)."""
+    """A sweep's trial: the training run of this command line (run and after_epoch as in train)."""
     options, model_config, train_config = parse_args(argv)
     return train(options, model_config, train_config, run=run, after_epoch=after_epoch)
 
