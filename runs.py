@@ -69,8 +69,8 @@ def cores_per_process() -> int:
 
 
 DEFAULT_RUN_FOLDER = "runs/default"  # a run's --out-dir unless it says otherwise
-# What a run writes in its folder: a folder holding any of them belongs to that run.
-# What a run has to show for its work; a folder with only config.json holds a start that failed.
+# What a run has to show for its work: a folder holding any of them belongs to a run (one with only
+# config.json holds a start that failed).
 RUN_FILES = ("last.pt", "best.pt", "model.pt", "test_metrics.json")
 
 
@@ -112,12 +112,9 @@ def run_lock(folder: Path, procs: Processes) -> typing.Iterator[None]:
 
 
 def align_replicas(*modules: nn.Module) -> None:
-    """Before anything is validated or saved: copy rank 0's buffers (BatchNorm running
-    statistics) to every rank, then compare every weight and buffer across ranks. Gradients
-    are averaged, so the weights agree; the running statistics are each rank's own (DDP
-    broadcasts rank 0's before every forward, and the forward then updates them). Replicas
-    that still differ mean a bug, and would make the saved rank-0 weights a different model
-    from the one trained."""
+    """Before anything is validated or saved: copy rank 0's buffers (BatchNorm running statistics,
+    which each rank's forward updates) to every rank, then compare every weight and buffer across
+    ranks. Replicas that still differ mean a bug: rank 0 would save another model than the one trained."""
     for module in modules:
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
@@ -466,20 +463,21 @@ def restore_settings(
         train_config = train_config_class(**checkpoint["train_config"])
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{options.resume}: unusable train_config ({error})") from error
+    saved = checkpoint["training"]
     options.out_dir = options.out_dir or str(Path(options.resume).parent)
-    options.data_dir = options.data_dir or checkpoint["training"]["data_dir"]
-    options.started_from = checkpoint["training"].get("init_from")
-    options.distill_from = checkpoint["training"].get("distill_from", [])
+    options.data_dir = options.data_dir or saved["data_dir"]
+    options.started_from = saved.get("init_from")
+    options.distill_from = saved.get("distill_from", [])
     options.teachers = load_teachers(options.distill_from, checkpoint["model_config"], train_config)
     options.teacher_digests = [file_digest(Path(path)) for path in options.distill_from]
-    recorded = checkpoint["training"].get("teacher_digests")  # recorded by runs since it was
+    recorded = saved.get("teacher_digests")  # recorded by runs since it was
     for path, now, then in zip(options.distill_from, options.teacher_digests, recorded or options.teacher_digests):
         if now != then:
             raise CheckpointError(
                 f"--distill-from {path} is not the file the run was distilled from (its bytes changed since): "
                 "put that teacher back, or start a new run"
             )
-    options.wandb = options.wandb or checkpoint["training"].get("wandb", "auto")
-    options.composite_cache = options.composite_cache or checkpoint["training"].get("composite_cache")
-    options.splits_digest = checkpoint["training"].get("splits_digest")  # written by runs since it was recorded
+    options.wandb = options.wandb or saved.get("wandb", "auto")
+    options.composite_cache = options.composite_cache or saved.get("composite_cache")
+    options.splits_digest = saved.get("splits_digest")  # written by runs since it was recorded
     return checkpoint["model_config"], train_config, checkpoint
