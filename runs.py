@@ -358,10 +358,6 @@ class RunContext:
     settings: dict = field(default_factory=dict)  # every setting of both configs, as config.json holds them
     after_epoch: typing.Callable[[int, dict], bool] | None = None  # a sweep's pruner: False stops the run
 
-    @property
-    def bf16(self) -> bool:
-        return self.precision.bf16
-
 
 def start_job(
     options: argparse.Namespace, model_config: ModelConfig, train_config: TrainConfig, settings: dict
@@ -393,7 +389,7 @@ def compose_ahead(job: RunContext, training: TrainingState, data: RunData, stop:
     """With --composite-cache, compose the epochs this run is still to train (up to --max-steps)
     that are not cached yet, with every core; the processes of a torchrun share them out. False
     if asked to stop first."""
-    if not isinstance(data.train_set, CachedComposites) or job.composing_workers is not None:
+    if not isinstance(data.train_set, CachedComposites):
         return True
     procs, folder = job.procs, data.train_set.folder
     last = job.train_config.epochs

@@ -432,11 +432,7 @@ def epoch_loader(
     remaining = Subset(data.train_set, range(first_batch * batch_size, len(data.train_set)))
     # Rank r reads items r, r + world_size, ...: together the ranks' k-th batches are exactly
     # global batch k, as one process would read it. No shuffling: the items are random already.
-    sampler = (
-        DistributedSampler(remaining, num_replicas=procs.world_size, rank=procs.rank, shuffle=False)
-        if procs.world_size > 1
-        else None
-    )
+    sampler = DistributedSampler(remaining, num_replicas=procs.world_size, rank=procs.rank, shuffle=False)
     return DataLoader(
         remaining,
         batch_size=batch_size // procs.world_size,
@@ -616,7 +612,7 @@ def describe(job: RunContext, training: TrainingState, data: RunData) -> str:
     return (
         f"model: {training.model.num_parameters() / 1e6:.2f}M parameters, {job.model_config.grid_size}x"
         f"{job.model_config.grid_size} patches; {config.epochs} epochs x {data.steps_per_epoch} steps of "
-        f"{config.batch_size}{split} on {procs.device}, {'bf16 autocast' if job.bf16 else 'fp32'}"
+        f"{config.batch_size}{split} on {procs.device}, {'bf16 autocast' if job.precision.bf16 else 'fp32'}"
         f"{', compiled' if job.options.compile else ''}"
         + (f", {job.precision.threads} thread{'s' * (job.precision.threads > 1)}" if procs.device.type == "cpu" else "")
         + f"\nprecision: training {job.precision.why}; validation {job.validation_precision.why}"
@@ -734,7 +730,7 @@ def export(job: RunContext, training: TrainingState, data: RunData) -> dict:
         "parameters": training.model.num_parameters(),
         "device": str(procs.device),
         "world_size": procs.world_size,
-        "precision": "bf16" if job.bf16 else "fp32",
+        "precision": "bf16" if job.precision.bf16 else "fp32",
         "precision_choice": {"train": job.precision.why, "read_batch": job.validation_precision.why},
         "threads": job.precision.threads,
         "init_from": job.options.started_from,
