@@ -98,13 +98,7 @@ from runs import (
 from split_multidigit_dataset import SPLITS_FILE, check_split_folders, load_splits, prepare_splits
 from sweep_config import TRIAL_BUDGET
 from sweeps import sweep
-from train_options import (
-    add_run_options,
-    add_settings_flags,
-    check_run_options,
-    flag_names,
-    read_config_file,
-)
+from train_options import add_run_options, add_settings_flags, check_run_options, flag_names, read_config_file
 
 COMPOSER_OPTIONS = {f.name: f for f in fields(ComposerSettings)}
 
