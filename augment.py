@@ -29,8 +29,6 @@ def augment_digit(
     grows (> 0) or shrinks (< 0) by exactly that many pixels (the stress sets), thinner
     strokes brightened back to the digit's brightest ink, as a thinner pen would draw them.
     thickest > 1 spreads the random thickening over 1 to thickest pixels."""
-    if strength <= 0 and not stroke:
-        return digit
     fade = stroke is None
     if strength > 0:
         angle, shear = rng.uniform(-12, 12) * strength, rng.uniform(-10, 10) * strength
@@ -41,7 +39,7 @@ def augment_digit(
             stroke = int(
                 rng.choice([-1, 0, *thicker], p=[p_change, 1 - 2 * p_change, *[p_change / len(thicker)] * len(thicker)])
             )
-        # On a PIL image: three times faster than on a tensor, and training composes every digit afresh.
+        # On a PIL image, which is faster than on a tensor: training composes every digit afresh.
         digit = turn_and_shear(digit, angle=angle, shear=shear, scale=scale)
     if not stroke:
         return digit

@@ -36,12 +36,10 @@ DEEP_GREY_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 def eight_bit_grey(image: Image.Image) -> Image.Image:
     """A greyscale image deeper than 8 bits (DEEP_GREY_MODES) as 8-bit grey levels ("L"), its
     full range scaled to 0-255; Pillow's own conversion clips at 255 instead, which turns most
-    16-bit paper and ink alike white.
-
-    The 16-bit modes span 0-65535. "I" and "F" have no fixed range, so theirs is the narrowest
-    that holds the brightest pixel: 0-255, 0-65535 (16-bit data stored wider), else 0 up to that
-    pixel; for "F" first 0-1, the usual range of float images. Negative and non-finite values
-    count as 0."""
+    16-bit paper and ink alike white. The 16-bit modes span 0-65535; "I" and "F" have no fixed
+    range, so theirs is the narrowest that holds the brightest pixel: 0-255, 0-65535 (16-bit data
+    stored wider), else 0 up to that pixel; for "F" first 0-1, the usual range of float images.
+    Negative and non-finite values count as 0."""
     levels = np.array(image, dtype=np.float32)  # a writable copy, scaled in place
     np.nan_to_num(levels, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     top = float(levels.max())
@@ -81,20 +79,19 @@ def ink_image(image: Image.Image) -> Image.Image:
     Built from 8-bit planes and lookup tables from grey level to ink, never a float copy of the
     image: a photo of tens of megapixels must not take gigabytes."""
     grey, alpha = grey_and_alpha(image)
+    ink_of_level = np.arange(256.0)
     if alpha is not None:
         # Transparent background (a drawing pad): ink is wherever it is opaque. Strokes may be
         # dark or light; which one decides whether their grey level or its inverse is the ink.
         # ImageChops.multiply is a * b / 255, so the sums below are of grey * alpha / 255 and of alpha.
         dark_strokes = 255 * histogram_sum(ImageChops.multiply(grey, alpha)) < 128 * histogram_sum(alpha)
         ink = ImageChops.multiply(alpha, ImageOps.invert(grey) if dark_strokes else grey)
-        ink_of_level = np.arange(256.0)
     else:
         # Opaque: the border is mostly background, so its median tells paper from ink.
         width, height = grey.size
         edges = [(0, 0, width, 1), (0, height - 1, width, height), (0, 0, 1, height), (width - 1, 0, width, height)]
         border = np.concatenate([np.asarray(grey.crop(edge), dtype=np.float64).ravel() for edge in edges])
         paper = np.median(border)
-        ink_of_level = np.arange(256.0)
         if paper > 127:  # dark ink on light paper
             ink_of_level, border, paper = 255.0 - ink_of_level, 255.0 - border, 255.0 - paper
         # Paper grain, sensor noise and JPEG ringing sit a few levels around the background; three
@@ -141,14 +138,10 @@ def measure_ink(ink: np.ndarray) -> InkMeasure | None:
 
 
 def to_canvas(image: Image.Image, canvas_size: int, digit_height: tuple[int, int] = DIGIT_HEIGHT_RANGE) -> np.ndarray:
-    """The model's view of an image: (canvas_size, canvas_size) uint8, white ink on black.
-
-    Digits are brought to the size the model was trained on. When their height (see measure_ink)
-    is outside digit_height (with 10 % slack), the ink is cropped and scaled, keeping its aspect
-    ratio, to the middle of that range; otherwise it keeps its size. The result is centred on
-    the canvas, and shrunk further only if it would not fit. An image that already is a canvas
-    with digits of a trained size reaches the model unchanged. No ink at all, or only a dot
-    (ink no longer than DOT_STROKES stroke widths: a tap on a drawing pad, a speck), gives an empty canvas."""
+    """The model's view of an image: (canvas_size, canvas_size) uint8, white ink on black, its ink
+    scaled to the middle of digit_height where the digits' height (measure_ink) is outside it, and
+    centred, shrunk further only to fit: a canvas with digits of a trained size reaches the model
+    unchanged. No ink, or only a dot (a tap on a drawing pad, a speck), gives an empty canvas."""
     empty = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
     ink = ink_image(image)
     if max(ink.size) > canvas_size:

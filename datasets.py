@@ -36,8 +36,6 @@ if typing.TYPE_CHECKING:
 
 
 COMPOSITE_LAYOUTS = ("scatter", "row", "marks")  # what a composite is: "marks" holds no digits, only other marks
-
-
 DATASET_FILES = ("images.npy", "labels.json", "metadata.json", "preview.png")  # a dataset folder, as written
 
 
@@ -72,10 +70,8 @@ class CachedComposites(Dataset):
     images, labels and boxes (item i of epoch e is drawn with default_rng([seed, e, i]) either way),
     composed once, by every core, for any number of runs. Epoch e is a dataset folder (see
     write_dataset), read memory-mapped, at root/KEY/epoch-NNN, numbered from 1 as training counts
-    epochs, where KEY is a digest of all that shapes the data: the composer's settings and digit
-    pool, the seed, the images an epoch, the code that draws and keeps composites
-    (MultiDigitComposer.drawing_code and this file) and the libraries that draw pixels (an older
-    cache must not serve what today's code would draw differently)."""
+    epochs, where KEY (composites_key) digests all that shapes the data, the code and libraries that
+    draw it included: an older cache must not serve what today's code would draw differently."""
 
     def __init__(self, fresh: FreshComposites, root: str | Path):
         self.fresh = fresh
@@ -123,11 +119,10 @@ class CachedComposites(Dataset):
                 with self.epoch_lock(epoch, wait) as held:
                     if not held:  # another process is composing it: come back to it last, and wait then
                         pending.append((epoch, True))
-                        continue
-                    if not self.holds(epoch):  # else the lock's last holder wrote it
+                    elif self.holds(epoch):  # the lock's last holder wrote it
+                        bar.update(len(self))
+                    else:
                         self.compose_epoch(epoch, workers, bar, stopped)
-                        continue
-                bar.update(len(self))
 
     @contextlib.contextmanager
     def epoch_lock(self, epoch: int, wait: bool) -> typing.Iterator[bool]:
@@ -236,7 +231,7 @@ def leave_ctrl_c_to_the_parent(worker_id: int) -> None:
 
 
 def composites_key(fresh: FreshComposites) -> str:
-    """A digest naming everything that decides a FreshComposites' data (see CachedComposites)."""
+    """A digest of all that decides a FreshComposites' data: settings, digit pool, seed, size, code, libraries."""
     composer = fresh.composer
     digest = hashlib.sha256()
     for code in (*composer.drawing_code, Path(__file__)):  # how composites are drawn, and how they are kept

@@ -23,8 +23,6 @@ MARK_KINDS = (
     "blob", "cross", "hatching", "star", "spiral", "face", "scribble", "rule", "letter",
     "outline", "zigzag", "wave", "scallops",
 )  # fmt: skip
-
-
 MARK_LETTERS = "ACEFHKMNRWXcekmnwx#@&%"
 
 

@@ -87,12 +87,9 @@ def check_mnist_files(root: str | Path, *, train: bool) -> None:
 
 
 def load_mnist(root: str | Path, *, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST images (N, 28, 28) uint8 and labels (N,) int64 from root/MNIST/raw.
-
-    Files that are missing are downloaded first (by torchvision, which also extracts .gz copies
-    found there). Files that are not one MNIST split (a file of the other split, a labels file
-    in the place of an images file, a cut-short file) are refused, naming the file, rather than
-    giving digits wrong labels."""
+    """MNIST images (N, 28, 28) uint8 and labels (N,) int64 from root/MNIST/raw, missing files
+    downloaded first (torchvision also extracts .gz copies found there). Files that are not one
+    MNIST split are refused (check_mnist_files) rather than giving digits wrong labels."""
     files = mnist_files(root, train=train)
     if not all(path.is_file() for path in files.values()):
         check_gz_copies([path for path in files.values() if not path.is_file()])

@@ -43,19 +43,8 @@ from tqdm import tqdm
 
 import augment
 import marks
-from augment import (
-    add_paper_noise,
-    augment_digit,
-    crop_to_ink,
-    degrade_like_a_scan,
-    elastic_distort,
-    ink_box,
-    redraw_with_pen,
-    resize,
-)
 from datasets import DATASET_FILES, write_dataset
 from files import CommandLine, check_destination
-from marks import draw_marks
 from mnist import DIGIT_SIZE, MnistUnavailableError, default_mnist_root, load_mnist, read_digit_indices
 
 LAYOUTS = ("scatter", "row", "mixed")
@@ -75,8 +64,7 @@ class Composite:
     image: np.ndarray  # (canvas, canvas) uint8, white on black
     label: str  # the digits in reading order, "" for a blank canvas
     layout: str  # one of COMPOSITE_LAYOUTS
-    # (x0, y0, x1, y1) ink box per digit, in label order
-    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # (x0, y0, x1, y1) per digit, label order
     sources: list[int] = field(default_factory=list)  # index of each digit in the MNIST split, label order
 
 
@@ -147,10 +135,8 @@ def compose_scatter(
         corners = []
         for h, w in sizes:
             for _ in range(max_tries):
-                x, y = (
-                    random_offset(rng, canvas_size - w, 0, hug_borders),
-                    random_offset(rng, canvas_size - h, 0, hug_borders),
-                )
+                x = random_offset(rng, canvas_size - w, 0, hug_borders)
+                y = random_offset(rng, canvas_size - h, 0, hug_borders)
                 clear = all(
                     abs(2 * x + w - 2 * px - pw) >= 2 * min_center_gap
                     and (x + w + space <= px or px + pw + space <= x or y + h + space <= py or py + ph + space <= y)
@@ -167,7 +153,7 @@ def compose_scatter(
         corners = fallback_corners(sizes, rng, canvas_size, min_center_gap, high)
     canvas = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
     for crop, (h, w), (x, y) in zip(crops, sizes, corners):
-        np.maximum(canvas[y : y + h, x : x + w], resize(crop, h, w), out=canvas[y : y + h, x : x + w])
+        np.maximum(canvas[y : y + h, x : x + w], augment.resize(crop, h, w), out=canvas[y : y + h, x : x + w])
     order = sorted(range(n), key=lambda i: 2 * corners[i][0] + sizes[i][1])  # by centre
     boxes = [(corners[i][0], corners[i][1], corners[i][0] + sizes[i][1], corners[i][1] + sizes[i][0]) for i in order]
     return canvas, boxes, order
@@ -211,7 +197,7 @@ def tilt_row(
     for patch, (x, y) in zip(patches, corners):
         dx, dy = x + patch.shape[1] / 2 - cx, y + patch.shape[0] / 2 - cy
         turned = np.asarray(Image.fromarray(patch).rotate(angle, resample=Image.Resampling.BILINEAR, expand=True))
-        x0, y0, x1, y1 = ink_box(turned, threshold=0) or (0, 0, *turned.shape[::-1])  # an inkless patch stays whole
+        x0, y0, x1, y1 = augment.ink_box(turned, threshold=0) or (0, 0, *turned.shape[::-1])  # no ink: the whole patch
         # Counter-clockwise on screen, where y points down.
         new_x, new_y = cx + dx * cos + dy * sin - turned.shape[1] / 2, cy - dx * sin + dy * cos - turned.shape[0] / 2
         turned_patches.append(turned[y0:y1, x0:x1])
@@ -255,7 +241,7 @@ def compose_row(
         shrinking[int(np.argmax(shrinking))] -= 1
     patches, corners, x = [], [], 0
     for crop, h, w, space in zip(crops, heights, widths, [*spaces, 0]):
-        patches.append(resize(crop, h, w))
+        patches.append(augment.resize(crop, h, w))
         corners.append((x, round(-h / 2 + rng.uniform(-ROW_JITTER, ROW_JITTER))))  # about a centre line at y = 0
         x += w + space
     if angle:
@@ -273,16 +259,6 @@ def compose_row(
         np.maximum(canvas[y : y + h, x : x + w], patch, out=canvas[y : y + h, x : x + w])
         boxes.append((x, y, x + w, y + h))
     return canvas, boxes
-
-
-def check_length_weights(weights: list[float] | tuple[float, ...], max_digits: int) -> None:
-    """Raise ValueError unless weights can be the relative frequencies of 0, 1, ..., max_digits digits."""
-    # Written so that NaN fails every comparison, and a finite sum keeps the frequencies finite.
-    if len(weights) != max_digits + 1 or not all(w >= 0 for w in weights) or not 0 < sum(weights) < math.inf:
-        raise ValueError(
-            f"length_weights must be {max_digits + 1} non-negative numbers (for 0 to {max_digits} digits) "
-            f"with a positive, finite sum, got {list(weights)}"
-        )
 
 
 def parse_weights(text: str) -> list[float]:
@@ -387,37 +363,37 @@ class MultiDigitComposer:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if not 0 <= self.min_digits <= self.max_digits:
             raise ValueError(f"need 0 <= min_digits <= max_digits, got {self.min_digits} and {self.max_digits}")
-        if self.length_weights is not None:
-            check_length_weights(self.length_weights, self.max_digits)
-            if any(self.length_weights[: self.min_digits]):
+        weights, most = self.length_weights, self.max_digits
+        if weights is not None:
+            # Written so that NaN fails every comparison, and a finite sum keeps the frequencies finite.
+            if len(weights) != most + 1 or not all(w >= 0 for w in weights) or not 0 < sum(weights) < math.inf:
                 raise ValueError(
-                    f"length_weights {list(self.length_weights)} give weight to fewer than "
-                    f"min_digits {self.min_digits} digits"
+                    f"length_weights must be {most + 1} non-negative numbers (for 0 to {most} digits) "
+                    f"with a positive, finite sum, got {list(weights)}"
+                )
+            if any(weights[: self.min_digits]):
+                raise ValueError(
+                    f"length_weights {list(weights)} give weight to fewer than min_digits {self.min_digits} digits"
                 )
         if self.min_center_gap < 1:
             raise ValueError(f"min_center_gap must be at least 1 pixel, got {self.min_center_gap}")
         if not 0 <= self.augment_strength <= MAX_AUGMENT_STRENGTH:  # false for NaN too
             raise ValueError(f"augment_strength must be 0 to {MAX_AUGMENT_STRENGTH:g}, got {self.augment_strength}")
+        heights, stretch = self.digit_height, self.aspect_stretch
         tallest = self.canvas_size - 2 * ROW_JITTER - 3  # a row needs room for its jitter and a pixel margin
-        if (
-            len(self.digit_height) != 2
-            or not MIN_DIGIT_WIDTH <= self.digit_height[0] <= self.digit_height[1] <= tallest
-        ):
+        if len(heights) != 2 or not MIN_DIGIT_WIDTH <= heights[0] <= heights[1] <= tallest:
             raise ValueError(
                 f"digit_height must be (min, max) pixels with {MIN_DIGIT_WIDTH} <= min <= max <= {tallest} "
-                f"on a {self.canvas_size}x{self.canvas_size} canvas, got {tuple(self.digit_height)}"
+                f"on a {self.canvas_size}x{self.canvas_size} canvas, got {tuple(heights)}"
             )
         if self.stroke_width_change is not None and not -3 <= self.stroke_width_change <= 3:
             raise ValueError(
                 f"stroke_width_change must be None (random) or -3 to 3 pixels, got {self.stroke_width_change}"
             )
-        if (
-            len(self.aspect_stretch) != 2
-            or not 0 < self.aspect_stretch[0] <= self.aspect_stretch[1] <= MAX_ASPECT_STRETCH
-        ):
+        if len(stretch) != 2 or not 0 < stretch[0] <= stretch[1] <= MAX_ASPECT_STRETCH:
             raise ValueError(
                 f"aspect_stretch must be (min, max) factors with 0 < min <= max <= {MAX_ASPECT_STRETCH:g}, "
-                f"got {tuple(self.aspect_stretch)}"
+                f"got {tuple(stretch)}"
             )
         if not 0 <= self.row_tilt <= 20:  # steeper rows could swap the reading order of narrow digits
             raise ValueError(f"row_tilt must be 0 to 20 degrees, got {self.row_tilt}")
@@ -471,18 +447,18 @@ class MultiDigitComposer:
     def prepare_digit(self, digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The digit augmented (perhaps bent, perhaps redrawn with a pen), cut to its ink and, with
         aspect_stretch, stretched sideways."""
-        digit = augment_digit(
+        digit = augment.augment_digit(
             digit, rng, self.augment_strength, stroke=self.stroke_width_change, thickest=self.thickest_stroke
         )
         if self.elastic_share and rng.random() < self.elastic_share:
-            digit = elastic_distort(digit, rng)
+            digit = augment.elastic_distort(digit, rng)
         if self.pen_share and rng.random() < self.pen_share:
-            redrawn = redraw_with_pen(digit, radius=int(rng.integers(1, 5)))
-            if ink_box(redrawn) is not None:  # a faint digit can vanish when thinned: it keeps its own strokes
+            redrawn = augment.redraw_with_pen(digit, radius=int(rng.integers(1, 5)))
+            if augment.ink_box(redrawn) is not None:  # a faint digit can vanish when thinned: it keeps its own strokes
                 digit = redrawn
-        crop = crop_to_ink(digit)
+        crop = augment.crop_to_ink(digit)
         if self.aspect_stretch != (1.0, 1.0):
-            crop = resize(crop, crop.shape[0], max(1, round(crop.shape[1] * rng.uniform(*self.aspect_stretch))))
+            crop = augment.resize(crop, crop.shape[0], max(1, round(crop.shape[1] * rng.uniform(*self.aspect_stretch))))
         return crop
 
     def compose(self, rng: np.random.Generator) -> Composite:
@@ -490,16 +466,16 @@ class MultiDigitComposer:
         # of the settings without it.
         kind = rng.random() if self.nondigit_share or self.overflow_share else 1.0
         if kind < self.nondigit_share:
-            canvas = draw_marks(rng, self.canvas_size, self.prepare_digit)
+            canvas = marks.draw_marks(rng, self.canvas_size, self.prepare_digit)
             label, layout, boxes, picks = "", "marks", [], []
         else:
             canvas, label, layout, boxes, picks = self.compose_digits(
                 rng, overflow=kind < self.nondigit_share + self.overflow_share
             )
         if self.paper_noise and rng.random() < self.paper_noise:
-            canvas = add_paper_noise(canvas, rng)
+            canvas = augment.add_paper_noise(canvas, rng)
         if self.scan_degradation:
-            canvas = degrade_like_a_scan(canvas, rng)
+            canvas = augment.degrade_like_a_scan(canvas, rng)
         return Composite(image=canvas, label=label, layout=layout, boxes=boxes, sources=picks)
 
     def compose_digits(self, rng: np.random.Generator, overflow: bool) -> tuple:

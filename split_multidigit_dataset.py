@@ -136,8 +136,7 @@ def prepare_splits(
     record. Settings and destinations are checked (ValueError) before MNIST is loaded."""
     if val_images < 1 or test_images < 1:
         raise ValueError(f"need at least one validation and one test image, got {val_images} and {test_images}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    pools = split_digit_pools(MNIST_COUNTS["train"], val_fraction, seed)  # load_mnist checks that count
     composer = {**EVAL_COMPOSER, **(composer or {})}
     check_composer_settings(**composer)
     data_dir = Path(data_dir)
@@ -145,7 +144,6 @@ def prepare_splits(
         check_destination(data_dir / name, files)
     train_images, train_labels = load_mnist(mnist_root, train=True)
     test_digits, test_labels = load_mnist(mnist_root, train=False)
-    pools = split_digit_pools(len(train_images), val_fraction, seed)
     pools["test"] = list(range(len(test_digits)))
     sources = {"val": (train_images, train_labels, "train"), "test": (test_digits, test_labels, "test")}
     counts = {"val": val_images, "test": test_images}
@@ -316,13 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: writing to {args.data_dir} failed ({error}); nothing was written there", file=sys.stderr)
         return 1
     if args.stress:
-        for name, folder in folders.items():
-            count, description = (
-                (MNIST_COUNTS["test"], MNIST_DIGITS_DESCRIPTION)
-                if name == MNIST_DIGITS
-                else (args.stress_images, STRESS_SETS[name][1])
-            )
-            print(f"wrote {folder} ({count} images): {description}")
+        for name, (_, description) in STRESS_SETS.items():
+            print(f"wrote {folders[name]} ({args.stress_images} images): {description}")
+        print(f"wrote {folders[MNIST_DIGITS]} ({MNIST_COUNTS['test']} images): {MNIST_DIGITS_DESCRIPTION}")
         return 0
     pools = record["pools"]
     print(
