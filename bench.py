@@ -376,24 +376,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=12, help="the models are timed in turn this many times")
     p.add_argument("--json", metavar="FILE", help="also write the results here")
     args = p.parse_args(argv)
-    bounds = (
-        ("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE),
-        ("--seconds", args.seconds, 0.01, 3600),
-        ("--latency-runs", args.latency_runs, 2, 100_000),
-        ("--rounds", args.rounds, 1, 1000),
-    )
-    for flag, value, low, high in bounds:
-        if not low <= value <= high:  # false for NaN too
-            p.error(f"{flag} must be {low:g} to {high:g}, got {value:g}")
+    p.check_range("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE)
+    p.check_range("--seconds", args.seconds, 0.01, 3600)
+    p.check_range("--latency-runs", args.latency_runs, 2, 100_000)
+    p.check_range("--rounds", args.rounds, 1, 1000)
     if args.json is not None:
-        try:
-            check_destination(args.json, None)  # before the benchmark, not after it
-        except ValueError as error:
-            p.error(f"--json: {error}")
-    try:
-        args.device = pick_device(args.device)
-    except ValueError as error:
-        p.error(f"--device: {error}")
+        p.checked("--json", check_destination, args.json, None)  # before the benchmark, not after it
+    args.device = p.checked("--device", pick_device, args.device)
     return args
 
 

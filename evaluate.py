@@ -25,7 +25,6 @@ stops everything before any work (exit code 2).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -588,7 +587,7 @@ def summary_table(reports: dict[str, dict]) -> str:
     return markdown_table(header, rows, numbers_from=1)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CommandLine:
     parser = CommandLine(__doc__)
     parser.add_argument("datasets", nargs="+", metavar="DATASET_DIR")
     add_reader_options(parser)
@@ -606,10 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
-        parser.error(f"--batch-size must be 1 to {MAX_BATCH_SIZE}, got {args.batch_size}")
-    if not 0 <= args.gallery_size <= MAX_GALLERY_SIZE:
-        parser.error(f"--gallery-size must be 0 to {MAX_GALLERY_SIZE}, got {args.gallery_size}")
+    parser.check_range("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE)
+    parser.check_range("--gallery-size", args.gallery_size, 0, MAX_GALLERY_SIZE)
     check_reader_options(parser, args)
     names = [Path(folder).resolve().name for folder in args.datasets]
     if len(set(names)) < len(names):

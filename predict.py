@@ -194,10 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
-    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
-        parser.error(f"--batch-size must be 1 to {MAX_BATCH_SIZE}, got {args.batch_size}")
-    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
-        parser.error(f"--min-confidence must be 0 to 1, got {args.min_confidence:g}")
+    parser.check_range("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE)
+    if args.min_confidence is not None:
+        parser.check_range("--min-confidence", args.min_confidence, 0, 1)
     check_reader_options(parser, args)
     try:
         model = load_reader(args.checkpoint, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_model
+from files import CommandLine
 from model import (
     EOS,
     MANY,
@@ -173,14 +174,10 @@ def add_reader_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_reader_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_reader_options(parser: CommandLine, args: argparse.Namespace) -> None:
     """Exit with a usage error for reader options no reading can take, before anything is loaded;
     args.device becomes the torch device."""
-    if not 1 <= args.beam_size <= MAX_BEAM_SIZE:
-        parser.error(f"--beam-size must be 1 to {MAX_BEAM_SIZE}, got {args.beam_size}")
+    parser.check_range("--beam-size", args.beam_size, 1, MAX_BEAM_SIZE)
     if args.beam_size > 1 and (args.tta or args.ensemble):
         parser.error("--beam-size searches with one model: drop it, or drop --tta and --ensemble")
-    try:
-        args.device = pick_device(args.device)
-    except ValueError as error:
-        parser.error(f"--device: {error}")
+    args.device = parser.checked("--device", pick_device, args.device)
