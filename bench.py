@@ -108,24 +108,23 @@ class ReferenceTransformer(DigitSequenceTransformer):
             state[f"{prefix}.in_proj_bias"] = torch.cat([attention.query.bias, attention.key_value.bias])
             copy(f"{prefix}.out_proj", attention.out)
 
+        def copy_layer(layer: str, attentions: dict[str, nn.Module], norms: list[nn.Module], ff: nn.Module) -> None:
+            for name, attention in attentions.items():
+                copy_attention(f"{layer}.{name}", attention)
+            for n, norm in enumerate(norms, 1):
+                copy(f"{layer}.norm{n}", norm)
+            copy(f"{layer}.linear1", ff[0])
+            copy(f"{layer}.linear2", ff[2])
+
         for i, block in enumerate(model.encoder):
-            layer = f"transformer.encoder.layers.{i}"
-            copy_attention(f"{layer}.self_attn", block.attn)
-            copy(f"{layer}.norm1", block.norm_attn), copy(f"{layer}.norm2", block.norm_ff)
-            copy(f"{layer}.linear1", block.ff[0]), copy(f"{layer}.linear2", block.ff[2])
+            norms = [block.norm_attn, block.norm_ff]
+            copy_layer(f"transformer.encoder.layers.{i}", {"self_attn": block.attn}, norms, block.ff)
         for i, block in enumerate(model.decoder):
-            layer = f"transformer.decoder.layers.{i}"
-            (
-                copy_attention(f"{layer}.self_attn", block.self_attn),
-                copy_attention(f"{layer}.multihead_attn", block.cross_attn),
-            )
-            (
-                copy(f"{layer}.norm1", block.norm_self),
-                copy(f"{layer}.norm2", block.norm_cross),
-                copy(f"{layer}.norm3", block.norm_ff),
-            )
-            copy(f"{layer}.linear1", block.ff[0]), copy(f"{layer}.linear2", block.ff[2])
-        copy("transformer.encoder.norm", model.encoder_norm), copy("transformer.decoder.norm", model.decoder_norm)
+            attentions = {"self_attn": block.self_attn, "multihead_attn": block.cross_attn}
+            norms = [block.norm_self, block.norm_cross, block.norm_ff]
+            copy_layer(f"transformer.decoder.layers.{i}", attentions, norms, block.ff)
+        copy("transformer.encoder.norm", model.encoder_norm)
+        copy("transformer.decoder.norm", model.decoder_norm)
         reference.load_state_dict(state)  # strict: every weight has exactly one counterpart
         return reference.to(next(model.parameters()).device).train(model.training)
 
@@ -217,14 +216,10 @@ class Workload:
         self.optimizer = configure_optimizer(self.trained, lr=1e-4, weight_decay=0.05)
         self.reader = copy.deepcopy(model).eval()
         if compiled:
-            self.reader.encode, self.reader.decode = (
-                torch.compile(self.reader.encode),
-                torch.compile(self.reader.decode),
-            )
+            self.reader.encode = torch.compile(self.reader.encode)
+            self.reader.decode = torch.compile(self.reader.decode)
         singles = [self.images[i][None] for i in range(self.batch_size)]
-        self.readings = [
-            self.read(single)[0] for single in singles
-        ]  # also compiles every shape before anything is timed
+        self.readings = [self.read(single)[0] for single in singles]  # also compiles every shape before timing
         self.singles = itertools.cycle(singles)
         with self.autocast():  # counted uncompiled: compiled graphs hide their operations from the counter
             self.training_flops = counted_flops(lambda: self.loss(*self.batch).backward()) / self.batch_size
@@ -251,8 +246,7 @@ class Workload:
 
 def measure(workloads: dict[str, Workload], *, rounds: int, seconds: float, latency_runs: int) -> dict[str, dict]:
     """Time the workloads in turn, in many short rounds, so that a machine that speeds up or
-    slows down (a shared CPU's does, by up to 2x here) weighs on each alike; medians over all
-    rounds."""
+    slows down (a shared CPU does) weighs on each alike; medians over all rounds."""
     for work in workloads.values():
         timed(work.training_step, work.device, runs=2, warm_up=2)
         timed(work.read_batch, work.device, runs=2, warm_up=2)
@@ -291,8 +285,7 @@ def machine(device: torch.device) -> str:
 def report(results: dict) -> str:
     """The results as a Markdown table, ours against the reference (columns of "-" without one)."""
     ours, reference = results["ours"], results.get("reference")
-    peak = results["peak_flops_per_second"]
-    used = results["precision"]
+    peak, used = results["peak_flops_per_second"], results["precision"]
     rows = [
         ("parameters", "parameters", "{:,.0f}"),
         ("training img/s", "training_images_per_second", "{:,.0f}"),
@@ -323,7 +316,7 @@ def report(results: dict) -> str:
 
 
 def target_report(results: dict) -> str:
-    """The CPU targets, met or not; for inference, also the ceiling the fp32 peak sets."""
+    """The CPU targets, met or not; for inference, also the ceiling the peak of the precision used sets."""
     ours, reference = results["ours"], results.get("reference")
     ratio = ours["training_images_per_second"] / reference["training_images_per_second"] if reference else math.nan
     ceiling = results["peak_flops_per_second"][results["precision"]] / ours["inference_flops_per_image"]
