@@ -455,12 +455,9 @@ def report_pictures(
     report: dict, images: np.ndarray, readings: Readings, expected: list[str], *, title: str, gallery_size: int
 ) -> dict[str, Image.Image]:
     """The report's pictures by file name: the confusion matrix, the failures, the reliability diagram."""
-    confused = report["most_confused"]
-    confused_text = (
-        f"most confused: {confused['true']}{IMAGE_ARROW}{confused['read']} ({confused['count']})"
-        if confused
-        else "no digit read as another"
-    )
+    confused, confused_text = report["most_confused"], "no digit read as another"
+    if confused:
+        confused_text = f"most confused: {confused['true']}{IMAGE_ARROW}{confused['read']} ({confused['count']})"
     matrix = np.array(report["confusion_matrix"]["rows_true_columns_read"])
     correct = [r == e for r, e in zip(readings.scored, expected)]
     calibration_error = report["calibration"]["expected_calibration_error"]
