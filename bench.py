@@ -63,7 +63,9 @@ from precision import choose_precision, cpu_name, pick_device, timed
 from reader import MAX_BATCH_SIZE
 
 # The targets set for the 2-core development CPU (docs/performance.md discusses them).
-CPU_TARGETS = {"training_ratio": 1.0, "inference_images_per_second": 2000, "latency_p50_ms": 10.0}
+TARGET_TRAINING_RATIO = 1.0  # training images/s, ours over the reference's
+TARGET_INFERENCE_RATE = 2000  # batched inference, images/s
+TARGET_LATENCY_MS = 10.0  # single-image latency p50
 
 
 class ReferenceTransformer(DigitSequenceTransformer):
@@ -108,24 +110,23 @@ class ReferenceTransformer(DigitSequenceTransformer):
             state[f"{prefix}.in_proj_bias"] = torch.cat([attention.query.bias, attention.key_value.bias])
             copy(f"{prefix}.out_proj", attention.out)
 
+        def copy_layer(layer: str, attentions: dict[str, nn.Module], norms: list[nn.Module], ff: nn.Module) -> None:
+            for name, attention in attentions.items():
+                copy_attention(f"{layer}.{name}", attention)
+            for n, norm in enumerate(norms, 1):
+                copy(f"{layer}.norm{n}", norm)
+            copy(f"{layer}.linear1", ff[0])
+            copy(f"{layer}.linear2", ff[2])
+
         for i, block in enumerate(model.encoder):
-            layer = f"transformer.encoder.layers.{i}"
-            copy_attention(f"{layer}.self_attn", block.attn)
-            copy(f"{layer}.norm1", block.norm_attn), copy(f"{layer}.norm2", block.norm_ff)
-            copy(f"{layer}.linear1", block.ff[0]), copy(f"{layer}.linear2", block.ff[2])
+            norms = [block.norm_attn, block.norm_ff]
+            copy_layer(f"transformer.encoder.layers.{i}", {"self_attn": block.attn}, norms, block.ff)
         for i, block in enumerate(model.decoder):
-            layer = f"transformer.decoder.layers.{i}"
-            (
-                copy_attention(f"{layer}.self_attn", block.self_attn),
-                copy_attention(f"{layer}.multihead_attn", block.cross_attn),
-            )
-            (
-                copy(f"{layer}.norm1", block.norm_self),
-                copy(f"{layer}.norm2", block.norm_cross),
-                copy(f"{layer}.norm3", block.norm_ff),
-            )
-            copy(f"{layer}.linear1", block.ff[0]), copy(f"{layer}.linear2", block.ff[2])
-        copy("transformer.encoder.norm", model.encoder_norm), copy("transformer.decoder.norm", model.decoder_norm)
+            attentions = {"self_attn": block.self_attn, "multihead_attn": block.cross_attn}
+            norms = [block.norm_self, block.norm_cross, block.norm_ff]
+            copy_layer(f"transformer.decoder.layers.{i}", attentions, norms, block.ff)
+        copy("transformer.encoder.norm", model.encoder_norm)
+        copy("transformer.decoder.norm", model.decoder_norm)
         reference.load_state_dict(state)  # strict: every weight has exactly one counterpart
         return reference.to(next(model.parameters()).device).train(model.training)
 
@@ -204,9 +205,8 @@ class Workload:
         images, labels, boxes = data
         config = model.config
         self.device, self.batch_size, self.images = device, len(labels), images.to(device)
-        self.pixels = uint8_to_input(self.images)
         self.batch = (
-            self.pixels,
+            uint8_to_input(self.images),
             *(t.to(device) for t in encode_labels(labels, config.max_digits)),
             patch_targets(boxes, labels, image_size=config.image_size, patch_size=config.patch_size).to(device),
         )
@@ -217,14 +217,10 @@ class Workload:
         self.optimizer = configure_optimizer(self.trained, lr=1e-4, weight_decay=0.05)
         self.reader = copy.deepcopy(model).eval()
         if compiled:
-            self.reader.encode, self.reader.decode = (
-                torch.compile(self.reader.encode),
-                torch.compile(self.reader.decode),
-            )
+            self.reader.encode = torch.compile(self.reader.encode)
+            self.reader.decode = torch.compile(self.reader.decode)
         singles = [self.images[i][None] for i in range(self.batch_size)]
-        self.readings = [
-            self.read(single)[0] for single in singles
-        ]  # also compiles every shape before anything is timed
+        self.readings = [self.read(single)[0] for single in singles]  # also compiles every shape before timing
         self.singles = itertools.cycle(singles)
         with self.autocast():  # counted uncompiled: compiled graphs hide their operations from the counter
             self.training_flops = counted_flops(lambda: self.loss(*self.batch).backward()) / self.batch_size
@@ -251,8 +247,7 @@ class Workload:
 
 def measure(workloads: dict[str, Workload], *, rounds: int, seconds: float, latency_runs: int) -> dict[str, dict]:
     """Time the workloads in turn, in many short rounds, so that a machine that speeds up or
-    slows down (a shared CPU's does, by up to 2x here) weighs on each alike; medians over all
-    rounds."""
+    slows down (a shared CPU does) weighs on each alike; medians over all rounds."""
     for work in workloads.values():
         timed(work.training_step, work.device, runs=2, warm_up=2)
         timed(work.read_batch, work.device, runs=2, warm_up=2)
@@ -291,8 +286,7 @@ def machine(device: torch.device) -> str:
 def report(results: dict) -> str:
     """The results as a Markdown table, ours against the reference (columns of "-" without one)."""
     ours, reference = results["ours"], results.get("reference")
-    peak = results["peak_flops_per_second"]
-    used = results["precision"]
+    peak, used = results["peak_flops_per_second"], results["precision"]
     rows = [
         ("parameters", "parameters", "{:,.0f}"),
         ("training img/s", "training_images_per_second", "{:,.0f}"),
@@ -323,29 +317,24 @@ def report(results: dict) -> str:
 
 
 def target_report(results: dict) -> str:
-    """The CPU targets, met or not; for inference, also the ceiling the fp32 peak sets."""
-    ours, reference = results["ours"], results.get("reference")
+    """The CPU targets, met or not; for inference, also the ceiling the peak of the precision used sets."""
+    ours, reference, used = results["ours"], results.get("reference"), results["precision"]
     ratio = ours["training_images_per_second"] / reference["training_images_per_second"] if reference else math.nan
-    ceiling = results["peak_flops_per_second"][results["precision"]] / ours["inference_flops_per_image"]
-    checks = [
-        (
-            f"training >= {CPU_TARGETS['training_ratio']:.1f}x the reference",
-            f"{ratio:.2f}x" if reference else "no reference for this model",
-            ratio >= CPU_TARGETS["training_ratio"],
-        ),
-        (
-            f"batched inference >= {CPU_TARGETS['inference_images_per_second']} img/s",
-            f"{ours['inference_images_per_second']:,.0f} img/s "
-            f"(at 100 % of the {results['precision']} peak: {ceiling:,.0f})",
-            ours["inference_images_per_second"] >= CPU_TARGETS["inference_images_per_second"],
-        ),
-        (
-            f"single-image latency p50 <= {CPU_TARGETS['latency_p50_ms']:.0f} ms",
-            f"{ours['latency_p50_ms']:.2f} ms",
-            ours["latency_p50_ms"] <= CPU_TARGETS["latency_p50_ms"],
-        ),
+    rate, latency = ours["inference_images_per_second"], ours["latency_p50_ms"]
+    ceiling = results["peak_flops_per_second"][used] / ours["inference_flops_per_image"]
+
+    def check(met: bool, target: str, value: str) -> str:
+        return f"  {'met    ' if met else 'not met'}  {target}: {value}"
+
+    training = f"{ratio:.2f}x" if reference else "no reference for this model"
+    inference = f"{rate:,.0f} img/s (at 100 % of the {used} peak: {ceiling:,.0f})"
+    one_image = f"{latency:.2f} ms"
+    lines = [
+        check(ratio >= TARGET_TRAINING_RATIO, f"training >= {TARGET_TRAINING_RATIO:.1f}x the reference", training),
+        check(rate >= TARGET_INFERENCE_RATE, f"batched inference >= {TARGET_INFERENCE_RATE} img/s", inference),
+        check(latency <= TARGET_LATENCY_MS, f"single-image latency p50 <= {TARGET_LATENCY_MS:.0f} ms", one_image),
     ]
-    return "\n".join(f"  {'met    ' if ok else 'not met'}  {name}: {value}" for name, value, ok in checks)
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -376,24 +365,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=12, help="the models are timed in turn this many times")
     p.add_argument("--json", metavar="FILE", help="also write the results here")
     args = p.parse_args(argv)
-    bounds = (
-        ("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE),
-        ("--seconds", args.seconds, 0.01, 3600),
-        ("--latency-runs", args.latency_runs, 2, 100_000),
-        ("--rounds", args.rounds, 1, 1000),
-    )
-    for flag, value, low, high in bounds:
-        if not low <= value <= high:  # false for NaN too
-            p.error(f"{flag} must be {low:g} to {high:g}, got {value:g}")
+    p.check_range("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE)
+    p.check_range("--seconds", args.seconds, 0.01, 3600)
+    p.check_range("--latency-runs", args.latency_runs, 2, 100_000)
+    p.check_range("--rounds", args.rounds, 1, 1000)
     if args.json is not None:
-        try:
-            check_destination(args.json, None)  # before the benchmark, not after it
-        except ValueError as error:
-            p.error(f"--json: {error}")
-    try:
-        args.device = pick_device(args.device)
-    except ValueError as error:
-        p.error(f"--device: {error}")
+        p.checked("--json", check_destination, args.json, None)  # before the benchmark, not after it
+    args.device = p.checked("--device", pick_device, args.device)
     return args
 
 

@@ -142,16 +142,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--batch-size must be 1-4096, --lr above 0 and at most 1, --weight-decay 0-10")
     if not 0 <= args.threads <= 1024:
         parser.error("--threads must be 0 (every core) to 1024")
-    if not 0 <= args.seed < 2**31:
-        parser.error(f"--seed must be 0 to {2**31 - 1}, got {args.seed}")
+    parser.check_range("--seed", args.seed, 0, 2**31 - 1)
     if args.out and args.save and Path(args.out).resolve() == Path(args.save).resolve():
         parser.error("--out (the result, JSON) and --save (the weights) must be different files")
     for flag, path in (("--out", args.out), ("--save", args.save)):
-        try:
-            if path:
-                check_destination(path, None)  # before the training, not after it
-        except ValueError as error:
-            parser.error(f"{flag}: {error}")
+        if path:
+            parser.checked(flag, check_destination, path, None)  # before the training, not after it
     return args
 
 

@@ -25,7 +25,6 @@ stops everything before any work (exit code 2).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -48,9 +47,7 @@ from multidigit_generator import LAYOUTS
 from reader import MAX_BATCH_SIZE, Ensemble, add_reader_options, check_reader_options, load_reader
 
 MATRIX_LABELS = [str(d) for d in range(10)] + ["none"]
-# PIL's built-in font has no arrow glyph, so pictures say "->" where text says "→".
-IMAGE_ARROW = "->"
-# a report folder, as written
+IMAGE_ARROW = "->"  # PIL's built-in font has no arrow glyph, so pictures say "->" where text says "→"
 MAX_GALLERY_SIZE = 1000  # misread images drawn in failures.png at most: the picture grows with them
 REPORT_FILES = ("report.json", "report.md", "confusion_matrix.png", "failures.png", "calibration.png")
 
@@ -76,7 +73,6 @@ class SequenceAccuracy:
                 self.total[key] += 1
 
     def compute(self, *, order_free: bool = False) -> dict[str, float]:
-        """Exact-match accuracy per key, or order-free accuracy with order_free=True."""
         correct = self.order_free if order_free else self.exact
         return {key: correct[key] / self.total[key] for key in sorted(self.total)}
 
@@ -130,7 +126,6 @@ def confusion_matrix(predictions: list[str], labels: list[str]) -> np.ndarray:
 
 
 def digit_counts(matrix: np.ndarray) -> dict[str, int]:
-    """Digit-level totals of a confusion matrix."""
     digits = matrix[:NO_DIGIT, :NO_DIGIT]
     return {
         "true_digits": int(matrix[:NO_DIGIT].sum()),
@@ -179,13 +174,8 @@ def confusion_matrix_image(matrix: np.ndarray, title: str, cell: int = 44) -> Im
         x, y = left + col * cell, top + row * cell
         draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=colour, outline=(225, 225, 225))
         if count:
-            draw.text(
-                (x + cell // 2, y + cell // 2),
-                str(count),
-                fill="white" if share > 0.6 else "black",
-                font=small,
-                anchor="mm",
-            )
+            ink = "white" if share > 0.6 else "black"
+            draw.text((x + cell // 2, y + cell // 2), str(count), fill=ink, font=small, anchor="mm")
     edge = top + NO_DIGIT * cell  # set the "none" row and column apart from the digits
     draw.line((left, edge, left + size * cell, edge), fill="black")
     draw.line((left + NO_DIGIT * cell, top, left + NO_DIGIT * cell, top + size * cell), fill="black")
@@ -219,17 +209,16 @@ def failure_gallery(
     "truth -> reading confidence"; with no misreadings, a picture that says so."""
     wrong = sum(p != t for p, t in zip(predictions, labels))
     if not wrong:
-        return _with_title(
-            Image.new("RGB", (400, 1), "white"), f"{title}: no failures, all {len(labels)} images read exactly"
-        )
+        blank = Image.new("RGB", (400, 1), "white")
+        return _with_title(blank, f"{title}: no failures, all {len(labels)} images read exactly")
     worst = worst_failures(predictions, labels, confidences, limit)
     captions = [f"{labels[i] or '-'} {IMAGE_ARROW} {predictions[i] or '-'}  {confidences[i]:.0%}" for i in worst]
     sheet = preview_sheet([np.asarray(images[i]) for i in worst], captions)
     shown = f"the {len(worst)} most confident" if len(worst) < wrong else "all"
-    return _with_title(
-        sheet,
-        f"{title}: {wrong} of {len(labels)} images misread; {shown} shown, truth {IMAGE_ARROW} reading, confidence",
+    heading = (
+        f"{title}: {wrong} of {len(labels)} images misread; {shown} shown, truth {IMAGE_ARROW} reading, confidence"
     )
+    return _with_title(sheet, heading)
 
 
 TOO_MANY = "+"  # how scores write "more digits than the model reads", on both sides: see as_read, as_expected
@@ -392,12 +381,10 @@ def calibration_image(
     width = size / bins
     for b in range(bins):
         members = which == b
-        if not members.any():
-            continue
-        share = members.mean()
-        bar_top = top + size * (1 - hits[members].mean())
-        shade = _mix((31, 119, 180), 0.25 + 0.75 * min(1.0, share * bins))
-        draw.rectangle((left + b * width + 1, bar_top, left + (b + 1) * width - 1, top + size), fill=shade)
+        if members.any():
+            bar_top = top + size * (1 - hits[members].mean())
+            shade = _mix((31, 119, 180), 0.25 + 0.75 * min(1.0, members.mean() * bins))
+            draw.rectangle((left + b * width + 1, bar_top, left + (b + 1) * width - 1, top + size), fill=shade)
     draw.line((left, top + size, left + size, top), fill=(200, 60, 60), width=2)
     draw.rectangle((left, top, left + size, top + size), outline="black")
     for tick in np.linspace(0, 1, 6):  # the same values on both axes
@@ -425,12 +412,9 @@ def evaluate_folder(
     gallery_size: int = 48,
     as_files: bool = False,
 ) -> dict:
-    """Read every image of a dataset folder, write report.json, report.md,
-    confusion_matrix.png and failures.png into out_dir, and return the report.
-
-    Raises FileNotFoundError or ValueError (naming the folder) for a folder that is not a
-    dataset or that does not fit the model, and OSError if the report cannot be written: it is
-    written whole or not at all (see multidigit_generator.Staging)."""
+    """Read every image of a dataset folder, write the REPORT_FILES into out_dir, whole or not at
+    all, and return the report. FileNotFoundError or ValueError (naming the folder) for a folder
+    that is not a dataset or does not fit the model; OSError if the report cannot be written."""
     folder, out_dir = Path(folder), Path(out_dir)
     images, records, metadata = read_dataset(folder)
     size, max_digits = model.config.image_size, model.config.max_digits
@@ -471,12 +455,9 @@ def report_pictures(
     report: dict, images: np.ndarray, readings: Readings, expected: list[str], *, title: str, gallery_size: int
 ) -> dict[str, Image.Image]:
     """The report's pictures by file name: the confusion matrix, the failures, the reliability diagram."""
-    confused = report["most_confused"]
-    confused_text = (
-        f"most confused: {confused['true']}{IMAGE_ARROW}{confused['read']} ({confused['count']})"
-        if confused
-        else "no digit read as another"
-    )
+    confused, confused_text = report["most_confused"], "no digit read as another"
+    if confused:
+        confused_text = f"most confused: {confused['true']}{IMAGE_ARROW}{confused['read']} ({confused['count']})"
     matrix = np.array(report["confusion_matrix"]["rows_true_columns_read"])
     correct = [r == e for r, e in zip(readings.scored, expected)]
     calibration_error = report["calibration"]["expected_calibration_error"]
@@ -538,29 +519,21 @@ def accuracy_table(report: dict) -> str:
 
 def report_markdown(report: dict) -> str:
     d, confused = report["digits"], report["most_confused"]
-    lines = [
+    paragraphs = [
         f"# {Path(report['dataset']).name}",
-        "",
         f"Checkpoint `{report['checkpoint']}`, dataset `{report['dataset']}` ({report['num_images']} images), "
         f"decoding: {report['decoding']}, in {report['precision']} on {report['device']}, "
         f"{report['images_per_second']:.0f} images/s.",
-        "",
         accuracy_table(report),
-        "",
         f"Digits: {d['true_digits']} in the labels, {d['correct']} read correctly, {d['substitutions']} substituted, "
         f"{d['missed']} missed, {d['extra']} extra (aligned by edit distance)."
         + (f" Most confused: {confused['true']} → {confused['read']} ({confused['count']})." if confused else ""),
-        "",
         calibration_line(report),
-        "",
         "![confusion matrix](confusion_matrix.png)",
-        "",
         "![misread images, most confident first](failures.png)",
-        "",
         "![reliability diagram: accuracy against confidence](calibration.png)",
-        "",
     ]
-    return "\n".join(lines)
+    return "\n\n".join(paragraphs) + "\n"
 
 
 def calibration_line(report: dict) -> str:
@@ -574,9 +547,7 @@ def calibration_line(report: dict) -> str:
 
 
 def summary_table(reports: dict[str, dict]) -> str:
-    """Markdown table across datasets: exact accuracy (all, scatter, row), order-free accuracy, and
-    the confidence: calibration error, coverage and accuracy of the accepted readings, and the
-    share read as nothing or unsure."""
+    """Markdown table, one row per dataset: its accuracies and how its confidence fares."""
     header = ["dataset", "n", "exact %", "order-free %", "scatter %", "row %", "ECE %", "accepted %"]
     header += ["accepted right %", "nothing or unsure %"]
     rows = []
@@ -588,7 +559,7 @@ def summary_table(reports: dict[str, dict]) -> str:
     return markdown_table(header, rows, numbers_from=1)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CommandLine:
     parser = CommandLine(__doc__)
     parser.add_argument("datasets", nargs="+", metavar="DATASET_DIR")
     add_reader_options(parser)
@@ -606,10 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
-        parser.error(f"--batch-size must be 1 to {MAX_BATCH_SIZE}, got {args.batch_size}")
-    if not 0 <= args.gallery_size <= MAX_GALLERY_SIZE:
-        parser.error(f"--gallery-size must be 0 to {MAX_GALLERY_SIZE}, got {args.gallery_size}")
+    parser.check_range("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE)
+    parser.check_range("--gallery-size", args.gallery_size, 0, MAX_GALLERY_SIZE)
     check_reader_options(parser, args)
     names = [Path(folder).resolve().name for folder in args.datasets]
     if len(set(names)) < len(names):

@@ -32,6 +32,19 @@ class CommandLine(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
+    def check_range(self, flag: str, value: float, low: float, high: float) -> None:
+        """A usage error unless low <= value <= high (which NaN never is)."""
+        if not low <= value <= high:
+            number = lambda x: f"{x:g}" if isinstance(x, float) else str(x)  # ints in full: 2147483647
+            self.error(f"{flag} must be {number(low)} to {number(high)}, got {number(value)}")
+
+    def checked(self, flag: str, check: typing.Callable[..., Any], *args: object) -> Any:
+        """What check(*args) returns; its ValueError becomes a usage error naming the flag."""
+        try:
+            return check(*args)
+        except ValueError as error:
+            self.error(f"{flag}: {error}")
+
 
 def check_destination(path: str | Path, files: tuple[str, ...] | None) -> None:
     """Raise ValueError unless Staging may write path: nothing is there yet, or what it would replace

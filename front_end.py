@@ -3,17 +3,14 @@
     uv run streamlit run front_end.py
 
 Three ways in: draw on the pad, upload an image, or press "New random example" for a composite
-of MNIST test digits (its true digits are shown). The pad fits the page's column, a phone's
-too (it is as wide as the column, up to 640 px), with the pen width and "Clear the pad" beside
-it; the drawing stays when you switch to another source and back. Every image goes through
-the preprocessing predict.py uses (canvas.to_canvas: ink found and made white on black, digits scaled to the
-height the model was trained on, centred), and the page shows what the model sees and the
-digits read, with how sure the model is of the whole reading and of each digit, and where it
-looked for each digit (decoder cross-attention over the image patches). A reading below the
-checkpoint's confidence threshold says "Not sure" and lists the most probable readings instead;
-more digits than the model reads (4 for the shipped model) are flagged, with the first ones
-read. A blank pad, or one with only a dot on it, is not read, and a file that is not an image
-gets one plain line.
+of MNIST test digits (its true digits are shown). The pad fits the page's column, a phone's too,
+with the pen width and "Clear the pad" beside it; the drawing stays when you switch to another
+source and back. Every image goes through predict.py's preprocessing (canvas.to_canvas), and the
+page shows what the model sees and the digits read, with how sure the model is of the whole
+reading and of each digit, and where it looked for each digit (decoder cross-attention). A reading
+below the checkpoint's confidence threshold says "Not sure" and lists the most probable readings
+instead; more digits than the model reads are flagged, with the first ones read. A blank pad, or
+one with only a dot on it, is not read, and a file that is not an image gets one plain line.
 
 Runs offline and sends nothing anywhere: the server listens on localhost only and uploads are
 capped (.streamlit/config.toml); wandb is not involved.
@@ -244,10 +241,8 @@ def show_verdict(model: DigitSequenceTransformer, reading: Reading) -> None:
     if reading.unsure:
         big_text("Not sure", "not-sure", 3)
         options = reading.alternatives or [(reading.digits, reading.too_many, reading.confidence)]
-        st.markdown(
-            "Most probable readings:\n"
-            + "\n".join(alternative_line(digits, more, p, max_digits) for digits, more, p in options[:3])
-        )
+        lines = [alternative_line(digits, more, p, max_digits) for digits, more, p in options[:3]]
+        st.markdown("Most probable readings:\n" + "\n".join(lines))
     elif reading.digits:
         big_text(reading.digits, "digits-read", 5, spacing_em=0.3)  # spaced: each digit is read on its own
     else:
@@ -272,11 +267,9 @@ def show_reading(model: DigitSequenceTransformer, image: Image.Image, truth: str
     elapsed_ms = (time.perf_counter() - started) * 1000
     with right:
         show_verdict(model, reading)
-        verdict = (
-            ""
-            if truth is None
-            else (" - right" if reading.digits == truth else f" - wrong, the truth is {truth or '(none)'}")
-        )
+        verdict = ""
+        if truth is not None:
+            verdict = " - right" if reading.digits == truth else f" - wrong, the truth is {truth or '(none)'}"
         st.caption(f"Whole reading {shown_probability(reading.confidence)} sure{verdict}. Read in {elapsed_ms:.0f} ms.")
         if reading.digits:
             st.caption(PROBABILITIES_NOTE)
@@ -296,9 +289,7 @@ def main() -> None:
     torch.set_num_threads(1)
     st.set_page_config(page_title="Digit-sequence Transformer", layout="wide")
     st.title("Read handwritten digits")
-    with st.sidebar:
-        checkpoint = st.text_input("Checkpoint", str(DEFAULT_CHECKPOINT))
-    path = Path(checkpoint)
+    path = Path(st.sidebar.text_input("Checkpoint", str(DEFAULT_CHECKPOINT)))
     try:
         model = cached_model(str(path), path.stat().st_mtime if path.is_file() else 0.0)
     except CheckpointError as error:

@@ -106,10 +106,10 @@ def read_canvases(
     `alternatives` most probable readings by beam search. A canvas with no ink is read as ""
     without asking the model: there is nothing to read, and a guess would only be a confident error."""
     threshold = model.calibration.min_confidence if min_confidence is None else min_confidence
-    readings: list[Reading | None] = [Reading("", [], 1.0) if c.max() < BLANK_INK_LEVEL else None for c in canvases]
-    todo = [i for i, r in enumerate(readings) if r is None]
+    readings = [Reading("", [], 1.0) for _ in canvases]  # the blank ones' readings; the others are replaced
+    todo = [i for i, canvas in enumerate(canvases) if canvas.max() >= BLANK_INK_LEVEL]
     if not todo:
-        return readings  # type: ignore[return-value]
+        return readings
     batch = torch.from_numpy(np.stack([canvases[i] for i in todo]))
     decoded = model.read(batch, beam_size=beam_size, attention=attention)
     maps = None
@@ -127,17 +127,17 @@ def read_canvases(
             unsure=confidences[row] < threshold,
             attention=None if maps is None else maps[row, : len(digits)],
         )
-    unsure = [row for row, i in enumerate(todo) if readings[i].unsure]  # type: ignore[union-attr]
+    unsure = [row for row, i in enumerate(todo) if readings[i].unsure]
     if unsure and alternatives > 1:
         beams = model.read(batch[unsure], beam_size=alternatives).beams or []
         for row, options in zip(unsure, beams):
             r = readings[todo[row]]
             # The reading itself is one of the alternatives, even where greedy and beam search differ.
-            if all((digits, many) != (r.digits, r.too_many) for digits, many, _ in options):  # type: ignore[union-attr]
-                itself = (r.digits, r.too_many, r.confidence)  # type: ignore[union-attr]
+            if all((digits, many) != (r.digits, r.too_many) for digits, many, _ in options):
+                itself = (r.digits, r.too_many, r.confidence)
                 options = sorted([*options[: alternatives - 1], itself], key=lambda option: -option[2])
-            r.alternatives = options[:alternatives]  # type: ignore[union-attr]
-    return readings  # type: ignore[return-value]
+            r.alternatives = options[:alternatives]
+    return readings
 
 
 def expand_paths(paths: list[str]) -> list[Path]:
@@ -194,10 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
-    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
-        parser.error(f"--batch-size must be 1 to {MAX_BATCH_SIZE}, got {args.batch_size}")
-    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
-        parser.error(f"--min-confidence must be 0 to 1, got {args.min_confidence:g}")
+    parser.check_range("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE)
+    if args.min_confidence is not None:
+        parser.check_range("--min-confidence", args.min_confidence, 0, 1)
     check_reader_options(parser, args)
     try:
         model = load_reader(args.checkpoint, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
@@ -211,12 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     failed = False
     for start in range(0, len(paths), args.batch_size):
+        batch = paths[start : start + args.batch_size]
         failed |= read_files(
-            model,
-            paths[start : start + args.batch_size],
-            beam_size=args.beam_size,
-            jsonl=args.jsonl,
-            min_confidence=args.min_confidence,
+            model, batch, beam_size=args.beam_size, jsonl=args.jsonl, min_confidence=args.min_confidence
         )
     return 1 if failed else 0
 
@@ -255,19 +251,13 @@ def read_files(
         try:
             check_regular_file(path)
             image = open_image(path)
-            if image.info["frames"] > 1:
-                print(
-                    f"{printable(path)}: note: {image.info['frames']} frames or pages, the first read", file=sys.stderr
-                )
+            if (frames := image.info["frames"]) > 1:
+                print(f"{printable(path)}: note: {frames} frames or pages, the first read", file=sys.stderr)
             canvases[i] = to_canvas(image, model.config.image_size)
         except ValueError as error:
             errors[i] = str(error)
-    readings = dict(
-        zip(
-            canvases,
-            read_canvases(model, list(canvases.values()), beam_size=beam_size, min_confidence=min_confidence),
-        )
-    )
+    read = read_canvases(model, list(canvases.values()), beam_size=beam_size, min_confidence=min_confidence)
+    readings = dict(zip(canvases, read))
     for i, path in enumerate(paths):
         if i in errors:
             if jsonl:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_model
+from files import CommandLine
 from model import (
     EOS,
     MANY,
@@ -74,12 +75,7 @@ class Ensemble(nn.Module):
             if decoded.beams:
                 decoded.beams = self.rescored(images, decoded.beams)
             return decoded
-        readers = []  # (model, memory of one view, its decoder cache)
-        for model in self.members:
-            device = next(model.parameters()).device
-            for dx, dy in self.shifts:
-                memory = model.encode(uint8_to_input(shift_images(images, dx, dy).to(device)))
-                readers.append((model, memory, DecoderCache(model.config.decoder_layers)))
+        readers = [(model, memory, DecoderCache(model.config.decoder_layers)) for model, memory in self.views(images)]
 
         def averaged(last: torch.Tensor, step: int) -> torch.Tensor:
             probs = [m.token_log_probs(m.decode(mem, last, cache=c), step)[:, -1].exp() for m, mem, c in readers]
@@ -104,17 +100,19 @@ class Ensemble(nn.Module):
             ]
         )
         probs = []
+        for model, memory in self.views(images[rows]):
+            log_probs = model.token_log_probs(model.decode(memory, decoder_inputs(targets).to(memory.device)))
+            probs.append(log_probs.gather(-1, targets.to(memory.device)[..., None])[..., 0].exp().cpu())
+        confidence = iter(torch.stack(probs).mean(dim=0).masked_fill(targets == PAD, 1.0).prod(dim=1).tolist())
+        scored = [[(digits, too_many, next(confidence)) for digits, too_many, _ in options] for options in beams]
+        return [sorted(options, key=lambda option: -option[2]) for options in scored]
+
+    def views(self, images: torch.Tensor) -> typing.Iterator[tuple[DigitSequenceTransformer, torch.Tensor]]:
+        """(member, its memory of one view of the images) for every member and shift."""
         for model in self.members:
             device = next(model.parameters()).device
             for dx, dy in self.shifts:
-                memory = model.encode(uint8_to_input(shift_images(images[rows], dx, dy).to(device)))
-                log_probs = model.token_log_probs(model.decode(memory, decoder_inputs(targets).to(device)))
-                probs.append(log_probs.gather(-1, targets.to(device)[..., None])[..., 0].exp().cpu())
-        confidence = torch.stack(probs).mean(dim=0).masked_fill(targets == PAD, 1.0).prod(dim=1).tolist()
-        scored: list[list[tuple[str, bool, float]]] = [[] for _ in beams]
-        for row, (digits, too_many), p in zip(rows, [(d, t) for o in beams for d, t, _ in o], confidence):
-            scored[row].append((digits, too_many, p))
-        return [sorted(options, key=lambda option: -option[2]) for options in scored]
+                yield model, model.encode(uint8_to_input(shift_images(images, dx, dy).to(device)))
 
 
 def load_reader(
@@ -173,14 +171,10 @@ def add_reader_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_reader_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_reader_options(parser: CommandLine, args: argparse.Namespace) -> None:
     """Exit with a usage error for reader options no reading can take, before anything is loaded;
     args.device becomes the torch device."""
-    if not 1 <= args.beam_size <= MAX_BEAM_SIZE:
-        parser.error(f"--beam-size must be 1 to {MAX_BEAM_SIZE}, got {args.beam_size}")
+    parser.check_range("--beam-size", args.beam_size, 1, MAX_BEAM_SIZE)
     if args.beam_size > 1 and (args.tta or args.ensemble):
         parser.error("--beam-size searches with one model: drop it, or drop --tta and --ensemble")
-    try:
-        args.device = pick_device(args.device)
-    except ValueError as error:
-        parser.error(f"--device: {error}")
+    args.device = parser.checked("--device", pick_device, args.device)
