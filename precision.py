@@ -48,11 +48,8 @@ class Precision:
 
 def precision_cache_file() -> Path:
     """Where probe results are kept, per machine, model shape and job ($XDG_CACHE_HOME or ~/.cache)."""
-    return (
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        / "digit-sequence-transformer"
-        / "precision.json"
-    )
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache_home / "digit-sequence-transformer" / "precision.json"
 
 
 def machine_name(device: torch.device) -> str:
@@ -137,12 +134,10 @@ def choose_precision(
     requested: str, model: DigitSequenceTransformer, job: str, *, probe_threads: bool = True
 ) -> Precision:
     """The precision, and on a busy CPU the thread count, for a job of this model on this machine.
-    "fp32" and "bf16" are taken as asked; "auto" times the job both ways, interleaved, and takes
-    bf16 only where it saved at least BF16_MIN_SAVING of the time (where bf16 products alone are
-    far slower, as on CPUs that emulate them, without timing the job). The choice is cached per
-    machine, model shape and job (precision_cache_file). Threads are timed afresh, one count after
-    another, whenever the job's threads find their cores taken (less CPU time than wall time),
-    which changes from run to run."""
+    "fp32" and "bf16" are taken as asked; "auto" times the job both ways and takes bf16 only where
+    it saved at least BF16_MIN_SAVING of the time (fp32 untimed where bf16 products alone are far
+    slower), cached per machine, model shape and job. Threads are timed afresh whenever the job's
+    threads find their cores taken (less CPU time than wall time), which changes from run to run."""
     device, threads = next(model.parameters()).device, torch.get_num_threads()
     # The probe's random canvases and dropout draw from torch's generators: put back as they were,
     # so that a run draws the same numbers whether or not its precision was timed or cached.
@@ -177,11 +172,10 @@ def _measured_precision(model: DigitSequenceTransformer, job: str, device: torch
 def _time_both(work: typing.Callable[[], object], device: torch.device, threads: int, job: str) -> Precision:
     ratios = []  # bf16's time over fp32's, per round: a pair timed back to back shares the machine's mood
     for round_ in range(PROBE_ROUNDS):
-        seconds = {}
-        for bf16 in (False, True) if round_ % 2 == 0 else (True, False):
-            seconds[bf16] = time_job(work, Precision(bf16, threads, ""), device, runs=2)[0]
+        order = (False, True) if round_ % 2 == 0 else (True, False)
+        seconds = {bf16: time_job(work, Precision(bf16, threads, ""), device, runs=2)[0] for bf16 in order}
         ratios.append(seconds[True] / seconds[False])
-    ratio = sorted(ratios)[len(ratios) // 2]
+    ratio = statistics.median_high(ratios)
     faster = ratio < 1 - BF16_MIN_SAVING
     return Precision(
         faster,
