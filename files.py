@@ -89,11 +89,10 @@ def remove(path: Path) -> None:
 
 class Staging:
     """Writes folders and files beside their destinations, then moves them all into place together,
-    so that each is written whole or not at all. As a context manager, its block writes into the
-    temporary paths that folder() and file() hand out; when the block ends they are moved into
-    place, each replacing what was there (see check_destination) only then, and if the block raises,
-    they are removed with any parent folders made for them. If a move fails, those already made are
-    undone: what was there before is put back."""
+    so that each is written whole or not at all. Its block writes into the temporary paths that
+    folder() and file() hand out; when the block ends they replace what was at their destinations
+    (see check_destination), and if it raises they are removed with any parent folders made for
+    them. If a move fails, those already made are undone: what was there before is put back."""
 
     def __init__(self) -> None:
         self.staged: list[tuple[Path, Path]] = []  # (temporary path, destination)
@@ -182,10 +181,9 @@ def read_json(path: Path, kind: type, description: str) -> Any:
 
 
 def replaced_in_one_step(new: Path, path: Path, older: Path) -> bool:
-    """Replace the file path by the file new in one rename, keeping the old one reachable as older
-    (a hard link) so that it can be put back; False, having done nothing, where either is not a
-    plain file or the file system has no hard links. A file replaced so never goes missing: a
-    reader opens either the old one or the new one."""
+    """Replace the file path by the file new in one rename, so that a reader opens either the old or
+    the new one, the old one kept as older (a hard link) to be put back if need be; False, having
+    done nothing, where either is not a plain file or the file system has no hard links."""
     if not (new.is_file() and path.is_file() and not path.is_symlink()):
         return False
     try:

@@ -42,12 +42,10 @@ def patch_targets(boxes: torch.Tensor, labels: list[str], *, image_size: int, pa
     x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))  # (B, K, 1) each
     real = x1 > 0
     overlaps = real & (px0 < x1) & (px0 + patch_size > x0) & (py0 < y1) & (py0 + patch_size > y0)  # (B, K, N)
-    centre = ((y0 + y1) // 2).clamp(0, image_size - 1) // patch_size * grid + ((x0 + x1) // 2).clamp(
-        0, image_size - 1
-    ) // patch_size
-    holds = real & (
-        ((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)) | (torch.arange(grid * grid, device=boxes.device) == centre)
-    )
+    patch_of_centre = lambda a, b: ((a + b) // 2).clamp(0, image_size - 1) // patch_size  # row or column
+    centre = patch_of_centre(y0, y1) * grid + patch_of_centre(x0, x1)  # (B, K, 1): the patch holding the box centre
+    inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+    holds = real & (inside | (torch.arange(grid * grid, device=boxes.device) == centre))
     for label, count in zip(labels, real.sum(dim=(1, 2)).tolist()):
         assert len(label) == count, f"label {label!r} has {len(label)} digits but {count} boxes"
     rows = [[int(ch) for ch in label] + [0] * (k - len(label)) for label in labels]
@@ -69,10 +67,9 @@ def sequence_losses(logits: torch.Tensor, targets: torch.Tensor, *, label_smooth
 def order_free_loss(
     model: DigitSequenceTransformer, memory: torch.Tensor, labels: list[str], *, label_smoothing: float = 0.0
 ) -> torch.Tensor:
-    """Permutation-invariant training: each image is scored against every distinct ordering of
-    its digits (at most 4! = 24) and only the cheapest ordering counts, so the decoder may read
-    the digits in any order it finds easy. The encoder runs once; the decoder runs over all the
-    orderings of the batch at once."""
+    """Permutation-invariant training: each image is scored against every distinct ordering of its
+    digits and only the cheapest counts, so the decoder may read the digits in any order it finds
+    easy. The encoder runs once; the decoder runs over all the orderings of the batch at once."""
     max_digits = model.config.max_digits
     orderings: list[str] = []
     owner: list[int] = []
@@ -127,15 +124,12 @@ class TrainingLoss(nn.Module):
             logits = self.model.decode(memory, inputs).flatten(0, 1)
             loss = F.cross_entropy(logits, targets.flatten(), ignore_index=PAD, label_smoothing=self.label_smoothing)
             if teacher_probs is not None:
-                # Distillation: the teachers' probabilities also say which wrong tokens were
-                # nearly right, more to learn from than the one right token. Positions after
-                # <eos> (PAD targets) are left out here too.
+                # The teachers' probabilities also say which wrong tokens were nearly right, more to
+                # learn from than the one right token. Positions after the end (PAD) are left out here too.
                 taught = targets.flatten() != PAD
                 soft = F.cross_entropy(logits[taught], teacher_probs.flatten(0, 1)[taught])
                 loss = (1 - self.distill_weight) * loss + self.distill_weight * soft
         if self.patch_loss_weight > 0:
-            # Every patch vector is told which digit it lies on: a dense recognition signal
-            # beside the decoder's three or so tokens per image.
             loss = loss + self.patch_loss_weight * F.cross_entropy(
                 self.model.patch_head(memory).flatten(0, 1), patch_classes.flatten()
             )

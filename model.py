@@ -23,6 +23,7 @@ saves and loads models, precision.py chooses how they run.
 
 from __future__ import annotations
 
+import itertools
 import math
 import typing
 from dataclasses import dataclass, field, fields
@@ -87,13 +88,9 @@ def decoder_inputs(tokens: torch.Tensor) -> torch.Tensor:
 
 def tokens_to_string(tokens: list[int] | torch.Tensor) -> str:
     """Digits up to the first EOS, MANY or PAD; a leading SOS is skipped."""
-    out = []
-    for token in tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens:
-        if token in (EOS, MANY, PAD):
-            break
-        if token != SOS:
-            out.append(str(token))
-    return "".join(out)
+    tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
+    read = itertools.takewhile(lambda token: token not in (EOS, MANY, PAD), tokens)
+    return "".join(str(token) for token in read if token != SOS)
 
 
 def setting(
@@ -110,17 +107,17 @@ def check_settings(config: object) -> None:
     hints = typing.get_type_hints(type(config))
     for f in fields(config):
         value, kind, meta = getattr(config, f.name), hints[f.name], f.metadata
-        numbers = list(value) if isinstance(value, (list, tuple)) else [value]
         if kind in (bool, str):
-            right_type = isinstance(value, kind)
+            right_type, numbers = isinstance(value, kind), []
         elif kind in (int, float):
             right_type = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+            numbers = [value]
         else:  # a list of numbers, or None
             right_type = value is None or isinstance(value, (list, tuple))
-            numbers = [] if value is None else numbers
+            numbers = value or []
         if not right_type:
             raise ValueError(f"{f.name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
-        for number in numbers if kind not in (bool, str) else []:
+        for number in numbers:
             if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
                 raise ValueError(f"{f.name} must hold finite numbers, got {value!r}")
             low, high = meta.get("low"), meta.get("high")
@@ -132,8 +129,7 @@ def check_settings(config: object) -> None:
 
 @dataclass
 class ModelConfig:
-    """The model's shape. The defaults are the shipped model's (checkpoints/digit_transformer.pt),
-    the shape both of the training script's recipes train."""
+    """The model's shape; the defaults are the shipped model's (checkpoints/digit_transformer.pt)."""
 
     image_size: int = setting(96, "side of the square canvas in pixels (the composites' canvas size)", 16, 1024)
     patch_size: int = setting(12, "side of the square patches the encoder reads", 2, 64)
@@ -177,8 +173,8 @@ class ModelConfig:
             raise ValueError(f"stem_width must be an even number, got {self.stem_width}")
         if self.grid_size > MAX_GRID:  # attention costs grow with the square of the patch count
             raise ValueError(
-                f"{self.image_size // self.patch_size}x{self.image_size // self.patch_size} patches: at most "
-                f"{MAX_GRID}x{MAX_GRID}, raise patch_size or lower image_size"
+                f"{self.grid_size}x{self.grid_size} patches: at most {MAX_GRID}x{MAX_GRID}, "
+                "raise patch_size or lower image_size"
             )
 
     @classmethod
@@ -208,9 +204,8 @@ class ModelConfig:
 
 
 def sincos_position_2d(grid_size: int, dim: int) -> torch.Tensor:
-    """Fixed (grid_size**2, dim) encoding: half the channels encode the row, half the column.
-
-    Parameter-free, so a patch's position means the same thing wherever the digits fall."""
+    """Fixed (grid_size**2, dim) encoding, half the channels for the row and half for the column:
+    parameter-free, so a patch's position means the same thing wherever the digits fall."""
     quarter = dim // 4
     freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
     coords = torch.arange(grid_size, dtype=torch.float32)
@@ -238,12 +233,9 @@ class PatchEmbedding(nn.Module):
 
 class ConvPatchEmbedding(nn.Module):
     """Patch embeddings made by a small CNN: 3x3 convolutions with strides 2, 2 and patch_size / 4,
-    then a 1x1 projection to d_model, so each vector still stands for one patch (same grid and
-    position code as PatchEmbedding). Optional stride-1 convolutions: full_res channels before the
-    first stride (thin strokes seen at every pixel), half_res layers at half resolution (where a
-    plain MNIST CNN works on stroke shapes), depth layers at 1/4 resolution and on the grid.
-    Convolutions bring the locality a linear projection must learn, so the encoder learns from
-    far fewer images (docs/design.md)."""
+    each followed by optional stride-1 ones, then a 1x1 projection to d_model: one vector per patch,
+    on PatchEmbedding's grid and position code. Convolutions bring the locality a linear projection
+    must learn, so the encoder learns from far fewer images (docs/design.md)."""
 
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -257,15 +249,14 @@ class ConvPatchEmbedding(nn.Module):
                 nn.ReLU(inplace=True),
             ]
 
-        layers = (conv(1, full_res, 1) + conv(full_res, width // 2, 2)) if full_res else conv(1, width // 2, 2)
-        for _ in range(half_res):
-            layers += conv(width // 2, width // 2, 1)
-        layers += conv(width // 2, width, 2)
-        for _ in range(depth):
-            layers += conv(width, width, 1)
-        layers += conv(width, 2 * width, c.patch_size // 4)
-        for _ in range(depth):
-            layers += conv(2 * width, 2 * width, 1)
+        def same(channels: int, count: int) -> list[nn.Module]:
+            return [layer for _ in range(count) for layer in conv(channels, channels, 1)]
+
+        # Thin strokes seen at every pixel, stroke shapes at half resolution (as in an MNIST CNN), then 1/4 and grid.
+        layers = conv(1, full_res, 1) if full_res else []
+        layers += conv(full_res or 1, width // 2, 2) + same(width // 2, half_res)
+        layers += conv(width // 2, width, 2) + same(width, depth)
+        layers += conv(width, 2 * width, c.patch_size // 4) + same(2 * width, depth)
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Conv2d(2 * width, c.d_model, 1)
         self.register_buffer("position", sincos_position_2d(c.grid_size, c.d_model), persistent=False)

@@ -48,11 +48,8 @@ class Precision:
 
 def precision_cache_file() -> Path:
     """Where probe results are kept, per machine, model shape and job ($XDG_CACHE_HOME or ~/.cache)."""
-    return (
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        / "digit-sequence-transformer"
-        / "precision.json"
-    )
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache_home / "digit-sequence-transformer" / "precision.json"
 
 
 def machine_name(device: torch.device) -> str:
@@ -137,12 +134,10 @@ def choose_precision(
     requested: str, model: DigitSequenceTransformer, job: str, *, probe_threads: bool = True
 ) -> Precision:
     """The precision, and on a busy CPU the thread count, for a job of this model on this machine.
-    "fp32" and "bf16" are taken as asked; "auto" times the job both ways, interleaved, and takes
-    bf16 only where it saved at least BF16_MIN_SAVING of the time (where bf16 products alone are
-    far slower, as on CPUs that emulate them, without timing the job). The choice is cached per
-    machine, model shape and job (precision_cache_file). Threads are timed afresh, one count after
-    another, whenever the job's threads find their cores taken (less CPU time than wall time),
-    which changes from run to run."""
+    "fp32" and "bf16" are taken as asked; "auto" times the job both ways and takes bf16 only where
+    it saved at least BF16_MIN_SAVING of the time (fp32 untimed where bf16 products alone are far
+    slower), cached per machine, model shape and job. Threads are timed afresh whenever the job's
+    threads find their cores taken (less CPU time than wall time), which changes from run to run."""
     device, threads = next(model.parameters()).device, torch.get_num_threads()
     # The probe's random canvases and dropout draw from torch's generators: put back as they were,
     # so that a run draws the same numbers whether or not its precision was timed or cached.
@@ -162,33 +157,32 @@ def _measured_precision(model: DigitSequenceTransformer, job: str, device: torch
     rule = f"median of {PROBE_ROUNDS} rounds, bf16 if {BF16_MIN_SAVING:.0%} faster"
     shape = json.dumps(asdict(model.config), sort_keys=True)
     key = f"{job} | {rule} | {machine_name(device)} | {shape} | {threads} threads"
-    cache = precision_cache_file()
-    cached = _read_cache(cache).get(key)
+    cache_file = precision_cache_file()
+    cached = _read_cache(cache_file).get(key)
     if isinstance(cached, dict) and isinstance(cached.get("bf16"), bool) and isinstance(cached.get("why"), str):
         return Precision(cached["bf16"], threads, cached["why"] + " (timed before, cached)")
     if device.type == "cpu" and (slowdown := bf16_product_slowdown(device)) > 2:
         chosen = Precision(False, threads, f"fp32: bf16 matrix products take {slowdown:.0f}x longer here")
     else:
         chosen = _time_both(probe_work(model, job), device, threads, job)
-    _write_cache(cache, key, {"bf16": chosen.bf16, "why": chosen.why})
+    cache = {**_read_cache(cache_file), key: {"bf16": chosen.bf16, "why": chosen.why}}  # read again: others write too
+    # A read-only home, a full disk, a folder in the way: not cached, timed again next time.
+    with contextlib.suppress(OSError, ValueError), Staging() as staging, open(staging.file(cache_file), "w") as file:
+        json.dump(cache, file, indent=1)
     return chosen
 
 
 def _time_both(work: typing.Callable[[], object], device: torch.device, threads: int, job: str) -> Precision:
     ratios = []  # bf16's time over fp32's, per round: a pair timed back to back shares the machine's mood
     for round_ in range(PROBE_ROUNDS):
-        seconds = {}
-        for bf16 in (False, True) if round_ % 2 == 0 else (True, False):
-            seconds[bf16] = time_job(work, Precision(bf16, threads, ""), device, runs=2)[0]
+        order = (False, True) if round_ % 2 == 0 else (True, False)
+        seconds = {bf16: time_job(work, Precision(bf16, threads, ""), device, runs=2)[0] for bf16 in order}
         ratios.append(seconds[True] / seconds[False])
-    ratio = sorted(ratios)[len(ratios) // 2]
+    ratio = statistics.median_high(ratios)
     faster = ratio < 1 - BF16_MIN_SAVING
-    return Precision(
-        faster,
-        threads,
-        f"{'bf16' if faster else 'fp32'}: {job} timed {ratio:.2f}x fp32's time in bf16 "
-        f"(median of {PROBE_ROUNDS} rounds, {min(ratios):.2f}-{max(ratios):.2f})",
-    )
+    spread = f"median of {PROBE_ROUNDS} rounds, {min(ratios):.2f}-{max(ratios):.2f}"
+    timing = f"{job} timed {ratio:.2f}x fp32's time in bf16 ({spread})"
+    return Precision(faster, threads, f"{'bf16' if faster else 'fp32'}: {timing}")
 
 
 def _fewer_threads_if_busy(work: typing.Callable[[], object], device: torch.device, chosen: Precision) -> Precision:
@@ -200,9 +194,8 @@ def _fewer_threads_if_busy(work: typing.Callable[[], object], device: torch.devi
         tried[threads] = time_job(work, Precision(chosen.bf16, threads, ""), device, runs=2)[0]
     best = min(tried, key=tried.get)
     times = ", ".join(f"{n} thread{'s' * (n > 1)} {t * 1e3:.0f} ms" for n, t in sorted(tried.items()))
-    return Precision(
-        chosen.bf16, best, f"{chosen.why}; machine busy ({cpu_share:.1f} cores for {chosen.threads} threads): {times}"
-    )
+    busy = f"machine busy ({cpu_share:.1f} cores for {chosen.threads} threads)"
+    return Precision(chosen.bf16, best, f"{chosen.why}; {busy}: {times}")
 
 
 def _read_cache(path: Path) -> dict:
@@ -211,15 +204,6 @@ def _read_cache(path: Path) -> dict:
     except (OSError, ValueError):  # none yet, or unreadable: probe again
         return {}
     return cache if isinstance(cache, dict) else {}
-
-
-def _write_cache(path: Path, key: str, value: dict) -> None:
-    try:
-        cache = {**_read_cache(path), key: value}
-        with Staging() as staging, open(staging.file(path), "w") as file:
-            json.dump(cache, file, indent=1)
-    except (OSError, ValueError):  # a read-only home, a full disk, a folder in the way: timed again next time
-        pass
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -19,9 +19,8 @@ SWEEP = {
     # better half (1 / eta) of the trials that got as far.
     "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
     "parameters": {
-        # Around the default recipe (lr 1e-3, d_model 128, 3 + 2 layers, 4 heads, 12 px patches,
-        # batch 64, no dropout or smoothing, augmentation 1.0), wide enough to find its edges,
-        # small enough that a trial of TRIAL_BUDGET takes minutes on a 2-core CPU.
+        # Around the default recipe, wide enough to find its edges, small enough that a trial of
+        # TRIAL_BUDGET takes minutes on a 2-core CPU.
         "lr": {"distribution": "log_uniform_values", "min": 3e-4, "max": 3e-3},
         "d_model": {"values": [64, 96, 128]},
         "encoder_layers": {"values": [2, 3, 4]},
@@ -36,7 +35,6 @@ SWEEP = {
     },
 }
 
-# Settings that --run-type sweep uses unless the command line (or --config) gives them: one trial
-# is four epochs of 5,000 fresh composites, so that the pruner can judge it after every epoch. The
-# full recipe needs many more to show its accuracy; a sweep only has to rank settings.
+# Settings that --run-type sweep uses unless the command line (or --config) gives them: a few short
+# epochs, for the pruner to judge a trial after each; a sweep only has to rank settings.
 TRIAL_BUDGET = {"epochs": 4, "train_images": 5000}

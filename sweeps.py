@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -127,17 +128,16 @@ def grid_size(sweep: dict) -> int:
 # ---- the study
 
 
+def without_flags(argv: list[str], flags: set[str]) -> list[str]:
+    """argv without the given flags and their values (--flag value or --flag=value)."""
+    return [arg for arg, before in zip(argv, ["", *argv]) if arg.split("=")[0] not in flags and before not in flags]
+
+
 def study_command(argv: list[str]) -> list[str]:
     """The command line that defines a sweep's trials: argv without the flags that only say where
     and how it runs (workers, threads, storage, count, output folder, logging)."""
     where = {"--workers", "--threads", "--storage", "--count", "--out-dir", "--wandb", "--num-workers"}
-    kept, skip = [], False
-    for arg in argv:
-        if skip or arg == "--offline" or arg.split("=")[0] in where:
-            skip = not skip and "=" not in arg and arg != "--offline"
-            continue
-        kept.append(arg)
-    return kept
+    return without_flags([arg for arg in argv if arg != "--offline"], where)
 
 
 def refuse_a_foreign_folder(folder: Path, storage_url: str | None) -> None:
@@ -155,8 +155,7 @@ def refuse_a_foreign_folder(folder: Path, storage_url: str | None) -> None:
 
 def open_study(sweep_dir: Path, storage_url: str | None, command: list[str], seed: int, prune: bool) -> optuna.Study:
     """The sweep's study, made or continued; ValueError if it was started with another command line."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
         storage = optuna.storages.RDBStorage(
             storage_url or f"sqlite:///{sweep_dir / STUDY_FILE}",
             heartbeat_interval=HEARTBEAT_SECONDS,
@@ -184,10 +183,10 @@ def open_study(sweep_dir: Path, storage_url: str | None, command: list[str], see
 def fail_dead_trials(study: optuna.Study) -> None:
     """Mark failed, and queue again, the running trials whose process is gone: those of this
     machine at once (their process is not running), the others once their heartbeat is stale."""
-    with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna, and stable in use
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    # Heartbeats are marked experimental in Optuna, and stable in use.
+    with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
         optuna.storages.fail_stale_trials(study)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+    retry = study._storage.get_heartbeat_stale_trial_callback()  # open_study's: queue the trial again
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, pid = trial.user_attrs.get("worker", ["", 0])
         if host == socket.gethostname() and not process_running(pid):
@@ -273,9 +272,8 @@ def sweep_trial(sweep_dir: Path, argv: list[str], train_trial: Callable[..., dic
 
 def start_workers(argv: list[str], workers: int) -> list[subprocess.Popen]:
     """workers - 1 more processes running this sweep's command, each taking trials from the study."""
-    alone = [a for a, before in zip(argv, ["", *argv]) if "--workers" not in (a.split("=")[0], before)]
     script = Path(__file__).with_name("train_encoder_decoder.py")
-    command = [sys.executable, str(script), *alone, "--workers", "1"]
+    command = [sys.executable, str(script), *without_flags(argv, {"--workers"}), "--workers", "1"]
     return [subprocess.Popen(command, env={**os.environ, WORKER_VARIABLE: "1"}) for _ in range(workers - 1)]
 
 
@@ -384,7 +382,7 @@ def summarise(rows: list[dict], sweep_dir: Path, full_budget: dict, study: optun
     table = trials_table(rows, metric)
     print("\n" + table)
     finished = [row for row in rows if row["state"] == "finished"]
-    best = (max if goal == "maximize" else min)(finished, key=lambda row: row["value"]) if finished else None
+    best = (max if goal == "maximize" else min)(finished, key=lambda row: row["value"], default=None)
     with Staging() as staging:
         staging.file(sweep_dir / "summary.md").write_text(table + "\n")
         summary = {"metric": metric, "goal": goal, "trials": rows}
@@ -406,65 +404,62 @@ def summarise(rows: list[dict], sweep_dir: Path, full_budget: dict, study: optun
     return 0
 
 
-def chart(
-    title: str, width: int = 640, height: int = 400
-) -> tuple[Image.Image, ImageDraw.ImageDraw, ImageFont.ImageFont]:
-    image = Image.new("RGB", (width, height), "white")
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=14)
-    draw.text((width // 2, 16), title, fill="black", font=font, anchor="mm")
-    return image, draw, font
+def chart(title: str) -> tuple[Image.Image, ImageDraw.ImageDraw, Callable[..., None]]:
+    """A 640x400 picture titled title, its drawing context, and draw.text writing in black."""
+    image = Image.new("RGB", (640, 400), "white")
+    draw = ImageDraw.Draw(image)
+    text = functools.partial(draw.text, fill="black", font=ImageFont.load_default(size=14))
+    text((320, 16), title, anchor="mm")
+    return image, draw, text
 
 
 def history_image(rows: list[dict], metric: str, goal: str) -> Image.Image:
     """Each trial's metric by trial number (pruned trials hollow, at their last validation) and the
     best finished so far as a line."""
-    image, draw, font = chart(f"optimisation history: {metric}")
+    image, draw, text = chart(f"optimisation history: {metric}")
     left, top, right, bottom = 70, 40, 620, 350
     scored = [row for row in rows if row["value"] is not None]
     values = [row["value"] for row in scored] or [0.0, 1.0]
     low, high = min(values), max(values)
-    low, high = (
-        (low - 0.05, high + 0.05) if high - low < 1e-9 else (low - 0.05 * (high - low), high + 0.05 * (high - low))
-    )
+    margin = 0.05 * (high - low if high - low >= 1e-9 else 1.0)
+    low, high = low - margin, high + margin
     n = max([row["trial"] for row in rows], default=1)
     x = lambda trial: left + (right - left) * (trial - 0.5) / n
     y = lambda value: bottom - (bottom - top) * (value - low) / (high - low)
     draw.rectangle((left, top, right, bottom), outline="black")
     for i in range(5):
         value = low + (high - low) * i / 4
-        draw.text((left - 6, y(value)), f"{value:.3f}", fill="black", font=font, anchor="rm")
+        text((left - 6, y(value)), f"{value:.3f}", anchor="rm")
     for trial in range(1, n + 1, max(1, n // 10)):
-        draw.text((x(trial), bottom + 12), str(trial), fill="black", font=font, anchor="mm")
-    draw.text(((left + right) // 2, bottom + 30), "trial", fill="black", font=font, anchor="mm")
+        text((x(trial), bottom + 12), str(trial), anchor="mm")
+    text(((left + right) // 2, bottom + 30), "trial", anchor="mm")
+    better = max if goal == "maximize" else min
     best, line = None, []
     for row in scored:
         r, (cx, cy) = 5, (x(row["trial"]), y(row["value"]))
         finished = row["state"] == "finished"
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill="#1f77b4" if finished else None, outline="#1f77b4")
-        if finished and (best is None or (row["value"] > best if goal == "maximize" else row["value"] < best)):
-            best = row["value"]
+        if finished:
+            best = row["value"] if best is None else better(best, row["value"])
         if best is not None:
             line.append((cx, y(best)))
     if len(line) > 1:
         draw.line(line, fill="#d62728", width=2)
-    legend = "filled: finished, hollow: pruned; red line: best so far"
-    draw.text((left, 385), legend, fill="black", font=font, anchor="lm")
+    text((left, 385), "filled: finished, hollow: pruned; red line: best so far", anchor="lm")
     return image
 
 
 def importances_image(study: optuna.Study, finished: int) -> Image.Image:
     """Optuna's parameter importances (fANOVA over the finished trials) as horizontal bars."""
-    image, draw, font = chart("parameter importances (share of the metric's variance)")
+    image, draw, text = chart("parameter importances (share of the metric's variance)")
     if finished < 2:
-        draw.text(
-            (320, 200), "fewer than two finished trials: nothing to compare", fill="black", font=font, anchor="mm"
-        )
+        text((320, 200), "fewer than two finished trials: nothing to compare", anchor="mm")
         return image
     importances = optuna.importance.get_param_importances(study)
     bar = 300 / max(1, len(importances))
     for i, (name, share) in enumerate(importances.items()):
         top = 45 + i * bar
-        draw.text((170, top + bar / 2), name, fill="black", font=font, anchor="rm")
+        text((170, top + bar / 2), name, anchor="rm")
         draw.rectangle((180, top + 3, 180 + 380 * share, top + bar - 3), fill="#1f77b4")
-        draw.text((186 + 380 * share, top + bar / 2), f"{share:.2f}", fill="black", font=font, anchor="lm")
+        text((186 + 380 * share, top + bar / 2), f"{share:.2f}", anchor="lm")
     return image
