@@ -51,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+import runs
 from checkpoint import CheckpointError, save_checkpoint
 from datasets import CachedComposites, EpochInMemory, FreshComposites, MultiDigitFolder
 from evaluate import SequenceAccuracy, as_expected, as_read, expected_calibration_error, fit_calibration
@@ -70,31 +71,7 @@ from model import (
 )
 from multidigit_generator import ComposerSettings, MultiDigitComposer, check_composer_settings, generate
 from precision import Precision, choose_precision
-from runs import (
-    DEFAULT_RUN_FOLDER,
-    Processes,
-    RunContext,
-    RunFolderBusyError,
-    StopSignal,
-    TrainingDivergedError,
-    align_replicas,
-    check_finite,
-    compose_ahead,
-    compose_epoch_first,
-    composing,
-    gather,
-    initial_weights,
-    load_teachers,
-    refuse_a_used_run_folder,
-    restore,
-    restore_settings,
-    run_lock,
-    save_run_checkpoint,
-    start_data_worker,
-    start_job,
-    start_wandb,
-    wandb_mode,
-)
+from runs import Processes, RunContext, StopSignal
 from split_multidigit_dataset import SPLITS_FILE, check_split_folders, load_splits, prepare_splits
 from sweep_config import TRIAL_BUDGET
 from sweeps import sweep
@@ -432,7 +409,7 @@ def epoch_loader(
         batch_size=batch_size // procs.world_size,
         sampler=sampler,
         num_workers=num_workers,
-        worker_init_fn=start_data_worker,
+        worker_init_fn=runs.start_data_worker,
         generator=torch.Generator().manual_seed(epoch),
         pin_memory=procs.device.type == "cuda",  # page-locked batches copy to a GPU without the step waiting
     )
@@ -458,7 +435,7 @@ def train_one_epoch(job: RunContext, training: TrainingState, data: RunData, epo
             logged_loss = loss.detach()
             if procs.world_size > 1:
                 dist.all_reduce(logged_loss, op=dist.ReduceOp.AVG)  # the mean over ranks, not rank 0's share
-            check_finite(training, logged_loss, kept=str(job.out_dir / "last.pt"))
+            runs.check_finite(training, logged_loss, kept=str(job.out_dir / "last.pt"))
             bar.set_postfix(loss=f"{logged_loss.item():.4f}", lr=f"{lr:.2e}")
             epochs_done = training.step / data.steps_per_epoch
             job.log.log({"train/loss": logged_loss.item(), "train/lr": lr, "epoch": epochs_done}, step=training.step)
@@ -469,8 +446,8 @@ def train_one_epoch(job: RunContext, training: TrainingState, data: RunData, epo
             return True
         if options.save_every and training.step % options.save_every == 0:
             if procs.world_size > 1:
-                align_replicas(*training.replicas)
-            save_run_checkpoint("last.pt", job, training)
+                runs.align_replicas(*training.replicas)
+            runs.save_run_checkpoint("last.pt", job, training)
     bar.close()
     return False
 
@@ -510,7 +487,7 @@ def validate(
         token_total += real.sum().item()
     accuracy = SequenceAccuracy()
     expected = [as_expected(label, model.config.max_digits) for label in labels]
-    shards = gather((loss_sum, token_correct, token_total, predictions, expected, layouts, confidences), procs)
+    shards = runs.gather((loss_sum, token_correct, token_total, predictions, expected, layouts, confidences), procs)
     for shard_result in shards:
         accuracy.update(*shard_result[3:6])
     loss_sum, token_correct, token_total = (sum(shard_result[i] for shard_result in shards) for i in range(3))
@@ -559,9 +536,9 @@ def train(
     by the names they are logged with. checkpoint: the last.pt to resume; run: a wandb run already
     started (by a sweep agent); after_epoch(epoch, validation metrics): False stops the run there
     (a sweep's pruner)."""
-    job = start_job(options, model_config, train_config, all_settings(model_config, train_config))
+    job = runs.start_job(options, model_config, train_config, all_settings(model_config, train_config))
     job.after_epoch = after_epoch
-    with run_lock(job.out_dir, job.procs):  # one run per folder, from before anything is written
+    with runs.run_lock(job.out_dir, job.procs):  # one run per folder, from before anything is written
         data = build_data(job)
         training = build_training(job)
         # A resumed run keeps its thread count: matrix products split over other counts round differently.
@@ -573,7 +550,7 @@ def train(
             options.precision, training.model, "read_batch", probe_threads=False
         )
         if checkpoint is not None:
-            restore(training, checkpoint, job.procs)
+            runs.restore(training, checkpoint, job.procs)
             if training.step >= data.total_steps and (job.out_dir / "test_metrics.json").is_file():
                 job.procs.say(f"{job.out_dir} holds a finished run (model.pt, test_metrics.json): nothing to resume")
                 return {"finished": True, "interrupted": False, "step": training.step, "val": training.val_metrics}
@@ -584,13 +561,13 @@ def train(
         if options.distill_from:
             job.procs.say(f"distilling {', '.join(options.distill_from)} (weight {train_config.distill_weight})")
         with StopSignal(job.procs) as stop:  # from here on, Ctrl-C stops after a step (or a batch composed)
-            if not compose_ahead(job, training, data, stop):
+            if not runs.compose_ahead(job, training, data, stop):
                 return {"finished": False, "interrupted": True, "step": training.step, "val": training.val_metrics}
             if job.procs.is_main:  # only once the run can train: a start that failed leaves nothing
                 (job.out_dir / "config.json").write_text(json.dumps(job.settings, indent=2) + "\n")
             job.started, job.first_step = time.time(), training.step
             job.procs.say(describe(job, training, data), flush=True)
-            job.log = start_wandb(job, training, run)
+            job.log = runs.start_wandb(job, training, run)
             finished = run_epochs(job, training, data, stop)
             result = export(job, training, data) if finished else {}
             interrupted = stop.requested_at is not None
@@ -610,7 +587,7 @@ def describe(job: RunContext, training: TrainingState, data: RunData) -> str:
         f"{', compiled' if job.options.compile else ''}"
         + (f", {job.precision.threads} thread{'s' * (job.precision.threads > 1)}" if procs.device.type == "cpu" else "")
         + f"\nprecision: training {job.precision.why}; validation {job.validation_precision.why}"
-        + f"\ndata: {composing(job)}"
+        + f"\ndata: {runs.composing(job)}"
     )
 
 
@@ -622,12 +599,12 @@ def run_epochs(job: RunContext, training: TrainingState, data: RunData, stop: St
         job.procs.say(f"all {data.total_steps} steps were trained already: scoring and exporting the final weights")
     while training.step < data.total_steps and not 0 < max_steps <= training.step:
         epoch = training.step // data.steps_per_epoch
-        composed = job.composing_workers is None or compose_epoch_first(job, data, epoch, stop)
+        composed = job.composing_workers is None or runs.compose_epoch_first(job, data, epoch, stop)
         stopped = not composed or train_one_epoch(job, training, data, epoch, stop)
         if job.procs.world_size > 1:
-            align_replicas(*training.replicas)  # what rank 0 validates and writes is what every rank trained
+            runs.align_replicas(*training.replicas)  # what rank 0 validates and writes is what every rank trained
         if stopped:
-            save_run_checkpoint("last.pt", job, training)
+            runs.save_run_checkpoint("last.pt", job, training)
             where = "" if composed else f"while composing epoch {epoch + 1}, "
             job.procs.say(
                 f"stopped {where}at step {training.step}; saved {job.out_dir / 'last.pt'} (continue with --resume)"
@@ -664,8 +641,8 @@ def end_of_epoch(job: RunContext, training: TrainingState, data: RunData, epoch:
     score = metrics["order_free_accuracy" if job.train_config.order_free else "sequence_accuracy"]
     if score > training.best_score:  # the same on every rank: the metrics are gathered
         training.best_score = score
-        save_run_checkpoint("best.pt", job, training)
-    save_run_checkpoint("last.pt", job, training)
+        runs.save_run_checkpoint("best.pt", job, training)
+    runs.save_run_checkpoint("last.pt", job, training)
 
 
 def time_left(job: RunContext, training: TrainingState, data: RunData) -> str:
@@ -708,7 +685,7 @@ def export(job: RunContext, training: TrainingState, data: RunData) -> dict:
         procs.say(
             f"replicas identical: the weights and buffers of all {procs.world_size} ranks agreed at every checkpoint"
         )
-    check_finite(training, None, kept=str(out_dir / "last.pt"))
+    runs.check_finite(training, None, kept=str(out_dir / "last.pt"))
     calibration = calibrate(job, training, data)
     test_metrics = None
     if job.options.run_type != "sweep":
@@ -785,7 +762,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
                 "(or start a new run in another --out-dir)"
             )
         return options, None, None
-    options.wandb = wandb_mode(options.wandb or "auto")  # saved as resolved: a resumed run logs where it began
+    options.wandb = runs.wandb_mode(options.wandb or "auto")  # saved as resolved: a resumed run logs where it began
     try:
         budget = TRIAL_BUDGET if options.run_type == "sweep" else {}
         from_file = read_config_file(options.config, SETTINGS) if options.config else {}
@@ -798,8 +775,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     options.splits_digest = None  # the data split the run trains on, once build_data has read it
     try:
         if options.init_from:
-            options.init_weights = initial_weights(options.init_from, model_config)
-        options.teachers = load_teachers(options.distill_from, model_config, train_config)
+            options.init_weights = runs.initial_weights(options.init_from, model_config)
+        options.teachers = runs.load_teachers(options.distill_from, model_config, train_config)
         options.teacher_digests = [file_digest(Path(path)) for path in options.distill_from]
     except (CheckpointError, ValueError) as error:
         parser.error(str(error))
@@ -831,14 +808,14 @@ def main(argv: list[str] | None = None) -> int:
             return sweep(options, argv, trial_budget, train_trial, full_budget)
         checkpoint = None
         if options.resume:
-            model_config, train_config, checkpoint = restore_settings(options, TrainConfig)
+            model_config, train_config, checkpoint = runs.restore_settings(options, TrainConfig)
         else:  # on every process, before any of them can write: torchrun starts them together
-            refuse_a_used_run_folder(Path(options.out_dir or DEFAULT_RUN_FOLDER))
+            runs.refuse_a_used_run_folder(Path(options.out_dir or runs.DEFAULT_RUN_FOLDER))
         train(options, model_config, train_config, checkpoint=checkpoint)
     except (CheckpointError, MnistUnavailableError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (RunFolderBusyError, TrainingDivergedError) as error:
+    except (runs.RunFolderBusyError, runs.TrainingDivergedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # a full disk, a read-only folder, an --out-dir that is a file
