@@ -67,7 +67,7 @@ class SequenceAccuracy:
         """Count readings against labels as scores write them (as_read, as_expected): an image with
         more digits than the model reads is counted under "too_many", not under a length."""
         for prediction, label, layout in zip(predictions, labels, layouts, strict=True):
-            for key in ("all", layout, "too_many" if label == TOO_MANY else f"len{len(label)}"):
+            for key in ("all", layout, "too_many" if label == TOO_MANY_MARK else f"len{len(label)}"):
                 self.exact[key] += prediction == label
                 self.order_free[key] += sorted(prediction) == sorted(label)
                 self.total[key] += 1
@@ -221,20 +221,20 @@ def failure_gallery(
     return _with_title(sheet, heading)
 
 
-TOO_MANY = "+"  # how scores write "more digits than the model reads", on both sides: see as_read, as_expected
+TOO_MANY_MARK = "+"  # how scores write "more digits than the model reads", on both sides: see as_read, as_expected
 CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error and its picture
 TARGET_ACCEPTED_ACCURACY = 0.998  # the unsure threshold keeps at least this share of accepted readings right
 TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))  # the grid fit_calibration searches
 
 
 def as_read(digits: str, too_many: bool) -> str:
-    """A reading as scored: its digits, or TOO_MANY when it said there are more than it reads."""
-    return TOO_MANY if too_many else digits
+    """A reading as scored: its digits, or TOO_MANY_MARK when it said there are more than it reads."""
+    return TOO_MANY_MARK if too_many else digits
 
 
 def as_expected(label: str, max_digits: int) -> str:
-    """The reading a label asks for: the label, or TOO_MANY when it holds more than max_digits."""
-    return TOO_MANY if len(label) > max_digits else label
+    """The reading a label asks for: the label, or TOO_MANY_MARK when it holds more than max_digits."""
+    return TOO_MANY_MARK if len(label) > max_digits else label
 
 
 @dataclass
@@ -480,7 +480,7 @@ def score(readings: Readings, expected: list[str], layouts: list[str], *, min_co
     read = readings.scored
     accuracy = SequenceAccuracy()
     accuracy.update(read, expected, layouts)
-    countable = [i for i, e in enumerate(expected) if e != TOO_MANY]
+    countable = [i for i, e in enumerate(expected) if e != TOO_MANY_MARK]
     matrix = confusion_matrix([readings.digits[i] for i in countable], [expected[i] for i in countable])
     confused = most_confused(matrix)
     keys = report_keys(accuracy.total)

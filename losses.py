@@ -1,7 +1,7 @@
 """What the model is taught: the training objective.
 
 - Token cross-entropy with teacher forcing: the decoder sees the true previous tokens and is
-  scored on every next token, the end (EOS or MANY) included; PAD positions are skipped.
+  scored on every next token, the end (EOS or TOO_MANY) included; PAD positions are skipped.
 - The patch loss (with ModelConfig.patch_head): every encoder vector is also told which digit
   covers its patch, from the digits' ink boxes the composer knows (patch_targets): a dense
   recognition signal beside the decoder's few tokens per image.
@@ -75,7 +75,7 @@ def order_free_loss(
     owner: list[int] = []
     for i, label in enumerate(labels):
         # A label longer than the model reads is taught in its own order: which max_digits digits
-        # come before MANY is then fixed.
+        # come before TOO_MANY is then fixed.
         distinct = [label] if len(label) > max_digits else sorted({"".join(p) for p in itertools.permutations(label)})
         orderings += distinct
         owner += [i] * len(distinct)

@@ -40,7 +40,7 @@ PIXEL_MEAN, PIXEL_STD = 0.03, 0.14
 SOS = 10  # start of sequence: the first decoder input
 EOS = 11  # end of sequence: the model emits it after the last digit (or at once for a blank image)
 PAD = 12  # fills sequences up to a fixed length; ignored by the loss
-MANY = 13  # ends a reading in EOS's place when more than max_digits digits are written: "and more"
+TOO_MANY = 13  # ends a reading in EOS's place when more than max_digits digits are written: "and more"
 VOCAB_SIZE = 14
 
 # Classes of the optional per-patch head: the digit written over a patch, or none.
@@ -63,9 +63,9 @@ def encode_labels(labels: list[str], max_digits: int) -> tuple[torch.Tensor, tor
         inputs  [SOS, 4, 2, PAD, PAD]
         targets [4, 2, EOS, PAD, PAD]
     so position t of the output is trained to predict targets[t] having seen inputs[: t + 1].
-    A label longer than max_digits ("123456") is read as its first max_digits digits, then MANY:
+    A label longer than max_digits ("123456") is read as its first max_digits digits, then TOO_MANY:
         inputs  [SOS, 1, 2, 3, 4]
-        targets [1, 2, 3, 4, MANY]
+        targets [1, 2, 3, 4, TOO_MANY]
     """
     length = max_digits + 1
     inputs, targets = [], []
@@ -75,7 +75,7 @@ def encode_labels(labels: list[str], max_digits: int) -> tuple[torch.Tensor, tor
         digits = [int(c) for c in label[:max_digits]]
         padding = [PAD] * (length - len(digits) - 1)
         inputs.append([SOS, *digits, *padding])
-        targets.append([*digits, MANY if len(label) > max_digits else EOS, *padding])
+        targets.append([*digits, TOO_MANY if len(label) > max_digits else EOS, *padding])
     # Made whole from lists rather than a tensor a row: on a GPU the host's time per step is the step's.
     return tuple(torch.tensor(rows, dtype=torch.long).view(len(labels), length) for rows in (inputs, targets))
 
@@ -87,9 +87,9 @@ def decoder_inputs(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def tokens_to_string(tokens: list[int] | torch.Tensor) -> str:
-    """Digits up to the first EOS, MANY or PAD; a leading SOS is skipped."""
+    """Digits up to the first EOS, TOO_MANY or PAD; a leading SOS is skipped."""
     tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
-    read = itertools.takewhile(lambda token: token not in (EOS, MANY, PAD), tokens)
+    read = itertools.takewhile(lambda token: token not in (EOS, TOO_MANY, PAD), tokens)
     return "".join(str(token) for token in read if token != SOS)
 
 
@@ -404,7 +404,7 @@ class DecoderBlock(nn.Module):
 class Decoded:
     """Result of greedy or beam decoding for a batch."""
 
-    tokens: torch.Tensor  # (B, L) emitted after SOS: digits, then EOS or MANY, then PAD
+    tokens: torch.Tensor  # (B, L) emitted after SOS: digits, then EOS or TOO_MANY, then PAD
     token_probs: torch.Tensor  # (B, L) the model's probability of each emitted token (1.0 on PAD)
     attention: torch.Tensor | None = None  # (B, L, grid, grid) with read(attention=True): see token_attention
     # With beam search, each image's finished beams, most probable first: (digits, too_many, probability).
@@ -414,14 +414,14 @@ class Decoded:
         return [tokens_to_string(row) for row in self.tokens]
 
     def too_many(self) -> list[bool]:
-        """Whether each reading ended in MANY: the image holds more digits than the model reads."""
-        return (self.tokens == MANY).any(dim=1).tolist()
+        """Whether each reading ended in TOO_MANY: the image holds more digits than the model reads."""
+        return (self.tokens == TOO_MANY).any(dim=1).tolist()
 
     def digit_probs(self) -> list[list[float]]:
         return [probs[: len(s)].tolist() for s, probs in zip(self.strings(), self.token_probs)]
 
     def confidence(self) -> torch.Tensor:
-        """Probability of the whole reading, its end (EOS or MANY) included: (B,). It is the product
+        """Probability of the whole reading, its end (EOS or TOO_MANY) included: (B,). It is the product
         of the digits' probabilities and the probability that nothing else is written."""
         return self.token_probs.prod(dim=1)
 
@@ -529,14 +529,14 @@ class DigitSequenceTransformer(nn.Module):
     def token_log_probs(self, logits: torch.Tensor, first_step: int = 0) -> torch.Tensor:
         """(B, T, V) decoder logits for steps first_step, ... -> the log-probabilities decoding chooses
         from: divided by the calibrated temperature, and only tokens a reading may hold at each step
-        (never SOS or PAD; after max_digits digits only EOS, or MANY to say there are more)."""
+        (never SOS or PAD; after max_digits digits only EOS, or TOO_MANY to say there are more)."""
         logits = logits.float() / self.calibration.temperature
         steps = torch.arange(first_step, first_step + logits.shape[1], device=logits.device)[None, :, None]
         tokens = torch.arange(VOCAB_SIZE, device=logits.device)
         allowed = (
             (tokens != SOS)
             & (tokens != PAD)
-            & torch.where(steps < self.config.max_digits, tokens != MANY, tokens >= EOS)
+            & torch.where(steps < self.config.max_digits, tokens != TOO_MANY, tokens >= EOS)
         )
         return logits.masked_fill(~allowed, float("-inf")).log_softmax(dim=-1)
 
@@ -611,14 +611,14 @@ class DigitSequenceTransformer(nn.Module):
             cache.reorder(parent)
             step_log_prob = log_probs[parent, next_token]
             token_log_probs = torch.cat([token_log_probs[parent], step_log_prob[:, None]], dim=1)
-            finished = finished[parent] | (next_token == EOS) | (next_token == MANY)
+            finished = finished[parent] | (next_token == EOS) | (next_token == TOO_MANY)
             if finished.all():
                 break
         # topk leaves each image's beams sorted, most probable first; -inf marks a slot no
         # sequence could fill (fewer possible readings than beams).
         beams = [
             [
-                (tokens_to_string(tokens[i * k + j]), bool((tokens[i * k + j] == MANY).any()), math.exp(score))
+                (tokens_to_string(tokens[i * k + j]), bool((tokens[i * k + j] == TOO_MANY).any()), math.exp(score))
                 for j, score in enumerate(scores[i].tolist())
                 if score > float("-inf")
             ]
@@ -636,7 +636,7 @@ def greedy_tokens(
 ) -> Decoded:
     """Greedy decoding, given next_log_probs(last tokens (B, 1), step) -> (B, VOCAB_SIZE) log-probabilities
     of the next token: each step takes the most probable one, a finished sequence pads, and the batch
-    stops once every sequence has emitted EOS or MANY."""
+    stops once every sequence has emitted EOS or TOO_MANY."""
     tokens = torch.full((batch, 1), SOS, dtype=torch.long, device=device)
     probs = torch.ones(batch, 0, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -646,7 +646,7 @@ def greedy_tokens(
         best_prob = best_log_prob.exp().masked_fill(finished, 1.0)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         probs = torch.cat([probs, best_prob[:, None]], dim=1)
-        finished |= (next_token == EOS) | (next_token == MANY)
+        finished |= (next_token == EOS) | (next_token == TOO_MANY)
         if finished.all():
             break
     return Decoded(tokens=tokens[:, 1:], token_probs=probs)

@@ -322,7 +322,7 @@ class ComposerSettings:
     touching_share: float = option(0.0, "share of rows whose digits touch", "wider")
     nondigit_share: float = option(0.0, 'share of composites holding marks that are not digits (label "")', "wider")
     overflow_share: float = option(
-        0.0, f"share of composites with 1-{OVERFLOW_EXTRA} digits more than --max-digits", "wider"
+        0.0, f"share of composites with too many digits: 1-{OVERFLOW_EXTRA} more than --max-digits", "wider"
     )
     elastic_share: float = option(
         0.0, "share of digits (and marks) bent by an elastic distortion (Simard et al., 2003)", "wider"

@@ -15,8 +15,8 @@ from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_model
 from files import CommandLine
 from model import (
     EOS,
-    MANY,
     PAD,
+    TOO_MANY,
     Decoded,
     DecoderCache,
     DigitSequenceTransformer,
@@ -94,7 +94,7 @@ class Ensemble(nn.Module):
         rows = [i for i, options in enumerate(beams) for _ in options]
         targets = torch.tensor(
             [
-                [*map(int, digits), MANY if too_many else EOS] + [PAD] * (self.config.max_digits - len(digits))
+                [*map(int, digits), TOO_MANY if too_many else EOS] + [PAD] * (self.config.max_digits - len(digits))
                 for options in beams
                 for digits, too_many, _ in options
             ]

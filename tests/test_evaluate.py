@@ -50,7 +50,7 @@ def test_align_digits_by_edit_distance(prediction, truth, pairs):
 
 
 def test_images_with_more_digits_than_the_model_reads_are_counted_apart_from_every_length():
-    # Scores write both "more digits than the model reads" readings and labels as TOO_MANY ("+"),
+    # Scores write both "more digits than the model reads" readings and labels as TOO_MANY_MARK ("+"),
     # a one-character string: it must not be counted as a one-digit image.
     accuracy = SequenceAccuracy()
     accuracy.update(["+", "7", "+", "12"], ["+", "7", "+", "+"], ["row", "row", "scatter", "scatter"])

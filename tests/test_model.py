@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from losses import TrainingLoss, teacher_probabilities
 from model import (
     EOS,
-    MANY,
     PAD,
     SOS,
+    TOO_MANY,
     VOCAB_SIZE,
     Calibration,
     DecoderCache,
@@ -59,7 +59,7 @@ def test_encode_labels_and_decode_round_trip():
 def test_a_label_longer_than_the_model_reads_is_its_first_digits_then_many():
     inputs, targets = encode_labels(["123456", "12345"], max_digits=4)
     assert inputs.tolist() == [[SOS, 1, 2, 3, 4]] * 2
-    assert targets.tolist() == [[1, 2, 3, 4, MANY]] * 2
+    assert targets.tolist() == [[1, 2, 3, 4, TOO_MANY]] * 2
     assert tokens_to_string(targets[0]) == "1234"
 
 
@@ -130,8 +130,8 @@ def test_greedy_decode_matches_teacher_forcing_on_its_own_output(model):
     assert decoded.tokens.shape[1] <= CONFIG.max_digits + 1
     for row, text, too_many in zip(decoded.tokens, decoded.strings(), decoded.too_many()):
         assert len(text) <= CONFIG.max_digits
-        assert (EOS in row.tolist()) != too_many  # every sequence ends, in EOS or in MANY
-        assert not too_many or len(text) == CONFIG.max_digits  # MANY only after max_digits digits
+        assert (EOS in row.tolist()) != too_many  # every sequence ends, in EOS or in TOO_MANY
+        assert not too_many or len(text) == CONFIG.max_digits  # TOO_MANY only after max_digits digits
     # Feeding the decoded digits back with teacher forcing gives the same choice at each step
     # (among the tokens decoding may choose) and the same probabilities.
     labels = [text + "0" * too_many for text, too_many in zip(decoded.strings(), decoded.too_many())]
@@ -144,17 +144,17 @@ def test_greedy_decode_matches_teacher_forcing_on_its_own_output(model):
             if t == CONFIG.max_digits:
                 allowed[:EOS] = float("-inf")
             else:
-                allowed[MANY] = float("-inf")
+                allowed[TOO_MANY] = float("-inf")
             assert allowed.argmax().item() == token
             assert abs(F.softmax(allowed, -1)[token].item() - decoded.token_probs[i, t].item()) < 1e-4
 
 
 def test_a_model_that_always_says_many_reads_max_digits_digits_then_says_so(model):
-    # Every logit but MANY's and one digit's pushed down: decoding may only emit MANY where it is
+    # Every logit but TOO_MANY's and one digit's pushed down: decoding may only emit TOO_MANY where it is
     # allowed, after max_digits digits.
     with torch.no_grad():
         model.head.bias.fill_(-50.0)
-        model.head.bias[MANY] = 50.0
+        model.head.bias[TOO_MANY] = 50.0
         model.head.bias[7] = 40.0
     decoded = model.read(torch.zeros(2, 48, 48, dtype=torch.uint8))
     assert decoded.strings() == ["7777", "7777"] and decoded.too_many() == [True, True]
@@ -290,7 +290,7 @@ def test_order_free_loss_keeps_the_order_of_a_label_longer_than_the_model_reads(
         sequence_losses(model.decode(memory[1:], encode_labels([o], 4)[0]), encode_labels([o], 4)[1])
         for o in ("12", "21")
     )
-    # 4 digits + MANY, and 2 digits + EOS.
+    # 4 digits + TOO_MANY, and 2 digits + EOS.
     assert torch.allclose(order_free_loss(model, memory, labels), (overflow + others).sum() / 8)
 
 
