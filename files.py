@@ -62,11 +62,9 @@ def check_destination(path: str | Path, files: tuple[str, ...] | None) -> None:
         probe.unlink()
     except OSError as error:
         raise ValueError(f"cannot write {path}: {nearest} takes no new files ({error.strerror or error})") from None
-    if not os.path.lexists(path):
-        return
-    if files is None:
-        if path.is_dir():
-            raise ValueError(f"{path} is a folder, where a file is to be written: move it away")
+    if files is None and os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, where a file is to be written: move it away")
+    if files is None or not os.path.lexists(path):
         return
     if not path.is_dir():
         raise ValueError(f"{path} is a file, where a folder is to be written: choose another path")
@@ -143,10 +141,8 @@ class Staging:
                         os.fsync(written.fileno())
                 if os.path.lexists(path):
                     older.append(temporary.with_name(temporary.name + ".older"))
-                    if replaced_in_one_step(temporary, path, older[-1]):
-                        renames.append((path, older[-1]))
-                        continue
-                    os.rename(path, older[-1])
+                    if not (temporary.is_file() and kept_as_hard_link(path, older[-1])):
+                        os.rename(path, older[-1])
                     renames.append((path, older[-1]))
                 os.rename(temporary, path)
                 renames.append((temporary, path))
@@ -180,17 +176,16 @@ def read_json(path: Path, kind: type, description: str) -> Any:
     return value
 
 
-def replaced_in_one_step(new: Path, path: Path, older: Path) -> bool:
-    """Replace the file path by the file new in one rename, so that a reader opens either the old or
-    the new one, the old one kept as older (a hard link) to be put back if need be; False, having
-    done nothing, where either is not a plain file or the file system has no hard links."""
-    if not (new.is_file() and path.is_file() and not path.is_symlink()):
+def kept_as_hard_link(path: Path, older: Path) -> bool:
+    """Whether the plain file path is now also older, a hard link: then a new file replaces path in
+    one rename, so that a reader opens either the old or the new one, and older is what to put back
+    if need be. False where path is not a plain file or the file system has no hard links."""
+    if not path.is_file() or path.is_symlink():
         return False
     try:
         os.link(path, older)
     except OSError:
         return False
-    os.replace(new, path)
     return True
 
 
