@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from files import Staging
+from files import Staging, read_json
 from model import DigitSequenceTransformer, configure_optimizer, uint8_to_input
 
 PRECISION_JOBS = ("train", "read_batch", "read_one")  # a training step, reading a batch, reading one image
@@ -200,10 +200,9 @@ def _fewer_threads_if_busy(work: typing.Callable[[], object], device: torch.devi
 
 def _read_cache(path: Path) -> dict:
     try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: probe again
+        return read_json(path, dict, "a JSON object")
+    except (OSError, ValueError):  # none yet, unreadable or not an object: probe again
         return {}
-    return cache if isinstance(cache, dict) else {}
 
 
 def pick_device(requested: str = "auto") -> torch.device:
