@@ -249,21 +249,17 @@ def sweep_trial(sweep_dir: Path, argv: list[str], train_trial: Callable[..., dic
 
         try:
             result = train_trial(flags, None, after_epoch)
+            if pruned_after:
+                print(f"trial {number} pruned after epoch {pruned_after[0]}: it trails the trials that got as far")
+                raise optuna.TrialPruned()
+            if result["interrupted"]:
+                raise KeyboardInterrupt  # Ctrl-C or SIGTERM: the trial is marked failed, the sweep stops
+            value = trial_value(result)
         except (ValueError, SystemExit) as error:
             trial.set_user_attr("error", refusal(error))
             raise TrialRefusedError(refusal(error)) from None
         finally:
             trial.set_user_attr("minutes", (time.time() - started) / 60)
-        if pruned_after:
-            print(f"trial {number} pruned after epoch {pruned_after[0]}: it trails the trials that got as far")
-            raise optuna.TrialPruned()
-        if result["interrupted"]:
-            raise KeyboardInterrupt  # Ctrl-C or SIGTERM: the trial is marked failed, the sweep stops
-        try:
-            value = trial_value(result)
-        except ValueError as error:
-            trial.set_user_attr("error", str(error))
-            raise TrialRefusedError(str(error)) from None
         trial.set_user_attr("settings", result["settings"])
         return value
 
