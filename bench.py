@@ -71,19 +71,18 @@ TARGET_LATENCY_MS = 10.0  # single-image latency p50
 class ReferenceTransformer(DigitSequenceTransformer):
     """Our model with its encoder and decoder replaced by torch.nn.Transformer's."""
 
-    def __init__(self, config):
+    def __init__(self, config: ModelConfig):
         super().__init__(config)
-        c = config
         del self.encoder, self.encoder_norm, self.decoder, self.decoder_norm
         with warnings.catch_warnings():  # that pre-norm layers cannot use nested tensors (there is no padding here)
             warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
             self.transformer = nn.Transformer(
-                d_model=c.d_model,
-                nhead=c.n_heads,
-                num_encoder_layers=c.encoder_layers,
-                num_decoder_layers=c.decoder_layers,
-                dim_feedforward=c.ff_mult * c.d_model,
-                dropout=c.dropout,
+                d_model=config.d_model,
+                nhead=config.n_heads,
+                num_encoder_layers=config.encoder_layers,
+                num_decoder_layers=config.decoder_layers,
+                dim_feedforward=config.ff_mult * config.d_model,
+                dropout=config.dropout,
                 activation="gelu",
                 batch_first=True,
                 norm_first=True,
@@ -385,7 +384,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     precision = choose_precision(args.precision, model, "train", probe_threads=False)
-    bf16 = precision.bf16
     print(f"precision: {precision.why}", file=sys.stderr)
     print(f"measuring the peak matrix product on {device} ...", file=sys.stderr)
     peak = {
@@ -396,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(device),
         "device": str(device),
         "torch": torch.__version__,
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": "bf16" if precision.bf16 else "fp32",
         "compile": args.compile,
         "batch_size": args.batch_size,
         "peak_flops_per_second": {name: flops for name, (flops, _) in peak.items()},
@@ -413,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("preparing the models" + (" (compiling)" if args.compile else "") + " ...", file=sys.stderr)
     workloads = {
-        name: Workload(candidate, data, device=device, bf16=bf16, compiled=args.compile)
+        name: Workload(candidate, data, device=device, bf16=precision.bf16, compiled=args.compile)
         for name, candidate in candidates.items()
     }
     print(f"timing them in turn, {args.rounds} rounds ...", file=sys.stderr)
