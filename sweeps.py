@@ -294,7 +294,7 @@ def sweep(
     study = open_study(sweep_dir, options.storage, study_command(argv), trial_budget["seed"], prune)
     if options.workers > 1 and not options.threads:  # the cores shared among the workers
         argv = [*argv, "--threads", str(max(1, (os.cpu_count() or 1) // options.workers))]
-    children = start_workers(argv, options.workers) if options.workers > 1 else []
+    children = start_workers(argv, options.workers)
     print(
         f"sweep offline: Optuna study {sweep_dir.name} in {options.storage or sweep_dir / STUDY_FILE} "
         f"({len(study.trials)} trials so far), {SWEEP['method']} search, "
