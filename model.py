@@ -67,17 +67,16 @@ def encode_labels(labels: list[str], max_digits: int) -> tuple[torch.Tensor, tor
         inputs  [SOS, 1, 2, 3, 4]
         targets [1, 2, 3, 4, TOO_MANY]
     """
-    length = max_digits + 1
     inputs, targets = [], []
     for label in labels:
         if not label.isascii() or not (label.isdigit() or label == ""):
             raise ValueError(f"label {label!r} is not a string of digits")
         digits = [int(c) for c in label[:max_digits]]
-        padding = [PAD] * (length - len(digits) - 1)
+        padding = [PAD] * (max_digits - len(digits))
         inputs.append([SOS, *digits, *padding])
         targets.append([*digits, TOO_MANY if len(label) > max_digits else EOS, *padding])
     # Made whole from lists rather than a tensor a row: on a GPU the host's time per step is the step's.
-    return tuple(torch.tensor(rows, dtype=torch.long).view(len(labels), length) for rows in (inputs, targets))
+    return tuple(torch.tensor(rows, dtype=torch.long).view(len(labels), max_digits + 1) for rows in (inputs, targets))
 
 
 def decoder_inputs(tokens: torch.Tensor) -> torch.Tensor:
@@ -588,7 +587,6 @@ class DigitSequenceTransformer(nn.Module):
         (Decoded.beams). Sequences are compared by total log-probability."""
         if beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {beam_size}")
-        max_digits = self.config.max_digits
         b, k = memory.shape[0], beam_size
         memory = memory.repeat_interleave(k, dim=0)
         device = memory.device
@@ -598,7 +596,7 @@ class DigitSequenceTransformer(nn.Module):
         scores[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick duplicates
         finished = torch.zeros(b * k, dtype=torch.bool, device=device)
         cache = DecoderCache(self.config.decoder_layers)
-        for step in range(max_digits + 1):
+        for step in range(self.config.max_tokens):
             log_probs = self.token_log_probs(self.decode(memory, tokens[:, -1:], cache=cache), step)[:, -1]
             # A finished beam can only be extended by PAD, at no cost, so it keeps its score.
             log_probs[finished] = float("-inf")
