@@ -50,6 +50,10 @@ MATRIX_LABELS = [str(d) for d in range(10)] + ["none"]
 IMAGE_ARROW = "->"  # PIL's built-in font has no arrow glyph, so pictures say "->" where text says "→"
 MAX_GALLERY_SIZE = 1000  # misread images drawn in failures.png at most: the picture grows with them
 REPORT_FILES = ("report.json", "report.md", "confusion_matrix.png", "failures.png", "calibration.png")
+TOO_MANY_MARK = "+"  # how scores write "more digits than the model reads", on both sides: see as_read, as_expected
+CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error and its picture
+TARGET_ACCEPTED_ACCURACY = 0.998  # the unsure threshold keeps at least this share of accepted readings right
+TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))  # the grid fit_calibration searches
 
 
 class SequenceAccuracy:
@@ -221,12 +225,6 @@ def failure_gallery(
     return _with_title(sheet, heading)
 
 
-TOO_MANY_MARK = "+"  # how scores write "more digits than the model reads", on both sides: see as_read, as_expected
-CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error and its picture
-TARGET_ACCEPTED_ACCURACY = 0.998  # the unsure threshold keeps at least this share of accepted readings right
-TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))  # the grid fit_calibration searches
-
-
 def as_read(digits: str, too_many: bool) -> str:
     """A reading as scored: its digits, or TOO_MANY_MARK when it said there are more than it reads."""
     return TOO_MANY_MARK if too_many else digits
@@ -259,8 +257,7 @@ def read_images(
     as_files: bool = False,
 ) -> Readings:
     """Read (N, H, W) uint8 canvases in batches. as_files reads them as predict.py and the front
-    end read an image file: through to_canvas (ink found, paper and noise removed, digits scaled
-    to the trained height, centred), and a canvas left with no ink is "" without the model."""
+    end read an image file: through to_canvas, and a canvas left with no ink is "" without the model."""
     readings = Readings([], [], [], 0.0)
     started = time.perf_counter()
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
@@ -427,14 +424,13 @@ def evaluate_folder(
         model, images, beam_size=beam_size, batch_size=batch_size, desc=folder.name, as_files=as_files
     )
     expected = [as_expected(label, max_digits) for label in labels]
+    decoding = "greedy" if beam_size == 1 else f"beam {beam_size}"
     report = {
         "checkpoint": str(checkpoint),
         "dataset": str(folder),
         "metadata": metadata,
         "num_images": len(records),
-        "decoding": model.decoding
-        if isinstance(model, Ensemble)
-        else ("greedy" if beam_size == 1 else f"beam {beam_size}"),
+        "decoding": model.decoding if isinstance(model, Ensemble) else decoding,
         "precision": "bf16" if model.read_bf16["read_batch"] else "fp32",
         "read_as": "files, through to_canvas" if as_files else "canvases, straight into the model",
         "device": str(next(model.parameters()).device),
@@ -518,7 +514,7 @@ def accuracy_table(report: dict) -> str:
 
 
 def report_markdown(report: dict) -> str:
-    d, confused = report["digits"], report["most_confused"]
+    d, c, confused = report["digits"], report["calibration"], report["most_confused"]
     paragraphs = [
         f"# {Path(report['dataset']).name}",
         f"Checkpoint `{report['checkpoint']}`, dataset `{report['dataset']}` ({report['num_images']} images), "
@@ -528,22 +524,15 @@ def report_markdown(report: dict) -> str:
         f"Digits: {d['true_digits']} in the labels, {d['correct']} read correctly, {d['substitutions']} substituted, "
         f"{d['missed']} missed, {d['extra']} extra (aligned by edit distance)."
         + (f" Most confused: {confused['true']} → {confused['read']} ({confused['count']})." if confused else ""),
-        calibration_line(report),
+        f"Confidence: expected calibration error {percent(c['expected_calibration_error'])} %; "
+        f"at the unsure threshold {c['threshold']:.3f}, {percent(c['coverage'])} % of readings are accepted and "
+        f"{percent(c['accepted_accuracy'])} % of those are right; {percent(c['read_nothing_or_unsure'])} % are read "
+        f"as nothing or unsure, {percent(c['too_many'])} % as more digits than the model reads.",
         "![confusion matrix](confusion_matrix.png)",
         "![misread images, most confident first](failures.png)",
         "![reliability diagram: accuracy against confidence](calibration.png)",
     ]
     return "\n\n".join(paragraphs) + "\n"
-
-
-def calibration_line(report: dict) -> str:
-    c = report["calibration"]
-    return (
-        f"Confidence: expected calibration error {percent(c['expected_calibration_error'])} %; "
-        f"at the unsure threshold {c['threshold']:.3f}, {percent(c['coverage'])} % of readings are accepted and "
-        f"{percent(c['accepted_accuracy'])} % of those are right; {percent(c['read_nothing_or_unsure'])} % are read "
-        f"as nothing or unsure, {percent(c['too_many'])} % as more digits than the model reads."
-    )
 
 
 def summary_table(reports: dict[str, dict]) -> str:
