@@ -278,11 +278,7 @@ def expected_calibration_error(confidences: list[float], correct: list[bool], bi
     weighted by its share of the readings: 0 when a reading said to be p sure is right p of the time."""
     conf, right = np.asarray(confidences, dtype=np.float64), np.asarray(correct, dtype=np.float64)
     which = np.minimum((conf * bins).astype(int), bins - 1)
-    gaps = [
-        abs(conf[which == b].mean() - right[which == b].mean()) * (which == b).mean()
-        for b in range(bins)
-        if (which == b).any()
-    ]
+    gaps = [abs(conf[which == b].mean() - right[which == b].mean()) * (which == b).mean() for b in np.unique(which)]
     return float(sum(gaps))
 
 
@@ -376,12 +372,11 @@ def calibration_image(
     conf, hits = np.asarray(confidences), np.asarray(correct, dtype=np.float64)
     which = np.minimum((conf * bins).astype(int), bins - 1)
     width = size / bins
-    for b in range(bins):
+    for b in np.unique(which):
         members = which == b
-        if members.any():
-            bar_top = top + size * (1 - hits[members].mean())
-            shade = _mix((31, 119, 180), 0.25 + 0.75 * min(1.0, members.mean() * bins))
-            draw.rectangle((left + b * width + 1, bar_top, left + (b + 1) * width - 1, top + size), fill=shade)
+        bar_top = top + size * (1 - hits[members].mean())
+        shade = _mix((31, 119, 180), 0.25 + 0.75 * min(1.0, members.mean() * bins))
+        draw.rectangle((left + b * width + 1, bar_top, left + (b + 1) * width - 1, top + size), fill=shade)
     draw.line((left, top + size, left + size, top), fill=(200, 60, 60), width=2)
     draw.rectangle((left, top, left + size, top + size), outline="black")
     for tick in np.linspace(0, 1, 6):  # the same values on both axes
