@@ -528,15 +528,12 @@ class DigitSequenceTransformer(nn.Module):
     def token_log_probs(self, logits: torch.Tensor, first_step: int = 0) -> torch.Tensor:
         """(B, T, V) decoder logits for steps first_step, ... -> the log-probabilities decoding chooses
         from: divided by the calibrated temperature, and only tokens a reading may hold at each step
-        (never SOS or PAD; after max_digits digits only EOS, or TOO_MANY to say there are more)."""
+        (a digit or EOS; after max_digits digits only EOS, or TOO_MANY to say there are more)."""
         logits = logits.float() / self.calibration.temperature
         steps = torch.arange(first_step, first_step + logits.shape[1], device=logits.device)[None, :, None]
         tokens = torch.arange(VOCAB_SIZE, device=logits.device)
-        allowed = (
-            (tokens != SOS)
-            & (tokens != PAD)
-            & torch.where(steps < self.config.max_digits, tokens != TOO_MANY, tokens >= EOS)
-        )
+        digit_or_eos = (tokens < SOS) | (tokens == EOS)  # the digits are tokens 0-9
+        allowed = torch.where(steps < self.config.max_digits, digit_or_eos, (tokens == EOS) | (tokens == TOO_MANY))
         return logits.masked_fill(~allowed, float("-inf")).log_softmax(dim=-1)
 
     # Decoding runs under inference_mode rather than no_grad: it also skips autograd's
