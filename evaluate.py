@@ -50,6 +50,10 @@ MATRIX_LABELS = [str(d) for d in range(10)] + ["none"]
 IMAGE_ARROW = "->"  # PIL's built-in font has no arrow glyph, so pictures say "->" where text says "→"
 MAX_GALLERY_SIZE = 1000  # misread images drawn in failures.png at most: the picture grows with them
 REPORT_FILES = ("report.json", "report.md", "confusion_matrix.png", "failures.png", "calibration.png")
+TOO_MANY_MARK = "+"  # how scores write "more digits than the model reads", on both sides: see as_read, as_expected
+CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error and its picture
+TARGET_ACCEPTED_ACCURACY = 0.998  # the unsure threshold keeps at least this share of accepted readings right
+TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))  # the grid fit_calibration searches
 
 
 class SequenceAccuracy:
@@ -221,12 +225,6 @@ def failure_gallery(
     return _with_title(sheet, heading)
 
 
-TOO_MANY_MARK = "+"  # how scores write "more digits than the model reads", on both sides: see as_read, as_expected
-CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error and its picture
-TARGET_ACCEPTED_ACCURACY = 0.998  # the unsure threshold keeps at least this share of accepted readings right
-TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))  # the grid fit_calibration searches
-
-
 def as_read(digits: str, too_many: bool) -> str:
     """A reading as scored: its digits, or TOO_MANY_MARK when it said there are more than it reads."""
     return TOO_MANY_MARK if too_many else digits
@@ -259,8 +257,7 @@ def read_images(
     as_files: bool = False,
 ) -> Readings:
     """Read (N, H, W) uint8 canvases in batches. as_files reads them as predict.py and the front
-    end read an image file: through to_canvas (ink found, paper and noise removed, digits scaled
-    to the trained height, centred), and a canvas left with no ink is "" without the model."""
+    end read an image file: through to_canvas, and a canvas left with no ink is "" without the model."""
     readings = Readings([], [], [], 0.0)
     started = time.perf_counter()
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
@@ -281,11 +278,7 @@ def expected_calibration_error(confidences: list[float], correct: list[bool], bi
     weighted by its share of the readings: 0 when a reading said to be p sure is right p of the time."""
     conf, right = np.asarray(confidences, dtype=np.float64), np.asarray(correct, dtype=np.float64)
     which = np.minimum((conf * bins).astype(int), bins - 1)
-    gaps = [
-        abs(conf[which == b].mean() - right[which == b].mean()) * (which == b).mean()
-        for b in range(bins)
-        if (which == b).any()
-    ]
+    gaps = [abs(conf[which == b].mean() - right[which == b].mean()) * (which == b).mean() for b in np.unique(which)]
     return float(sum(gaps))
 
 
@@ -379,12 +372,11 @@ def calibration_image(
     conf, hits = np.asarray(confidences), np.asarray(correct, dtype=np.float64)
     which = np.minimum((conf * bins).astype(int), bins - 1)
     width = size / bins
-    for b in range(bins):
+    for b in np.unique(which):
         members = which == b
-        if members.any():
-            bar_top = top + size * (1 - hits[members].mean())
-            shade = _mix((31, 119, 180), 0.25 + 0.75 * min(1.0, members.mean() * bins))
-            draw.rectangle((left + b * width + 1, bar_top, left + (b + 1) * width - 1, top + size), fill=shade)
+        bar_top = top + size * (1 - hits[members].mean())
+        shade = _mix((31, 119, 180), 0.25 + 0.75 * min(1.0, members.mean() * bins))
+        draw.rectangle((left + b * width + 1, bar_top, left + (b + 1) * width - 1, top + size), fill=shade)
     draw.line((left, top + size, left + size, top), fill=(200, 60, 60), width=2)
     draw.rectangle((left, top, left + size, top + size), outline="black")
     for tick in np.linspace(0, 1, 6):  # the same values on both axes
@@ -427,14 +419,13 @@ def evaluate_folder(
         model, images, beam_size=beam_size, batch_size=batch_size, desc=folder.name, as_files=as_files
     )
     expected = [as_expected(label, max_digits) for label in labels]
+    decoding = "greedy" if beam_size == 1 else f"beam {beam_size}"
     report = {
         "checkpoint": str(checkpoint),
         "dataset": str(folder),
         "metadata": metadata,
         "num_images": len(records),
-        "decoding": model.decoding
-        if isinstance(model, Ensemble)
-        else ("greedy" if beam_size == 1 else f"beam {beam_size}"),
+        "decoding": model.decoding if isinstance(model, Ensemble) else decoding,
         "precision": "bf16" if model.read_bf16["read_batch"] else "fp32",
         "read_as": "files, through to_canvas" if as_files else "canvases, straight into the model",
         "device": str(next(model.parameters()).device),
@@ -518,7 +509,7 @@ def accuracy_table(report: dict) -> str:
 
 
 def report_markdown(report: dict) -> str:
-    d, confused = report["digits"], report["most_confused"]
+    d, c, confused = report["digits"], report["calibration"], report["most_confused"]
     paragraphs = [
         f"# {Path(report['dataset']).name}",
         f"Checkpoint `{report['checkpoint']}`, dataset `{report['dataset']}` ({report['num_images']} images), "
@@ -528,22 +519,15 @@ def report_markdown(report: dict) -> str:
         f"Digits: {d['true_digits']} in the labels, {d['correct']} read correctly, {d['substitutions']} substituted, "
         f"{d['missed']} missed, {d['extra']} extra (aligned by edit distance)."
         + (f" Most confused: {confused['true']} → {confused['read']} ({confused['count']})." if confused else ""),
-        calibration_line(report),
+        f"Confidence: expected calibration error {percent(c['expected_calibration_error'])} %; "
+        f"at the unsure threshold {c['threshold']:.3f}, {percent(c['coverage'])} % of readings are accepted and "
+        f"{percent(c['accepted_accuracy'])} % of those are right; {percent(c['read_nothing_or_unsure'])} % are read "
+        f"as nothing or unsure, {percent(c['too_many'])} % as more digits than the model reads.",
         "![confusion matrix](confusion_matrix.png)",
         "![misread images, most confident first](failures.png)",
         "![reliability diagram: accuracy against confidence](calibration.png)",
     ]
     return "\n\n".join(paragraphs) + "\n"
-
-
-def calibration_line(report: dict) -> str:
-    c = report["calibration"]
-    return (
-        f"Confidence: expected calibration error {percent(c['expected_calibration_error'])} %; "
-        f"at the unsure threshold {c['threshold']:.3f}, {percent(c['coverage'])} % of readings are accepted and "
-        f"{percent(c['accepted_accuracy'])} % of those are right; {percent(c['read_nothing_or_unsure'])} % are read "
-        f"as nothing or unsure, {percent(c['too_many'])} % as more digits than the model reads."
-    )
 
 
 def summary_table(reports: dict[str, dict]) -> str:

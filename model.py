@@ -67,17 +67,16 @@ def encode_labels(labels: list[str], max_digits: int) -> tuple[torch.Tensor, tor
         inputs  [SOS, 1, 2, 3, 4]
         targets [1, 2, 3, 4, TOO_MANY]
     """
-    length = max_digits + 1
     inputs, targets = [], []
     for label in labels:
         if not label.isascii() or not (label.isdigit() or label == ""):
             raise ValueError(f"label {label!r} is not a string of digits")
         digits = [int(c) for c in label[:max_digits]]
-        padding = [PAD] * (length - len(digits) - 1)
+        padding = [PAD] * (max_digits - len(digits))
         inputs.append([SOS, *digits, *padding])
         targets.append([*digits, TOO_MANY if len(label) > max_digits else EOS, *padding])
     # Made whole from lists rather than a tensor a row: on a GPU the host's time per step is the step's.
-    return tuple(torch.tensor(rows, dtype=torch.long).view(len(labels), length) for rows in (inputs, targets))
+    return tuple(torch.tensor(rows, dtype=torch.long).view(len(labels), max_digits + 1) for rows in (inputs, targets))
 
 
 def decoder_inputs(tokens: torch.Tensor) -> torch.Tensor:
@@ -529,15 +528,12 @@ class DigitSequenceTransformer(nn.Module):
     def token_log_probs(self, logits: torch.Tensor, first_step: int = 0) -> torch.Tensor:
         """(B, T, V) decoder logits for steps first_step, ... -> the log-probabilities decoding chooses
         from: divided by the calibrated temperature, and only tokens a reading may hold at each step
-        (never SOS or PAD; after max_digits digits only EOS, or TOO_MANY to say there are more)."""
+        (a digit or EOS; after max_digits digits only EOS, or TOO_MANY to say there are more)."""
         logits = logits.float() / self.calibration.temperature
         steps = torch.arange(first_step, first_step + logits.shape[1], device=logits.device)[None, :, None]
         tokens = torch.arange(VOCAB_SIZE, device=logits.device)
-        allowed = (
-            (tokens != SOS)
-            & (tokens != PAD)
-            & torch.where(steps < self.config.max_digits, tokens != TOO_MANY, tokens >= EOS)
-        )
+        digit_or_eos = (tokens < SOS) | (tokens == EOS)  # the digits are tokens 0-9
+        allowed = torch.where(steps < self.config.max_digits, digit_or_eos, (tokens == EOS) | (tokens == TOO_MANY))
         return logits.masked_fill(~allowed, float("-inf")).log_softmax(dim=-1)
 
     # Decoding runs under inference_mode rather than no_grad: it also skips autograd's
@@ -588,7 +584,6 @@ class DigitSequenceTransformer(nn.Module):
         (Decoded.beams). Sequences are compared by total log-probability."""
         if beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {beam_size}")
-        max_digits = self.config.max_digits
         b, k = memory.shape[0], beam_size
         memory = memory.repeat_interleave(k, dim=0)
         device = memory.device
@@ -598,7 +593,7 @@ class DigitSequenceTransformer(nn.Module):
         scores[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick duplicates
         finished = torch.zeros(b * k, dtype=torch.bool, device=device)
         cache = DecoderCache(self.config.decoder_layers)
-        for step in range(max_digits + 1):
+        for step in range(self.config.max_tokens):
             log_probs = self.token_log_probs(self.decode(memory, tokens[:, -1:], cache=cache), step)[:, -1]
             # A finished beam can only be extended by PAD, at no cost, so it keeps its score.
             log_probs[finished] = float("-inf")

@@ -144,11 +144,7 @@ def expand_paths(paths: list[str]) -> list[Path]:
     """Files as given; folders replaced by the image files directly inside them, sorted."""
     out = []
     for p in map(Path, paths):
-        try:
-            folder = p.is_dir()
-        except OSError:  # a name too long to look up, say: reading it as a file says why
-            folder = False
-        if folder:
+        if os.path.isdir(p):  # False also for a name too long to look up, say: reading it as a file says why
             out += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             out.append(p)
