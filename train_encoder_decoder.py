@@ -570,7 +570,7 @@ def train(
             job.log = runs.start_wandb(job, training, run)
             finished = run_epochs(job, training, data, stop)
             result = export(job, training, data) if finished else {}
-            interrupted = stop.requested_at is not None
+            interrupted = stop.requested()
         job.log.finish()
     stopped = {"finished": finished, "interrupted": interrupted, "settings": job.settings}
     return {**result, **stopped, "step": training.step, "val": training.val_metrics}
