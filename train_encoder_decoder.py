@@ -461,10 +461,9 @@ def validate(
     world-size-th image and the counts are gathered, so every rank returns the metrics of the
     whole set (and rank 0's first images, labels and readings as samples)."""
     model.eval()
-    shard = list(range(procs.rank, len(dataset), procs.world_size))
     images = np.array(dataset.images[procs.rank :: procs.world_size])  # a copy: the memory map is read-only
-    labels = [dataset.records[i]["label"] for i in shard]
-    layouts = [dataset.records[i]["layout"] for i in shard]
+    records = dataset.records[procs.rank :: procs.world_size]
+    labels, layouts = [r["label"] for r in records], [r["layout"] for r in records]
     predictions: list[str] = []
     confidences: list[float] = []
     loss_sum, token_correct, token_total = 0.0, 0, 0
@@ -485,15 +484,15 @@ def validate(
         real = targets != PAD
         token_correct += ((logits.argmax(-1) == targets) & real).sum().item()
         token_total += real.sum().item()
-    accuracy = SequenceAccuracy()
+    samples = list(zip(images[:24], labels, predictions))
     expected = [as_expected(label, model.config.max_digits) for label in labels]
     shards = runs.gather((loss_sum, token_correct, token_total, predictions, expected, layouts, confidences), procs)
-    for shard_result in shards:
-        accuracy.update(*shard_result[3:6])
-    loss_sum, token_correct, token_total = (sum(shard_result[i] for shard_result in shards) for i in range(3))
-    correct = [p == e for shard_result in shards for p, e in zip(shard_result[3], shard_result[4])]
-    all_confidences = [c for shard_result in shards for c in shard_result[6]]
+    loss_sum, token_correct, token_total = (sum(shard[i] for shard in shards) for i in range(3))
+    predictions, expected, layouts, confidences = ([x for shard in shards for x in shard[i]] for i in range(3, 7))
+    accuracy = SequenceAccuracy()
+    accuracy.update(predictions, expected, layouts)
     exact, order_free = accuracy.compute(), accuracy.compute(order_free=True)
+    correct = [p == e for p, e in zip(predictions, expected)]
     metrics = {
         "loss": loss_sum / token_total,
         "token_accuracy": token_correct / token_total,
@@ -501,9 +500,8 @@ def validate(
         **{f"sequence_accuracy_{k}": v for k, v in exact.items()},
         "order_free_accuracy": order_free.pop("all"),
         **{f"order_free_accuracy_{k}": v for k, v in order_free.items()},
-        "expected_calibration_error": expected_calibration_error(all_confidences, correct),
+        "expected_calibration_error": expected_calibration_error(confidences, correct),
     }
-    samples = list(zip(images[:24], labels, predictions))
     return metrics, samples
 
 
