@@ -595,7 +595,13 @@ def run_epochs(job: RunContext, training: TrainingState, data: RunData, stop: St
     max_steps = job.options.max_steps
     if training.step >= data.total_steps:  # resumed after the last epoch: its export may not have finished
         job.procs.say(f"all {data.total_steps} steps were trained already: scoring and exporting the final weights")
-    while training.step < data.total_steps and not 0 < max_steps <= training.step:
+    while training.step < data.total_steps:
+        if 0 < max_steps <= training.step:
+            job.procs.say(
+                f"stopped at step {training.step} by --max-steps {max_steps}; {job.out_dir / 'last.pt'} holds the "
+                "run (continue with --resume)"
+            )
+            return False
         epoch = training.step // data.steps_per_epoch
         composed = job.composing_workers is None or runs.compose_epoch_first(job, data, epoch, stop)
         stopped = not composed or train_one_epoch(job, training, data, epoch, stop)
@@ -612,12 +618,7 @@ def run_epochs(job: RunContext, training: TrainingState, data: RunData, stop: St
         more = training.step < data.total_steps  # a sweep's pruner can stop a run that has epochs left
         if more and job.after_epoch is not None and not job.after_epoch(epoch + 1, training.val_metrics):
             return False
-    if training.step < data.total_steps and 0 < max_steps <= training.step:
-        job.procs.say(
-            f"stopped at step {training.step} by --max-steps {max_steps}; {job.out_dir / 'last.pt'} holds the run "
-            "(continue with --resume)"
-        )
-    return training.step >= data.total_steps
+    return True
 
 
 def end_of_epoch(job: RunContext, training: TrainingState, data: RunData, epoch: int) -> None:
