@@ -394,10 +394,9 @@ def training_step(job: RunContext, training: TrainingState, data: RunData, batch
     return loss, lr
 
 
-def epoch_loader(
-    data: RunData, epoch: int, training: TrainingState, batch_size: int, procs: Processes, num_workers: int
-) -> DataLoader:
+def epoch_loader(job: RunContext, training: TrainingState, data: RunData, epoch: int) -> DataLoader:
     """This rank's batches of the rest of the epoch (all of it, unless resumed mid-epoch)."""
+    procs, batch_size = job.procs, job.train_config.batch_size
     data.train_set.set_epoch(epoch)  # item i of epoch e is drawn from its own seed [seed, e, i]
     first_batch = training.step - epoch * data.steps_per_epoch
     remaining = Subset(data.train_set, range(first_batch * batch_size, len(data.train_set)))
@@ -408,7 +407,7 @@ def epoch_loader(
         remaining,
         batch_size=batch_size // procs.world_size,
         sampler=sampler,
-        num_workers=num_workers,
+        num_workers=job.num_workers,
         worker_init_fn=runs.start_data_worker,
         generator=torch.Generator().manual_seed(epoch),
         pin_memory=procs.device.type == "cuda",  # page-locked batches copy to a GPU without the step waiting
@@ -419,10 +418,9 @@ def train_one_epoch(job: RunContext, training: TrainingState, data: RunData, epo
     """Train on the rest of the epoch's batches; True if a stop was asked for or --max-steps reached.
     Every --log-every steps the loss is logged and checked; every --save-every steps last.pt is saved."""
     procs, options = job.procs, job.options
-    loader = epoch_loader(data, epoch, training, job.train_config.batch_size, procs, job.num_workers)
     training.model.train()
     bar = tqdm(
-        loader,
+        epoch_loader(job, training, data, epoch),
         desc=f"epoch {epoch + 1}/{job.train_config.epochs}",
         unit="batch",
         disable=not procs.is_main,
