@@ -317,8 +317,6 @@ def build_training(job: RunContext) -> TrainingState:
         model.load_state_dict(job.options.init_weights)
     optimizer = configure_optimizer(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
     ema = copy.deepcopy(model).requires_grad_(False) if train_config.ema_decay > 0 else None
-    if procs.world_size > 1:
-        torch.manual_seed(train_config.seed + procs.rank)  # from here on, each rank draws its own dropout masks
     objective: nn.Module = TrainingLoss(
         model,
         label_smoothing=train_config.label_smoothing,
@@ -327,6 +325,7 @@ def build_training(job: RunContext) -> TrainingState:
         distill_weight=train_config.distill_weight,
     )
     if procs.world_size > 1:
+        torch.manual_seed(train_config.seed + procs.rank)  # from here on, each rank draws its own dropout masks
         # Broadcasts rank 0's weights, then averages gradients across ranks during backward().
         device_ids = [procs.device.index] if procs.device.type == "cuda" else None
         objective = DistributedDataParallel(objective, device_ids=device_ids)
