@@ -749,9 +749,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     options = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in SETTINGS})
     check_run_options(parser, options)
     if options.resume:
-        other = {"--config": options.config, "--init-from": options.init_from, "--recipe": options.recipe}
-        named = [flag_names(k, SETTINGS) for k in given] + [flag for flag, value in other.items() if value]
-        named += ["--distill-from"] * bool(options.distill_from)
+        new_run_only = [k for k in ("config", "init_from", "recipe", "distill_from") if getattr(options, k)]
+        named = ["--" + k.replace("_", "-") for k in [*given, *new_run_only]]
         if named or options.run_type == "sweep":
             parser.error(
                 f"--resume continues a run with the settings saved in it; drop {', '.join(named) or '--run-type'} "
