@@ -225,14 +225,15 @@ class RunData:
 def build_data(job: RunContext) -> RunData:
     options, model_config, train_config, procs = job.options, job.model_config, job.train_config, job.procs
     data_dir = Path(options.data_dir)
+    splits_file = data_dir / SPLITS_FILE
     trained_on = options.splits_digest  # a resumed run's split, which it must go on with
-    if trained_on and not (data_dir / SPLITS_FILE).is_file():
+    if trained_on and not splits_file.is_file():
         raise ValueError(
-            f"{data_dir / SPLITS_FILE} is gone, and the run being resumed trained on the split it held: put "
+            f"{splits_file} is gone, and the run being resumed trained on the split it held: put "
             "that data folder back, or pass its --data-dir (a new split would give the run other digits)"
         )
-    if procs.is_main and not (data_dir / SPLITS_FILE).is_file():
-        print(f"{data_dir / SPLITS_FILE} not found: splitting MNIST and composing val/test sets")
+    if procs.is_main and not splits_file.is_file():
+        print(f"{splits_file} not found: splitting MNIST and composing val/test sets")
         prepare_splits(
             data_dir,
             mnist_root=options.mnist_root,
@@ -241,10 +242,10 @@ def build_data(job: RunContext) -> RunData:
     if procs.world_size > 1:
         dist.barrier()  # the other ranks wait for rank 0's val/test sets
     splits = load_splits(data_dir)
-    options.splits_digest = file_digest(data_dir / SPLITS_FILE)
+    options.splits_digest = file_digest(splits_file)
     if trained_on and options.splits_digest != trained_on:
         raise ValueError(
-            f"{data_dir / SPLITS_FILE} is not the split the run being resumed trained on (split again since?): "
+            f"{splits_file} is not the split the run being resumed trained on (split again since?): "
             "put that split back, or pass the --data-dir that holds it"
         )
     check_split_folders(data_dir, splits)
