@@ -320,8 +320,7 @@ def read_dataset(folder: str | Path) -> tuple[np.ndarray, list[dict], dict]:
         )
     records = read_json(folder / "labels.json", list, "a JSON list of records")
     for index, record in enumerate(records):
-        problem = record_problem(record)
-        if problem:
+        if problem := record_problem(record):
             raise ValueError(f"{folder / 'labels.json'}: record {index} {problem}")
     metadata = read_json(folder / "metadata.json", dict, "a JSON object")
     try:

@@ -77,8 +77,7 @@ RUN_FILES = ("last.pt", "best.pt", "model.pt", "test_metrics.json")
 def refuse_a_used_run_folder(out_dir: Path) -> None:
     """Raise ValueError if out_dir holds another run's files: a new run there would replace some
     of them and leave the others, two runs mixed in one folder and the first one's last.pt lost."""
-    held = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if held:
+    if held := [name for name in RUN_FILES if (out_dir / name).exists()]:
         go_on = f"continue it with --resume {out_dir / 'last.pt'}, or " if "last.pt" in held else ""
         raise ValueError(f"{out_dir} holds another run ({', '.join(held)}): {go_on}give this run another --out-dir")
 

@@ -169,8 +169,7 @@ SETTINGS = MODEL_SETTINGS + TRAIN_SETTINGS
 def make_configs(settings: dict) -> tuple[ModelConfig, TrainConfig]:
     """The two configs from a flat dict of settings (missing ones take their defaults); ValueError
     naming the setting for an unknown name or an impossible value or combination."""
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown:
+    if unknown := sorted(set(settings) - set(SETTINGS)):
         raise ValueError(f"not settings of ModelConfig or TrainConfig: {', '.join(map(str, unknown))}")
     train_config = TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_SETTINGS})
     model_config = ModelConfig(

@@ -200,8 +200,7 @@ def read_config_file(path: str, settings: list[str]) -> dict:
         raise ValueError(f"--config {path}: {error}") from None
     if not isinstance(given, dict):
         raise ValueError(f"--config {path}: expected a JSON object of settings, got {type(given).__name__}")
-    unknown = sorted(set(given) - set(settings))
-    if unknown:
+    if unknown := sorted(set(given) - set(settings)):
         raise ValueError(f"--config {path}: not settings: {', '.join(unknown)}")
     return given
 
