@@ -9,7 +9,6 @@ ahead into a cache, MultiDigitFolder reads a dataset folder (validation and test
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -116,19 +115,17 @@ class CachedComposites(Dataset):
         with tqdm(total=len(missing) * len(self), desc="composing epochs", unit="img", disable=not progress) as bar:
             while pending and not stopped():
                 epoch, wait = pending.pop(0)
-                with self.epoch_lock(epoch, wait) as held:
-                    if not held:  # another process is composing it: come back to it last, and wait then
+                with self.epoch_lock(epoch, wait) as lock:
+                    if lock is None:  # another process is composing it: come back to it last, and wait then
                         pending.append((epoch, True))
                     elif self.holds(epoch):  # the lock's last holder wrote it
                         bar.update(len(self))
                     else:
                         self.compose_epoch(epoch, workers, bar, stopped)
 
-    @contextlib.contextmanager
-    def epoch_lock(self, epoch: int, wait: bool) -> typing.Iterator[bool]:
-        """Hold the lock of one epoch (True), or yield False where another process holds it and wait is False."""
-        with locked(self.folder / f".epoch-{epoch + 1:03d}.lock", wait=wait) as file:
-            yield file is not None
+    def epoch_lock(self, epoch: int, wait: bool) -> typing.ContextManager[typing.IO[str] | None]:
+        """files.locked on one epoch's lock file: the open file, or None where another process holds it."""
+        return locked(self.folder / f".epoch-{epoch + 1:03d}.lock", wait=wait)
 
     def compose_epoch(self, epoch: int, workers: int, bar: tqdm, stopped: Callable[[], bool]) -> None:
         composites = composed_epoch(self.fresh, epoch, workers, bar, stopped)
@@ -323,8 +320,7 @@ def read_dataset(folder: str | Path) -> tuple[np.ndarray, list[dict], dict]:
         )
     records = read_json(folder / "labels.json", list, "a JSON list of records")
     for index, record in enumerate(records):
-        problem = record_problem(record)
-        if problem:
+        if problem := record_problem(record):
             raise ValueError(f"{folder / 'labels.json'}: record {index} {problem}")
     metadata = read_json(folder / "metadata.json", dict, "a JSON object")
     try:

@@ -77,8 +77,7 @@ RUN_FILES = ("last.pt", "best.pt", "model.pt", "test_metrics.json")
 def refuse_a_used_run_folder(out_dir: Path) -> None:
     """Raise ValueError if out_dir holds another run's files: a new run there would replace some
     of them and leave the others, two runs mixed in one folder and the first one's last.pt lost."""
-    held = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if held:
+    if held := [name for name in RUN_FILES if (out_dir / name).exists()]:
         go_on = f"continue it with --resume {out_dir / 'last.pt'}, or " if "last.pt" in held else ""
         raise ValueError(f"{out_dir} holds another run ({', '.join(held)}): {go_on}give this run another --out-dir")
 
@@ -165,9 +164,13 @@ class StopSignal:
         elif time.monotonic() - self.requested_at > 2:
             raise KeyboardInterrupt
 
+    def requested(self) -> bool:
+        """Whether this process was asked to stop (a local check; agreed() is collective)."""
+        return self.requested_at is not None
+
     def agreed(self) -> bool:
         """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""
-        flag = torch.tensor([self.requested_at is not None], dtype=torch.int32)
+        flag = torch.tensor([self.requested()], dtype=torch.int32)
         if self.group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag)
@@ -403,12 +406,7 @@ def compose_ahead(job: RunContext, training: TrainingState, data: RunData, stop:
         f"training epochs {epochs.start + 1}-{epochs.stop} from {folder}: "
         + (f"composing {len(missing)} of them" if missing else "all composed already")
     )
-    data.train_set.compose(
-        missing,
-        workers=cores_per_process(),
-        progress=procs.is_main,
-        stopped=lambda: stop.requested_at is not None,  # this process's own flag: agreed() is collective
-    )
+    data.train_set.compose(missing, workers=cores_per_process(), progress=procs.is_main, stopped=stop.requested)
     if procs.world_size > 1:
         dist.barrier()
     if stop.agreed():
@@ -420,12 +418,7 @@ def compose_ahead(job: RunContext, training: TrainingState, data: RunData, stop:
 def compose_epoch_first(job: RunContext, data: RunData, epoch: int, stop: StopSignal) -> bool:
     """Compose the epoch in memory with --num-workers processes (unless it is held already), before
     it is trained on; False if asked to stop meanwhile."""
-    data.train_set.compose(
-        epoch,
-        workers=job.composing_workers,
-        progress=job.procs.is_main,
-        stopped=lambda: stop.requested_at is not None,
-    )
+    data.train_set.compose(epoch, workers=job.composing_workers, progress=job.procs.is_main, stopped=stop.requested)
     return not stop.agreed()
 
 

@@ -169,8 +169,7 @@ SETTINGS = MODEL_SETTINGS + TRAIN_SETTINGS
 def make_configs(settings: dict) -> tuple[ModelConfig, TrainConfig]:
     """The two configs from a flat dict of settings (missing ones take their defaults); ValueError
     naming the setting for an unknown name or an impossible value or combination."""
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown:
+    if unknown := sorted(set(settings) - set(SETTINGS)):
         raise ValueError(f"not settings of ModelConfig or TrainConfig: {', '.join(map(str, unknown))}")
     train_config = TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_SETTINGS})
     model_config = ModelConfig(
@@ -225,14 +224,15 @@ class RunData:
 def build_data(job: RunContext) -> RunData:
     options, model_config, train_config, procs = job.options, job.model_config, job.train_config, job.procs
     data_dir = Path(options.data_dir)
+    splits_file = data_dir / SPLITS_FILE
     trained_on = options.splits_digest  # a resumed run's split, which it must go on with
-    if trained_on and not (data_dir / SPLITS_FILE).is_file():
+    if trained_on and not splits_file.is_file():
         raise ValueError(
-            f"{data_dir / SPLITS_FILE} is gone, and the run being resumed trained on the split it held: put "
+            f"{splits_file} is gone, and the run being resumed trained on the split it held: put "
             "that data folder back, or pass its --data-dir (a new split would give the run other digits)"
         )
-    if procs.is_main and not (data_dir / SPLITS_FILE).is_file():
-        print(f"{data_dir / SPLITS_FILE} not found: splitting MNIST and composing val/test sets")
+    if procs.is_main and not splits_file.is_file():
+        print(f"{splits_file} not found: splitting MNIST and composing val/test sets")
         prepare_splits(
             data_dir,
             mnist_root=options.mnist_root,
@@ -241,10 +241,10 @@ def build_data(job: RunContext) -> RunData:
     if procs.world_size > 1:
         dist.barrier()  # the other ranks wait for rank 0's val/test sets
     splits = load_splits(data_dir)
-    options.splits_digest = file_digest(data_dir / SPLITS_FILE)
+    options.splits_digest = file_digest(splits_file)
     if trained_on and options.splits_digest != trained_on:
         raise ValueError(
-            f"{data_dir / SPLITS_FILE} is not the split the run being resumed trained on (split again since?): "
+            f"{splits_file} is not the split the run being resumed trained on (split again since?): "
             "put that split back, or pass the --data-dir that holds it"
         )
     check_split_folders(data_dir, splits)
@@ -317,8 +317,6 @@ def build_training(job: RunContext) -> TrainingState:
         model.load_state_dict(job.options.init_weights)
     optimizer = configure_optimizer(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
     ema = copy.deepcopy(model).requires_grad_(False) if train_config.ema_decay > 0 else None
-    if procs.world_size > 1:
-        torch.manual_seed(train_config.seed + procs.rank)  # from here on, each rank draws its own dropout masks
     objective: nn.Module = TrainingLoss(
         model,
         label_smoothing=train_config.label_smoothing,
@@ -327,6 +325,7 @@ def build_training(job: RunContext) -> TrainingState:
         distill_weight=train_config.distill_weight,
     )
     if procs.world_size > 1:
+        torch.manual_seed(train_config.seed + procs.rank)  # from here on, each rank draws its own dropout masks
         # Broadcasts rank 0's weights, then averages gradients across ranks during backward().
         device_ids = [procs.device.index] if procs.device.type == "cuda" else None
         objective = DistributedDataParallel(objective, device_ids=device_ids)
@@ -394,10 +393,9 @@ def training_step(job: RunContext, training: TrainingState, data: RunData, batch
     return loss, lr
 
 
-def epoch_loader(
-    data: RunData, epoch: int, training: TrainingState, batch_size: int, procs: Processes, num_workers: int
-) -> DataLoader:
+def epoch_loader(job: RunContext, training: TrainingState, data: RunData, epoch: int) -> DataLoader:
     """This rank's batches of the rest of the epoch (all of it, unless resumed mid-epoch)."""
+    procs, batch_size = job.procs, job.train_config.batch_size
     data.train_set.set_epoch(epoch)  # item i of epoch e is drawn from its own seed [seed, e, i]
     first_batch = training.step - epoch * data.steps_per_epoch
     remaining = Subset(data.train_set, range(first_batch * batch_size, len(data.train_set)))
@@ -408,7 +406,7 @@ def epoch_loader(
         remaining,
         batch_size=batch_size // procs.world_size,
         sampler=sampler,
-        num_workers=num_workers,
+        num_workers=job.num_workers,
         worker_init_fn=runs.start_data_worker,
         generator=torch.Generator().manual_seed(epoch),
         pin_memory=procs.device.type == "cuda",  # page-locked batches copy to a GPU without the step waiting
@@ -419,10 +417,9 @@ def train_one_epoch(job: RunContext, training: TrainingState, data: RunData, epo
     """Train on the rest of the epoch's batches; True if a stop was asked for or --max-steps reached.
     Every --log-every steps the loss is logged and checked; every --save-every steps last.pt is saved."""
     procs, options = job.procs, job.options
-    loader = epoch_loader(data, epoch, training, job.train_config.batch_size, procs, job.num_workers)
     training.model.train()
     bar = tqdm(
-        loader,
+        epoch_loader(job, training, data, epoch),
         desc=f"epoch {epoch + 1}/{job.train_config.epochs}",
         unit="batch",
         disable=not procs.is_main,
@@ -461,10 +458,9 @@ def validate(
     world-size-th image and the counts are gathered, so every rank returns the metrics of the
     whole set (and rank 0's first images, labels and readings as samples)."""
     model.eval()
-    shard = list(range(procs.rank, len(dataset), procs.world_size))
     images = np.array(dataset.images[procs.rank :: procs.world_size])  # a copy: the memory map is read-only
-    labels = [dataset.records[i]["label"] for i in shard]
-    layouts = [dataset.records[i]["layout"] for i in shard]
+    records = dataset.records[procs.rank :: procs.world_size]
+    labels, layouts = [r["label"] for r in records], [r["layout"] for r in records]
     predictions: list[str] = []
     confidences: list[float] = []
     loss_sum, token_correct, token_total = 0.0, 0, 0
@@ -485,15 +481,15 @@ def validate(
         real = targets != PAD
         token_correct += ((logits.argmax(-1) == targets) & real).sum().item()
         token_total += real.sum().item()
-    accuracy = SequenceAccuracy()
+    samples = list(zip(images[:24], labels, predictions))
     expected = [as_expected(label, model.config.max_digits) for label in labels]
     shards = runs.gather((loss_sum, token_correct, token_total, predictions, expected, layouts, confidences), procs)
-    for shard_result in shards:
-        accuracy.update(*shard_result[3:6])
-    loss_sum, token_correct, token_total = (sum(shard_result[i] for shard_result in shards) for i in range(3))
-    correct = [p == e for shard_result in shards for p, e in zip(shard_result[3], shard_result[4])]
-    all_confidences = [c for shard_result in shards for c in shard_result[6]]
+    loss_sum, token_correct, token_total = (sum(shard[i] for shard in shards) for i in range(3))
+    predictions, expected, layouts, confidences = ([x for shard in shards for x in shard[i]] for i in range(3, 7))
+    accuracy = SequenceAccuracy()
+    accuracy.update(predictions, expected, layouts)
     exact, order_free = accuracy.compute(), accuracy.compute(order_free=True)
+    correct = [p == e for p, e in zip(predictions, expected)]
     metrics = {
         "loss": loss_sum / token_total,
         "token_accuracy": token_correct / token_total,
@@ -501,9 +497,8 @@ def validate(
         **{f"sequence_accuracy_{k}": v for k, v in exact.items()},
         "order_free_accuracy": order_free.pop("all"),
         **{f"order_free_accuracy_{k}": v for k, v in order_free.items()},
-        "expected_calibration_error": expected_calibration_error(all_confidences, correct),
+        "expected_calibration_error": expected_calibration_error(confidences, correct),
     }
-    samples = list(zip(images[:24], labels, predictions))
     return metrics, samples
 
 
@@ -570,7 +565,7 @@ def train(
             job.log = runs.start_wandb(job, training, run)
             finished = run_epochs(job, training, data, stop)
             result = export(job, training, data) if finished else {}
-            interrupted = stop.requested_at is not None
+            interrupted = stop.requested()
         job.log.finish()
     stopped = {"finished": finished, "interrupted": interrupted, "settings": job.settings}
     return {**result, **stopped, "step": training.step, "val": training.val_metrics}
@@ -597,7 +592,13 @@ def run_epochs(job: RunContext, training: TrainingState, data: RunData, stop: St
     max_steps = job.options.max_steps
     if training.step >= data.total_steps:  # resumed after the last epoch: its export may not have finished
         job.procs.say(f"all {data.total_steps} steps were trained already: scoring and exporting the final weights")
-    while training.step < data.total_steps and not 0 < max_steps <= training.step:
+    while training.step < data.total_steps:
+        if 0 < max_steps <= training.step:
+            job.procs.say(
+                f"stopped at step {training.step} by --max-steps {max_steps}; {job.out_dir / 'last.pt'} holds the "
+                "run (continue with --resume)"
+            )
+            return False
         epoch = training.step // data.steps_per_epoch
         composed = job.composing_workers is None or runs.compose_epoch_first(job, data, epoch, stop)
         stopped = not composed or train_one_epoch(job, training, data, epoch, stop)
@@ -614,12 +615,7 @@ def run_epochs(job: RunContext, training: TrainingState, data: RunData, stop: St
         more = training.step < data.total_steps  # a sweep's pruner can stop a run that has epochs left
         if more and job.after_epoch is not None and not job.after_epoch(epoch + 1, training.val_metrics):
             return False
-    if training.step < data.total_steps and 0 < max_steps <= training.step:
-        job.procs.say(
-            f"stopped at step {training.step} by --max-steps {max_steps}; {job.out_dir / 'last.pt'} holds the run "
-            "(continue with --resume)"
-        )
-    return training.step >= data.total_steps
+    return True
 
 
 def end_of_epoch(job: RunContext, training: TrainingState, data: RunData, epoch: int) -> None:
@@ -753,9 +749,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Model
     options = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in SETTINGS})
     check_run_options(parser, options)
     if options.resume:
-        other = {"--config": options.config, "--init-from": options.init_from, "--recipe": options.recipe}
-        named = [flag_names(k, SETTINGS) for k in given] + [flag for flag, value in other.items() if value]
-        named += ["--distill-from"] * bool(options.distill_from)
+        new_run_only = [k for k in ("config", "init_from", "recipe", "distill_from") if getattr(options, k)]
+        named = ["--" + k.replace("_", "-") for k in [*given, *new_run_only]]
         if named or options.run_type == "sweep":
             parser.error(
                 f"--resume continues a run with the settings saved in it; drop {', '.join(named) or '--run-type'} "

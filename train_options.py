@@ -45,6 +45,87 @@ def add_group(p: argparse.ArgumentParser, title: str, flags: dict[str, dict]) ->
         group.add_argument(flag, **options)
 
 
+SWEEP_OPTIONS = {
+    "--count": dict(type=int, help="sweep: number of trials (default: 8; a grid sweep: all its combinations)"),
+    "--storage": dict(
+        metavar="URL",
+        help="offline sweep: the Optuna study's database (default: sqlite in the sweep folder; e.g. "
+        "postgresql://host/db, shared by the machines that run the same sweep)",
+    ),
+    "--workers": dict(type=int, default=1, help="offline sweep: processes taking trials from the study at once"),
+    "--no-pruning": dict(
+        action="store_true",
+        help="offline sweep: run every trial to its whole budget (default: sweep_config's hyperband stops weak trials)",
+    ),
+}
+
+STARTING_POINT_OPTIONS = {
+    "--resume": dict(metavar="CHECKPOINT", help="continue the run saved in this last.pt, with its settings"),
+    "--init-from": dict(
+        metavar="CHECKPOINT",
+        help="start from the weights of this checkpoint (a model.pt or last.pt of the same model settings) "
+        "instead of random ones; the optimiser and the learning-rate schedule start afresh",
+    ),
+    "--distill-from": dict(
+        nargs="+",
+        default=[],
+        metavar="CHECKPOINT",
+        help="distil these trained models (an ensemble of one or more, of any size) into the one trained here: "
+        "the token loss also matches their averaged probabilities (--distill-weight)",
+    ),
+}
+
+MACHINE_AND_LOGGING_OPTIONS = {
+    "--num-workers": dict(
+        type=int,
+        help="processes composing training images (default: composing alongside, 1 on a CPU and all of a "
+        "process's share of the cores but one on a GPU; composing first, all of its share)",
+    ),
+    "--compose": dict(
+        choices=("auto", "alongside", "first"),
+        default="auto",
+        help="alongside: worker processes compose the next batches while the model trains; first: every "
+        "epoch is composed in memory with every core just before it is trained on; "
+        "auto: first on a CPU with one training process (alongside, the composing workers "
+        "slow the training threads sharing their cores), alongside otherwise. --composite-cache composes "
+        "every epoch first and keeps them",
+    ),
+    "--composite-cache": dict(
+        metavar="DIR",
+        help="compose the run's training epochs once, with every core, into DIR (memory-mapped dataset folders "
+        "named for the training world and seed), then train from them: the same images as composing while "
+        "training, and any later run of the same world and seed reuses them (sweeps; a GPU that composing "
+        "would hold back)",
+    ),
+    "--threads": dict(
+        type=int,
+        help="PyTorch threads on a CPU (default: PyTorch's count, or fewer where a busy CPU was timed "
+        "faster with fewer; a resumed run keeps its count, so that it continues bit for bit)",
+    ),
+    "--device": dict(
+        default="auto",
+        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ... "
+        "(under torchrun, each process takes the GPU of its LOCAL_RANK)",
+    ),
+    "--precision": dict(
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16: matrix products in bfloat16 under autocast (weights, optimiser and loss stay fp32); "
+        "auto: bf16 where a short timing of this model's training step (and of its reading, for validation) "
+        "on this machine finds it faster, cached per machine; on a busy CPU also fewer threads where faster "
+        "(precision.choose_precision)",
+    ),
+    "--compile": dict(action="store_true", help="train through torch.compile (a minute or so of compiling first)"),
+    "--wandb": dict(
+        choices=("auto", "online", "offline", "disabled"),
+        help="auto (the default): online when logged in to W&B, offline otherwise; a resumed run keeps its run's",
+    ),
+    "--offline": dict(dest="wandb", action="store_const", const="offline", help="the same as --wandb offline"),
+    "--wandb-project": dict(default="digit-sequence-transformer"),
+    "--log-every": dict(type=int, default=25, help="steps between training-loss logs"),
+}
+
+
 def add_run_options(p: argparse.ArgumentParser, recipes: dict[str, dict]) -> None:
     """The flags beside the settings: the run's, a sweep's, its starting point, the machine and logging."""
     full = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipes["full"].items())
@@ -89,99 +170,9 @@ def add_run_options(p: argparse.ArgumentParser, recipes: dict[str, dict]) -> Non
         ),
     }
     add_group(p, "run options", run_options)
-    add_sweep_options(p)
-    add_starting_point_options(p)
-    add_machine_and_logging_options(p)
-
-
-def add_sweep_options(p: argparse.ArgumentParser) -> None:
-    flags = {
-        "--count": dict(type=int, help="sweep: number of trials (default: 8; a grid sweep: all its combinations)"),
-        "--storage": dict(
-            metavar="URL",
-            help="offline sweep: the Optuna study's database (default: sqlite in the sweep folder; e.g. "
-            "postgresql://host/db, shared by the machines that run the same sweep)",
-        ),
-        "--workers": dict(type=int, default=1, help="offline sweep: processes taking trials from the study at once"),
-        "--no-pruning": dict(
-            action="store_true",
-            help="offline sweep: run every trial to its whole budget "
-            "(default: sweep_config's hyperband stops weak trials)",
-        ),
-    }
-    add_group(p, "sweep options (--run-type sweep)", flags)
-
-
-def add_starting_point_options(p: argparse.ArgumentParser) -> None:
-    flags = {
-        "--resume": dict(metavar="CHECKPOINT", help="continue the run saved in this last.pt, with its settings"),
-        "--init-from": dict(
-            metavar="CHECKPOINT",
-            help="start from the weights of this checkpoint (a model.pt or last.pt of the same model settings) "
-            "instead of random ones; the optimiser and the learning-rate schedule start afresh",
-        ),
-        "--distill-from": dict(
-            nargs="+",
-            default=[],
-            metavar="CHECKPOINT",
-            help="distil these trained models (an ensemble of one or more, of any size) into the one trained here: "
-            "the token loss also matches their averaged probabilities (--distill-weight)",
-        ),
-    }
-    add_group(p, "where a run starts (default: random weights)", flags)
-
-
-def add_machine_and_logging_options(p: argparse.ArgumentParser) -> None:
-    flags = {
-        "--num-workers": dict(
-            type=int,
-            help="processes composing training images (default: composing alongside, 1 on a CPU and all of a "
-            "process's share of the cores but one on a GPU; composing first, all of its share)",
-        ),
-        "--compose": dict(
-            choices=("auto", "alongside", "first"),
-            default="auto",
-            help="alongside: worker processes compose the next batches while the model trains; first: every "
-            "epoch is composed in memory with every core just before it is trained on; "
-            "auto: first on a CPU with one training process (alongside, the composing workers "
-            "slow the training threads sharing their cores), alongside otherwise. --composite-cache composes "
-            "every epoch first and keeps them",
-        ),
-        "--composite-cache": dict(
-            metavar="DIR",
-            help="compose the run's training epochs once, with every core, into DIR (memory-mapped dataset folders "
-            "named for the training world and seed), then train from them: the same images as composing while "
-            "training, and any later run of the same world and seed reuses them (sweeps; a GPU that composing "
-            "would hold back)",
-        ),
-        "--threads": dict(
-            type=int,
-            help="PyTorch threads on a CPU (default: PyTorch's count, or fewer where a busy CPU was timed "
-            "faster with fewer; a resumed run keeps its count, so that it continues bit for bit)",
-        ),
-        "--device": dict(
-            default="auto",
-            help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ... "
-            "(under torchrun, each process takes the GPU of its LOCAL_RANK)",
-        ),
-        "--precision": dict(
-            choices=("auto", "fp32", "bf16"),
-            default="auto",
-            help="bf16: matrix products in bfloat16 under autocast (weights, optimiser and loss stay fp32); "
-            "auto: bf16 where a short timing of this model's training step (and of its reading, for validation) "
-            "on this machine finds it faster, cached per machine; on a busy CPU also fewer threads where faster "
-            "(precision.choose_precision)",
-        ),
-        "--compile": dict(action="store_true", help="train through torch.compile (a minute or so of compiling first)"),
-        "--wandb": dict(
-            choices=("auto", "online", "offline", "disabled"),
-            help="auto (the default): online when logged in to W&B, offline otherwise; a resumed run keeps its run's",
-        ),
-        "--offline": dict(dest="wandb", action="store_const", const="offline", help="the same as --wandb offline"),
-        "--wandb-project": dict(default="digit-sequence-transformer"),
-        "--log-every": dict(type=int, default=25, help="steps between training-loss logs"),
-    }
-    add_group(p, "machine and logging options", flags)
+    add_group(p, "sweep options (--run-type sweep)", SWEEP_OPTIONS)
+    add_group(p, "where a run starts (default: random weights)", STARTING_POINT_OPTIONS)
+    add_group(p, "machine and logging options", MACHINE_AND_LOGGING_OPTIONS)
 
 
 def cache_folder_problem(path: str) -> str | None:
@@ -209,8 +200,7 @@ def read_config_file(path: str, settings: list[str]) -> dict:
         raise ValueError(f"--config {path}: {error}") from None
     if not isinstance(given, dict):
         raise ValueError(f"--config {path}: expected a JSON object of settings, got {type(given).__name__}")
-    unknown = sorted(set(given) - set(settings))
-    if unknown:
+    if unknown := sorted(set(given) - set(settings)):
         raise ValueError(f"--config {path}: not settings: {', '.join(unknown)}")
     return given
 
