@@ -35,10 +35,8 @@ def augment_digit(
         scale = math.exp(rng.uniform(-0.1, 0.1) * strength)
         if stroke is None:
             p_change = 0.2 * min(strength, 2.5)
-            thicker = list(range(1, thickest + 1))
-            stroke = int(
-                rng.choice([-1, 0, *thicker], p=[p_change, 1 - 2 * p_change, *[p_change / len(thicker)] * len(thicker)])
-            )
+            changes = [-1, 0, *range(1, thickest + 1)]
+            stroke = int(rng.choice(changes, p=[p_change, 1 - 2 * p_change, *[p_change / thickest] * thickest]))
         # On a PIL image, which is faster than on a tensor: training composes every digit afresh.
         digit = turn_and_shear(digit, angle=angle, shear=shear, scale=scale)
     if not stroke:
