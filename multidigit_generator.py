@@ -280,9 +280,7 @@ def option(default: Any, help: str = "", flag: str | None = None, **argparse_opt
 class ComposerSettings:
     """Everything that shapes the composites, each setting declared once: MultiDigitComposer takes
     them as keyword arguments, settings() gives them back, and the flags of this command and of
-    split_multidigit_dataset.py are made from them. The stress options (no flag: `--stress` sets
-    them) and the wider world training draws from are off by default, so that evaluation sets
-    hold digits as written."""
+    split_multidigit_dataset.py are made from them; the stress options have none (`--stress` sets them)."""
 
     canvas_size: int = option(96, flag="main")
     min_digits: int = option(0, flag="main")

@@ -50,7 +50,6 @@ from multidigit_generator import (
 
 SPLITS_FILE = "splits.json"
 STRESS_DIR = "stress"
-# The MNIST test digits alone, as MNIST wrote them: the pixels cnn_reference.py's CNN is scored on.
 MNIST_DIGITS = "mnist_digits"
 MNIST_DIGITS_DESCRIPTION = (
     "each of the 10,000 MNIST test digits alone, its 28x28 image unchanged at the centre of the canvas: "
