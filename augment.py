@@ -35,10 +35,8 @@ def augment_digit(
         scale = math.exp(rng.uniform(-0.1, 0.1) * strength)
         if stroke is None:
             p_change = 0.2 * min(strength, 2.5)
-            thicker = list(range(1, thickest + 1))
-            stroke = int(
-                rng.choice([-1, 0, *thicker], p=[p_change, 1 - 2 * p_change, *[p_change / len(thicker)] * len(thicker)])
-            )
+            changes = [-1, 0, *range(1, thickest + 1)]
+            stroke = int(rng.choice(changes, p=[p_change, 1 - 2 * p_change, *[p_change / thickest] * thickest]))
         # On a PIL image, which is faster than on a tensor: training composes every digit afresh.
         digit = turn_and_shear(digit, angle=angle, shear=shear, scale=scale)
     if not stroke:
@@ -137,8 +135,7 @@ def degrade_like_a_scan(image: np.ndarray, rng: np.random.Generator) -> np.ndarr
     """A composite as a poor scan would give it: Gaussian blur (sigma 0.5-1.2), lower contrast
     (ink 120-255 on a background of 0-60, at least 100 apart), additive Gaussian noise (sigma
     2-8) and JPEG compression at quality 30-70. Still light digits on a dark background, uint8."""
-    sigma = rng.uniform(0.5, 1.2)
-    blurred = gaussian_blur(torch.from_numpy(image)[None].float(), sigma)
+    blurred = gaussian_blur(torch.from_numpy(image)[None].float(), rng.uniform(0.5, 1.2))
     background = rng.uniform(0, 60)
     # Less contrast than 100 levels makes blurred thin digits unreadable.
     ink = rng.uniform(max(120, background + 100), 255)

@@ -16,9 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 from augment import gaussian_blur, resize
 from mnist import DIGIT_SIZE
 
-# Marks that are not digits, for the model to learn to read as nothing. No plain rings (a "0"),
-# vertical strokes (a "1"), letters that pass for digits (O, l, S, Z, B, g, q, ...), or shapes of
-# two or three strokes (a "7", a "4").
+# No plain rings (a "0"), vertical strokes (a "1"), letters that pass for digits (O, l, S, Z, B, g,
+# q, ...), or shapes of two or three strokes (a "7", a "4").
 MARK_KINDS = (
     "blob", "cross", "hatching", "star", "spiral", "face", "scribble", "rule", "letter",
     "outline", "zigzag", "wave", "scallops",
@@ -171,19 +170,17 @@ def looks_like_a_zero(cell: np.ndarray) -> bool:
 
 
 def draw_mark_cell(rng: np.random.Generator) -> np.ndarray:
-    """One mark of a random kind (MARK_KINDS) drawn as MNIST drew its digits: in a box of a 28x28
-    cell, its longer side 20 px and never upright and narrow, with a pen 1-3 px wide, drawn four
-    times larger and area-averaged down, then slightly blurred, so that its strokes have a digit's
-    graded edges. A mark that came out as a 0 would (looks_like_a_zero) is drawn again.
-    The composer then treats it exactly like a digit (augmented, perhaps redrawn with a pen),
-    so that the way a stroke is drawn never tells a mark from a digit."""
+    """A mark (draw_one_mark_cell), drawn again while it would pass for a 0 (looks_like_a_zero)."""
     while looks_like_a_zero(cell := draw_one_mark_cell(rng)):
         pass
     return cell
 
 
 def draw_one_mark_cell(rng: np.random.Generator) -> np.ndarray:
-    """draw_mark_cell's mark, before it is checked."""
+    """One mark of a random kind (MARK_KINDS) drawn as MNIST drew its digits: in a box of a 28x28
+    cell, its longer side 20 px and never upright and narrow, with a pen 1-3 px wide, drawn four
+    times larger and area-averaged down, then slightly blurred, so that its strokes have a digit's
+    graded edges."""
     scale, cell, longest = 4, DIGIT_SIZE, 20
     w, h = longest, longest * (rng.uniform(0.7, 1.0) if rng.random() < 0.5 else rng.uniform(0.15, 1.0))
     if h >= 0.5 * w and rng.random() < 0.5:  # upright only if not narrow: a tall narrow mark is a "1" or a "0"
@@ -202,8 +199,9 @@ def draw_marks(
     rng: np.random.Generator, canvas_size: int, prepare: Callable[[np.ndarray, np.random.Generator], np.ndarray]
 ) -> np.ndarray:
     """A canvas of one to three marks that are not digits (draw_mark_cell), each prepared like a
-    digit (`prepare`: the composer's augmentation, pen and cut to ink) and scaled so that its
-    20 px box becomes 10 to 60 px across. Marks may overlap; nothing in them is a digit."""
+    digit (`prepare`: the composer's augmentation, pen and cut to ink), so that the way a stroke is
+    drawn never tells a mark from a digit, and scaled so that its 20 px box becomes 10 to 60 px
+    across. Marks may overlap; nothing in them is a digit."""
     canvas = np.zeros((canvas_size, canvas_size), np.uint8)
     for _ in range(int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))):
         crop = prepare(draw_mark_cell(rng), rng)

@@ -1,9 +1,4 @@
-"""MNIST's four raw idx files: found, checked, read or downloaded.
-
-load_mnist reads one split as arrays; files that are missing are downloaded by torchvision,
-files that are not that split's (cut short, swapped, of the other split) are refused, naming
-the file. MNIST_ROOT (or --mnist-root) says where they are.
-"""
+"""MNIST's four raw idx files under MNIST_ROOT (or --mnist-root): found, checked, read or downloaded by load_mnist."""
 
 from __future__ import annotations
 

@@ -280,9 +280,7 @@ def option(default: Any, help: str = "", flag: str | None = None, **argparse_opt
 class ComposerSettings:
     """Everything that shapes the composites, each setting declared once: MultiDigitComposer takes
     them as keyword arguments, settings() gives them back, and the flags of this command and of
-    split_multidigit_dataset.py are made from them. The stress options (no flag: `--stress` sets
-    them) and the wider world training draws from are off by default, so that evaluation sets
-    hold digits as written."""
+    split_multidigit_dataset.py are made from them; the stress options have none (`--stress` sets them)."""
 
     canvas_size: int = option(96, flag="main")
     min_digits: int = option(0, flag="main")
@@ -466,20 +464,16 @@ class MultiDigitComposer:
         # of the settings without it.
         kind = rng.random() if self.nondigit_share or self.overflow_share else 1.0
         if kind < self.nondigit_share:
-            canvas = marks.draw_marks(rng, self.canvas_size, self.prepare_digit)
-            label, layout, boxes, picks = "", "marks", [], []
+            composite = Composite(marks.draw_marks(rng, self.canvas_size, self.prepare_digit), label="", layout="marks")
         else:
-            canvas, label, layout, boxes, picks = self.compose_digits(
-                rng, overflow=kind < self.nondigit_share + self.overflow_share
-            )
+            composite = self.compose_digits(rng, overflow=kind < self.nondigit_share + self.overflow_share)
         if self.paper_noise and rng.random() < self.paper_noise:
-            canvas = augment.add_paper_noise(canvas, rng)
+            composite.image = augment.add_paper_noise(composite.image, rng)
         if self.scan_degradation:
-            canvas = augment.degrade_like_a_scan(canvas, rng)
-        return Composite(image=canvas, label=label, layout=layout, boxes=boxes, sources=picks)
+            composite.image = augment.degrade_like_a_scan(composite.image, rng)
+        return composite
 
-    def compose_digits(self, rng: np.random.Generator, overflow: bool) -> tuple:
-        """(canvas, label, layout, ink boxes, pool indices) of a composite of digits."""
+    def compose_digits(self, rng: np.random.Generator, overflow: bool) -> Composite:
         if overflow:
             n = self.max_digits + int(rng.integers(1, OVERFLOW_EXTRA + 1))
         elif self.length_weights is None:
@@ -506,8 +500,7 @@ class MultiDigitComposer:
                 hug_borders=self.hug_borders,
                 touching=touching,
             )
-        label = "".join(str(int(self.labels[i])) for i in picks)
-        return canvas, label, layout, boxes, picks
+        return Composite(canvas, "".join(str(int(self.labels[i])) for i in picks), layout, boxes, picks)
 
     def settings(self) -> dict:
         """Everything that shapes the composites, JSON-ready: MultiDigitComposer(images, labels, **settings)

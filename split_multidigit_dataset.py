@@ -50,7 +50,6 @@ from multidigit_generator import (
 
 SPLITS_FILE = "splits.json"
 STRESS_DIR = "stress"
-# The MNIST test digits alone, as MNIST wrote them: the pixels cnn_reference.py's CNN is scored on.
 MNIST_DIGITS = "mnist_digits"
 MNIST_DIGITS_DESCRIPTION = (
     "each of the 10,000 MNIST test digits alone, its 28x28 image unchanged at the centre of the canvas: "
@@ -288,18 +287,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    counts = (
-        {"--stress-images": args.stress_images}
-        if args.stress
-        else {"--val-images": args.val_images, "--test-images": args.test_images}
-    )
     settings = dict(mnist_root=args.mnist_root, seed=args.seed, composer=composer_settings(args))
     try:
-        for flag, count in counts.items():
-            check_dataset_size(count, args.canvas_size, flag)
         if args.stress:
+            check_dataset_size(args.stress_images, args.canvas_size, "--stress-images")
             folders = prepare_stress_sets(args.data_dir, images_per_set=args.stress_images, **settings)
         else:
+            check_dataset_size(args.val_images, args.canvas_size, "--val-images")
+            check_dataset_size(args.test_images, args.canvas_size, "--test-images")
             record = prepare_splits(
                 args.data_dir,
                 val_images=args.val_images,
