@@ -50,8 +50,8 @@ class Ensemble(nn.Module):
     """Several trained models, each reading the images as they are and, with shifts, moved copies
     of them, read as one model: at every decoding step the members' calibrated token probabilities
     are averaged and the most probable token is fed to all of them. It reads like the first model
-    (its config, calibration and threshold); attention maps are the first model's, and beam search
-    takes the first model's candidates and re-scores them (rescored)."""
+    (its config, calibration and threshold); attention maps are the first model's, for the tokens
+    the ensemble read, and beam search takes the first model's candidates and re-scores them (rescored)."""
 
     def __init__(self, models: list[DigitSequenceTransformer], shifts: tuple[tuple[int, int], ...] = ((0, 0),)):
         super().__init__()
@@ -70,10 +70,9 @@ class Ensemble(nn.Module):
 
     @torch.inference_mode()
     def read(self, images: torch.Tensor, *, beam_size: int = 1, attention: bool = False) -> Decoded:
-        if beam_size > 1 or attention:  # candidates and attention maps from the first model
+        if beam_size > 1:  # the first model's candidates, re-scored by all
             decoded = self.members[0].read(images, beam_size=beam_size, attention=attention)
-            if decoded.beams:
-                decoded.beams = self.rescored(images, decoded.beams)
+            decoded.beams = self.rescored(images, decoded.beams)
             return decoded
         readers = [(model, memory, DecoderCache(model.config.decoder_layers)) for model, memory in self.views(images)]
 
@@ -81,7 +80,10 @@ class Ensemble(nn.Module):
             probs = [m.token_log_probs(m.decode(mem, last, cache=c), step)[:, -1].exp() for m, mem, c in readers]
             return torch.stack(probs).mean(dim=0).log()
 
-        return greedy_tokens(averaged, len(images), self.config.max_digits, readers[0][1].device)
+        decoded = greedy_tokens(averaged, len(images), self.config.max_digits, readers[0][1].device)
+        if attention:  # where the first model, on the image as it is, looks for the tokens read together
+            decoded.attention = self.members[0].token_attention(readers[0][1], decoded.tokens)
+        return decoded
 
     @torch.inference_mode()
     def rescored(

@@ -470,6 +470,9 @@ def test_an_ensemble_reads_like_its_model_alone_or_twice_and_tta_reads_every_ima
         assert torch.equal(read.tokens, alone.tokens) and torch.allclose(read.token_probs, alone.token_probs)
     tta = Ensemble([model], TTA_SHIFTS).read(images)
     assert tta.tokens.shape[0] == 5 and ((tta.token_probs > 0) & (tta.token_probs <= 1)).all()
+    looked = Ensemble([model], TTA_SHIFTS).read(images, attention=True)  # the same reading, and where it looked
+    assert torch.equal(looked.tokens, tta.tokens) and torch.equal(looked.token_probs, tta.token_probs)
+    assert looked.attention.shape[:2] == tta.tokens.shape
     other = DigitSequenceTransformer(ModelConfig(**{**CONFIG.__dict__, "max_digits": 3}))
     with pytest.raises(ValueError, match="same canvas size and number of digits"):
         Ensemble([model, other])
