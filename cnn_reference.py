@@ -138,8 +138,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--minutes must be above 0 and at most a day (1440)")
     if not 0 <= args.steps <= 10**7:
         parser.error("--steps must be 0 (train for --minutes) to 10,000,000")
-    if not 1 <= args.batch_size <= 4096 or not 0 < args.lr <= 1 or not 0 <= args.weight_decay <= 10:
-        parser.error("--batch-size must be 1-4096, --lr above 0 and at most 1, --weight-decay 0-10")
+    parser.check_range("--batch-size", args.batch_size, 1, 4096)
+    if not 0 < args.lr <= 1:
+        parser.error(f"--lr must be above 0 and at most 1, got {args.lr:g}")
+    parser.check_range("--weight-decay", args.weight_decay, 0.0, 10.0)
     if not 0 <= args.threads <= 1024:
         parser.error("--threads must be 0 (every core) to 1024")
     parser.check_range("--seed", args.seed, 0, 2**31 - 1)

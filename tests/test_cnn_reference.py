@@ -52,6 +52,8 @@ BAD_FLAGS = [
     ["--minutes", "0"],
     ["--steps", "-1"],
     ["--batch-size", "0"],
+    ["--lr", "0"],  # each bound names its own flag
+    ["--weight-decay", "11"],
     ["--out", "."],
     ["--save", "."],
     ["--seed", "99999999999999999999999"],
