@@ -42,6 +42,7 @@ def eight_bit_grey(image: Image.Image) -> Image.Image:
     Negative and non-finite values count as 0."""
     levels = np.array(image, dtype=np.float32)  # a writable copy, scaled in place
     np.nan_to_num(levels, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    np.maximum(levels, 0.0, out=levels)  # before scaling, which would overflow the most negative floats
     top = float(levels.max())
     if image.mode.startswith("I;16"):
         full_range = 65535.0
@@ -50,7 +51,7 @@ def eight_bit_grey(image: Image.Image) -> Image.Image:
     else:
         full_range = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
     levels *= 255.0 / full_range
-    np.clip(levels, 0, 255, out=levels)
+    np.minimum(levels, 255.0, out=levels)
     return Image.fromarray(np.rint(levels, out=levels).astype(np.uint8))
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 import predict
-from canvas import BLANK_INK_LEVEL, ink_image, measure_ink, to_canvas
+from canvas import BLANK_INK_LEVEL, eight_bit_grey, ink_image, measure_ink, to_canvas
 from checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
 from conftest import REPO
 from drawing import draw_on_pad, number_strokes
@@ -567,6 +567,7 @@ def small_images(draw) -> Image.Image:
     return image
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # no overflow or invalid value on the way either
 @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(image=small_images())
 def test_any_small_image_of_any_mode_becomes_a_canvas(image):
@@ -578,6 +579,12 @@ def test_any_small_image_of_any_mode_becomes_a_canvas(image):
     values = np.asarray(image.convert("RGB") if image.mode == "P" else image)  # as stored: 16 bits stay 16
     if opaque and (values == values.flat[0]).all():
         assert canvas.max() < BLANK_INK_LEVEL
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_float_images_of_extreme_values_scale_without_overflow():
+    levels = np.array([[-3.4e38, 0.5], [1.0, np.nan]], dtype=np.float32)  # negative and missing count as 0
+    assert np.asarray(eight_bit_grey(Image.fromarray(levels, mode="F"))).tolist() == [[0, 128], [255, 0]]
 
 
 def test_numbers_and_doodles_made_unlike_the_training_world_are_read_or_doubted(shipped_model):
