@@ -278,7 +278,8 @@ def expected_calibration_error(confidences: list[float], correct: list[bool], bi
     weighted by its share of the readings: 0 when a reading said to be p sure is right p of the time."""
     conf, right = np.asarray(confidences, dtype=np.float64), np.asarray(correct, dtype=np.float64)
     which = np.minimum((conf * bins).astype(int), bins - 1)
-    gaps = [abs(conf[which == b].mean() - right[which == b].mean()) * (which == b).mean() for b in np.unique(which)]
+    held = np.unique(which[which >= 0])  # the bins holding readings (a NaN confidence falls in none)
+    gaps = [abs(conf[which == b].mean() - right[which == b].mean()) * (which == b).mean() for b in held]
     return float(sum(gaps))
 
 
@@ -372,7 +373,7 @@ def calibration_image(
     conf, hits = np.asarray(confidences), np.asarray(correct, dtype=np.float64)
     which = np.minimum((conf * bins).astype(int), bins - 1)
     width = size / bins
-    for b in np.unique(which):
+    for b in np.unique(which[which >= 0]):  # the bins holding readings
         members = which == b
         bar_top = top + size * (1 - hits[members].mean())
         shade = _mix((31, 119, 180), 0.25 + 0.75 * min(1.0, members.mean() * bins))

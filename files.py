@@ -141,8 +141,11 @@ class Staging:
                         os.fsync(written.fileno())
                 if os.path.lexists(path):
                     older.append(temporary.with_name(temporary.name + ".older"))
-                    if not (temporary.is_file() and kept_as_hard_link(path, older[-1])):
-                        os.rename(path, older[-1])
+                    if temporary.is_file() and kept_as_hard_link(path, older[-1]):
+                        os.rename(temporary, path)
+                        renames.append((path, older[-1]))  # undone in one step too: the old file over the new
+                        continue
+                    os.rename(path, older[-1])
                     renames.append((path, older[-1]))
                 os.rename(temporary, path)
                 renames.append((temporary, path))
