@@ -732,7 +732,7 @@ def export(job: RunContext, training: TrainingState, data: RunData) -> dict:
 # ---- the command line
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CommandLine:
     p = CommandLine(__doc__)
     add_settings_flags(p, ModelConfig, "model settings (ModelConfig in model.py)", SETTINGS)
     add_settings_flags(p, TrainConfig, "training settings (TrainConfig)", SETTINGS)

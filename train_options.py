@@ -13,6 +13,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
+from files import CommandLine
 from mnist import default_mnist_root
 from multidigit_generator import parse_weights
 from precision import pick_device
@@ -205,7 +206,7 @@ def read_config_file(path: str, settings: list[str]) -> dict:
     return given
 
 
-def check_run_options(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None:
+def check_run_options(parser: CommandLine, options: argparse.Namespace) -> None:
     """Exit with a usage error for run options no run can take."""
     bounds = {"max_steps": (0, 10**9), "num_workers": (0, 64), "log_every": (1, 10**9), "save_every": (0, 10**9)}
     for name, (least, most) in {**bounds, "threads": (1, 1024)}.items():
@@ -219,10 +220,7 @@ def check_run_options(parser: argparse.ArgumentParser, options: argparse.Namespa
         parser.error(f"--workers must be 1 to 64, got {options.workers}")
     if options.count is not None and (options.count < 1 or options.run_type != "sweep"):
         parser.error(f"--count is the number of sweep trials: at least 1, with --run-type sweep (got {options.count})")
-    try:
-        pick_device(options.device)
-    except ValueError as error:
-        parser.error(f"--device: {error}")
+    parser.checked("--device", pick_device, options.device)
     if options.out_dir and Path(options.out_dir).exists() and not Path(options.out_dir).is_dir():
         parser.error(f"--out-dir {options.out_dir} is a file: a run writes a folder; give another path")
     if options.composite_cache is not None and (problem := cache_folder_problem(options.composite_cache)):
